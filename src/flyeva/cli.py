@@ -1,0 +1,117 @@
+"""`flyeva <command> [--config FILE] [key=value ...]`: one entry point for every stage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flyeva.config import ConfigError
+
+DEFAULT_PRETRAIN_RECIPE = "miniature"  # the embedded default: runs on a 2-core laptop in minutes
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from flyeva.config import load_config, recipe_path, to_yaml
+    from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, recipe_path("pretrain", args.config), args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
+    result = run_pretrain(cfg)
+    print(f"pretraining finished at step {result.step}; weights in {Path(cfg.train.output_dir) / 'final'}")
+
+
+def _models(args: argparse.Namespace) -> None:
+    import torch
+
+    from flyeva.models.eva import EVA_SIZES, build_mim_model, count_parameters, encoder_flops
+
+    header = f"{'name':<10} {'img':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} {'MLP':>5}"
+    print(f"{header} {'encoder params':>15} {'MIM params':>14} {'GFLOPs/img':>10}")
+    for name, size in EVA_SIZES.items():
+        with torch.device("meta"):  # count without allocating (EVA-g would take 4 GB)
+            mim = build_mim_model(size, release_init=False)
+        total = count_parameters(mim)
+        encoder = total - mim.mask_token.numel() - count_parameters(mim.lm_head)
+        print(
+            f"{name:<10} {size.img_size:>4} {size.patch_size:>5} {size.embed_dim:>5} {size.depth:>5} "
+            f"{size.num_heads:>5} {size.mlp_dim:>5} {encoder:>15,} {total:>14,} {encoder_flops(size) / 1e9:>10.2f}"
+        )
+    print("MIM params include the [MASK] token and a 768-d lm_head; GFLOPs = 2 x multiply-adds, one forward.")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from flyeva.models import checkpoint as ckpt
+
+    if args.what == "teacher":
+        from flyeva.teachers import convert_openai_torchscript
+
+        print(f"wrote {convert_openai_torchscript(args.openai_torchscript, args.out)}")
+        return
+    if args.what == "release":
+        model = ckpt.load_release_checkpoint(
+            args.src, kind=args.kind, num_heads=args.num_heads, trust_pickle=args.trust_pickle
+        )
+        print(f"wrote {ckpt.save_flyeva(model, args.out)}")
+        return
+    model = ckpt.load_any(args.src, kind=args.kind, trust_pickle=args.trust_pickle)
+    if args.what == "to-release":
+        print(f"wrote {ckpt.export_release(model, args.out)}")
+    else:
+        path = ckpt.export_timm(model, args.out)
+        print(f"wrote {path}; load it with:\n  {ckpt.timm_recipe(ckpt.named_size(model), path)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flyeva", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="MIM pretraining (default: the miniature recipe)")
+    pretrain.add_argument("--config", default=DEFAULT_PRETRAIN_RECIPE, help="recipe name or YAML path")
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pretrain.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
+    pretrain.set_defaults(func=_pretrain)
+
+    models = commands.add_parser("models", help="list named sizes with parameter counts and GFLOPs")
+    models.set_defaults(func=_models)
+
+    convert = commands.add_parser("convert", help="convert weights between release, flyeva and timm formats")
+    kinds = convert.add_subparsers(dest="what", required=True)
+    release = kinds.add_parser("release", help="a release checkpoint -> flyeva folder")
+    release.add_argument("src")
+    release.add_argument("--num-heads", type=int, default=None, help="only for sizes not in `flyeva models`")
+    for name, help_text in (("to-timm", "-> a timm-loadable safetensors file"),
+                            ("to-release", "-> the release's {'model': state_dict} file")):
+        sub = kinds.add_parser(name, help=f"a flyeva folder or release checkpoint {help_text}")
+        sub.add_argument("src")
+    for sub in (release, kinds.choices["to-timm"], kinds.choices["to-release"]):
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--kind", choices=("mim", "encoder"), default="mim")
+        sub.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle arbitrary objects (runs code): only for files you trust, once")
+    teacher = kinds.add_parser("teacher", help="OpenAI CLIP TorchScript archive -> safetensors (one time)")
+    teacher.add_argument("--openai-torchscript", required=True, help="e.g. ViT-L-14.pt from OpenAI")
+    teacher.add_argument("--out", required=True)
+    convert.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from flyeva.models.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        print(f"flyeva: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

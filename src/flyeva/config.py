@@ -1,0 +1,81 @@
+"""Configs: typed dataclasses with the paper's defaults, a YAML recipe on top, `key=value` on top of that."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+Schema = TypeVar("Schema")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+def recipe_path(stage: str, name_or_path: str) -> Path:
+    """A YAML path as given, or a named recipe shipped in `configs/<stage>/<name>.yaml`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_ROOT / stage / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in (CONFIG_ROOT / stage).glob("*.yaml"))
+    raise ConfigError(f"no config file {name_or_path!r} and no {stage} recipe of that name; recipes: {known}")
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if OmegaConf.is_dict(node):
+        for key in node:
+            full = f"{prefix}{key}"
+            keys.append(full)
+            keys += _all_keys(node[key], f"{full}.") if OmegaConf.is_dict(node[key]) else []
+    return keys
+
+
+def _unknown_key_error(schema: Any, key: str, source: str) -> ConfigError:
+    candidates = _all_keys(schema)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # try the last component alone, e.g. `optim.lrr` -> `optim.lr`
+        leaf = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _merge(schema: Any, other: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(schema, other)
+    except (ConfigKeyError, ConfigAttributeError) as error:
+        raise _unknown_key_error(schema, str(error.full_key), source) from None
+    except ValidationError as error:
+        raise ConfigError(f"bad value for {error.full_key!r} in {source}: {error.msg.splitlines()[0]}") from None
+
+
+def load_config(
+    schema_cls: type[Schema], file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Schema:
+    """Defaults from `schema_cls`, then the YAML `file`, then `key=value` overrides."""
+    merged = OmegaConf.structured(schema_cls)
+    if file is not None:
+        merged = _merge(merged, OmegaConf.load(file), str(file))
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like key=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([override]), f"override {override!r}")
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(config: Any) -> str:
+    """The fully resolved config as YAML (for `--print-config` and the run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

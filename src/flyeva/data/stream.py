@@ -1,0 +1,384 @@
+"""Batches of pretraining images with exact sharding across ranks/workers and exact resume.
+
+`ImageBatchStream` is an IterableDataset that forms whole batches inside each DataLoader worker;
+use it as `DataLoader(stream, batch_size=None, num_workers=N)` (see `build_pretrain_loader`).
+Each item is `{"images": [b, 3, H, W], "num_skipped": int, "worker": int, "index": int}`, plus
+"keys", "ids" and "sources" with `return_ids=True`.
+
+Batches. Every batch is cut from a fixed run of `batch_size` *raw* samples; an unreadable sample
+makes its batch smaller instead of borrowing from the next one, so batch boundaries never depend
+on decoding, and so resuming is exact. Batch b of a rank belongs to logical worker b % N and is
+that worker's batch number b // N ("index"); the DataLoader takes batches from workers round-robin,
+so a loader yields batches in the order b = 0, 1, 2, ...
+
+Order of an epoch.
+- Indexable sources (folder, list, synthetic): one permutation of all N indices seeded by
+  (seed, epoch); its first N - N % world_size entries are cut into world_size equal contiguous
+  parts, one per rank, so every rank runs the same number of batches (DDP never waits on a
+  missing rank). Batch contents do not depend on the number of workers.
+- WebDatasetSource: the shard list is permuted by (seed, epoch) and dealt to the world_size * N
+  (rank, worker) slots, slot = rank * N + worker. With `num_samples`, a rank's epoch is
+  num_samples // world_size raw samples, cut into batches as above; each worker reads its own
+  shards front to back, starting again at its first shard if they run out, and stops after its
+  batches. Every sample is read exactly once per epoch when the slots' shards hold exactly the
+  samples their batches need (e.g. equal shards and shards evenly dealt); otherwise some samples
+  repeat and others wait for the next epoch, webdataset's usual `with_epoch` semantics. Without
+  `num_samples` each worker reads its shards once and the epoch length is unknown
+  (`num_batches` is None; ranks may then run different numbers of batches, avoid under DDP).
+- MixtureSource: a rank's epoch is samples_per_epoch // world_size raw samples; each worker
+  draws the child source of every sample from the weights with an RNG seeded by (seed, epoch,
+  rank, worker); an indexable child walks its own (seed, epoch)-permutation with stride
+  world_size * N from offset slot (wrapping), a webdataset child reads its slot's shards (wrapping).
+
+Transform randomness. Before each sample's transform, torch's CPU generator is seeded from
+(seed, epoch, position) and restored afterwards, so a crop depends only on the sample's place
+in the epoch: for indexable sources its position in the epoch permutation (independent of the
+number of workers and of resume), for streaming sources (rank, worker, position in the worker).
+
+Resume. `set_epoch(epoch, skip)` where skip[w] = 1 + the last "index" consumed from "worker" w
+(keep the skip you resumed from for workers that yielded nothing since). sum(skip) batches were
+consumed; skipped batches are not decoded (a webdataset worker still reads their bytes). The
+DataLoader in the resumed run starts with its worker 0, so physical worker p runs logical worker
+(p + sum(skip)) % N: the resumed loader yields the remaining batches in the original order. The
+number of workers must be the same as in the interrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flyeva.data.sources import (
+    DEFAULT_MAX_PIXELS,
+    SHARD_READ_ERRORS,
+    MixtureSource,
+    UnreadableImageError,
+    WebDatasetSource,
+    decode_rgb,
+)
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+# Tags keep the seeds of different random streams apart when their other inputs coincide.
+_TAG_TRANSFORM, _TAG_STREAM_TRANSFORM, _TAG_SHARDS, _TAG_MIXTURE, _TAG_CHILD = range(1, 6)
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 rounds), cheap enough to call per sample."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def _is_indexable(source: Any) -> bool:
+    return hasattr(source, "__len__") and hasattr(source, "load")
+
+
+@dataclass(frozen=True)
+class _PendingSample:
+    """A raw sample chosen for a batch but not decoded yet."""
+
+    key: str
+    index: int  # index in its source, -1 for webdataset samples
+    source_id: int  # which child of a MixtureSource, else 0
+    transform_seed: int
+    load: Callable[[], Image.Image]
+
+
+def _no_image_member(key: str) -> Image.Image:
+    raise UnreadableImageError(f"webdataset sample {key} has no jpg/jpeg/png/webp member")
+
+
+class ImageBatchStream(IterableDataset):
+    """Decoded, transformed batches of one rank's share of each epoch; see the module docstring."""
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        return_ids: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not (_is_indexable(source) or isinstance(source, WebDatasetSource | MixtureSource)):
+            raise TypeError(f"unsupported source {type(source).__name__}; build one with flyeva.data.sources")
+        self.source = source
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.max_pixels = max_pixels
+        self.return_ids = return_ids
+        self.epoch = 0
+        self.skip: tuple[int, ...] = ()
+        self._reported: set[str] = set()
+        samples = self.samples_per_rank()
+        if samples == 0:
+            raise ValueError(
+                f"the source has fewer samples than world_size={world_size}, so ranks would get none; "
+                f"use a larger source (or samples_per_epoch/num_samples) or fewer ranks"
+            )
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"each rank gets {samples} samples, fewer than batch_size={batch_size}, and drop_last=True "
+                f"drops them all; lower batch_size or set drop_last=False"
+            )
+
+    def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
+        """Select the epoch and, to resume, how many batches each logical worker already gave."""
+        if any(int(count) < 0 for count in skip):
+            raise ValueError(f"skip counts must be non-negative, got {list(skip)}")
+        self.epoch = int(epoch)
+        self.skip = tuple(int(count) for count in skip)
+
+    def samples_per_rank(self) -> int | None:
+        """Raw samples each rank reads per epoch, or None for webdataset without num_samples."""
+        if isinstance(self.source, MixtureSource):
+            return self.source.samples_per_epoch // self.world_size
+        if isinstance(self.source, WebDatasetSource):
+            total = self.source.num_samples
+            return None if total is None else total // self.world_size
+        return len(self.source) // self.world_size
+
+    def num_batches(self, num_workers: int = 0) -> int | None:
+        """Batches per rank per epoch (the same for any num_workers), or None when unknown."""
+        samples = self.samples_per_rank()
+        if samples is None:
+            return None
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        skip = list(self.skip) or [0] * num_workers
+        if len(skip) != num_workers:
+            raise ValueError(
+                f"set_epoch got skip for {len(skip)} workers but the loader runs {num_workers}; "
+                f"resume with the same num_workers as the interrupted run"
+            )
+        worker = (physical + sum(skip)) % num_workers
+        for index, samples in self._worker_batches(worker, num_workers, first_index=skip[worker]):
+            yield self._make_batch(samples, worker, index)
+
+    # ----- which raw samples each worker batches -------------------------------------------------
+
+    def _batch_sizes(self, worker: int, num_workers: int) -> Iterator[int]:
+        """Raw sample counts of this worker's batches, index 0, 1, ... (for a known epoch length)."""
+        samples, total_batches = self.samples_per_rank(), self.num_batches()
+        for batch in range(worker, total_batches, num_workers):
+            yield min(self.batch_size, samples - batch * self.batch_size)
+
+    def _worker_batches(
+        self, worker: int, num_workers: int, first_index: int
+    ) -> Iterator[tuple[int, list[_PendingSample]]]:
+        if _is_indexable(self.source):
+            yield from self._indexable_batches(worker, num_workers, first_index)
+            return
+        raw = self._stream_samples(worker, num_workers)
+        if self.samples_per_rank() is None:  # webdataset, one pass over this worker's shards
+            for index in itertools.count():
+                chunk = list(itertools.islice(raw, self.batch_size))
+                if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                    return
+                if index >= first_index:
+                    yield index, chunk
+            return
+        for index, size in enumerate(self._batch_sizes(worker, num_workers)):
+            chunk = list(itertools.islice(raw, size))  # read (not decoded) even when skipped
+            if index >= first_index:
+                yield index, chunk
+
+    def _indexable_batches(
+        self, worker: int, num_workers: int, first_index: int
+    ) -> Iterator[tuple[int, list[_PendingSample]]]:
+        samples = self.samples_per_rank()
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.source), generator=generator).tolist()
+        rank_start = self.rank * samples
+        batch_sizes = self._batch_sizes(worker, num_workers)
+        for index, size in enumerate(itertools.islice(batch_sizes, first_index, None), start=first_index):
+            start = rank_start + (worker + index * num_workers) * self.batch_size
+            chunk = []
+            for position in range(start, start + size):
+                source_index = order[position]
+                chunk.append(
+                    _PendingSample(
+                        key=self.source.key(source_index),
+                        index=source_index,
+                        source_id=0,
+                        transform_seed=mix_seed(_TAG_TRANSFORM, self.seed, self.epoch, position),
+                        load=functools.partial(self.source.load, source_index, self.max_pixels),
+                    )
+                )
+            yield index, chunk
+
+    def _stream_samples(self, worker: int, num_workers: int) -> Iterator[_PendingSample]:
+        """This worker's raw samples for a webdataset or mixture source, lazily, in order."""
+        if isinstance(self.source, WebDatasetSource):
+            wrap = self.source.num_samples is not None
+            streams = [self._webdataset_samples(self.source, worker, num_workers, wrap)]
+            choices: Iterator[int] = itertools.repeat(0)
+        else:
+            streams = [
+                self._child_samples(child, child_id, worker, num_workers)
+                for child_id, child in enumerate(self.source.sources)
+            ]
+            choices = self._mixture_choices(worker)
+        for position, choice in enumerate(choices):
+            try:
+                key, index, load = next(streams[choice])
+            except StopIteration:
+                return
+            yield _PendingSample(
+                key=key if isinstance(self.source, WebDatasetSource) else f"{choice}:{key}",
+                index=index,
+                source_id=choice,
+                transform_seed=mix_seed(
+                    _TAG_STREAM_TRANSFORM, self.seed, self.epoch, self.rank, worker, position
+                ),
+                load=load,
+            )
+
+    def _mixture_choices(self, worker: int) -> Iterator[int]:
+        rng = np.random.default_rng(mix_seed(_TAG_MIXTURE, self.seed, self.epoch, self.rank, worker))
+        while True:  # fixed chunk size keeps the sequence independent of how much is consumed
+            yield from rng.choice(len(self.source.sources), size=4096, p=self.source.weights).tolist()
+
+    def _child_samples(
+        self, child: Any, child_id: int, worker: int, num_workers: int
+    ) -> Iterator[tuple[str, int, Callable]]:
+        if isinstance(child, WebDatasetSource):
+            yield from self._webdataset_samples(child, worker, num_workers, wrap=True)
+            return
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        seed = mix_seed(_TAG_CHILD, self.seed, self.epoch, child_id)
+        order = torch.randperm(len(child), generator=torch.Generator().manual_seed(seed)).tolist()
+        for step in itertools.count():
+            source_index = order[(slot + step * slots) % len(order)]
+            load = functools.partial(child.load, source_index, self.max_pixels)
+            yield child.key(source_index), source_index, load
+
+    def _webdataset_samples(
+        self, source: WebDatasetSource, worker: int, num_workers: int, wrap: bool
+    ) -> Iterator[tuple[str, int, Callable]]:
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        generator = torch.Generator().manual_seed(mix_seed(_TAG_SHARDS, self.seed, self.epoch))
+        order = torch.randperm(len(source.shards), generator=generator).tolist()
+        shards = [source.shards[i] for i in order[slot::slots]]
+        if not shards:
+            if not wrap:
+                return
+            raise ValueError(
+                f"{len(source.shards)} webdataset shards cannot feed {self.world_size} ranks x {num_workers} "
+                f"workers: write at least {slots} shards or use fewer workers"
+            )
+        while True:
+            produced = 0
+            for shard in shards:
+                for key, data in self._read_shard(source, shard):
+                    produced += 1
+                    load = functools.partial(_no_image_member, key)
+                    if data is not None:
+                        load = functools.partial(decode_rgb, data, self.max_pixels)
+                    yield key, -1, load
+            if not wrap:
+                return
+            if produced == 0:
+                raise ValueError(
+                    f"webdataset shards {shards} hold no samples; check that they are valid tars"
+                )
+
+    def _read_shard(self, source: WebDatasetSource, shard: str) -> Iterator[tuple[str, bytes | None]]:
+        count = 0
+        try:
+            for sample in source.iter_shard(shard):
+                count += 1
+                yield sample
+        except SHARD_READ_ERRORS as error:  # a damaged shard costs its tail, not the run
+            logger.warning(
+                "webdataset shard %s unreadable after %d samples (%s); skipped rest", shard, count, error
+            )
+
+    # ----- decoding and collation -------------------------------------------------------------------
+
+    def _make_batch(self, samples: list[_PendingSample], worker: int, index: int) -> dict[str, Any]:
+        images, kept = [], []
+        for sample in samples:
+            try:
+                image = sample.load()
+            except UnreadableImageError as error:
+                if sample.key not in self._reported:
+                    self._reported.add(sample.key)
+                    logger.warning("skipping image %s: %s", sample.key, error)
+                continue
+            images.append(self._transform_seeded(image, sample.transform_seed))
+            kept.append(sample)
+        batch: dict[str, Any] = {
+            "images": torch.stack(images) if images else self._empty_images(),
+            "num_skipped": len(samples) - len(kept),
+            "worker": worker,
+            "index": index,
+        }
+        if self.return_ids:
+            batch["keys"] = [sample.key for sample in kept]
+            batch["ids"] = torch.tensor([sample.index for sample in kept], dtype=torch.long)
+            batch["sources"] = torch.tensor([sample.source_id for sample in kept], dtype=torch.long)
+        return batch
+
+    def _transform_seeded(self, image: Image.Image, seed: int) -> torch.Tensor:
+        # Only the CPU generator is seeded and restored: the caller's RNG (and CUDA's) stay untouched.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            generator.set_state(state)
+
+    def _empty_images(self) -> torch.Tensor:
+        size = getattr(self.transform, "image_size", None)
+        return torch.empty(0, 3, size, size) if isinstance(size, int) else torch.empty(0)
+
+
+def build_pretrain_loader(stream: ImageBatchStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches from `stream`.
+
+    in_order=True is what makes the loader yield batch 0, 1, 2, ... (round-robin over workers) and
+    resume exact. The loader draws its workers' base seed from a private generator, so creating it
+    leaves the training loop's global RNG alone; the stream seeds every sample itself.
+    """
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        in_order=True,
+        generator=torch.Generator().manual_seed(stream.seed),
+    )

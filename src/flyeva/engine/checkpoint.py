@@ -1,0 +1,154 @@
+"""Training checkpoints: atomic, keep-last-K, weights-only loadable, sharded (DCP) under FSDP2.
+
+A checkpoint is a plain dict of tensors and numbers: model, optimizer, scaler, step, data
+position and every rank's RNG states, so an interrupted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flyeva.engine import distributed as D
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{9})(\.pt)?$")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain numbers (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary `.tmp` names are never listed)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def assert_finite(model: nn.Module) -> None:
+    """Refuse to write NaN/Inf weights (EVA_SPEC section 3, robustness)."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not torch.isfinite(local).all():
+            raise FloatingPointError(f"parameter {name} is not finite; refusing to write a checkpoint")
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint-<step>: one `.pt` file (DDP/ZeRO-1), or a DCP folder (FSDP2). Collective."""
+    assert_finite(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = {**extra, "rng": D.all_gather_objects(rng_state()), "world_size": D.world_size()}
+    name = f"checkpoint-{step:09d}"
+    if _is_sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        target, tmp = folder / name, folder / (name + ".tmp")
+        if D.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        D.barrier()
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        if D.is_main():
+            torch.save(extra, tmp / "meta.pt")
+            os.replace(tmp, target)
+        path = target
+    else:
+        if hasattr(optimizer, "consolidate_state_dict"):
+            optimizer.consolidate_state_dict(to=0)  # ZeRO-1: gather the sharded optimizer state
+        path = folder / f"{name}.pt"
+        if D.is_main():
+            state = {"model": D.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **extra}
+            _atomic_torch_save(state, path)
+    D.barrier()
+    if D.is_main():
+        for old in list_checkpoints(folder)[:-keep_last]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    D.barrier()
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore model (and optimizer) in place; returns the rest (step, scaler, data position, rng)."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    D.unwrap(model).load_state_dict(state.pop("model"))
+    optim_state = state.pop("optimizer")
+    if optimizer is not None:
+        optimizer.load_state_dict(optim_state)
+    return state
+
+
+def restore_rng(extra: dict[str, Any]) -> None:
+    """This rank's RNG states from a checkpoint (only when the world size is unchanged)."""
+    states = extra.get("rng", [])
+    if len(states) == D.world_size():
+        set_rng_state(states[D.rank()])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state on CPU, on every rank; collective under FSDP2."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        return get_model_state_dict(model, options=options)
+    return {k: v.detach().cpu() for k, v in D.unwrap(model).state_dict().items()}
+
+
+def is_dist() -> bool:
+    return dist.is_initialized()

@@ -1,0 +1,96 @@
+"""AdamW parameter groups with the release's weight-decay rules and layer-wise lr decay, and the schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and schedule; defaults are EVA's pretraining recipe (EVA_SPEC section 3)."""
+
+    lr: float = 1e-3  # peak lr at global batch 4096
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    layer_decay: float = 1.0  # 1.0 = off; transfer recipes use 0.85-0.95 (EVA_SPEC section 4)
+    warmup_epochs: float = 2.0
+    clip_grad: float = 3.0  # 0 = off
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """Layer of a ViT parameter: embeddings 0, block i -> i + 1, everything after -> num_layers + 1."""
+    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "reg_token", "norm_pre")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    layer_decay: float = 1.0,
+    num_layers: int | None = None,
+    layer_id_fn: Callable[[str, int], int] = layer_id_for_vit,
+    no_weight_decay: Iterable[str] = (),
+    lr_scale: float = 1.0,
+    prefix: str = "",
+) -> list[dict]:
+    """Groups keyed by (layer, decay): no decay on 1-D params, biases and `no_weight_decay` names.
+
+    Each group carries `lr_scale` = lr_scale * layer_decay ** (num_layers + 1 - layer), which
+    `apply_lr` multiplies in at every step (EVA_SPEC section 4, layer decay).
+    """
+    skip = set(no_weight_decay)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    if num_layers is None:
+        num_layers = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = layer_id_fn(name, num_layers) if layer_decay != 1.0 else 0
+        scale = lr_scale * layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else lr_scale
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "param_names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "layer_id": layer,
+            },
+        )
+        group["params"].append(param)
+        group["param_names"].append(prefix + name)
+    return list(groups.values())
+
+
+def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    # `param_names` stay out of the optimizer so its state dict is plain tensors and numbers.
+    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
+    """Linear warmup from 0, then per-step cosine to `min_lr` (EVA_SPEC section 3)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    """Set every group's lr to base_lr times its `lr_scale` (the step a scheduler must not forget)."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0)

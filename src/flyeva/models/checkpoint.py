@@ -1,0 +1,318 @@
+"""Reading and writing encoder weights: the release's formats, flyeva's own, and timm's.
+
+Nothing here executes code from a file: safetensors or `torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flyeva.models.eva import (
+    EVA_SIZES,
+    TEACHER_DIM,
+    TIMM_EQUIVALENTS,
+    EvaForMIM,
+    EvaSize,
+    build_encoder,
+    build_mim_model,
+)
+
+logger = logging.getLogger(__name__)
+
+FLYEVA_WEIGHTS = "model.safetensors"
+FLYEVA_CONFIG = "config.json"
+MIM_ONLY_KEYS = ("mask_token", "lm_head.weight", "lm_head.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the problem and the fix."""
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """Load a checkpoint's top-level dict without executing code.
+
+    `trust_pickle=True` is the explicit, one-time escape hatch of `flyeva convert release --trust-pickle`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); re-copy or re-download it")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({error}); re-copy or re-download it"
+            ) from error
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive, which flyeva never loads implicitly (it runs code). "
+            "If it is an OpenAI CLIP file, convert it once with "
+            f"`flyeva convert teacher --openai-torchscript {path} --out {path.with_suffix('.safetensors')}`"
+        )
+    try:
+        # argparse.Namespace is plain data; the release stores its training args beside the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects beyond tensors, and loading them would run code. "
+            f"If you trust the file, convert it once with `flyeva convert release {path} --out DIR "
+            f"--trust-pickle`; flyeva then loads DIR safely. ({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({str(error).splitlines()[0]}); "
+            "re-copy or re-download it"
+        ) from error
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(re.search(r"(^|/)(code/|constants\.pkl$)", name) for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside a release checkpoint: under `model`, `module`, `model_ema`, or top level."""
+    for key in ("model", "module", "model_ema", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    tensors = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"no tensors found in the checkpoint (top-level keys: {sorted(checkpoint)[:10]}); "
+            "expected a state dict at the top level or under 'model', 'module' or 'model_ema'"
+        )
+    return tensors
+
+
+@dataclass
+class ConversionNotes:
+    """What a conversion changed, for the log and the user."""
+
+    dropped: list[str] = field(default_factory=list)
+    renamed: list[str] = field(default_factory=list)
+    clip_head: torch.Tensor | None = None
+
+
+def release_to_flyeva(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ConversionNotes]:
+    """Map the release's encoder keys (MIM, fine-tuned, EVA-CLIP `visual.*`, MAE-style) onto flyeva names."""
+    notes = ConversionNotes()
+    if any(k.startswith("visual.") for k in state_dict):
+        # EVA-CLIP: the vision tower is prefixed `visual.`; `visual.head` is the CLIP projection.
+        notes.dropped += [k for k in state_dict if not k.startswith("visual.")]
+        state_dict = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
+        if "head.weight" in state_dict:
+            notes.clip_head = state_dict.pop("head.weight")
+            state_dict.pop("head.bias", None)
+            notes.dropped.append("visual.head")
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.qkv.bias"):
+            # MAE-style variant: one full qkv bias; EVA keeps q and v biases and fixes k at zero.
+            q_bias, k_bias, v_bias = value.chunk(3)
+            if k_bias.abs().max() > 0:
+                logger.warning("%s has a non-zero k bias; it is dropped (softmax is invariant to it)", key)
+            converted[key.replace("qkv.bias", "q_bias")] = q_bias
+            converted[key.replace("qkv.bias", "v_bias")] = v_bias
+            notes.renamed.append(f"{key} -> q_bias, v_bias")
+        elif key in ("fc_norm.weight", "fc_norm.bias") and "norm.weight" not in state_dict:
+            converted[key.removeprefix("fc_")] = value  # fine-tuned checkpoints keep the final norm as fc_norm
+            notes.renamed.append(f"{key} -> {key.removeprefix('fc_')}")
+        elif key.startswith(("head.", "rel_pos_bias", "fc_norm.")) or key.endswith("relative_position_index"):
+            notes.dropped.append(key)
+        else:
+            converted[key] = value
+    return converted, notes
+
+
+def infer_size(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> EvaSize:
+    """Read the architecture off the weights; heads come from the registry when the shapes match one."""
+    try:
+        embed_dim, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+        mlp_dim = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        grid = int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5))
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"not an EVA encoder state dict (missing {error}); check the file") from error
+    if num_heads is None:
+        matches = [
+            s.num_heads
+            for s in EVA_SIZES.values()
+            if (s.embed_dim, s.depth, s.mlp_dim) == (embed_dim, depth, mlp_dim)
+        ]
+        if not matches:
+            raise CheckpointError(
+                f"weights of width {embed_dim}, depth {depth}, MLP {mlp_dim} match no named size; "
+                "pass the number of attention heads (--num-heads)"
+            )
+        num_heads = matches[0]
+    return EvaSize(grid * patch, patch, embed_dim, depth, num_heads, mlp_dim)
+
+
+def load_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, ignore_missing: tuple[str, ...] = ()
+) -> None:
+    """Strict load that casts dtypes (fp16 -> fp32) and lists every mismatch in one error."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.startswith(ignore_missing)]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or misshaped:
+        lines = ["checkpoint does not match the model:"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  mis-shaped: {k}" for k in misshaped]
+        lines.append("check the model size (--size / config.json) or convert the file with `flyeva convert`")
+        raise CheckpointError("\n".join(lines))
+    cast = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=not ignore_missing)
+
+
+def load_release_checkpoint(
+    path: str | Path, *, kind: str = "mim", num_heads: int | None = None, trust_pickle: bool = False
+) -> nn.Module:
+    """Build a flyeva model (`kind` = "mim" or "encoder") from a release checkpoint file."""
+    state_dict, notes = release_to_flyeva(extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle)))
+    if notes.dropped:
+        logger.info("dropped %d release keys: %s", len(notes.dropped), ", ".join(notes.dropped[:8]))
+    size = infer_size(state_dict, num_heads)
+    if kind == "mim":
+        teacher_dim = state_dict["lm_head.weight"].shape[0] if "lm_head.weight" in state_dict else TEACHER_DIM
+        model = build_mim_model(size, teacher_dim=teacher_dim, release_init=False, drop_path_rate=0.0)
+        # Fine-tuned and CLIP checkpoints have no MIM head: those parts keep their fresh init.
+        load_weights(model, state_dict, ignore_missing=MIM_ONLY_KEYS)
+    elif kind == "encoder":
+        model = build_encoder(size, release_init=False)
+        load_weights(model, {k: v for k, v in state_dict.items() if k not in MIM_ONLY_KEYS})
+    else:
+        raise ValueError(f"kind must be 'mim' or 'encoder', got {kind!r}")
+    return model
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The small JSON config saved next to flyeva weights."""
+    patch = model.patch_embed.patch_size[0]
+    size = EvaSize(
+        img_size=model.patch_embed.img_size[0],
+        patch_size=patch,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=model.blocks[0].attn.num_heads,
+        mlp_dim=model.blocks[0].mlp.fc1.out_features,
+    )
+    config: dict[str, Any] = {"format": "flyeva", "kind": "encoder", "size": size.__dict__}
+    if isinstance(model, EvaForMIM):
+        config.update(kind="mim", teacher_dim=model.teacher_dim)
+    return config
+
+
+def save_flyeva(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / FLYEVA_WEIGHTS))
+    (out_dir / FLYEVA_CONFIG).write_text(json.dumps({**model_config(model), **(extra or {})}, indent=2))
+    return out_dir
+
+
+def load_flyeva(path: str | Path, *, kind: str | None = None) -> nn.Module:
+    """Load a flyeva weights directory (or its `model.safetensors`) written by `save_flyeva`."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / FLYEVA_CONFIG
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{folder} has no {FLYEVA_CONFIG}; flyeva weights are a folder with {FLYEVA_WEIGHTS} and "
+            f"{FLYEVA_CONFIG}. For a release checkpoint run `flyeva convert release FILE --out DIR` first"
+        )
+    config = json.loads(config_file.read_text())
+    size = EvaSize(**config["size"])
+    state_dict = read_checkpoint(folder / FLYEVA_WEIGHTS)
+    kind = kind or config["kind"]
+    if kind == "mim":
+        model = build_mim_model(size, teacher_dim=config.get("teacher_dim", TEACHER_DIM), release_init=False)
+        load_weights(model, state_dict, ignore_missing=MIM_ONLY_KEYS if config["kind"] != "mim" else ())
+    else:
+        model = build_encoder(size, release_init=False)
+        load_weights(model, {k: v for k, v in state_dict.items() if k not in MIM_ONLY_KEYS})
+    return model
+
+
+def load_any(path: str | Path, *, kind: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """A flyeva folder, or a release checkpoint file (converted on the fly)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
+        return load_flyeva(path, kind=kind)
+    return load_release_checkpoint(path, kind=kind or "mim", trust_pickle=trust_pickle)
+
+
+def export_release(model: nn.Module, path: str | Path) -> Path:
+    """The release's own layout: `{"model": state_dict}` in a torch file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Encoder weights under the names of timm's avg-pooled `Eva` (final norm -> `fc_norm`, as timm's filter)."""
+    return {
+        k.replace("norm.", "fc_norm.") if k.startswith("norm.") else k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k not in MIM_ONLY_KEYS
+    }
+
+
+def export_timm(model: nn.Module, path: str | Path) -> Path:
+    """Write a safetensors file that timm loads with `pretrained_cfg_overlay=dict(file=path)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(timm_state_dict(model), str(path))
+    return path
+
+
+def named_size(model: nn.Module) -> str | None:
+    """The registry name of the model's architecture, if it has one."""
+    size = model_config(model)["size"]
+    return next((name for name, known in EVA_SIZES.items() if known.__dict__ == size), None)
+
+
+def timm_recipe(size_name: str | None, path: str | Path) -> str:
+    """The one line that loads an exported file in timm."""
+    timm_name = TIMM_EQUIVALENTS.get(size_name or "")
+    if timm_name is None:
+        return (
+            f"timm has no EVA-01 model at size {size_name!r}; build it with "
+            f"`timm.models.eva.Eva(**kwargs)` and `load_state_dict(safetensors.torch.load_file({str(path)!r}))`"
+        )
+    return (
+        f'timm.create_model("{timm_name}", pretrained=True, num_classes=0, '
+        f'pretrained_cfg_overlay=dict(file="{path}"))'
+    )

@@ -1,0 +1,56 @@
+"""EVA's MIM objective: regress frozen CLIP patch features at masked positions (EVA_SPEC section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyeva.data.masking import BlockMaskGenerator, fixed_validation_mask, generate_masks
+
+
+def mim_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative cosine similarity, averaged over masked tokens, in fp32 (the release's sign: lower is better)."""
+    return -F.cosine_similarity(predicted.float(), target.float(), dim=-1).mean()
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-patch normalised pixels [B, N, p*p*3] (MAE's target; the paper's pixel baseline)."""
+    patches = F.unfold(images, kernel_size=patch_size, stride=patch_size).transpose(1, 2)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6).sqrt()
+
+
+class MIMObjective(nn.Module):
+    """Masks a batch, runs the student, and scores it against the teacher on the same unmasked crop."""
+
+    def __init__(self, teacher: nn.Module | None, mask_generator: BlockMaskGenerator, patch_size: int):
+        super().__init__()
+        self.teacher = teacher  # None = normalised-pixel targets
+        self.mask_generator = mask_generator
+        self.patch_size = patch_size
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return pixel_targets(images, self.patch_size)
+        return self.teacher(images)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], ctx: Any) -> tuple[torch.Tensor, dict]:
+        images = batch["images"]
+        # Masks depend only on (seed, epoch, step, micro-step, rank): resume reproduces them exactly.
+        rng = np.random.default_rng([ctx.seed, ctx.epoch, ctx.step, ctx.micro, ctx.rank])
+        mask = generate_masks(self.mask_generator, images.shape[0], rng).to(images.device)
+        predicted = model(images, mask)
+        target = self.targets(images)[mask]
+        loss = mim_loss(predicted, target)
+        return loss, {"masked_fraction": mask.float().mean().item()}
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Loss with the release's fixed validation mask (every other token masked)."""
+        mask = fixed_validation_mask(self.mask_generator.grid).to(images.device)
+        mask = mask.expand(images.shape[0], -1)
+        return mim_loss(model(images, mask), self.targets(images)[mask])

@@ -1,0 +1,182 @@
+"""`flyeva pretrain`: the config schema (defaults = EVA-g's recipe, EVA_SPEC section 3) and the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.config import to_yaml
+from flyeva.data.masking import BlockMaskGenerator
+from flyeva.data.sources import build_source
+from flyeva.data.stream import ImageBatchStream
+from flyeva.data.transforms import EvalTransform, PretrainTransform
+from flyeva.engine import distributed as D
+from flyeva.engine.checkpoint import full_model_state
+from flyeva.engine.loop import TrainConfig, TrainResult, train
+from flyeva.engine.optim import OptimConfig, param_groups
+from flyeva.models.checkpoint import load_any, save_flyeva
+from flyeva.models.eva import build_mim_model, get_size, size_with
+from flyeva.pretrain.objective import MIMObjective
+from flyeva.teachers import build_clip_teacher, check_token_grid, load_clip_teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    size: str = "eva_giant"
+    img_size: int = 0  # 0 = the size's own (224 for the paper's sizes)
+    drop_path_rate: float = 0.1  # EVA_SPEC section 2
+    grad_checkpointing: bool = False
+    init: str = ""  # start from these weights (flyeva folder or release checkpoint)
+
+
+@dataclass
+class TeacherSection:
+    path: str = ""  # local CLIP weights: open_clip file, HF folder, or converted OpenAI safetensors
+    model_name: str = "ViT-L-14-quickgelu"  # OpenAI weights need QuickGELU (EVA_SPEC section 5)
+    # A randomly initialised stand-in tower (open_clip vision_cfg) when no weights are given.
+    random_init: dict[str, Any] = field(default_factory=dict)
+    random_seed: int = 0
+
+
+@dataclass
+class MaskSection:
+    num_masking_patches: int = 105  # of 256 (~40%), EVA_SPEC section 3
+    min_num_patches: int = 16
+    min_aspect: float = 0.3
+    target: str = "clip"  # clip | pixels (normalised-pixel baseline)
+
+
+@dataclass
+class SourceSection:
+    type: str = "folder"  # folder | list | wds | synthetic
+    path: str = ""
+    weight: float = 1.0
+    num_samples: int = 0
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=list)
+    val: list[SourceSection] = field(default_factory=list)
+    samples_per_epoch: int = 0  # required for mixtures and webdataset shards
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # EVA_SPEC section 3
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    max_val_batches: int = 50
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    mask: MaskSection = field(default_factory=MaskSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _source(sections: list[SourceSection], samples_per_epoch: int) -> Any:
+    specs = [{k: v for k, v in vars(s).items() if v not in ("", 0)} for s in sections]
+    if len(specs) == 1:
+        return build_source(specs[0])
+    return build_source({"type": "mixture", "sources": specs, "samples_per_epoch": samples_per_epoch})
+
+
+def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
+    if cfg.path:
+        return load_clip_teacher(cfg.path, cfg.model_name or None)
+    if cfg.random_init:
+        return build_clip_teacher(dict(cfg.random_init), seed=cfg.random_seed)
+    raise ValueError(
+        "no teacher: set teacher.path to local CLIP weights (e.g. teacher.path=ViT-L-14.safetensors), "
+        "or mask.target=pixels for the pixel baseline"
+    )
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Build everything from `cfg`, train with the shared engine, write flyeva weights at the end."""
+    if not cfg.data.sources:
+        raise ValueError("no training data: set data.sources (a folder, list file or webdataset shards)")
+    size = get_size(cfg.model.size)
+    if cfg.model.img_size:
+        size = size_with(size, img_size=cfg.model.img_size)
+    teacher = build_teacher(cfg.teacher) if cfg.mask.target == "clip" else None
+    if teacher is not None:
+        check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
+        teacher_dim = teacher.embed_dim
+    else:
+        teacher_dim = 3 * size.patch_size**2
+    def make_model(**kwargs: Any) -> torch.nn.Module:
+        return build_mim_model(size, teacher_dim=teacher_dim, **kwargs)
+
+    model = make_model(drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing)
+    if cfg.model.init:
+        model.load_state_dict(load_any(cfg.model.init, kind="mim").state_dict(), strict=False)
+
+    masking = BlockMaskGenerator(
+        grid=(size.grid_size, size.grid_size),
+        num_masking_patches=cfg.mask.num_masking_patches,
+        min_num_patches=cfg.mask.min_num_patches,
+        min_aspect=cfg.mask.min_aspect,
+    )
+    objective = MIMObjective(teacher, masking, size.patch_size)
+    transform = PretrainTransform(
+        image_size=size.img_size, scale=tuple(cfg.data.scale), ratio=tuple(cfg.data.ratio), hflip=cfg.data.hflip
+    )
+    stream = ImageBatchStream(
+        _source(cfg.data.sources, cfg.data.samples_per_epoch),
+        transform,
+        batch_size=cfg.train.batch_size,
+        rank=D.rank(),
+        world_size=D.world_size(),
+        seed=cfg.train.seed,
+    )
+    evaluate = _validation(cfg, objective, size.img_size) if cfg.data.val else None
+
+    out = Path(cfg.train.output_dir)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    groups = lambda m: param_groups(m, cfg.optim.weight_decay)  # noqa: E731
+    result = train(model, objective, stream, cfg.train, cfg.optim, groups_fn=groups, evaluate=evaluate)
+
+    state = full_model_state(result.model)  # collective under FSDP2
+    if D.is_main():
+        final = make_model(release_init=False)  # a plain copy: the trained one may be FSDP-sharded
+        final.load_state_dict(state)
+        save_flyeva(final, out / "final", extra={"recipe": cfg.model.size})
+        summary = {"step": result.step, "skipped_images": result.skipped_images,
+                   "nonfinite_steps": result.nonfinite_steps}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("wrote %s", out / "final")
+    return result
+
+
+def _validation(cfg: PretrainConfig, objective: MIMObjective, image_size: int):
+    stream = ImageBatchStream(
+        _source(cfg.data.val, cfg.data.samples_per_epoch),
+        EvalTransform(image_size),
+        batch_size=cfg.train.batch_size,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+
+    def evaluate(model: torch.nn.Module, ctx: Any) -> dict[str, float]:
+        stream.set_epoch(0)
+        losses = []
+        for index, batch in enumerate(stream):
+            if index >= cfg.data.max_val_batches:
+                break
+            if len(batch["images"]):
+                losses.append(objective.validation_loss(model, batch["images"].to(ctx.device)).item())
+        return {"val_loss": sum(losses) / max(1, len(losses))}
+
+    return evaluate

@@ -1,0 +1,569 @@
+"""Frozen CLIP vision tower that produces EVA's MIM targets (EVA_SPEC section 3).
+
+Target = every patch token of the tower's last block after `ln_post`, CLS dropped, times `proj`
+(1024 -> 768 for OpenAI ViT-L/14), computed under `torch.inference_mode()` on the unmasked crop.
+
+Weights load from local files only, in three layouts:
+1. open_clip state dicts (`.pt`/`.pth`/`.bin` via `torch.load(weights_only=True)`, or `.safetensors`)
+   plus an open_clip model name such as 'ViT-L-14-quickgelu' (the default teacher). A `.safetensors`
+   with a sidecar `.json` (written by `save_clip_teacher` / `convert_openai_torchscript`) needs no name.
+2. Hugging Face directories (config.json + model.safetensors or pytorch_model.bin) of
+   `CLIPVisionModelWithProjection` or `CLIPModel`; read with json + safetensors/torch, no transformers.
+3. OpenAI's TorchScript archive (`ViT-L-14.pt`) only through the one-time, explicit
+   `flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors` (`convert_openai_torchscript`).
+
+QuickGELU: OpenAI weights need it and GELU gives silently wrong features (EVA_SPEC section 5). It is
+decided by the model name (`-quickgelu`), HF `hidden_act`, or the sidecar; a GELU name logs a warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "ViT-L-14-quickgelu"  # OpenAI CLIP ViT-L/14 @224 with QuickGELU (EVA_SPEC section 3)
+CONVERT_COMMAND = "flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors"
+SIDECAR_FORMAT = "flyeva-clip-teacher-v1"
+OPENAI_HEAD_WIDTH = 64  # every OpenAI CLIP ViT uses 64-wide attention heads (B/32: 12, L/14: 16 heads)
+# transformers' CLIPVisionConfig defaults, for config.json files that omit a field.
+HF_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=512,
+)
+FLAT_CFG_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim")
+
+
+class TeacherLoadError(ValueError):
+    """A teacher checkpoint could not be read or does not fit the requested architecture."""
+
+
+@dataclass(frozen=True)
+class TeacherArch:
+    """A CLIP vision tower in open_clip's terms: `embed_dim` (= proj width = target dim), `vision_cfg`."""
+
+    embed_dim: int
+    vision_cfg: dict[str, Any]
+    quick_gelu: bool
+    name: str = "custom"
+
+    def summary(self) -> dict[str, Any]:
+        """The fields that decide the targets, for messages and for comparing two descriptions."""
+        sizes = {key: self.vision_cfg.get(key) for key in ("image_size", "patch_size", "width", "layers")}
+        head_width = self.vision_cfg.get("head_width", 64)  # open_clip's CLIPVisionCfg default
+        return {**sizes, "head_width": head_width, "embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu}
+
+
+class ClipTeacher(nn.Module):
+    """Frozen CLIP vision tower; `forward(images)` returns EVA's MIM targets [B, num_patches, embed_dim].
+
+    Parameters never require grad and the module stays in eval mode even if `.train()` is called.
+    The returned tensor is an ordinary tensor (cloned outside inference mode), so it can serve as the
+    target of a loss that is backpropagated into the student.
+    """
+
+    def __init__(self, arch: TeacherArch):
+        super().__init__()
+        from open_clip.model import _build_vision_tower  # lazy: importing open_clip takes seconds
+
+        _check_supported(arch)
+        try:
+            self.visual = _build_vision_tower(arch.embed_dim, dict(arch.vision_cfg), arch.quick_gelu)
+        except TypeError as err:
+            raise ValueError(f"invalid open_clip vision_cfg {arch.vision_cfg}: {err}") from err
+        grid_h, grid_w = self.visual.grid_size
+        if grid_h != grid_w or self.visual.patch_size[0] != self.visual.patch_size[1]:
+            raise ValueError(f"only square teachers are supported, got grid {self.visual.grid_size}")
+        self.arch = arch
+        self.quick_gelu = arch.quick_gelu
+        self.grid_size: tuple[int, int] = (grid_h, grid_w)
+        self.patch_size: int = self.visual.patch_size[0]
+        self.image_size: int = self.visual.image_size[0]
+        self.embed_dim: int = arch.embed_dim
+        self.num_patches: int = grid_h * grid_w
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ClipTeacher:
+        # The teacher is frozen: an engine calling model.train() must not switch it out of eval mode.
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"teacher '{self.arch.name}' expects images [B, {', '.join(map(str, expected))}], got "
+                f"{list(images.shape)}; feed it the student's crop at {self.image_size} px "
+                "(EVA_SPEC section 3)"
+            )
+        with torch.inference_mode():
+            targets = self._patch_targets(images)
+        # Inference tensors cannot be saved for backward; a clone made outside inference mode can.
+        return targets.clone()
+
+    def _patch_targets(self, images: Tensor) -> Tensor:
+        visual = self.visual
+        tokens = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls_token, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)
+        tokens = visual.transformer(visual.ln_pre(tokens))
+        # ln_post on every token, CLS dropped, then proj: projected targets (EVA_SPEC section 3).
+        return visual.ln_post(tokens)[:, 1:] @ visual.proj
+
+
+def _check_supported(arch: TeacherArch) -> None:
+    cfg = arch.vision_cfg
+    if (
+        cfg.get("timm_model_name")
+        or isinstance(cfg.get("layers"), list | tuple)
+        or cfg.get("attentional_pool")
+    ):
+        raise ValueError(
+            f"teacher '{arch.name}' is not a plain open_clip VisionTransformer (timm, ResNet or attentional "
+            f"pool towers have no ln_post/proj patch tokens); use a ViT CLIP such as '{DEFAULT_TEACHER}'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Architectures: open_clip names, flat dicts, sidecars, HF config.json, OpenAI state dicts.
+
+
+def arch_from_model_name(model_name: str) -> TeacherArch:
+    """Resolve an open_clip model name with open_clip's bundled configs (never downloads)."""
+    import open_clip  # lazy: importing open_clip takes seconds
+
+    if model_name.startswith("hf-hub:"):
+        raise TeacherLoadError(f"'{model_name}' would download; pass a local file and a bundled model name")
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.5)
+        raise TeacherLoadError(
+            f"unknown open_clip model name '{model_name}'; closest: {close or 'none'} "
+            f"(the OpenAI ViT-L/14 teacher is '{DEFAULT_TEACHER}')"
+        )
+    quick_gelu = bool(config.get("quick_gelu", False))
+    if not quick_gelu:
+        logger.warning(
+            "open_clip model '%s' uses GELU. OpenAI CLIP weights need QuickGELU ('%s-quickgelu'), otherwise "
+            "the targets are silently wrong (EVA_SPEC section 5); keep '%s' only for GELU-trained weights.",
+            model_name,
+            model_name,
+            model_name,
+        )
+    return TeacherArch(config["embed_dim"], dict(config["vision_cfg"]), quick_gelu, name=model_name)
+
+
+def arch_from_dict(config: dict[str, Any]) -> TeacherArch:
+    """Accept an open_clip model config (embed_dim, vision_cfg, quick_gelu) or a flat dict with keys
+    image_size, patch_size, width, layers, heads, mlp_ratio, output_dim and quick_gelu (default True,
+    as for the OpenAI teacher) or act ('quick_gelu' | 'gelu')."""
+    config = dict(config)
+    if "vision_cfg" in config:  # open_clip semantics: no quick_gelu key means GELU
+        quick_gelu = _quick_gelu_flag(config, default=False)
+        return TeacherArch(
+            config["embed_dim"], dict(config["vision_cfg"]), quick_gelu, name=config.get("name", "custom")
+        )
+    quick_gelu = _quick_gelu_flag(config, default=True)
+    unknown = set(config) - {*FLAT_CFG_KEYS, "quick_gelu", "act", "layer_norm_eps", "name"}
+    missing = {"image_size", "patch_size", "width", "layers", "heads", "output_dim"} - set(config)
+    if unknown or missing:
+        hints = {key: difflib.get_close_matches(key, FLAT_CFG_KEYS, n=1) for key in sorted(unknown)}
+        raise ValueError(
+            f"bad teacher config: unknown keys {hints or '{}'} (key: closest valid), "
+            f"missing {sorted(missing)}"
+        )
+    if config["width"] % config["heads"]:
+        raise ValueError(f"teacher width {config['width']} is not divisible by heads {config['heads']}")
+    vision_cfg = dict(
+        image_size=config["image_size"],
+        patch_size=config["patch_size"],
+        width=config["width"],
+        layers=config["layers"],
+        head_width=config["width"] // config["heads"],
+        mlp_ratio=float(config.get("mlp_ratio", 4.0)),
+    )
+    if config.get("layer_norm_eps", 1e-5) != 1e-5:  # open_clip's LayerNorm default eps is 1e-5
+        vision_cfg["norm_kwargs"] = {"eps": float(config["layer_norm_eps"])}
+    return TeacherArch(config["output_dim"], vision_cfg, quick_gelu, name=config.get("name", "custom"))
+
+
+def _quick_gelu_flag(config: dict[str, Any], default: bool) -> bool:
+    act = config.pop("act", None)
+    if act is not None:
+        if act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"teacher act must be 'quick_gelu' or 'gelu', got '{act}'")
+        return act == "quick_gelu"
+    return bool(config.pop("quick_gelu", default))
+
+
+def arch_from_hf_config(config: dict[str, Any], name: str) -> TeacherArch:
+    """Architecture of a HF `CLIPVisionModelWithProjection` (flat config) or `CLIPModel` (nested)."""
+    if config.get("model_type") not in (None, "clip", "clip_vision_model"):
+        raise TeacherLoadError(
+            f"{name}: config.json model_type '{config['model_type']}' is not a CLIP model "
+            "(expected 'clip' or 'clip_vision_model')"
+        )
+    vision = {**HF_VISION_DEFAULTS, **(config.get("vision_config") or config)}
+    projection_dim = config.get("projection_dim", vision["projection_dim"])  # CLIPModel keeps it top-level
+    act = vision["hidden_act"]
+    if act not in ("quick_gelu", "gelu"):
+        raise TeacherLoadError(f"{name}: hidden_act '{act}' is not supported (use 'quick_gelu' or 'gelu')")
+    return arch_from_dict(
+        dict(
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            width=vision["hidden_size"],
+            layers=vision["num_hidden_layers"],
+            heads=vision["num_attention_heads"],
+            mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
+            output_dim=projection_dim,
+            layer_norm_eps=vision["layer_norm_eps"],
+            act=act,
+            name=name,
+        )
+    )
+
+
+def arch_from_openai_state(visual_state: dict[str, Tensor], name: str) -> TeacherArch:
+    """Infer a ViT tower from OpenAI-layout `visual.*` weights (as open_clip's openai loader does)."""
+    width, _, patch_size, _ = visual_state["conv1.weight"].shape
+    grid = round((visual_state["positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = sum(key.endswith(".attn.in_proj_weight") for key in visual_state)
+    mlp_width = visual_state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return arch_from_dict(
+        dict(
+            image_size=patch_size * grid,
+            patch_size=patch_size,
+            width=width,
+            layers=layers,
+            heads=width // OPENAI_HEAD_WIDTH,
+            mlp_ratio=mlp_width / width,
+            output_dim=visual_state["proj"].shape[1],
+            act="gelu",  # OpenAI CLIP was trained with QuickGELU (EVA_SPEC section 5)
+            name=name,
+        )
+    )
+
+
+def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | None = None) -> ClipTeacher:
+    """A randomly initialised teacher from an open_clip model name or a config dict (see `arch_from_dict`),
+    e.g. dict(image_size=32, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4, output_dim=32)."""
+    if isinstance(model_name_or_cfg, str):
+        arch = arch_from_model_name(model_name_or_cfg)
+    else:
+        arch = arch_from_dict(model_name_or_cfg)
+    if seed is None:
+        return ClipTeacher(arch)
+    with torch.random.fork_rng(devices=[]):  # a seeded build leaves the global RNG untouched
+        torch.manual_seed(seed)
+        return ClipTeacher(arch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading weight files.
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def _torchscript_error(path: Path) -> TeacherLoadError:
+    return TeacherLoadError(
+        f"{path} is a TorchScript archive (e.g. OpenAI's ViT-L-14.pt): it holds code and is never loaded "
+        f"implicitly. Convert it once with `{CONVERT_COMMAND}` and load the .safetensors it writes."
+    )
+
+
+def _corrupt_file_error(path: Path, err: Exception) -> TeacherLoadError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return TeacherLoadError(f"cannot read {path} ({reason}); it is truncated or corrupt, copy it again")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file or a `torch.load(weights_only=True)` checkpoint ('state_dict' and
+    'module.' wrappers removed); every failure is a `TeacherLoadError` naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise _corrupt_file_error(path, err) from err
+    if _is_torchscript_archive(path):
+        raise _torchscript_error(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise TeacherLoadError(
+            f"{path} pickles Python objects besides tensors, so torch.load(weights_only=True) refuses it. "
+            "From a trusted copy re-save only the state dict (torch.save(model.state_dict(), ...) or "
+            "safetensors)."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        if "TorchScript" in str(err):
+            raise _torchscript_error(path) from err
+        raise _corrupt_file_error(path, err) from err
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise TeacherLoadError(
+            f"{path} does not hold a state dict of tensors (top level or under 'state_dict')"
+        )
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def open_clip_visual_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The vision tower's keys without the `visual.` prefix; text keys are ignored."""
+    if any(key.startswith("visual.") for key in state):
+        return {
+            key.removeprefix("visual."): value for key, value in state.items() if key.startswith("visual.")
+        }
+    if "conv1.weight" in state:  # a bare vision tower
+        return state
+    if any(key.startswith("vision_model.") for key in state):
+        raise TeacherLoadError(
+            f"{source} holds Hugging Face CLIP weights; pass the directory that holds it and its config.json"
+        )
+    raise TeacherLoadError(
+        f"{source} holds no CLIP vision tower (expected keys like 'visual.conv1.weight'); "
+        f"first keys: {sorted(state)[:5]}"
+    )
+
+
+_HF_NAMES = {
+    "embeddings.class_embedding": "class_embedding",
+    "embeddings.patch_embedding.weight": "conv1.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "pre_layrnorm.weight": "ln_pre.weight",
+    "pre_layrnorm.bias": "ln_pre.bias",
+    "post_layernorm.weight": "ln_post.weight",
+    "post_layernorm.bias": "ln_post.bias",
+}
+_HF_BLOCK_PREFIXES = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+_HF_BLOCK_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_HF_QKV_KEY = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
+
+
+def hf_to_open_clip_visual(hf_state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Map HF CLIP vision keys onto open_clip's `VisionTransformer` keys (text keys are ignored).
+    Unknown `vision_model.*` keys are kept under their HF names so the shape check reports them."""
+    if "visual_projection.weight" not in hf_state:
+        raise TeacherLoadError(
+            f"{source} has no visual_projection.weight (a CLIPVisionModel without projection); save it as "
+            "CLIPVisionModelWithProjection or CLIPModel: EVA's targets are projected (EVA_SPEC section 3)"
+        )
+    visual = {"proj": hf_state["visual_projection.weight"].t().contiguous()}
+    qkv_parts: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for hf_key, value in hf_state.items():
+        if not hf_key.startswith("vision_model.") or hf_key.endswith("position_ids"):
+            continue
+        key = hf_key.removeprefix("vision_model.")
+        block = _HF_BLOCK_KEY.fullmatch(key)
+        if key in _HF_NAMES:
+            visual[_HF_NAMES[key]] = value
+        elif block and (qkv := _HF_QKV_KEY.fullmatch(block[2])):
+            qkv_parts.setdefault((block[1], qkv[2]), {})[qkv[1]] = value
+        elif block and (prefix := next((p for p in _HF_BLOCK_PREFIXES if block[2].startswith(p)), None)):
+            rest = block[2].removeprefix(prefix)
+            visual[f"transformer.resblocks.{block[1]}.{_HF_BLOCK_PREFIXES[prefix]}{rest}"] = value
+        else:
+            visual[hf_key] = value
+    for (layer, kind), parts in qkv_parts.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise TeacherLoadError(f"{source}: layer {layer} lacks some of q/k/v_proj.{kind}")
+        # nn.MultiheadAttention packs [q; k; v] along the output dimension.
+        visual[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]], dim=0
+        )
+    return visual
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).is_file():  # sharded checkpoint
+            shards = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_state_dict(directory / shard).items()}
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / weights_name).is_file():
+            return read_state_dict(directory / weights_name)
+    raise TeacherLoadError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def load_visual_state(teacher: ClipTeacher, visual_state: dict[str, Tensor], source: str) -> None:
+    """Copy weights into the tower after checking that keys and shapes match exactly."""
+    expected = teacher.visual.state_dict()
+    missing = sorted(set(expected) - set(visual_state))
+    unexpected = sorted(set(visual_state) - set(expected))
+    misshaped = [
+        f"{key}: file {list(visual_state[key].shape)} vs model {list(expected[key].shape)}"
+        for key in sorted(set(expected) & set(visual_state))
+        if visual_state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or misshaped:
+        problems = [
+            f"{label} ({len(keys)}): "
+            + ", ".join(keys[:8])
+            + (f", ... {len(keys) - 8} more" if len(keys) > 8 else "")
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if keys
+        ]
+        raise TeacherLoadError(
+            f"{source} does not fit teacher '{teacher.arch.name}' {teacher.arch.summary()}: "
+            + "; ".join(problems)
+            + ". Pass the model name the weights were trained with (e.g. 'ViT-B-16' vs 'ViT-L-14-quickgelu')."
+        )
+    teacher.visual.load_state_dict(visual_state, strict=True)  # copy_ casts fp16 weights to fp32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def sidecar_path(weights_path: str | Path) -> Path:
+    """The JSON that describes the architecture of a `.safetensors` teacher: same stem, `.json`."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_clip_teacher(teacher: ClipTeacher, path: str | Path, *, source: str | None = None) -> Path:
+    """Write the tower as `visual.*` safetensors (fp32) plus a sidecar JSON, loadable without a model name."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"teacher output must end in .safetensors, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"visual.{k}": v.detach().float().contiguous() for k, v in teacher.visual.state_dict().items()}
+    save_file(state, path, metadata={"format": SIDECAR_FORMAT})
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "name": teacher.arch.name,
+        "act": "quick_gelu" if teacher.arch.quick_gelu else "gelu",
+        "embed_dim": teacher.arch.embed_dim,
+        "vision_cfg": teacher.arch.vision_cfg,
+        "source": source,
+    }
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
+    """One-time, explicit conversion of OpenAI's TorchScript CLIP archive (e.g. ViT-L-14.pt) into
+    `dst` (.safetensors, fp32 `visual.*` weights) plus a sidecar JSON with the inferred architecture.
+    This runs `torch.jit.load`, i.e. the archive's code: use it only on a file you trust."""
+    src = Path(src)
+    if not src.is_file():
+        raise TeacherLoadError(f"TorchScript archive not found: {src}")
+    try:
+        archive = torch.jit.load(str(src), map_location="cpu")
+    except RuntimeError as err:
+        raise TeacherLoadError(
+            f"{src} is not a TorchScript archive ({str(err).splitlines()[0]}); a plain state dict loads "
+            "directly with load_clip_teacher(path, model_name)"
+        ) from err
+    state = archive.state_dict()
+    if "visual.proj" not in state:
+        raise TeacherLoadError(
+            f"{src} has no ViT vision tower ('visual.proj'); ResNet CLIPs are not supported"
+        )
+    visual_state = open_clip_visual_state(state, str(src))
+    teacher = ClipTeacher(arch_from_openai_state(visual_state, name=f"openai:{src.stem}"))
+    load_visual_state(teacher, visual_state, str(src))
+    return save_clip_teacher(teacher, dst, source=src.name)
+
+
+def load_clip_teacher(path: str | Path, model_name: str | None = None, *, device: str = "cpu") -> ClipTeacher:
+    """Load a frozen CLIP teacher from local files.
+
+    - a directory with config.json: Hugging Face `CLIPVisionModelWithProjection` / `CLIPModel`;
+    - a `.safetensors` with a sidecar `.json` (from `convert_openai_torchscript`): no name needed;
+    - any other state dict (.pt/.pth/.bin/.safetensors): needs an open_clip `model_name`, for the
+      OpenAI ViT-L/14 weights 'ViT-L-14-quickgelu' (plain 'ViT-L-14' builds GELU and warns);
+    - a TorchScript archive: error naming the one-time `flyeva convert teacher` command.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherLoadError(
+                f"{path} is a directory without config.json; pass a Hugging Face CLIP folder"
+            )
+        if model_name is not None:
+            logger.warning("ignoring model_name '%s': %s/config.json defines the teacher", model_name, path)
+        arch = arch_from_hf_config(json.loads((path / "config.json").read_text()), name=f"hf:{path.name}")
+        visual_state = hf_to_open_clip_visual(_read_hf_weights(path), str(path))
+    else:
+        visual_state = open_clip_visual_state(read_state_dict(path), str(path))
+        sidecar = sidecar_path(path)
+        if path.suffix == ".safetensors" and sidecar.is_file():
+            arch = arch_from_dict(json.loads(sidecar.read_text()))
+            if model_name is not None and arch_from_model_name(model_name).summary() != arch.summary():
+                raise TeacherLoadError(
+                    f"model_name '{model_name}' contradicts {sidecar} {arch.summary()}; drop model_name"
+                )
+        elif model_name is None:
+            raise TeacherLoadError(
+                f"{path} is an open_clip state dict: pass its model name, e.g. '{DEFAULT_TEACHER}' for "
+                "OpenAI ViT-L/14 weights"
+            )
+        else:
+            arch = arch_from_model_name(model_name)
+    teacher = ClipTeacher(arch)
+    load_visual_state(teacher, visual_state, str(path))
+    logger.info(
+        "CLIP teacher '%s' from %s: %dx%d tokens of dim %d, %s",
+        arch.name,
+        path,
+        *teacher.grid_size,
+        teacher.embed_dim,
+        "QuickGELU" if arch.quick_gelu else "GELU",
+    )
+    return teacher.to(device)
+
+
+def check_token_grid(teacher: ClipTeacher, student_grid: tuple[int, int], student_image_size: int) -> None:
+    """Raise ValueError unless teacher and student tokenise the same crop into the same grid, so that
+    each student token has a target token (EVA_SPEC section 3: 224 px / patch 14 -> 16x16 on both)."""
+    student_grid = tuple(student_grid)
+    if teacher.grid_size == student_grid:
+        return
+    teacher_side = teacher.grid_size[0]
+    student_patch = student_image_size // student_grid[0]
+    fixes = [f"a teacher whose image_size // patch_size is {student_grid[0]}"]
+    if student_image_size % teacher_side == 0:
+        fixes.append(f"student patch size {student_image_size // teacher_side} at {student_image_size} px")
+    fixes.append(f"student image size {teacher_side * student_patch} with patch {student_patch}")
+    raise ValueError(
+        f"token grids differ: teacher '{teacher.arch.name}' gives {teacher_side}x{teacher_side} "
+        f"({teacher.image_size} px / patch {teacher.patch_size}) but the student gives "
+        f"{student_grid[0]}x{student_grid[1]} ({student_image_size} px / patch {student_patch}). "
+        f"Use {' or '.join(fixes)}."
+    )
