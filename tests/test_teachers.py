@@ -2,7 +2,6 @@
 
 import json
 import logging
-import warnings
 
 import open_clip
 import pytest
@@ -20,6 +19,10 @@ from flyeva.teachers import (
     save_clip_teacher,
 )
 
+pytestmark = [  # tracing the fixture archive is test setup, its deprecation notices are noise
+    pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
 TOL = 1e-5
 TINY = "flyeva-test-tiny-quickgelu"  # image 32, patch 8 -> 4x4 grid, width 128 (2 heads of 64), 2 layers
 TINY_GELU = "flyeva-test-tiny"  # same shapes, GELU
@@ -105,11 +108,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torchscript_path(tiny):
     path = tiny["root"] / "ViT-tiny-openai.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # trace_module is deprecated in favour of export
-        traced = torch.jit.trace_module(
-            tiny["model"], {"encode_image": (tiny["images"],)}, check_trace=False
-        )
+    # check_trace=False: nn.MultiheadAttention's fast path makes the re-trace graph differ.
+    traced = torch.jit.trace_module(tiny["model"], {"encode_image": (tiny["images"],)}, check_trace=False)
     torch.jit.save(traced, path)
     return path
 
@@ -195,7 +195,7 @@ def test_gelu_name_warns_and_changes_targets(tiny, caplog):
     gelu_targets = gelu_teacher(tiny["images"])
     # The flag matters: same weights, different activation -> clearly different targets.
     rel_diff = (gelu_targets - tiny["reference"]).norm() / tiny["reference"].norm()
-    assert rel_diff > 1e-3, rel_diff
+    assert rel_diff > 1e-3, rel_diff  # measured 7.2e-3, against a format tolerance of 1e-5
 
 
 def test_teacher_is_frozen_and_targets_train_a_student(tiny):
@@ -239,7 +239,7 @@ def test_unreadable_files_give_clear_errors(tiny):
 
     with pytest.raises(TeacherLoadError, match="not found"):
         load_clip_teacher(root / "missing.pt", TINY)
-    with pytest.raises(TeacherLoadError, match="pass its model name, e.g. 'ViT-L-14-quickgelu'"):
+    with pytest.raises(TeacherLoadError, match=r"pass its model name, e\.g\. 'ViT-L-14-quickgelu'"):
         load_clip_teacher(root / "clip.pt")
     with pytest.raises(TeacherLoadError, match=r"closest: \['flyeva-test-tiny-quickgelu'"):
         load_clip_teacher(root / "clip.pt", "flyeva-test-tiny-quickgel")
@@ -285,7 +285,6 @@ def test_build_is_seeded_and_save_round_trips(tmp_path):
         build_clip_teacher({**config, "widht": 32})
 
 
-@pytest.mark.slow
 def test_vit_b16_grid_differs_from_patch14_student():
     teacher = build_clip_teacher("ViT-B-16", seed=0)  # GELU name: also logs the QuickGELU warning
     assert (teacher.grid_size, teacher.embed_dim, teacher.image_size) == ((14, 14), 512, 224)

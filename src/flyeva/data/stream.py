@@ -24,7 +24,8 @@ Order of an epoch.
   samples their batches need (e.g. equal shards and shards evenly dealt); otherwise some samples
   repeat and others wait for the next epoch, webdataset's usual `with_epoch` semantics. Without
   `num_samples` each worker reads its shards once and the epoch length is unknown
-  (`num_batches` is None; ranks may then run different numbers of batches, avoid under DDP).
+  (`num_batches` is None; ranks may then run different numbers of batches, avoid under DDP;
+  drop_last then drops each worker's last partial batch).
 - MixtureSource: a rank's epoch is samples_per_epoch // world_size raw samples; each worker
   draws the child source of every sample from the weights with an RNG seeded by (seed, epoch,
   rank, worker); an indexable child walks its own (seed, epoch)-permutation with stride
@@ -150,7 +151,10 @@ class ImageBatchStream(IterableDataset):
             )
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
-        """Select the epoch and, to resume, how many batches each logical worker already gave."""
+        """Select the epoch and, to resume, how many batches each logical worker already gave.
+
+        Call it before `iter(loader)`: workers copy the stream when the iterator starts.
+        """
         if any(int(count) < 0 for count in skip):
             raise ValueError(f"skip counts must be non-negative, got {list(skip)}")
         self.epoch = int(epoch)
@@ -218,14 +222,16 @@ class ImageBatchStream(IterableDataset):
     ) -> Iterator[tuple[int, list[_PendingSample]]]:
         samples = self.samples_per_rank()
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.source), generator=generator).tolist()
         rank_start = self.rank * samples
+        # Keep only this rank's slice of the permutation (the tail N % world_size is dropped).
+        rank_order = torch.randperm(len(self.source), generator=generator)[rank_start : rank_start + samples]
+        rank_order = rank_order.clone()
         batch_sizes = self._batch_sizes(worker, num_workers)
         for index, size in enumerate(itertools.islice(batch_sizes, first_index, None), start=first_index):
-            start = rank_start + (worker + index * num_workers) * self.batch_size
+            start = (worker + index * num_workers) * self.batch_size
             chunk = []
-            for position in range(start, start + size):
-                source_index = order[position]
+            for offset, source_index in enumerate(rank_order[start : start + size].tolist()):
+                position = rank_start + start + offset  # place in the epoch permutation
                 chunk.append(
                     _PendingSample(
                         key=self.source.key(source_index),
@@ -277,9 +283,9 @@ class ImageBatchStream(IterableDataset):
             return
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         seed = mix_seed(_TAG_CHILD, self.seed, self.epoch, child_id)
-        order = torch.randperm(len(child), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randperm(len(child), generator=torch.Generator().manual_seed(seed))
         for step in itertools.count():
-            source_index = order[(slot + step * slots) % len(order)]
+            source_index = int(order[(slot + step * slots) % len(order)])
             load = functools.partial(child.load, source_index, self.max_pixels)
             yield child.key(source_index), source_index, load
 

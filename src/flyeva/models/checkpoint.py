@@ -86,7 +86,7 @@ def _is_torchscript(path: Path) -> bool:
         return False
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(re.search(r"(^|/)(code/|constants\.pkl$)", name) for name in archive.namelist())
+            return any(re.match(r"^[^/]+/(code/|constants\.pkl$)", name) for name in archive.namelist())
     except zipfile.BadZipFile:
         return False
 

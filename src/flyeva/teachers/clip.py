@@ -23,6 +23,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +260,7 @@ def arch_from_openai_state(visual_state: dict[str, Tensor], name: str) -> Teache
             heads=width // OPENAI_HEAD_WIDTH,
             mlp_ratio=mlp_width / width,
             output_dim=visual_state["proj"].shape[1],
-            act="gelu",  # OpenAI CLIP was trained with QuickGELU (EVA_SPEC section 5)
+            act="quick_gelu",  # OpenAI CLIP was trained with QuickGELU (EVA_SPEC section 5)
             name=name,
         )
     )
@@ -478,11 +479,15 @@ def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
     """One-time, explicit conversion of OpenAI's TorchScript CLIP archive (e.g. ViT-L-14.pt) into
     `dst` (.safetensors, fp32 `visual.*` weights) plus a sidecar JSON with the inferred architecture.
     This runs `torch.jit.load`, i.e. the archive's code: use it only on a file you trust."""
-    src = Path(src)
+    src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise TeacherLoadError(f"TorchScript archive not found: {src}")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"conversion output must end in .safetensors, got {dst}")
     try:
-        archive = torch.jit.load(str(src), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            archive = torch.jit.load(str(src), map_location="cpu")
     except RuntimeError as err:
         raise TeacherLoadError(
             f"{src} is not a TorchScript archive ({str(err).splitlines()[0]}); a plain state dict loads "
@@ -499,7 +504,9 @@ def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
     return save_clip_teacher(teacher, dst, source=src.name)
 
 
-def load_clip_teacher(path: str | Path, model_name: str | None = None, *, device: str = "cpu") -> ClipTeacher:
+def load_clip_teacher(
+    path: str | Path, model_name: str | None = None, *, device: str | torch.device = "cpu"
+) -> ClipTeacher:
     """Load a frozen CLIP teacher from local files.
 
     - a directory with config.json: Hugging Face `CLIPVisionModelWithProjection` / `CLIPModel`;
