@@ -59,8 +59,13 @@ def test_timm_export_loads_through_timm_create_model(tiny, tmp_path):
     size = EVA_SIZES["eva_tiny"]
     # The real timm entry point of EVA-01, shrunk to tiny width by model kwargs.
     model = timm.create_model(
-        "eva_giant_patch14_224", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)),
-        embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads,
+        "eva_giant_patch14_224",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
         mlp_ratio=size.mlp_dim / size.embed_dim,
     ).eval()
     state = model.state_dict()
@@ -113,7 +118,9 @@ def test_cli_convert_release_and_to_timm(tiny, tmp_path, capsys):
     export_release(tiny, tmp_path / "release.pt")
     assert cli(["convert", "release", str(tmp_path / "release.pt"), "--out", str(tmp_path / "flyeva")]) == 0
     assert_same_state(load_any(tmp_path / "flyeva").state_dict(), tiny.state_dict())
-    assert cli(["convert", "to-timm", str(tmp_path / "flyeva"), "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert (
+        cli(["convert", "to-timm", str(tmp_path / "flyeva"), "--out", str(tmp_path / "t.safetensors")]) == 0
+    )
     assert "fc_norm.weight" in load_file(tmp_path / "t.safetensors")
     assert cli(["convert", "to-release", str(tmp_path / "flyeva"), "--out", str(tmp_path / "r.pt")]) == 0
     assert_same_state(torch.load(tmp_path / "r.pt", weights_only=True)["model"], tiny.state_dict())
@@ -155,7 +162,9 @@ def test_bad_files_give_the_documented_errors(tiny, tmp_path, capsys):
     torch.save({"model": tiny.state_dict(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "args.pt")
     assert load_release_checkpoint(tmp_path / "args.pt") is not None
 
-    assert cli(["convert", "to-timm", str(tmp_path / "code.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        cli(["convert", "to-timm", str(tmp_path / "code.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    )
     assert "--trust-pickle" in capsys.readouterr().err
 
 

@@ -41,7 +41,9 @@ def test_parameter_counts_match_the_hand_count(name):
         mim = build_mim_model(size, release_init=False)
         encoder = build_encoder(size, release_init=False)
     assert count_parameters(encoder) == expected_encoder_params(size)
-    assert count_parameters(mim) == expected_encoder_params(size) + size.embed_dim + size.embed_dim * 768 + 768
+    assert (
+        count_parameters(mim) == expected_encoder_params(size) + size.embed_dim + size.embed_dim * 768 + 768
+    )
 
 
 def test_eva_giant_has_the_release_parameter_count():
@@ -58,8 +60,13 @@ def test_features_match_timm_eva_loaded_with_the_same_weights(name):
     ours = build_mim_model(name, drop_path_rate=0.0).eval()
     # timm's own model and its own filter (MIM keys dropped, norm -> fc_norm), avg pool as timm ships EVA.
     reference = Eva(
-        img_size=size.img_size, patch_size=size.patch_size, embed_dim=size.embed_dim, depth=size.depth,
-        num_heads=size.num_heads, mlp_ratio=size.mlp_dim / size.embed_dim, num_classes=0,
+        img_size=size.img_size,
+        patch_size=size.patch_size,
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        mlp_ratio=size.mlp_dim / size.embed_dim,
+        num_classes=0,
     ).eval()
     reference.load_state_dict(checkpoint_filter_fn(ours.state_dict(), reference))
     images = torch.randn(2, 3, size.img_size, size.img_size)
@@ -73,8 +80,13 @@ def test_mim_forward_with_an_empty_mask_equals_the_plain_encoder():
     torch.manual_seed(0)
     mim = build_mim_model("miniature", drop_path_rate=0.0).eval()
     encoder = build_encoder("miniature").eval()
-    encoder.load_state_dict({k: v for k, v in mim.state_dict().items() if k not in ("mask_token",)
-                             and not k.startswith("lm_head")})
+    encoder.load_state_dict(
+        {
+            k: v
+            for k, v in mim.state_dict().items()
+            if k not in ("mask_token",) and not k.startswith("lm_head")
+        }
+    )
     images = torch.randn(3, 3, 32, 32)
     empty = torch.zeros(3, 64, dtype=torch.bool)
     with torch.no_grad():
@@ -108,12 +120,19 @@ def test_release_initialisation():
     torch.manual_seed(0)
     model = build_mim_model("eva_small")
     # +-1 std truncation: the std of N(0, s) truncated at +-s is s * 0.5376 (hand computed).
-    truncated_std = INIT_STD * math.sqrt(1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(1 / math.sqrt(2)))
+    truncated_std = INIT_STD * math.sqrt(
+        1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(1 / math.sqrt(2))
+    )
     qkv = model.blocks[0].attn.qkv.weight
     assert qkv.abs().max() <= INIT_STD
     assert abs(qkv.std().item() / truncated_std - 1) < 0.01
-    for tensor in (model.pos_embed, model.cls_token, model.mask_token, model.lm_head.weight,
-                   model.patch_embed.proj.weight):
+    for tensor in (
+        model.pos_embed,
+        model.cls_token,
+        model.mask_token,
+        model.lm_head.weight,
+        model.patch_embed.proj.weight,
+    ):
         assert tensor.abs().max() <= INIT_STD and tensor.std() > 0.5 * truncated_std
     for layer_id, block in enumerate(model.blocks, start=1):
         limit = INIT_STD / math.sqrt(2 * layer_id)
@@ -121,7 +140,9 @@ def test_release_initialisation():
             assert weight.abs().max() <= limit + 1e-9
             assert abs(weight.std().item() / (truncated_std / math.sqrt(2 * layer_id)) - 1) < 0.02
         assert torch.count_nonzero(block.attn.q_bias) == 0 and torch.count_nonzero(block.attn.v_bias) == 0
-        assert torch.count_nonzero(block.mlp.fc1.bias) == 0 and torch.equal(block.norm1.weight, torch.ones(384))
+        assert torch.count_nonzero(block.mlp.fc1.bias) == 0 and torch.equal(
+            block.norm1.weight, torch.ones(384)
+        )
     assert torch.count_nonzero(model.lm_head.bias) == 0
     assert torch.equal(model.blocks[0].attn.k_bias, torch.zeros(384))
 
@@ -147,7 +168,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_attention_goes_through_fused_sdpa(monkeypatch):
     calls = []
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     model = build_mim_model("miniature")
     model(torch.randn(1, 3, 32, 32), torch.zeros(1, 64, dtype=torch.bool))
     assert len(calls) == 4  # one per block

@@ -38,7 +38,8 @@ def _models(args: argparse.Namespace) -> None:
         encoder = total - mim.mask_token.numel() - count_parameters(mim.lm_head)
         print(
             f"{name:<10} {size.img_size:>4} {size.patch_size:>5} {size.embed_dim:>5} {size.depth:>5} "
-            f"{size.num_heads:>5} {size.mlp_dim:>5} {encoder:>15,} {total:>14,} {encoder_flops(size) / 1e9:>10.2f}"
+            f"{size.num_heads:>5} {size.mlp_dim:>5} {encoder:>15,} {total:>14,} "
+            f"{encoder_flops(size) / 1e9:>10.2f}"
         )
     print("MIM params include the [MASK] token and a 768-d lm_head; GFLOPs = 2 x multiply-adds, one forward.")
 
@@ -84,15 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     release = kinds.add_parser("release", help="a release checkpoint -> flyeva folder")
     release.add_argument("src")
     release.add_argument("--num-heads", type=int, default=None, help="only for sizes not in `flyeva models`")
-    for name, help_text in (("to-timm", "-> a timm-loadable safetensors file"),
-                            ("to-release", "-> the release's {'model': state_dict} file")):
+    for name, help_text in (
+        ("to-timm", "-> a timm-loadable safetensors file"),
+        ("to-release", "-> the release's {'model': state_dict} file"),
+    ):
         sub = kinds.add_parser(name, help=f"a flyeva folder or release checkpoint {help_text}")
         sub.add_argument("src")
     for sub in (release, kinds.choices["to-timm"], kinds.choices["to-release"]):
         sub.add_argument("--out", required=True)
         sub.add_argument("--kind", choices=("mim", "encoder"), default="mim")
-        sub.add_argument("--trust-pickle", action="store_true",
-                         help="unpickle arbitrary objects (runs code): only for files you trust, once")
+        sub.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="unpickle arbitrary objects (runs code): only for files you trust, once",
+        )
     teacher = kinds.add_parser("teacher", help="OpenAI CLIP TorchScript archive -> safetensors (one time)")
     teacher.add_argument("--openai-torchscript", required=True, help="e.g. ViT-L-14.pt from OpenAI")
     teacher.add_argument("--out", required=True)
@@ -102,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     from flyeva.models.checkpoint import CheckpointError
 
     try:

@@ -44,7 +44,9 @@ def _unknown_key_error(schema: Any, key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try the last component alone, e.g. `optim.lrr` -> `optim.lr`
         leaf = key.rsplit(".", 1)[-1]
-        close = [c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)]
+        close = [
+            c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)
+        ]
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
@@ -55,7 +57,9 @@ def _merge(schema: Any, other: Any, source: str) -> Any:
     except (ConfigKeyError, ConfigAttributeError) as error:
         raise _unknown_key_error(schema, str(error.full_key), source) from None
     except ValidationError as error:
-        raise ConfigError(f"bad value for {error.full_key!r} in {source}: {error.msg.splitlines()[0]}") from None
+        raise ConfigError(
+            f"bad value for {error.full_key!r} in {source}: {error.msg.splitlines()[0]}"
+        ) from None
 
 
 def load_config(

@@ -166,7 +166,8 @@ def train(
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(
-            f"an epoch has fewer batches than accum_steps={cfg.accum_steps}; use more data or fewer accum_steps"
+            f"an epoch has fewer batches than accum_steps={cfg.accum_steps}; "
+            "use more data or fewer accum_steps"
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(optim_cfg.warmup_epochs * steps_per_epoch)
@@ -192,8 +193,8 @@ def train(
         tensorboard=cfg.tensorboard,
         progress=cfg.progress,
         total_steps=cfg.max_steps or total_steps,
+        start_step=step,
     )
-    log.start_at(step)
     result = TrainResult(model=wrapped, step=step)
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     consecutive_nonfinite, rollbacks = 0, 0
@@ -214,7 +215,13 @@ def train(
         if micro_in_epoch >= micro_per_epoch:
             epoch, micro_in_epoch, skip = epoch + 1, 0, [0] * len(skip)
         stream.set_epoch(epoch, skip)
-        loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
+        # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         epoch_images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
         accumulated = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, non-finite count)
         for batch in loader:
@@ -272,7 +279,9 @@ def train(
                 values["loss_scale"] = scaler.get_scale()
             if step % cfg.log_every == 0 or step == stop_at:
                 if not nonfinite and grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    values["grad_norm"] = float(
+                        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                    )
                 now = time.time()
                 values["steps_per_s"] = (step - last_step) / max(1e-9, now - last_time)
                 values.update({k: float(v) for k, v in metrics.items()})

@@ -137,7 +137,9 @@ def release_to_flyeva(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, to
             converted[key.replace("qkv.bias", "v_bias")] = v_bias
             notes.renamed.append(f"{key} -> q_bias, v_bias")
         elif key in ("fc_norm.weight", "fc_norm.bias") and "norm.weight" not in state_dict:
-            converted[key.removeprefix("fc_")] = value  # fine-tuned checkpoints keep the final norm as fc_norm
+            converted[key.removeprefix("fc_")] = (
+                value  # fine-tuned checkpoints keep the final norm as fc_norm
+            )
             notes.renamed.append(f"{key} -> {key.removeprefix('fc_')}")
         elif key.startswith(("head.", "rel_pos_bias", "fc_norm.")) or key.endswith("relative_position_index"):
             notes.dropped.append(key)
@@ -152,7 +154,7 @@ def infer_size(state_dict: dict[str, torch.Tensor], num_heads: int | None = None
         embed_dim, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
         depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
         mlp_dim = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-        grid = int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5))
+        grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"not an EVA encoder state dict (missing {error}); check the file") from error
     if num_heads is None:
@@ -197,7 +199,9 @@ def load_release_checkpoint(
     path: str | Path, *, kind: str = "mim", num_heads: int | None = None, trust_pickle: bool = False
 ) -> nn.Module:
     """Build a flyeva model (`kind` = "mim" or "encoder") from a release checkpoint file."""
-    state_dict, notes = release_to_flyeva(extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle)))
+    state_dict, notes = release_to_flyeva(
+        extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
+    )
     if notes.dropped:
         logger.info("dropped %d release keys: %s", len(notes.dropped), ", ".join(notes.dropped[:8]))
     size = infer_size(state_dict, num_heads)
@@ -282,7 +286,7 @@ def export_release(model: nn.Module, path: str | Path) -> Path:
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Encoder weights under the names of timm's avg-pooled `Eva` (final norm -> `fc_norm`, as timm's filter)."""
+    """Encoder weights named as timm's avg-pooled `Eva` wants them (final norm -> `fc_norm`)."""
     return {
         k.replace("norm.", "fc_norm.") if k.startswith("norm.") else k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
@@ -310,7 +314,8 @@ def timm_recipe(size_name: str | None, path: str | Path) -> str:
     if timm_name is None:
         return (
             f"timm has no EVA-01 model at size {size_name!r}; build it with "
-            f"`timm.models.eva.Eva(**kwargs)` and `load_state_dict(safetensors.torch.load_file({str(path)!r}))`"
+            "`timm.models.eva.Eva(**kwargs)` and "
+            f"`load_state_dict(safetensors.torch.load_file({str(path)!r}))`"
         )
     return (
         f'timm.create_model("{timm_name}", pretrained=True, num_classes=0, '

@@ -13,7 +13,7 @@ from flyeva.data.masking import BlockMaskGenerator, fixed_validation_mask, gener
 
 
 def mim_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Negative cosine similarity, averaged over masked tokens, in fp32 (the release's sign: lower is better)."""
+    """Negative cosine similarity over masked tokens, in fp32 (the release's sign: lower is better)."""
     return -F.cosine_similarity(predicted.float(), target.float(), dim=-1).mean()
 
 

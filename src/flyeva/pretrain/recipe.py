@@ -57,8 +57,11 @@ class MaskSection:
 class SourceSection:
     type: str = "folder"  # folder | list | wds | synthetic
     path: str = ""
-    weight: float = 1.0
-    num_samples: int = 0
+    weight: float = 1.0  # relative sampling weight inside a mixture
+    num_samples: int = 0  # synthetic: dataset size; wds: samples per epoch
+    seed: int = 0  # synthetic only
+    image_size: int = 0  # synthetic only (0 = 64)
+    root: str = ""  # list only: folder that relative paths start from
 
 
 @dataclass
@@ -113,10 +116,14 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         teacher_dim = teacher.embed_dim
     else:
         teacher_dim = 3 * size.patch_size**2
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+
     def make_model(**kwargs: Any) -> torch.nn.Module:
         return build_mim_model(size, teacher_dim=teacher_dim, **kwargs)
 
-    model = make_model(drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing)
+    model = make_model(
+        drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing
+    )
     if cfg.model.init:
         model.load_state_dict(load_any(cfg.model.init, kind="mim").state_dict(), strict=False)
 
@@ -128,7 +135,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     )
     objective = MIMObjective(teacher, masking, size.patch_size)
     transform = PretrainTransform(
-        image_size=size.img_size, scale=tuple(cfg.data.scale), ratio=tuple(cfg.data.ratio), hflip=cfg.data.hflip
+        image_size=size.img_size,
+        scale=tuple(cfg.data.scale),
+        ratio=tuple(cfg.data.ratio),
+        hflip=cfg.data.hflip,
     )
     stream = ImageBatchStream(
         _source(cfg.data.sources, cfg.data.samples_per_epoch),
@@ -152,8 +162,11 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         final = make_model(release_init=False)  # a plain copy: the trained one may be FSDP-sharded
         final.load_state_dict(state)
         save_flyeva(final, out / "final", extra={"recipe": cfg.model.size})
-        summary = {"step": result.step, "skipped_images": result.skipped_images,
-                   "nonfinite_steps": result.nonfinite_steps}
+        summary = {
+            "step": result.step,
+            "skipped_images": result.skipped_images,
+            "nonfinite_steps": result.nonfinite_steps,
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", out / "final")
     return result

@@ -1,0 +1,260 @@
+"""The shared training engine on one process: lr of every group, precision, checkpoints, non-finite steps."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from flyeva.engine.checkpoint import assert_finite, list_checkpoints
+from flyeva.engine.loop import TrainConfig, train
+from flyeva.engine.optim import OptimConfig, lr_at, param_groups
+from flyeva.models.eva import build_mim_model
+
+
+class ListStream(IterableDataset):
+    """Fixed batches, one worker: enough of the stream contract for engine tests."""
+
+    def __init__(self, batches):
+        self.batches, self.skip = batches, 0
+
+    def set_epoch(self, epoch, skip=()):
+        self.skip = skip[0] if skip else 0
+
+    def num_batches(self, num_workers):
+        return len(self.batches)
+
+    def __iter__(self):
+        for index in range(self.skip, len(self.batches)):
+            yield {"images": self.batches[index], "worker": 0, "index": index, "num_skipped": 0}
+
+
+def regression_objective(model, batch, ctx):
+    """A deterministic MIM-shaped objective: every other token masked, fixed targets from the pixels."""
+    images = batch["images"]
+    mask = (torch.arange(64) % 2 == 0).expand(images.shape[0], -1)
+    target = torch.nn.functional.unfold(images, 4, stride=4).transpose(1, 2)[mask]  # [masked, 48] pixels
+    predicted = model(images, mask)[:, :48]
+    return -torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean(), {}
+
+
+def make_batches(count, batch=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(count)]
+
+
+def config(tmp_path, **changes):
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        steps_per_epoch=0,
+        batch_size=4,
+        precision="fp32",
+        strategy="ddp",
+        device="cpu",
+        num_workers=0,
+        checkpoint_every=1000,
+        keep_last=2,
+        resume="never",
+        tensorboard=False,
+        progress=False,
+        log_every=1,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def test_every_group_gets_its_layer_decayed_lr_at_every_step(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    optim = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_epochs=2, layer_decay=0.75)
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([(g["layer_id"], g["weight_decay"], g["lr"]) for g in self.param_groups])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    groups = lambda m: param_groups(m, 0.05, layer_decay=0.75)  # noqa: E731
+    train(
+        model,
+        regression_objective,
+        ListStream(make_batches(4)),
+        config(tmp_path, epochs=3),
+        optim,
+        groups_fn=groups,
+    )
+    assert len(seen) == 12  # 4 steps per epoch x 3 epochs, warmup 8 steps
+    depth = 4
+    for step, groups_at_step in enumerate(seen):
+        if step < 8:
+            base = 1e-3 * step / 8
+        else:
+            base = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (step - 8) / 4))
+        layers = sorted({layer for layer, _, _ in groups_at_step})
+        assert layers == list(range(depth + 2))  # embeddings 0, blocks 1..4, head 5
+        for layer, _, lr in groups_at_step:
+            assert lr == pytest.approx(base * 0.75 ** (depth + 1 - layer), rel=1e-12, abs=1e-15)
+    # Weight decay off exactly for 1-D params, biases, pos_embed, cls_token, mask_token.
+    for group in param_groups(model, 0.05, layer_decay=0.75):
+        for name in group["param_names"]:
+            no_decay = (
+                name.endswith("bias") or "norm" in name or name in ("pos_embed", "cls_token", "mask_token")
+            )
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+
+
+def test_lr_schedule_hand_values():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0, 0.0) == 0.5
+    assert lr_at(10, 100, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_checkpoints_keep_last_k_load_weights_only_and_record_fp16_scaler(tmp_path):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    cfg = config(tmp_path, checkpoint_every=1, keep_last=2, precision="fp16")
+    result = train(
+        model, regression_objective, ListStream(make_batches(5)), cfg, OptimConfig(warmup_epochs=0)
+    )
+    found = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in found] == ["checkpoint-000000004.pt", "checkpoint-000000005.pt"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    state = torch.load(found[-1], weights_only=True)
+    assert state["step"] == 5 and state["skip"] == [5]
+    # EVA_SPEC section 3: dynamic loss scaling from 2^16 with a growth window of 500.
+    assert state["scaler"]["growth_interval"] == 500 and state["scaler"]["scale"] in (65536.0, 32768.0)
+    assert set(state["optimizer"]["state"]) == set(range(sum(1 for _ in model.parameters())))
+    assert result.step == 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    result = train(
+        model,
+        regression_objective,
+        ListStream(make_batches(2)),
+        config(tmp_path, precision="bf16"),
+        OptimConfig(warmup_epochs=0),
+    )
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+class NaNAt:
+    """Wraps an objective and returns a non-finite loss at chosen steps."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def __call__(self, model, batch, ctx):
+        loss, metrics = regression_objective(model, batch, ctx)
+        return (loss * float("nan") if ctx.step in self.steps else loss), metrics
+
+
+def test_non_finite_loss_is_skipped_and_counted(tmp_path):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    result = train(model, NaNAt({2, 3}), ListStream(make_batches(6)), config(tmp_path), OptimConfig())
+    assert result.nonfinite_steps == 2 and result.step == 6
+    assert_finite(model)  # the skipped steps never touched the weights
+
+
+def test_repeated_non_finite_rolls_back_to_the_last_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    cfg = config(tmp_path, checkpoint_every=2, keep_last=5, max_consecutive_nonfinite=2)
+    result = train(model, NaNAt({2, 3, 4, 5}), ListStream(make_batches(6)), cfg, OptimConfig())
+    # Steps 2-5 are all skipped (two rollbacks to step 2's weights), so the weights at the end equal
+    # step 2's checkpoint plus step 5's update; check the rollbacks happened and nothing is NaN.
+    assert result.nonfinite_steps == 4
+    assert_finite(model)
+    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
+        train(
+            build_mim_model("miniature"),
+            NaNAt(set(range(10))),
+            ListStream(make_batches(4)),
+            config(tmp_path / "b", max_consecutive_nonfinite=2),
+            OptimConfig(),
+        )
+
+
+def test_a_checkpoint_with_nan_weights_is_refused():
+    model = build_mim_model("miniature")
+    with torch.no_grad():
+        model.pos_embed[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="pos_embed is not finite"):
+        assert_finite(model)
+
+
+RESUME_CONFIG = """
+model: {size: miniature, drop_path_rate: 0.1}
+teacher:
+  random_init: {image_size: 32, patch_size: 4, width: 32, layers: 1, heads: 2, mlp_ratio: 2.0, output_dim: 16}
+mask: {num_masking_patches: 26, min_num_patches: 4}
+data:
+  sources: [{type: synthetic, num_samples: 192}]
+  val: [{type: synthetic, num_samples: 32, seed: 1}]
+  max_val_batches: 1
+optim: {lr: 1.0e-3, warmup_epochs: 0.5}
+train: {epochs: 3, batch_size: 16, precision: fp32, strategy: ddp, device: cpu, num_workers: 1,
+        checkpoint_every: 5, keep_last: 2, log_every: 1, tensorboard: false, progress: false}
+"""
+
+
+def _pretrain(config_file: Path, out: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "flyeva.cli",
+        "pretrain",
+        "--config",
+        str(config_file),
+        f"train.output_dir={out}",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    config_file = tmp_path / "resume.yaml"
+    config_file.write_text(RESUME_CONFIG)
+    reference = _pretrain(config_file, tmp_path / "reference")
+    interrupted = _pretrain(config_file, tmp_path / "interrupted")
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    deadline = time.time() + 120
+    while (
+        not list_checkpoints(checkpoints) or list_checkpoints(checkpoints)[-1].name < "checkpoint-000000015"
+    ):
+        assert interrupted.poll() is None, interrupted.stderr.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(interrupted.pid, signal.SIGKILL)  # mid-run, between checkpoints, like a lost node
+    interrupted.wait()
+    assert interrupted.returncode == -signal.SIGKILL
+    assert not (tmp_path / "interrupted" / "final").exists()
+    resumed = _pretrain(config_file, tmp_path / "interrupted")
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
+    assert reference.wait(timeout=180) == 0, reference.stderr.read()
+    a = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    summary = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
+    assert summary["step"] == 36
