@@ -227,7 +227,7 @@ def test_torchscript_archive_is_refused_with_conversion_command(torchscript_path
 def test_unreadable_files_give_clear_errors(tiny):
     root = tiny["root"]
     torch.save({"state_dict": tiny["model"].state_dict(), "args": NotATensor()}, root / "with_code.pt")
-    with pytest.raises(TeacherLoadError, match=r"pickles Python objects.*weights_only=True"):
+    with pytest.raises(TeacherLoadError, match=r"pickled Python objects.*weights_only=True.*re-save only"):
         load_clip_teacher(root / "with_code.pt", TINY)
 
     for name in ("clip.pt", "clip.safetensors"):

@@ -145,8 +145,9 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
-        return get_model_state_dict(model, options=options)
+        # cpu_offload=True would hand the full state to rank 0 only; every rank needs it here.
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in state.items()}
     return {k: v.detach().cpu() for k, v in D.unwrap(model).state_dict().items()}
 
 

@@ -41,10 +41,11 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message names the problem and the fix."""
 
 
-def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, pickle_fix: str = "") -> dict[str, Any]:
     """Load a checkpoint's top-level dict without executing code.
 
-    `trust_pickle=True` is the explicit, one-time escape hatch of `flyeva convert release --trust-pickle`.
+    `trust_pickle=True` is the explicit, one-time escape hatch of `flyeva convert release --trust-pickle`;
+    `pickle_fix` replaces the advice given when a file needs code to unpickle.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,10 +70,13 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} holds pickled Python objects beyond tensors, and loading them would run code. "
+        fix = pickle_fix or (
             f"If you trust the file, convert it once with `flyeva convert release {path} --out DIR "
-            f"--trust-pickle`; flyeva then loads DIR safely. ({str(error).splitlines()[0]})"
+            "--trust-pickle`; flyeva then loads DIR safely."
+        )
+        raise CheckpointError(
+            f"{path} holds pickled Python objects beyond tensors, so torch.load(weights_only=True) refuses "
+            f"it (loading them would run code). {fix}"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(

@@ -21,18 +21,17 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import pickle
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from flyeva.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ HF_VISION_DEFAULTS = dict(
 FLAT_CFG_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim")
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(CheckpointError):
     """A teacher checkpoint could not be read or does not fit the requested architecture."""
 
 
@@ -284,57 +283,14 @@ def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | N
 # Reading weight files.
 
 
-def _is_torchscript_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-
-
-def _torchscript_error(path: Path) -> TeacherLoadError:
-    return TeacherLoadError(
-        f"{path} is a TorchScript archive (e.g. OpenAI's ViT-L-14.pt): it holds code and is never loaded "
-        f"implicitly. Convert it once with `{CONVERT_COMMAND}` and load the .safetensors it writes."
-    )
-
-
-def _corrupt_file_error(path: Path, err: Exception) -> TeacherLoadError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return TeacherLoadError(f"cannot read {path} ({reason}); it is truncated or corrupt, copy it again")
-
-
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors file or a `torch.load(weights_only=True)` checkpoint ('state_dict' and
     'module.' wrappers removed); every failure is a `TeacherLoadError` naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise _corrupt_file_error(path, err) from err
-    if _is_torchscript_archive(path):
-        raise _torchscript_error(path)
+    fix = "From a trusted copy re-save only the state dict (torch.save(model.state_dict(), ...))."
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise TeacherLoadError(
-            f"{path} pickles Python objects besides tensors, so torch.load(weights_only=True) refuses it. "
-            "From a trusted copy re-save only the state dict (torch.save(model.state_dict(), ...) or "
-            "safetensors)."
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        if "TorchScript" in str(err):
-            raise _torchscript_error(path) from err
-        raise _corrupt_file_error(path, err) from err
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise TeacherLoadError(
-            f"{path} does not hold a state dict of tensors (top level or under 'state_dict')"
-        )
-    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+        return extract_state_dict(read_checkpoint(path, pickle_fix=fix))
+    except CheckpointError as err:
+        raise TeacherLoadError(str(err)) from err
 
 
 def open_clip_visual_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
