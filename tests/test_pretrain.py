@@ -64,8 +64,9 @@ def test_validation_mask_is_every_other_token():
             seen["mask"] = mask
             return super().forward(images, mask)
 
-    objective = MIMObjective(IndexTeacher(), BlockMaskGenerator(grid=(4, 4), num_masking_patches=6,
-                                                                 min_num_patches=2), 8)
+    objective = MIMObjective(
+        IndexTeacher(), BlockMaskGenerator(grid=(4, 4), num_masking_patches=6, min_num_patches=2), 8
+    )
     objective.validation_loss(Recorder(), torch.zeros(2, 3, 32, 32))
     assert seen["mask"].tolist() == [[i % 2 == 0 for i in range(16)]] * 2
 
@@ -87,12 +88,21 @@ def write_images(folder, count, size=(40, 30)):
 
 
 SMALL = [
-    "model.size=miniature", "model.drop_path_rate=0.0",
+    "model.size=miniature",
+    "model.drop_path_rate=0.0",
     "teacher.random_init={image_size: 32, patch_size: 4, width: 32, layers: 1, heads: 2, mlp_ratio: 2.0,"
     " output_dim: 16}",
-    "mask.num_masking_patches=26", "mask.min_num_patches=4",
-    "train.epochs=1", "train.batch_size=8", "train.precision=fp32", "train.strategy=ddp", "train.device=cpu",
-    "train.num_workers=0", "train.tensorboard=false", "train.progress=false", "train.log_every=1",
+    "mask.num_masking_patches=26",
+    "mask.min_num_patches=4",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.precision=fp32",
+    "train.strategy=ddp",
+    "train.device=cpu",
+    "train.num_workers=0",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "train.log_every=1",
     "optim.warmup_epochs=0",
 ]
 
@@ -112,14 +122,23 @@ def test_a_folder_with_corrupt_files_trains_through_and_reports_the_exact_count(
     assert summary == {"step": 3, "skipped_images": 3, "nonfinite_steps": 0}
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in epochs if r["kind"] == "epoch") | {"time": 0} == {
-        "kind": "epoch", "step": 3, "time": 0, "images": 21, "skipped_images": 3}
+        "kind": "epoch",
+        "step": 3,
+        "time": 0,
+        "images": 21,
+        "skipped_images": 3,
+    }
     assert "epoch 0: 21 images, 3 unreadable images skipped" in capsys.readouterr().out
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_teacher_grid_must_match_the_student(tmp_path):
-    overrides = [*SMALL, "teacher.random_init.patch_size=8", f"train.output_dir={tmp_path}",
-                 "data.sources=[{type: synthetic, num_samples: 8}]"]
+    overrides = [
+        *SMALL,
+        "teacher.random_init.patch_size=8",
+        f"train.output_dir={tmp_path}",
+        "data.sources=[{type: synthetic, num_samples: 8}]",
+    ]
     with pytest.raises(ValueError, match="grid"):
         run_pretrain(load_config(PretrainConfig, None, overrides))
 
@@ -135,12 +154,23 @@ def test_missing_teacher_and_missing_data_are_clear_errors(tmp_path):
 def test_recipes_resolve_and_the_giant_one_is_the_paper(capsys):
     giant = load_config(PretrainConfig, recipe_path("pretrain", "eva_giant"))
     assert (giant.model.size, giant.mask.num_masking_patches, giant.mask.min_num_patches) == (
-        "eva_giant", 105, 16)
+        "eva_giant",
+        105,
+        16,
+    )
     assert (giant.optim.lr, giant.optim.min_lr, giant.optim.betas, giant.optim.eps) == (
-        1e-3, 1e-5, [0.9, 0.98], 1e-6)
+        1e-3,
+        1e-5,
+        [0.9, 0.98],
+        1e-6,
+    )
     assert (giant.optim.weight_decay, giant.optim.warmup_epochs, giant.optim.clip_grad) == (0.05, 2, 3.0)
     assert (giant.train.epochs, giant.train.batch_size, giant.train.precision, giant.train.strategy) == (
-        150, 32, "fp16", "zero1")
+        150,
+        32,
+        "fp16",
+        "zero1",
+    )
     assert len(giant.data.sources) == 6 and giant.data.scale == [0.2, 1.0]
     for name in ("eva_large", "eva_base", "miniature"):
         load_config(PretrainConfig, recipe_path("pretrain", name))
