@@ -70,7 +70,8 @@ def config(tmp_path, **changes):
     return TrainConfig(**{**base, **changes})
 
 
-def test_every_group_gets_its_layer_decayed_lr_at_every_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("explicit_groups", [True, False])
+def test_every_group_gets_its_layer_decayed_lr_at_every_step(tmp_path, monkeypatch, explicit_groups):
     torch.manual_seed(0)
     model = build_mim_model("miniature", drop_path_rate=0.0)
     optim = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_epochs=2, layer_decay=0.75)
@@ -82,7 +83,8 @@ def test_every_group_gets_its_layer_decayed_lr_at_every_step(tmp_path, monkeypat
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    groups = lambda m: param_groups(m, 0.05, layer_decay=0.75)  # noqa: E731
+    # Layer decay from the config alone must reach the optimizer, as must explicit groups.
+    groups = (lambda m: param_groups(m, 0.05, layer_decay=0.75)) if explicit_groups else None
     train(
         model,
         regression_objective,

@@ -180,3 +180,27 @@ def test_recipes_resolve_and_the_giant_one_is_the_paper(capsys):
     assert "did you mean 'optim.layer_decay'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"recipes: \['eva_base'"):
         recipe_path("pretrain", "eva_huge")
+
+
+def test_init_from_saved_weights_moves_every_encoder_weight(tmp_path):
+    from safetensors.torch import load_file
+
+    from flyeva.models import build_mim_model, save_flyeva
+
+    torch.manual_seed(1)
+    source = build_mim_model("miniature", teacher_dim=8)  # another head size: only the encoder is taken
+    save_flyeva(source, tmp_path / "init")
+    overrides = [
+        *SMALL,
+        f"model.init={tmp_path / 'init'}",
+        "optim.lr=0.0",
+        "optim.min_lr=0.0",
+        "data.sources=[{type: synthetic, num_samples: 8}]",
+        f"train.output_dir={tmp_path}/run",
+    ]
+    run_pretrain(load_config(PretrainConfig, None, overrides))
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    for key, value in source.state_dict().items():
+        if key not in ("mask_token", "lm_head.weight", "lm_head.bias"):
+            assert torch.equal(final[key], value), key  # lr 0: the initial weights come through unchanged
+    assert final["lm_head.weight"].shape == (16, 96)

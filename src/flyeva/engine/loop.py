@@ -151,7 +151,10 @@ def train(
     if isinstance(objective, nn.Module):
         objective.to(device)
     base = D.unwrap(wrapped)
-    groups = (groups_fn or (lambda m: param_groups(m, optim_cfg.weight_decay)))(base)
+    if groups_fn is None:
+        groups = param_groups(base, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay)
+    else:
+        groups = groups_fn(base)
     optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
     sharded = cfg.strategy == "fsdp" and world > 1
     scaler = _make_scaler(cfg.precision, device, cfg, sharded)
@@ -223,6 +226,7 @@ def train(
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         epoch_images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
+        micro_at_start = micro_in_epoch
         accumulated = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, non-finite count)
         for batch in loader:
             skip[batch["worker"]] = batch["index"] + 1
@@ -248,6 +252,7 @@ def train(
             loss_sum, nonfinite = D.all_reduce_sum(accumulated).tolist()
             accumulated.zero_()
             apply_lr(optimizer, lr_at(step, total_steps, warmup_steps, optim_cfg.lr, optim_cfg.min_lr))
+            grad_norm = None
             if nonfinite:
                 # Skip the update on every rank together; roll back after too many in a row.
                 optimizer.zero_grad(set_to_none=True)
@@ -261,7 +266,6 @@ def train(
                     consecutive_nonfinite = 0
             else:
                 consecutive_nonfinite = 0
-                grad_norm = None
                 if optim_cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), optim_cfg.clip_grad)
@@ -278,7 +282,7 @@ def train(
             if cfg.precision == "fp16":
                 values["loss_scale"] = scaler.get_scale()
             if step % cfg.log_every == 0 or step == stop_at:
-                if not nonfinite and grad_norm is not None:
+                if grad_norm is not None:
                     values["grad_norm"] = float(
                         grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                     )
@@ -294,6 +298,14 @@ def train(
             if step >= stop_at or micro_in_epoch >= micro_per_epoch:
                 break
 
+        if micro_in_epoch == micro_at_start:
+            raise RuntimeError(
+                f"the data stream yielded no batches in epoch {epoch} after {micro_in_epoch} of "
+                f"{micro_per_epoch}; steps_per_epoch is larger than the data provides: lower it"
+            )
+        if step < stop_at and micro_in_epoch < micro_per_epoch:
+            logger.warning("epoch %d ended after %d of %d batches", epoch, micro_in_epoch, micro_per_epoch)
+            micro_in_epoch = micro_per_epoch  # a short stream ends the epoch; the schedule keeps its length
         seen, skipped = D.all_reduce_sum(epoch_images).tolist()
         result.skipped_images += int(skipped)
         if micro_in_epoch >= micro_per_epoch:

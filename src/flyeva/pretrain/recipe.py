@@ -18,8 +18,8 @@ from flyeva.data.transforms import EvalTransform, PretrainTransform
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import TrainConfig, TrainResult, train
-from flyeva.engine.optim import OptimConfig, param_groups
-from flyeva.models.checkpoint import load_any, save_flyeva
+from flyeva.engine.optim import OptimConfig
+from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_any, load_weights, save_flyeva
 from flyeva.models.eva import build_mim_model, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.teachers import build_clip_teacher, check_token_grid, load_clip_teacher
@@ -124,8 +124,9 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     model = make_model(
         drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing
     )
-    if cfg.model.init:
-        model.load_state_dict(load_any(cfg.model.init, kind="mim").state_dict(), strict=False)
+    if cfg.model.init:  # encoder weights only: the head is sized for this run's teacher
+        encoder = load_any(cfg.model.init, kind="encoder")
+        load_weights(model, encoder.state_dict(), ignore_missing=MIM_ONLY_KEYS)
 
     masking = BlockMaskGenerator(
         grid=(size.grid_size, size.grid_size),
@@ -154,8 +155,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    groups = lambda m: param_groups(m, cfg.optim.weight_decay)  # noqa: E731
-    result = train(model, objective, stream, cfg.train, cfg.optim, groups_fn=groups, evaluate=evaluate)
+    result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate)
 
     state = full_model_state(result.model)  # collective under FSDP2
     if D.is_main():
