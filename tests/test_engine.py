@@ -124,7 +124,7 @@ def test_lr_schedule_hand_values():
 def test_checkpoints_keep_last_k_load_weights_only_and_record_fp16_scaler(tmp_path):
     torch.manual_seed(0)
     model = build_mim_model("miniature", drop_path_rate=0.0)
-    cfg = config(tmp_path, checkpoint_every=1, keep_last=2, precision="fp16")
+    cfg = config(tmp_path, checkpoint_every=1, keep_last=2, precision="fp16", tensorboard=True)
     result = train(
         model, regression_objective, ListStream(make_batches(5)), cfg, OptimConfig(warmup_epochs=0)
     )
@@ -139,6 +139,8 @@ def test_checkpoints_keep_last_k_load_weights_only_and_record_fp16_scaler(tmp_pa
     assert result.step == 5
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert {"loss", "lr", "loss_scale", "grad_norm", "steps_per_s"} <= records[-2].keys()
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
