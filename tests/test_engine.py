@@ -262,3 +262,40 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     summary = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
     assert summary["step"] == 36
+
+
+def test_model_ema_follows_the_weights_and_is_evaluated(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    snapshots = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        out = original_step(self, *args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    evaluated = []
+
+    def evaluate(m, ctx):
+        evaluated.append(m)
+        return {"score": float(m.pos_embed.sum())}
+
+    cfg = config(tmp_path, ema_decay=0.5, checkpoint_every=3)
+    result = train(
+        model,
+        regression_objective,
+        ListStream(make_batches(3)),
+        cfg,
+        OptimConfig(warmup_epochs=0),
+        evaluate=evaluate,
+    )
+    expected = snapshots[0]["pos_embed"]
+    for snapshot in snapshots[1:]:  # ema <- 0.5 * ema + 0.5 * weights, after every step
+        expected = 0.5 * expected + 0.5 * snapshot["pos_embed"]
+    assert torch.allclose(result.ema_model.pos_embed, expected, atol=1e-7)
+    assert evaluated == [model, result.ema_model]
+    assert result.history[-1]["eval"]["ema_score"] == pytest.approx(float(expected.sum()), rel=1e-5)
+    saved = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1], weights_only=True)
+    assert torch.equal(saved["ema"]["pos_embed"], result.ema_model.pos_embed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from flyeva.config import ConfigError
 
 DEFAULT_PRETRAIN_RECIPE = "miniature"  # the embedded default: runs on a 2-core laptop in minutes
+# Transfer stages add their own subcommands through `register(commands)` (cheap: no heavy imports).
+TASK_MODULES = ("flyeva.tasks.classify", "flyeva.tasks.clip")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -103,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--openai-torchscript", required=True, help="e.g. ViT-L-14.pt from OpenAI")
     teacher.add_argument("--out", required=True)
     convert.set_defaults(func=_convert)
+    for name in TASK_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.register(commands)
     return parser
 
 
@@ -115,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+        if args.verbose:
+            raise  # the full traceback, for bug reports
         print(f"flyeva: error: {error}", file=sys.stderr)
         return 2
     return 0

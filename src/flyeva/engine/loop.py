@@ -1,6 +1,8 @@
 """The one training loop every stage uses. It knows models, objectives and batch streams, not EVA.
 
-An objective is `objective(model, batch, ctx) -> (loss, metrics)`; a stream is an IterableDataset
+An objective is `objective(model, batch, ctx) -> (loss, metrics)`; one that sets
+`handles_backward = True` calls `ctx.backward(loss)` itself (e.g. CLIP's cached-feature
+accumulation, several backwards per batch) and returns the loss for logging. A stream is an IterableDataset
 with `set_epoch(epoch, skip)` and `num_batches(num_workers)` whose batches are dicts carrying
 `worker` and `index` (their ordinal within the worker), which is what makes resume exact.
 """
@@ -54,6 +56,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # then roll back to the last checkpoint
     max_rollbacks: int = 3
     max_steps: int = 0  # stop early after this many optimizer steps (0 = the full schedule)
+    ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
     fp16_init_scale: float = 65536.0  # EVA_SPEC section 3: initial scale 2^16
     fp16_growth_interval: int = 500  # EVA_SPEC section 3: loss-scale window 500
     tensorboard: bool = True
@@ -70,6 +73,7 @@ class StepContext:
     rank: int
     seed: int
     device: torch.device
+    backward: Callable[[torch.Tensor], None] | None = None  # scaled backward, for objectives doing their own
 
 
 @dataclass
@@ -79,6 +83,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_images: int = 0
     nonfinite_steps: int = 0
+    ema_model: nn.Module | None = None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -159,6 +164,13 @@ def train(
     sharded = cfg.strategy == "fsdp" and world > 1
     scaler = _make_scaler(cfg.precision, device, cfg, sharded)
     autocast_dtype = PRECISIONS[cfg.precision]
+    ema = None
+    if cfg.ema_decay > 0:
+        if cfg.strategy == "fsdp" and world > 1:
+            raise ValueError("ema_decay is not supported with strategy=fsdp; use ddp or zero1")
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(base, decay=cfg.ema_decay)
 
     micro_per_epoch = cfg.steps_per_epoch * cfg.accum_steps
     if not micro_per_epoch:
@@ -180,6 +192,8 @@ def train(
     if resume_from is not None:
         extra = load_checkpoint(resume_from, wrapped, optimizer)
         scaler.load_state_dict(extra["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(extra["ema"])
         step, epoch, micro_in_epoch = extra["step"], extra["epoch"], extra["micro_in_epoch"]
         skip = list(extra["skip"])
         if len(skip) != max(1, cfg.num_workers):
@@ -198,7 +212,12 @@ def train(
         total_steps=cfg.max_steps or total_steps,
         start_step=step,
     )
-    result = TrainResult(model=wrapped, step=step)
+    result = TrainResult(model=wrapped, step=step, ema_model=ema.module if ema is not None else None)
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss / cfg.accum_steps).backward()
+
+    handles_backward = getattr(objective, "handles_backward", False)
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     consecutive_nonfinite, rollbacks = 0, 0
     last_time, last_step = time.time(), step
@@ -211,6 +230,8 @@ def train(
             "skip": skip,
             "scaler": scaler.state_dict(),
         }
+        if ema is not None:
+            extra["ema"] = ema.module.state_dict()
         save_checkpoint(ckpt_folder, step, wrapped, optimizer, extra, cfg.keep_last)
 
     wrapped.train()
@@ -233,13 +254,14 @@ def train(
             epoch_images += torch.tensor([len(batch[_image_key(batch)]), batch.get("num_skipped", 0)])
             batch = _to_device(batch, device)
             micro = micro_in_epoch % cfg.accum_steps
-            ctx = StepContext(epoch, step, micro, rank, cfg.seed, device)
+            ctx = StepContext(epoch, step, micro, rank, cfg.seed, device, backward)
             last_micro = micro == cfg.accum_steps - 1
             with D.grad_sync_context(wrapped, last_micro):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss, metrics = objective(wrapped, batch, ctx)
                 finite = bool(torch.isfinite(loss.detach()))
-                scaler.scale(loss / cfg.accum_steps).backward()
+                if not handles_backward:
+                    backward(loss)
             accumulated += torch.tensor(
                 [loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0],
                 dtype=torch.float64,
@@ -272,6 +294,8 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(base)  # constant decay from step 1 (timm warms it up when given a step)
             step += 1
 
             values = {
@@ -316,6 +340,9 @@ def train(
                 with torch.no_grad():
                     eval_ctx = StepContext(epoch, step, 0, rank, cfg.seed, device)
                     eval_metrics = evaluate(wrapped, eval_ctx)
+                    if ema is not None:
+                        ema_metrics = evaluate(ema.module, eval_ctx)
+                        eval_metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
                 wrapped.train()
                 log.log(step, eval_metrics, kind="eval")
                 log.line(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

@@ -59,7 +59,8 @@ def get_size(name: str) -> EvaSize:
     return EVA_SIZES[name]
 
 
-def _timm_kwargs(size: EvaSize, **overrides: Any) -> dict[str, Any]:
+def eva_kwargs(size: EvaSize, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of timm's `Eva` for a named size (no head, final norm on all tokens)."""
     kwargs = dict(
         img_size=size.img_size,
         patch_size=size.patch_size,
@@ -113,8 +114,8 @@ class EvaForMIM(Eva):
     embedding, so masked positions still get their position (EVA_SPEC section 3).
     """
 
-    def __init__(self, teacher_dim: int = TEACHER_DIM, **eva_kwargs: Any) -> None:
-        super().__init__(**eva_kwargs)
+    def __init__(self, teacher_dim: int = TEACHER_DIM, **timm_kwargs: Any) -> None:
+        super().__init__(**timm_kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.lm_head = nn.Linear(self.embed_dim, teacher_dim)
         self.teacher_dim = teacher_dim
@@ -171,7 +172,7 @@ def build_mim_model(
     """An `EvaForMIM` of a named size; `overrides` go to timm's `Eva` (e.g. img_size)."""
     size = get_size(size) if isinstance(size, str) else size
     # EVA_SPEC section 2: drop path 0.1, linear from 0 over depth.
-    kwargs = _timm_kwargs(size, drop_path_rate=drop_path_rate, **overrides)
+    kwargs = eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides)
     model = EvaForMIM(teacher_dim=teacher_dim, **kwargs)
     return _apply_options(model, release_init=release_init, grad_checkpointing=grad_checkpointing)
 
@@ -186,7 +187,7 @@ def build_encoder(
 ) -> Eva:
     """A plain timm `Eva` encoder of a named size (no mask token, no head)."""
     size = get_size(size) if isinstance(size, str) else size
-    model = Eva(**_timm_kwargs(size, drop_path_rate=drop_path_rate, **overrides))
+    model = Eva(**eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides))
     return _apply_options(model, release_init=release_init, grad_checkpointing=grad_checkpointing)
 
 
