@@ -1,19 +1,27 @@
-"""Image sources for MIM pretraining (EVA_SPEC section 3, "Data"): labels and captions are ignored.
+"""Image sources, with optional targets: class labels (fine-tuning) or captions (EVA-CLIP).
 
-Two kinds of source feed `flyeva.data.stream.ImageBatchStream`:
+MIM pretraining ignores labels and captions (EVA_SPEC section 3, "Data"); the transfer stages
+(section 4) read them. Two kinds of source feed `flyeva.data.stream.ImageBatchStream`:
 
-- indexable (`ImageFolderSource`, `FileListSource`, `SyntheticShapesSource`): `len(source)`,
-  `source.key(i)` and `source.load(i, max_pixels)`; the stream shuffles indices itself.
+- indexable (`ImageFolderSource`, `FileListSource`, `CaptionTableSource`, `CaptionFolderSource`,
+  `SyntheticShapesSource`): `len(source)`, `source.key(i)` and `source.load(i, max_pixels)`; the
+  stream shuffles indices itself.
 - streaming (`WebDatasetSource`): a list of local tar shards read front to back; the stream splits
   shards across ranks and workers.
 
+Targets. A source gives targets when its `target_type` is `int` (class labels) or `str`
+(captions); an indexable one then reads sample i's target with `source.target(i)`, a webdataset
+one parses a member of each sample (`target_key`). Targets are read lazily, like images.
+
 `MixtureSource` draws from several of either kind with fixed weights, as EVA merges six datasets
 into "merged-30M". Every decode goes through `decode_rgb`, which turns any failure into
-`UnreadableImageError` with a one-line reason so that the stream can skip, count and report it.
+`UnreadableImageError` with a one-line reason; a missing or unreadable target raises
+`UnreadableTargetError`. The stream skips, counts and reports both.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
 import io
 import math
@@ -30,14 +38,20 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-# webdataset member suffixes that hold the image, in order of preference; txt/cls/json are ignored.
+# webdataset member suffixes that hold the image, in order of preference.
 WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# webdataset target members: "cls" holds an integer class label, "txt" a caption (webdataset's conventions).
+WDS_TARGET_TYPES: dict[str, type] = {"cls": int, "txt": str}
 # PIL raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS (89,478,485); use the same bound.
 DEFAULT_MAX_PIXELS = 178_956_970
 
 
 class UnreadableImageError(Exception):
     """An image that cannot be used: empty, not an image, truncated, or too large. str() = reason."""
+
+
+class UnreadableTargetError(Exception):
+    """A label or caption that is missing, empty or cannot be parsed. str() = reason."""
 
 
 def decode_rgb(data: bytes | str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -84,23 +98,74 @@ def _has_image_extension(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-class ImageFolderSource:
-    """Every image under `root`, recursively, in sorted path order; sub-folder names are not labels."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"image folder {self.root} does not exist or is not a directory; "
-                f"pass the folder that holds the images (searched recursively)"
-            )
-        self.paths = sorted(
-            path for path in self.root.rglob("*") if _has_image_extension(path) and path.is_file()
+def _find_images(root: Path) -> list[Path]:
+    """Every image under `root`, recursively, in sorted path order; errors if there are none."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {root} does not exist or is not a directory; "
+            f"pass the folder that holds the images (searched recursively)"
         )
+    paths = sorted(path for path in root.rglob("*") if _has_image_extension(path) and path.is_file())
+    if not paths:
+        raise ValueError(
+            f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case); "
+            f"point the source at a folder with images in it"
+        )
+    return paths
+
+
+def _shown(items: Sequence[Any], limit: int = 3) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(str(item) for item in items[:limit]) + more
+
+
+class ImageFolderSource:
+    """Every image under `root`, recursively, in sorted path order.
+
+    With `with_labels=True` it is the ImageNet/torchvision ImageFolder layout: the class of an
+    image is its first-level sub-folder, `classes` are those folder names sorted, `class_to_idx`
+    maps them to 0..C-1 and `target(i)` is image i's class index. Every class folder must hold an
+    image and no image may sit directly under `root`, so label indices never shift silently.
+    """
+
+    def __init__(self, root: str | os.PathLike, with_labels: bool = False):
+        self.root = Path(root)
+        self.paths = _find_images(self.root)
+        self.with_labels = with_labels
+        self.target_type: type | None = int if with_labels else None
+        self.classes: list[str] | None = None
+        self.class_to_idx: dict[str, int] | None = None
+        self.targets: list[int] | None = None
+        if with_labels:
+            self._read_classes()
+
+    def _read_classes(self) -> None:
+        top_level = [path for path in self.paths if path.parent == self.root]
+        if top_level:
+            raise ValueError(
+                f"{len(top_level)} images lie directly under {self.root} (first: {_shown(top_level)}), "
+                f"outside any class folder; with_labels=True needs root/<class>/<image>: "
+                f"move them into class folders or use with_labels=False"
+            )
+        # Hidden folders (.ipynb_checkpoints, .cache) are tool debris, not classes.
+        self.classes = sorted(
+            entry.name for entry in self.root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+        )
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        class_names = [path.relative_to(self.root).parts[0] for path in self.paths]
+        self.paths = [path for path, name in zip(self.paths, class_names) if name in self.class_to_idx]
+        self.targets = [self.class_to_idx[name] for name in class_names if name in self.class_to_idx]
         if not self.paths:
             raise ValueError(
-                f"no images found under {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case); "
-                f"point the source at a folder with images in it"
+                f"no class folders with images under {self.root}; with_labels=True needs "
+                f"root/<class>/<image> (hidden folders are not classes)"
+            )
+        empty = sorted(set(self.classes) - set(class_names))
+        if empty:
+            raise ValueError(
+                f"{len(empty)} class folders under {self.root} hold no images: {_shown(empty, 10)}; "
+                f"they would still take a class index, so remove them or add their images "
+                f"(symlinked folders are not followed)"
             )
 
     def __len__(self) -> int:
@@ -112,18 +177,28 @@ class ImageFolderSource:
     def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
         return decode_rgb(self.paths[index], max_pixels)
 
+    def target(self, index: int) -> int:
+        if self.targets is None:
+            raise ValueError(f"ImageFolderSource({self.root}) has no labels; build it with with_labels=True")
+        return self.targets[index]
+
 
 class FileListSource:
-    """Images named one per line in a text file, as `path` or `path<whitespace>label` (label ignored).
+    """Images named one per line in a text file, as `path` or `path<whitespace>label`.
 
-    Relative paths resolve against `root`, or the list file's folder when `root` is None. Blank
-    lines and lines starting with '#' are skipped. `check_files` stats every path up front (turn
-    it off for lists of millions on a slow file system; missing files are then skipped at read
-    time and counted like any unreadable image).
+    The label column is ignored unless `with_labels=True`; then every line needs one, a
+    non-negative integer, and `target(i)` returns it. Relative paths resolve against `root`, or the
+    list file's folder when `root` is None. Blank lines and lines starting with '#' are skipped.
+    `check_files` stats every path up front (turn it off for lists of millions on a slow file
+    system; missing files are then skipped at read time and counted like any unreadable image).
     """
 
     def __init__(
-        self, list_file: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True
+        self,
+        list_file: str | os.PathLike,
+        root: str | os.PathLike | None = None,
+        check_files: bool = True,
+        with_labels: bool = False,
     ):
         self.list_file = Path(list_file)
         if not self.list_file.is_file():
@@ -132,14 +207,20 @@ class FileListSource:
                 f"pass a text file with one image path per line"
             )
         base = Path(root) if root is not None else self.list_file.parent
+        self.with_labels = with_labels
+        self.target_type: type | None = int if with_labels else None
         self.paths = []
-        for line in self.list_file.read_text().splitlines():
+        self.targets: list[int] | None = [] if with_labels else None
+        for line_number, line in enumerate(self.list_file.read_text().splitlines(), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            # An optional second column (a label) is ignored; a path with spaces needs a tab before it.
-            path = Path(line.split("\t")[0].strip() if "\t" in line else line.split()[0])
+            # A path with spaces needs a tab before the label column.
+            columns = [column.strip() for column in line.split("\t")] if "\t" in line else line.split()
+            path = Path(columns[0])
             self.paths.append(path if path.is_absolute() else base / path)
+            if self.targets is not None:
+                self.targets.append(self._parse_label(columns, line_number))
         if not self.paths:
             raise ValueError(f"image list file {self.list_file} names no images; add one image path per line")
         if check_files:
@@ -152,6 +233,24 @@ class FileListSource:
                     f"pass root= the folder they are relative to"
                 )
 
+    def _parse_label(self, columns: list[str], line_number: int) -> int:
+        where = f"{self.list_file} line {line_number}"
+        if len(columns) < 2 or not columns[1]:
+            raise ValueError(
+                f"{where} has no label after the path {columns[0]!r}; with_labels=True needs "
+                f"'path<whitespace>label' on every line (a path with spaces needs a tab before the label)"
+            )
+        try:
+            label = int(columns[1])
+        except ValueError:
+            label = -1
+        if label < 0:
+            raise ValueError(
+                f"{where} has label {columns[1]!r}, not a non-negative integer; "
+                f"write class indices 0..C-1 in the second column"
+            )
+        return label
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -160,6 +259,123 @@ class FileListSource:
 
     def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
         return decode_rgb(self.paths[index], max_pixels)
+
+    def target(self, index: int) -> int:
+        if self.targets is None:
+            raise ValueError(f"FileListSource({self.list_file}) has no labels; build it with_labels=True")
+        return self.targets[index]
+
+
+def _clean_caption(text: str, where: str) -> str:
+    caption = text.strip()
+    if not caption:
+        raise UnreadableTargetError(f"empty caption ({where})")
+    return caption
+
+
+class CaptionTableSource:
+    """Image-caption pairs from a CSV or TSV table with a header row, as open_clip's CsvDataset reads.
+
+    `path_column` and `caption_column` default to open_clip's "filepath" and "title". `sep` is
+    inferred from the extension when None (.tsv: tab, .csv: comma). Relative paths resolve against
+    `root`, or the table's folder when `root` is None. Files are not checked up front (tables hold
+    millions of rows): a missing image or an empty caption is skipped and counted at read time.
+    """
+
+    target_type = str
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        root: str | os.PathLike | None = None,
+        path_column: str = "filepath",
+        caption_column: str = "title",
+        sep: str | None = None,
+    ):
+        self.table = Path(path)
+        if not self.table.is_file():
+            raise FileNotFoundError(
+                f"caption table {self.table} does not exist; pass a .csv or .tsv file with a header row"
+            )
+        if sep is None:
+            separators = {".tsv": "\t", ".csv": ","}
+            sep = separators.get(self.table.suffix.lower())
+            if sep is None:
+                raise ValueError(
+                    f"cannot infer the separator of {self.table} from its extension "
+                    f"{self.table.suffix!r}; name it .csv or .tsv, or pass sep="
+                )
+        base = Path(root) if root is not None else self.table.parent
+        self.paths: list[Path] = []
+        self.captions: list[str] = []
+        with open(self.table, newline="", encoding="utf-8") as file:
+            reader = csv.reader(file, delimiter=sep)
+            header = [name.strip() for name in next(reader, [])]
+            missing = [name for name in (path_column, caption_column) if name not in header]
+            if missing:
+                raise ValueError(
+                    f"caption table {self.table} has no column(s) {missing}; its columns are {header} "
+                    f"(read with sep={sep!r}); pass path_column=/caption_column= or the right sep"
+                )
+            path_at, caption_at = header.index(path_column), header.index(caption_column)
+            for row in reader:
+                if not any(field.strip() for field in row):
+                    continue
+                if len(row) <= max(path_at, caption_at) or not row[path_at].strip():
+                    raise ValueError(
+                        f"caption table {self.table} line {reader.line_num} has no {path_column!r} value "
+                        f"or too few columns ({len(row)} of {len(header)}); fix or remove that row"
+                    )
+                image_path = Path(row[path_at].strip())
+                self.paths.append(image_path if image_path.is_absolute() else base / image_path)
+                self.captions.append(row[caption_at])
+        if not self.paths:
+            raise ValueError(f"caption table {self.table} has no rows; add an image path and caption per row")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        return decode_rgb(self.paths[index], max_pixels)
+
+    def target(self, index: int) -> str:
+        return _clean_caption(self.captions[index], f"row {index + 1} of {self.table.name}")
+
+
+class CaptionFolderSource:
+    """Images under `root` (recursively), each captioned by a sidecar file: a.jpg with a.txt.
+
+    Captions are read lazily; an image without its sidecar, or with an empty one, is a bad pair
+    that the stream skips and counts at read time.
+    """
+
+    target_type = str
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.paths = _find_images(self.root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        return decode_rgb(self.paths[index], max_pixels)
+
+    def target(self, index: int) -> str:
+        sidecar = self.paths[index].with_suffix(".txt")
+        try:
+            text = sidecar.read_text(encoding="utf-8")
+        except FileNotFoundError as error:
+            raise UnreadableTargetError(f"no caption file {sidecar.name} next to the image") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise UnreadableTargetError(f"caption file {sidecar.name} unreadable ({error})") from error
+        return _clean_caption(text, f"caption file {sidecar.name}")
 
 
 class SyntheticShapesSource:
@@ -219,9 +435,23 @@ class WebDatasetSource:
     `urls` is a list of paths, one path, a folder of `*.tar`, or a brace pattern such as
     `shards/train-{000000..000127}.tar`. `num_samples`, when given, fixes the epoch length (see
     `ImageBatchStream` for how it is split); without it each shard is read once per epoch.
+    `target_key` "cls" gives each sample the integer in its .cls member, "txt" the caption in its
+    .txt member (utf-8, stripped); a sample without it is skipped and counted by the stream.
     """
 
-    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], num_samples: int | None = None):
+    def __init__(
+        self,
+        urls: str | os.PathLike | Sequence[str | os.PathLike],
+        num_samples: int | None = None,
+        target_key: str | None = None,
+    ):
+        if target_key is not None and target_key not in WDS_TARGET_TYPES:
+            raise ValueError(
+                f"target_key must be one of {sorted(WDS_TARGET_TYPES)} or None, got {target_key!r}: "
+                f"'cls' for integer labels, 'txt' for captions"
+            )
+        self.target_key = target_key
+        self.target_type: type | None = WDS_TARGET_TYPES.get(target_key) if target_key else None
         self.pattern = urls if isinstance(urls, str | os.PathLike) else None
         self.shards = _expand_shards(urls)
         missing = [shard for shard in self.shards if not os.path.isfile(shard)]
@@ -239,8 +469,11 @@ class WebDatasetSource:
             raise ValueError(f"num_samples must be positive or None, got {num_samples}")
         self.num_samples = num_samples
 
-    def iter_shard(self, shard: str) -> Iterator[tuple[str, bytes | None]]:
-        """Yield (key, image bytes or None when the sample has no image member) for one shard."""
+    def iter_shard(self, shard: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+        """Yield (key, image bytes, target member bytes) for one shard; None for a missing member.
+
+        The target is always None when `target_key` is None.
+        """
         current_key: str | None = None
         members: dict[str, bytes] = {}
         with open(shard, "rb") as stream:
@@ -250,11 +483,32 @@ class WebDatasetSource:
                     continue
                 if key != current_key:
                     if current_key is not None:
-                        yield current_key, _pick_image(members)
+                        yield current_key, _pick_image(members), self._pick_target(members)
                     current_key, members = key, {}
                 members[suffix.lower()] = member["data"]
         if current_key is not None:
-            yield current_key, _pick_image(members)
+            yield current_key, _pick_image(members), self._pick_target(members)
+
+    def _pick_target(self, members: dict[str, bytes]) -> bytes | None:
+        return members.get(self.target_key) if self.target_key is not None else None
+
+    def parse_target(self, key: str, data: bytes | None) -> int | str:
+        """The label or caption of sample `key` from its target member, or `UnreadableTargetError`."""
+        if data is None:
+            raise UnreadableTargetError(f"webdataset sample {key} has no .{self.target_key} member")
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise UnreadableTargetError(f".{self.target_key} member is not utf-8 ({error})") from error
+        if self.target_type is str:
+            return _clean_caption(text, f".txt member of {key}")
+        try:
+            label = int(text)
+        except ValueError:
+            label = -1
+        if label < 0:
+            raise UnreadableTargetError(f".cls member holds {text[:40]!r}, not a non-negative integer")
+        return label
 
 
 def _pick_image(members: dict[str, bytes]) -> bytes | None:
@@ -297,23 +551,36 @@ REQUIRED_KEYS = {
     "folder": {"path"},
     "list": {"path"},
     "wds": {"path"},
+    "captions": {"path"},
+    "caption_folder": {"path"},
     "synthetic": {"num_samples"},
     "mixture": {"sources", "samples_per_epoch"},
 }
 SOURCE_KEYS = {
-    "folder": {"path"},
-    "list": {"path", "root", "check_files"},
-    "wds": {"path", "num_samples"},
+    "folder": {"path", "labels"},
+    "list": {"path", "root", "check_files", "labels"},
+    "wds": {"path", "num_samples", "target"},
+    "captions": {"path", "root", "path_column", "caption_column", "sep"},
+    "caption_folder": {"path"},
     "synthetic": {"num_samples", "image_size", "seed"},
     "mixture": {"sources", "samples_per_epoch"},
 }
 
 
+def _flag(spec: dict[str, Any], name: str) -> bool:
+    value = spec.get(name, False)
+    if not isinstance(value, bool):  # bool("false") is True: refuse strings rather than guess
+        raise ValueError(f"source key {name!r} must be true or false, got {value!r}")
+    return value
+
+
 def build_source(spec: dict[str, Any]) -> Any:
     """Build a source from a config dict, e.g. {"type": "folder", "path": "/data/in21k"}.
 
-    A mixture is {"type": "mixture", "samples_per_epoch": N, "sources": [{..., "weight": w}, ...]};
-    each child's "weight" defaults to 1.
+    Targets: {"type": "folder", "labels": true}, {"type": "list", "labels": true},
+    {"type": "wds", "target": "cls" or "txt"}, {"type": "captions", "path": "train.csv"} and
+    {"type": "caption_folder", "path": ...}. A mixture is {"type": "mixture", "samples_per_epoch": N,
+    "sources": [{..., "weight": w}, ...]}; each child's "weight" defaults to 1.
     """
     spec = dict(spec)
     spec.pop("weight", None)  # a child's mixture weight is read by its parent
@@ -329,11 +596,27 @@ def build_source(spec: dict[str, Any]) -> Any:
     if missing:
         raise ValueError(f"a {kind!r} source needs the key(s) {missing}; add them to its config")
     if kind == "folder":
-        return ImageFolderSource(spec["path"])
+        return ImageFolderSource(spec["path"], with_labels=_flag(spec, "labels"))
     if kind == "list":
-        return FileListSource(spec["path"], root=spec.get("root"), check_files=spec.get("check_files", True))
+        return FileListSource(
+            spec["path"],
+            root=spec.get("root"),
+            check_files=spec.get("check_files", True),
+            with_labels=_flag(spec, "labels"),
+        )
     if kind == "wds":
-        return WebDatasetSource(spec["path"], num_samples=spec.get("num_samples"))
+        target_key = spec.get("target")
+        return WebDatasetSource(spec["path"], num_samples=spec.get("num_samples"), target_key=target_key)
+    if kind == "captions":
+        return CaptionTableSource(
+            spec["path"],
+            root=spec.get("root"),
+            path_column=spec.get("path_column", "filepath"),
+            caption_column=spec.get("caption_column", "title"),
+            sep=spec.get("sep"),
+        )
+    if kind == "caption_folder":
+        return CaptionFolderSource(spec["path"])
     if kind == "synthetic":
         return SyntheticShapesSource(spec["num_samples"], spec.get("image_size", 64), spec.get("seed", 0))
     children = spec["sources"]

@@ -5,6 +5,12 @@ use it as `DataLoader(stream, batch_size=None, num_workers=N)` (see `build_pretr
 Each item is `{"images": [b, 3, H, W], "num_skipped": int, "worker": int, "index": int}`, plus
 "keys", "ids" and "sources" with `return_ids=True`.
 
+Targets. When the source gives targets (for a mixture: every child, all of one kind), each batch
+also carries those of its kept images, in the same order: integer class labels as "labels"
+(LongTensor [b]) and captions as "texts" (list of b str). A sample whose image or target cannot be
+read is skipped and counted in "num_skipped". Targets are read lazily, like images, so skipped
+batches on resume read neither. `classes` passes the source's class names through.
+
 Batches. Every batch is cut from a fixed run of `batch_size` *raw* samples; an unreadable sample
 makes its batch smaller instead of borrowing from the next one, so batch boundaries never depend
 on decoding, and so resuming is exact. Batch b of a rank belongs to logical worker b % N and is
@@ -63,6 +69,7 @@ from flyeva.data.sources import (
     SHARD_READ_ERRORS,
     MixtureSource,
     UnreadableImageError,
+    UnreadableTargetError,
     WebDatasetSource,
     decode_rgb,
 )
@@ -90,6 +97,31 @@ def _is_indexable(source: Any) -> bool:
     return hasattr(source, "__len__") and hasattr(source, "load")
 
 
+def _target_type(source: Any) -> type | None:
+    """int (labels), str (captions) or None: what targets `source` gives the stream."""
+    if isinstance(source, MixtureSource):
+        kinds = [_target_type(child) for child in source.sources]
+        if None in kinds:
+            if any(kinds):
+                logger.warning("some mixture children give no targets, so batches carry images only")
+            return None
+        if len(set(kinds)) > 1:
+            raise ValueError(
+                "mixture children give both labels and captions; mix sources of one target kind "
+                "(or turn targets off)"
+            )
+        class_lists = {tuple(child.classes) for child in source.sources if getattr(child, "classes", None)}
+        if len(class_lists) > 1:  # the same index would mean different classes in different children
+            raise ValueError(
+                "mixture children have different class lists, so their label indices disagree; "
+                "mix only sources labelled with the same classes"
+            )
+        return kinds[0]
+    if isinstance(source, WebDatasetSource) or hasattr(source, "target"):
+        return getattr(source, "target_type", None)
+    return None
+
+
 @dataclass(frozen=True)
 class _PendingSample:
     """A raw sample chosen for a batch but not decoded yet."""
@@ -99,10 +131,15 @@ class _PendingSample:
     source_id: int  # which child of a MixtureSource, else 0
     transform_seed: int
     load: Callable[[], Image.Image]
+    load_target: Callable[[], int | str] | None  # None when the stream carries no targets
 
 
 def _no_image_member(key: str) -> Image.Image:
     raise UnreadableImageError(f"webdataset sample {key} has no jpg/jpeg/png/webp member")
+
+
+def _target_loader(source: Any, index: int, target_type: type | None) -> Callable[[], int | str] | None:
+    return functools.partial(source.target, index) if target_type is not None else None
 
 
 class ImageBatchStream(IterableDataset):
@@ -137,6 +174,7 @@ class ImageBatchStream(IterableDataset):
         self.return_ids = return_ids
         self.epoch = 0
         self.skip: tuple[int, ...] = ()
+        self.target_type = _target_type(source)
         self._reported: set[str] = set()
         samples = self.samples_per_rank()
         if samples == 0:
@@ -149,6 +187,14 @@ class ImageBatchStream(IterableDataset):
                 f"each rank gets {samples} samples, fewer than batch_size={batch_size}, and drop_last=True "
                 f"drops them all; lower batch_size or set drop_last=False"
             )
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The source's class names (index = label), or None when it has none."""
+        if isinstance(self.source, MixtureSource):  # children's lists were checked equal in __init__
+            class_lists = [getattr(child, "classes", None) for child in self.source.sources]
+            return class_lists[0] if self.target_type is int and all(class_lists) else None
+        return getattr(self.source, "classes", None)
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
         """Select the epoch and, to resume, how many batches each logical worker already gave.
@@ -239,6 +285,7 @@ class ImageBatchStream(IterableDataset):
                         source_id=0,
                         transform_seed=mix_seed(_TAG_TRANSFORM, self.seed, self.epoch, position),
                         load=functools.partial(self.source.load, source_index, self.max_pixels),
+                        load_target=_target_loader(self.source, source_index, self.target_type),
                     )
                 )
             yield index, chunk
@@ -257,7 +304,7 @@ class ImageBatchStream(IterableDataset):
             choices = self._mixture_choices(worker)
         for position, choice in enumerate(choices):
             try:
-                key, index, load = next(streams[choice])
+                key, index, load, load_target = next(streams[choice])
             except StopIteration:
                 return
             yield _PendingSample(
@@ -268,6 +315,7 @@ class ImageBatchStream(IterableDataset):
                     _TAG_STREAM_TRANSFORM, self.seed, self.epoch, self.rank, worker, position
                 ),
                 load=load,
+                load_target=load_target,
             )
 
     def _mixture_choices(self, worker: int) -> Iterator[int]:
@@ -277,7 +325,7 @@ class ImageBatchStream(IterableDataset):
 
     def _child_samples(
         self, child: Any, child_id: int, worker: int, num_workers: int
-    ) -> Iterator[tuple[str, int, Callable]]:
+    ) -> Iterator[tuple[str, int, Callable, Callable | None]]:
         if isinstance(child, WebDatasetSource):
             yield from self._webdataset_samples(child, worker, num_workers, wrap=True)
             return
@@ -287,11 +335,12 @@ class ImageBatchStream(IterableDataset):
         for step in itertools.count():
             source_index = int(order[(slot + step * slots) % len(order)])
             load = functools.partial(child.load, source_index, self.max_pixels)
-            yield child.key(source_index), source_index, load
+            load_target = _target_loader(child, source_index, self.target_type)
+            yield child.key(source_index), source_index, load, load_target
 
     def _webdataset_samples(
         self, source: WebDatasetSource, worker: int, num_workers: int, wrap: bool
-    ) -> Iterator[tuple[str, int, Callable]]:
+    ) -> Iterator[tuple[str, int, Callable, Callable | None]]:
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         generator = torch.Generator().manual_seed(mix_seed(_TAG_SHARDS, self.seed, self.epoch))
         order = torch.randperm(len(source.shards), generator=generator).tolist()
@@ -306,12 +355,15 @@ class ImageBatchStream(IterableDataset):
         while True:
             produced = 0
             for shard in shards:
-                for key, data in self._read_shard(source, shard):
+                for key, data, target_data in self._read_shard(source, shard):
                     produced += 1
                     load = functools.partial(_no_image_member, key)
                     if data is not None:
                         load = functools.partial(decode_rgb, data, self.max_pixels)
-                    yield key, -1, load
+                    load_target = None
+                    if self.target_type is not None:
+                        load_target = functools.partial(source.parse_target, key, target_data)
+                    yield key, -1, load, load_target
             if not wrap:
                 return
             if produced == 0:
@@ -319,7 +371,9 @@ class ImageBatchStream(IterableDataset):
                     f"webdataset shards {shards} hold no samples; check that they are valid tars"
                 )
 
-    def _read_shard(self, source: WebDatasetSource, shard: str) -> Iterator[tuple[str, bytes | None]]:
+    def _read_shard(
+        self, source: WebDatasetSource, shard: str
+    ) -> Iterator[tuple[str, bytes | None, bytes | None]]:
         count = 0
         try:
             for sample in source.iter_shard(shard):
@@ -333,16 +387,21 @@ class ImageBatchStream(IterableDataset):
     # ----- decoding and collation -------------------------------------------------------------------
 
     def _make_batch(self, samples: list[_PendingSample], worker: int, index: int) -> dict[str, Any]:
-        images, kept = [], []
+        images, targets, kept = [], [], []
         for sample in samples:
+            try:
+                # The target first: it is cheap, and a bad pair then costs no image decode.
+                target = sample.load_target() if sample.load_target is not None else None
+            except UnreadableTargetError as error:
+                self._report("skipping sample %s: %s", sample.key, error)
+                continue
             try:
                 image = sample.load()
             except UnreadableImageError as error:
-                if sample.key not in self._reported:
-                    self._reported.add(sample.key)
-                    logger.warning("skipping image %s: %s", sample.key, error)
+                self._report("skipping image %s: %s", sample.key, error)
                 continue
             images.append(self._transform_seeded(image, sample.transform_seed))
+            targets.append(target)
             kept.append(sample)
         batch: dict[str, Any] = {
             "images": torch.stack(images) if images else self._empty_images(),
@@ -350,11 +409,20 @@ class ImageBatchStream(IterableDataset):
             "worker": worker,
             "index": index,
         }
+        if self.target_type is int:
+            batch["labels"] = torch.tensor([int(label) for label in targets], dtype=torch.long)
+        elif self.target_type is str:
+            batch["texts"] = [str(text) for text in targets]
         if self.return_ids:
             batch["keys"] = [sample.key for sample in kept]
             batch["ids"] = torch.tensor([sample.index for sample in kept], dtype=torch.long)
             batch["sources"] = torch.tensor([sample.source_id for sample in kept], dtype=torch.long)
         return batch
+
+    def _report(self, message: str, key: str, error: Exception) -> None:
+        if key not in self._reported:  # once per sample, not once per epoch
+            self._reported.add(key)
+            logger.warning(message, key, error)
 
     def _transform_seeded(self, image: Image.Image, seed: int) -> torch.Tensor:
         # Only the CPU generator is seeded and restored: the caller's RNG (and CUDA's) stay untouched.

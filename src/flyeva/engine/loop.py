@@ -259,14 +259,12 @@ def train(
             with D.grad_sync_context(wrapped, last_micro):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss, metrics = objective(wrapped, batch, ctx)
-                finite = bool(torch.isfinite(loss.detach()))
                 if not handles_backward:
                     backward(loss)
-            accumulated += torch.tensor(
-                [loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0],
-                dtype=torch.float64,
-                device=device,
-            )
+            # Kept on the device: no host sync per micro-step, one all-reduce per optimizer step.
+            detached = loss.detach().double()
+            finite = torch.isfinite(detached)
+            accumulated += torch.stack([torch.where(finite, detached, 0.0), (~finite).double()])
             micro_in_epoch += 1
             if not last_micro:
                 continue
