@@ -204,3 +204,12 @@ def test_init_from_saved_weights_moves_every_encoder_weight(tmp_path):
         if key not in ("mask_token", "lm_head.weight", "lm_head.bias"):
             assert torch.equal(final[key], value), key  # lr 0: the initial weights come through unchanged
     assert final["lm_head.weight"].shape == (16, 96)
+
+
+def test_pixel_target_baseline_trains_without_a_teacher(tmp_path):
+    overrides = [*SMALL, "mask.target=pixels", "teacher.random_init={}", f"train.output_dir={tmp_path}",
+                 "data.sources=[{type: synthetic, num_samples: 16}]"]
+    result = run_pretrain(load_config(PretrainConfig, None, overrides))
+    assert result.step == 2
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["teacher_dim"] == 3 * 4 * 4  # normalised pixels of a 4x4 patch
