@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset
+from PIL import Image
 
 from flyeva.data.synthetic import ShapeWorld
 
@@ -30,7 +31,7 @@ JPEG_QUALITY = 95
 
 
 def class_folder_name(label: int, class_name: str) -> str:
-    """"07_triangle_top_right": the label prefix keeps ImageFolder's sorted order equal to label order."""
+    """ "07_triangle_top_right": the label prefix keeps ImageFolder's sorted order equal to label order."""
     return f"{label:02d}_" + re.sub(r"[^a-z0-9]+", "_", class_name.lower()).strip("_")
 
 
@@ -58,7 +59,7 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [height, width], "counts": "".join(chars)}
 
 
-def _jpeg_bytes(image) -> bytes:
+def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
@@ -106,12 +107,13 @@ def export_split(
             # A fixed mtime makes shards byte-identical across runs.
             with webdataset.TarWriter(str(folder / f"shard-{shard:06d}.tar"), mtime=0) as sink:
                 for index in chunk:
+                    scene = world.sample(index)
                     sink.write(
                         {
                             "__key__": names[index],
-                            "jpg": _jpeg_bytes(world.render(index)),
-                            "txt": world.caption(index),
-                            "cls": world.label(index),
+                            "jpg": _jpeg_bytes(scene.image),
+                            "txt": scene.caption,
+                            "cls": scene.label,
                         }
                     )
 
@@ -129,14 +131,13 @@ def export_split(
             if "semantic" in formats:
                 scene.image.save(semantic_dir / "images" / file_name)
                 # Masks are exact, so no pixel needs 255 (ignore); 0 is background.
-                _save_label_png(scene.semantic, semantic_dir / "labels" / file_name)
+                Image.fromarray(scene.semantic).save(semantic_dir / "labels" / file_name)
             if "coco" not in formats:
                 continue
             scene.image.save(coco_dir / "images" / file_name)
             image_id = index + 1
-            images.append(
-                {"id": image_id, "file_name": file_name, "width": world.image_size, "height": world.image_size}
-            )
+            side = world.image_size
+            images.append({"id": image_id, "file_name": file_name, "width": side, "height": side})
             for box, mask, category in zip(scene.boxes, scene.masks, scene.categories):
                 x0, y0, x1, y1 = (float(v) for v in box)
                 annotations.append(
@@ -175,9 +176,3 @@ def export_split(
         outputs["video"] = folder / "list.txt"
         outputs["video"].write_text("\n".join(lines) + "\n")
     return outputs
-
-
-def _save_label_png(label_map: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(label_map.astype(np.uint8), mode="L").save(path)

@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {
@@ -67,31 +67,78 @@ COLOUR_JITTER = 20
 TEXTURE_SHADE = 0.55  # stripes/checks are the object's colour darkened to this fraction
 
 
-def _unit_outline(shape: str) -> list[tuple[float, float]]:
-    """Polygon vertices (distance, angle) of a shape whose area equals a unit circle's (pi)."""
-    if shape == "square":
-        half_side = math.sqrt(math.pi) / 2
-        return [(half_side * math.sqrt(2), math.pi / 4 + k * math.pi / 2) for k in range(4)]
-    if shape == "triangle":
-        circumradius = math.sqrt(4 * math.pi / (3 * math.sqrt(3)))
-        return [(circumradius, -math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)]
-    if shape == "star":  # 5 points, inner radius half the outer: area = 5 * 0.5 * R^2 * sin(36 deg)
-        outer = math.sqrt(math.pi / (2.5 * math.sin(math.pi / 5)))
-        return [(outer if k % 2 == 0 else outer / 2, -math.pi / 2 + k * math.pi / 5) for k in range(10)]
-    if shape == "cross":  # plus sign, arm half-width a/3: area = 20/9 a^2
-        arm = math.sqrt(9 * math.pi / 20)
-        corners = [(arm, arm / 3), (arm / 3, arm / 3), (arm / 3, arm)]
-        points = []
-        for quarter in range(4):  # rotate the three corners of one arm by 0, 90, 180, 270 degrees
-            for x, y in corners:
-                points.append((math.hypot(x, y), math.atan2(y, x) + quarter * math.pi / 2))
-        return points
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
-OUTLINES = {shape: _unit_outline(shape) for shape in SHAPES if shape != "circle"}
+# Shapes of size r have the area of a circle of radius r (pi r^2), so size, not shape, sets the pixel count.
+SQUARE_HALF_SIDE = math.sqrt(math.pi) / 2
+TRIANGLE_CIRCUMRADIUS = math.sqrt(4 * math.pi / (3 * math.sqrt(3)))
+STAR_OUTER = math.sqrt(math.pi / (2.5 * math.sin(math.pi / 5)))  # 5 points, inner radius = outer / 2
+CROSS_ARM = math.sqrt(9 * math.pi / 20)  # plus sign with arms a long and a/3 half-wide: area 20/9 a^2
 # Farthest point from the centre per unit size: keeps whole shapes inside the frame.
-EXTENT = {"circle": 1.0, **{shape: max(d for d, _ in points) for shape, points in OUTLINES.items()}}
+EXTENT = {
+    "circle": 1.0,
+    "square": SQUARE_HALF_SIDE * math.sqrt(2),
+    "triangle": TRIANGLE_CIRCUMRADIUS,
+    "star": STAR_OUTER,
+    "cross": CROSS_ARM * math.hypot(1, 1 / 3),
+}
+
+
+def _star_edge() -> tuple[float, float]:
+    """Angle and distance from the centre of the line from a unit star's tip to the next inner corner."""
+    tip = np.array([STAR_OUTER, 0.0])
+    inner = STAR_OUTER / 2 * np.array([math.cos(math.pi / 5), math.sin(math.pi / 5)])
+    direction = inner - tip
+    normal = np.array([direction[1], -direction[0]])  # points away from the centre
+    normal /= np.linalg.norm(normal)
+    return math.atan2(normal[1], normal[0]), float(normal @ tip)
+
+
+STAR_EDGE_ANGLE, STAR_EDGE_DISTANCE = _star_edge()
+
+
+def shape_mask(
+    shape: str, position: tuple[float, float], size: float, angle: float, image_size: int
+) -> np.ndarray:
+    """Bool [H, W] mask of the pixels whose centres lie inside the shape (exact, sub-pixel placement).
+
+    `angle` turns the shape clockwise on screen (image y points down); at 0 triangles and stars
+    point up and squares and crosses are axis-aligned.
+    """
+    cx, cy = position
+    reach = EXTENT[shape] * size
+    x0, x1 = max(0, math.floor(cx - reach)), min(image_size, math.ceil(cx + reach) + 1)
+    y0, y1 = max(0, math.floor(cy - reach)), min(image_size, math.ceil(cy + reach) + 1)
+    mask = np.zeros((image_size, image_size), dtype=bool)
+    if x0 >= x1 or y0 >= y1:
+        return mask
+    u = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx)[None, :] / size
+    v = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy)[:, None] / size
+    if shape == "circle":
+        inside = u * u + v * v <= 1.0
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        along, across = u * cos + v * sin, v * cos - u * sin  # coordinates in the shape's own frame
+        if shape == "square":
+            inside = (np.abs(along) <= SQUARE_HALF_SIDE) & (np.abs(across) <= SQUARE_HALF_SIDE)
+        elif shape == "triangle":  # inside all three edges, whose normals point down, up-left, up-right
+            inside = np.ones(along.shape, dtype=bool)
+            for edge in range(3):
+                normal = math.pi / 2 + edge * 2 * math.pi / 3
+                inside &= along * math.cos(normal) + across * math.sin(normal) <= TRIANGLE_CIRCUMRADIUS / 2
+        elif shape == "star":  # fold the plane into one half-point sector, where the edge is one line
+            sector = np.mod(np.arctan2(across, along) + math.pi / 2, 2 * math.pi / 5)
+            sector = np.minimum(sector, 2 * math.pi / 5 - sector)
+            radius = np.hypot(along, across)
+            inside = radius * np.cos(sector - STAR_EDGE_ANGLE) <= STAR_EDGE_DISTANCE
+        elif shape == "cross":
+            along, across = np.abs(along), np.abs(across)
+            half_width = CROSS_ARM / 3
+            inside = ((along <= CROSS_ARM) & (across <= half_width)) | (
+                (along <= half_width) & (across <= CROSS_ARM)
+            )
+        else:
+            raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    mask[y0:y1, x0:x1] = inside
+    return mask
 
 
 @lru_cache(maxsize=16)
@@ -158,6 +205,9 @@ class ShapeWorld:
     """Deterministic generator of ShapeWorld scenes and clips; see the module docstring.
 
     `sample(index)` and `clip(index)` depend only on (seed, index, the fields), never on call order.
+    A scene draws its object count uniformly from [min_objects, max_objects]; an object that cannot
+    be placed in 30 tries without hiding half of any object is left out (not seen in 300 scenes of
+    8 objects at 32 or 64 px).
     """
 
     image_size: int = 64
@@ -220,20 +270,7 @@ class ShapeWorld:
         return random.Random((self.seed << 66) | (index << 2) | stream)
 
     def _rasterize(self, obj: dict[str, Any]) -> np.ndarray:
-        canvas = Image.new("L", (self.image_size, self.image_size), 0)
-        draw = ImageDraw.Draw(canvas)
-        (x, y), radius, angle = obj["position"], obj["size"], obj["angle"]
-        if obj["shape"] == "circle":
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=1)
-        else:
-            draw.polygon(
-                [
-                    (x + radius * d * math.cos(a + angle), y + radius * d * math.sin(a + angle))
-                    for d, a in OUTLINES[obj["shape"]]
-                ],
-                fill=1,
-            )
-        return np.asarray(canvas).astype(bool)
+        return shape_mask(obj["shape"], obj["position"], obj["size"], obj["angle"], self.image_size)
 
     def _new_object(self, rng: random.Random, shape: str, size_range: tuple[float, float]) -> dict[str, Any]:
         colour = rng.choice(list(COLOURS))
@@ -313,7 +350,7 @@ class ShapeWorld:
         pixels = background.copy()
         for obj, mask in zip(objects, full_masks):
             self._paint(pixels, obj, mask)
-        return Image.fromarray(pixels, "RGB")
+        return Image.fromarray(pixels)
 
     def label(self, index: int) -> int:
         """The class of scene `index` without drawing it (the first draw of its random stream)."""
@@ -344,7 +381,6 @@ class ShapeWorld:
             | {"visible_pixels": int(mask.sum()), "full_pixels": int(whole.sum())}
             for obj, mask, whole in zip(objects, masks, full_masks)
         ]
-        assert self.label_of(public, self.image_size) == label  # the label is a function of the objects
         return Scene(
             image=image,
             caption=self._caption(public, background_kind),
@@ -385,7 +421,7 @@ class ShapeWorld:
         name = ACTIONS[action]
         # A circle looks the same at every angle, so rotations use the other shapes.
         actor = self._new_object(rng, rng.choice(SHAPES[1:] if "rotating" in name else SHAPES), CLIP_SIZE)
-        scale = (1.0, rng.uniform(1.5, 1.8)) if name in ("growing", "shrinking") else (1.0, 1.0)
+        scale = (1.0, rng.uniform(1.7, 2.0)) if name in ("growing", "shrinking") else (1.0, 1.0)
         if name == "shrinking":
             actor["size"] *= scale[1]
             scale = (1.0, 1 / scale[1])
@@ -425,7 +461,7 @@ class ShapeWorld:
             mask = self._rasterize(state)
             pixels = base_pixels.copy()
             self._paint(pixels, state, mask)
-            frames.append(Image.fromarray(pixels, "RGB"))
+            frames.append(Image.fromarray(pixels))
             masks.append(mask)
             states.append(
                 {key: state[key] for key in ("shape", "colour", "texture", "size", "position", "angle")}
