@@ -69,6 +69,20 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"wrote {path}; load it with:\n  {ckpt.timm_recipe(ckpt.named_size(model), path)}")
 
 
+def _shapeworld_export(args: argparse.Namespace) -> None:
+    from flyeva.data.export import FORMATS, export_split
+    from flyeva.data.synthetic import ShapeWorld
+
+    formats = tuple(args.formats.split(",")) if args.formats else FORMATS
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    world = ShapeWorld(image_size=args.image_size, seed=args.seed)
+    written = export_split(world, args.out, args.num, formats=formats, start_index=args.start)
+    for name, path in written.items():
+        print(f"{name:<12} {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flyeva", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -106,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--openai-torchscript", required=True, help="e.g. ViT-L-14.pt from OpenAI")
     teacher.add_argument("--out", required=True)
     convert.set_defaults(func=_convert)
+
+    shapeworld = commands.add_parser("shapeworld", help="the synthetic miniature world")
+    shapeworld_commands = shapeworld.add_subparsers(dest="what", required=True)
+    export = shapeworld_commands.add_parser("export", help="write a split in the real formats flyeva reads")
+    export.add_argument("--out", required=True)
+    export.add_argument("--num", type=int, default=1000, help="number of samples")
+    export.add_argument("--start", type=int, default=0, help="first sample index (val: a disjoint range)")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--image-size", type=int, default=64)
+    export.add_argument("--formats", default="", help="comma list of imagefolder,wds,coco,semantic,video")
+    export.set_defaults(func=_shapeworld_export)
     for name in TASK_MODULES:
         try:
             module = importlib.import_module(name)
@@ -113,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
             if error.name != name:
                 raise
             continue
-        module.register(commands)
+        if hasattr(module, "register"):
+            module.register(commands)
     return parser
 
 
