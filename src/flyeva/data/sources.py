@@ -554,6 +554,7 @@ REQUIRED_KEYS = {
     "captions": {"path"},
     "caption_folder": {"path"},
     "synthetic": {"num_samples"},
+    "shapeworld": {"num_samples"},
     "mixture": {"sources", "samples_per_epoch"},
 }
 SOURCE_KEYS = {
@@ -563,6 +564,7 @@ SOURCE_KEYS = {
     "captions": {"path", "root", "path_column", "caption_column", "sep"},
     "caption_folder": {"path"},
     "synthetic": {"num_samples", "image_size", "seed"},
+    "shapeworld": {"num_samples", "image_size", "seed", "target"},
     "mixture": {"sources", "samples_per_epoch"},
 }
 
@@ -619,6 +621,11 @@ def build_source(spec: dict[str, Any]) -> Any:
         return CaptionFolderSource(spec["path"])
     if kind == "synthetic":
         return SyntheticShapesSource(spec["num_samples"], spec.get("image_size", 64), spec.get("seed", 0))
+    if kind == "shapeworld":  # the miniature world, generated on the fly (flyeva.data.synthetic)
+        from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
+
+        world = ShapeWorld(image_size=spec.get("image_size", 64), seed=spec.get("seed", 0))
+        return ShapeWorldSource(world, spec["num_samples"], target=spec.get("target"))
     children = spec["sources"]
     return MixtureSource(
         [build_source(child) for child in children],

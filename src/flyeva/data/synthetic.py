@@ -515,6 +515,8 @@ class ShapeWorldSource:
         self.num_samples = num_samples
         self.target_kind = target
         self.classes = world.class_names if target == "label" else None
+        # How ImageBatchStream tells labels (int) from captions (str); None = images only.
+        self.target_type = {"label": int, "caption": str}.get(target)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -55,12 +55,12 @@ class MaskSection:
 
 @dataclass
 class SourceSection:
-    type: str = "folder"  # folder | list | wds | synthetic
+    type: str = "folder"  # folder | list | wds | synthetic | shapeworld
     path: str = ""
     weight: float = 1.0  # relative sampling weight inside a mixture
     num_samples: int = 0  # synthetic: dataset size; wds: samples per epoch
-    seed: int = 0  # synthetic only
-    image_size: int = 0  # synthetic only (0 = 64)
+    seed: int = 0  # synthetic / shapeworld only
+    image_size: int = 0  # synthetic / shapeworld only (0 = 64)
     root: str = ""  # list only: folder that relative paths start from
 
 

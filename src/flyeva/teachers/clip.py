@@ -469,11 +469,16 @@ def load_clip_teacher(
     - a `.safetensors` with a sidecar `.json` (from `convert_openai_torchscript`): no name needed;
     - any other state dict (.pt/.pth/.bin/.safetensors): needs an open_clip `model_name`, for the
       OpenAI ViT-L/14 weights 'ViT-L-14-quickgelu' (plain 'ViT-L-14' builds GELU and warns);
-    - a TorchScript archive: error naming the one-time `flyeva convert teacher` command.
+    - a TorchScript archive: error naming the one-time `flyeva convert teacher` command;
+    - a folder written by `flyeva clip train` (clip.json): its EVA vision tower (`EvaTowerTeacher`).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")
+    if path.is_dir() and (path / "clip.json").is_file():  # a flyeva EVA-CLIP (`flyeva clip train`)
+        from flyeva.teachers.eva_tower import load_eva_clip_teacher
+
+        return load_eva_clip_teacher(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TeacherLoadError(
@@ -524,8 +529,9 @@ def check_token_grid(teacher: ClipTeacher, student_grid: tuple[int, int], studen
     if student_image_size % teacher_side == 0:
         fixes.append(f"student patch size {student_image_size // teacher_side} at {student_image_size} px")
     fixes.append(f"student image size {teacher_side * student_patch} with patch {student_patch}")
+    name = getattr(teacher, "name", None) or teacher.arch.name
     raise ValueError(
-        f"token grids differ: teacher '{teacher.arch.name}' gives {teacher_side}x{teacher_side} "
+        f"token grids differ: teacher '{name}' gives {teacher_side}x{teacher_side} "
         f"({teacher.image_size} px / patch {teacher.patch_size}) but the student gives "
         f"{student_grid[0]}x{student_grid[1]} ({student_image_size} px / patch {student_patch}). "
         f"Use {' or '.join(fixes)}."
