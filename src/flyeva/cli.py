@@ -12,7 +12,7 @@ from flyeva.config import ConfigError
 
 DEFAULT_PRETRAIN_RECIPE = "miniature"  # the embedded default: runs on a 2-core laptop in minutes
 # Transfer stages add their own subcommands through `register(commands)` (cheap: no heavy imports).
-TASK_MODULES = ("flyeva.tasks.classify", "flyeva.tasks.clip")
+TASK_MODULES = ("flyeva.tasks.classify", "flyeva.tasks.clip", "flyeva.tasks.demo")
 
 
 def _pretrain(args: argparse.Namespace) -> None:

@@ -1,0 +1,21 @@
+"""`flyeva demo`: the miniature world, EVA's whole pipeline on 2 CPU cores (import-light)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace) -> None:
+    from flyeva.tasks.demo.pipeline import run_demo
+
+    out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
+    report = run_demo(out, quick=args.quick)
+    print(f"report: {report}")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `flyeva demo` to the CLI."""
+    demo = commands.add_parser("demo", help="EVA's whole pipeline in the miniature world (ShapeWorld)")
+    demo.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run (one seed, tiny budgets)")
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_quick)")
+    demo.set_defaults(func=_run)
