@@ -142,8 +142,13 @@ def train(
     *,
     groups_fn: Callable[[nn.Module], list[dict]] | None = None,
     evaluate: Callable[[nn.Module, StepContext], dict[str, float]] | None = None,
+    optimizer_fn: Callable[[list[dict], OptimConfig], torch.optim.Optimizer] | None = None,
 ) -> TrainResult:
-    """Train `model` on `stream` with `objective`; resumable, distributed, mixed precision."""
+    """Train `model` on `stream` with `objective`; resumable, distributed, mixed precision.
+
+    `optimizer_fn(groups, optim_cfg)` replaces AdamW (e.g. LARS for linear probes); the engine still
+    sets every group's lr (times its `lr_scale`) at every step.
+    """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
     device = D.init_distributed(cfg.device)
@@ -160,7 +165,12 @@ def train(
         groups = param_groups(base, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay)
     else:
         groups = groups_fn(base)
-    optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
+    if optimizer_fn is None:
+        optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
+    elif cfg.strategy == "zero1" and world > 1:
+        raise ValueError("a custom optimizer cannot be sharded by ZeRO-1 here; use strategy=ddp")
+    else:
+        optimizer = optimizer_fn(groups, optim_cfg)
     sharded = cfg.strategy == "fsdp" and world > 1
     scaler = _make_scaler(cfg.precision, device, cfg, sharded)
     autocast_dtype = PRECISIONS[cfg.precision]

@@ -1,0 +1,300 @@
+"""Labelled data for classification: sources, the release's fine-tuning augmentation, batch streams.
+
+Layouts: an ImageFolder root (root/train/<class>/..., root/val/<class>/...), a list file with labels,
+webdataset shards whose samples carry a `.cls` member, or the synthetic ShapeWorld.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from flyeva.data.sources import build_source
+from flyeva.data.stream import ImageBatchStream, mix_seed
+from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+
+
+@dataclass
+class SourceSection:
+    type: str = "folder"  # folder | list | wds | shapeworld | none (no evaluation)
+    path: str = ""
+    root: str = ""  # list only: folder that relative paths start from
+    num_samples: int = 0  # wds: samples per epoch; shapeworld: dataset size
+    seed: int = 0  # shapeworld only
+    image_size: int = 0  # shapeworld only (0 = its default)
+
+
+@dataclass
+class DataSection:
+    root: str = ""  # ImageFolder layout: root/train/<class>/*, root/val/<class>/* (or set train/val)
+    train: SourceSection = field(default_factory=SourceSection)
+    val: SourceSection = field(default_factory=SourceSection)
+    num_classes: int = 0  # 0 = from the data; required for webdataset shards
+    crop_pct: float = 1.0  # evaluation: Resize(size / crop_pct, bicubic) + CenterCrop, the release's 1.0
+    max_val_batches: int = 0  # 0 = the whole validation set
+
+
+@dataclass
+class AugSection:
+    """Training augmentation; defaults are the release's IN-1K fine-tuning (EVA_SPEC section 4)."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # RandAugment m9; "" = off
+    color_jitter: float = 0.4  # timm ignores it while RandAugment is on
+    reprob: float = 0.0  # random erasing probability (the release: 0)
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.0  # mixup alpha
+    cutmix: float = 0.0  # cutmix alpha
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1  # label smoothing
+
+
+class TrainTransform:
+    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random erasing).
+
+    timm draws from Python's and NumPy's RNGs; both are seeded here from torch's generator, which
+    `ImageBatchStream` seeds per sample, so every crop is reproducible and resume stays exact.
+    """
+
+    def __init__(self, image_size: int, aug: AugSection, mean: Sequence[float] = CLIP_MEAN, std=CLIP_STD):
+        from timm.data import create_transform
+
+        self.image_size = image_size
+        self.pipeline = create_transform(
+            image_size,
+            is_training=True,
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            hflip=aug.hflip,
+            color_jitter=aug.color_jitter,
+            auto_augment=aug.auto_augment or None,
+            interpolation="bicubic",
+            re_prob=aug.reprob,
+            re_mode=aug.remode,
+            re_count=aug.recount,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.pipeline(image)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self.pipeline})"
+
+
+def _shapeworld(section: SourceSection) -> Any:
+    try:
+        from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
+    except ImportError as error:
+        raise ValueError(
+            "source type 'shapeworld' needs flyeva.data.synthetic, missing here; use a folder"
+        ) from error
+    kwargs = {"image_size": section.image_size} if section.image_size else {}
+    world = ShapeWorld(seed=section.seed, **kwargs)
+    source = ShapeWorldSource(world, section.num_samples or 1024, target="label")
+    source.target_type = int  # what the stream reads to attach labels; ShapeWorldSource does not set it
+    return source
+
+
+def build_labeled_source(section: SourceSection, role: str) -> Any:
+    """A source whose samples carry integer class labels."""
+    if section.type == "shapeworld":
+        return _shapeworld(section)
+    if not section.path:
+        raise ValueError(f"no {role} data: set data.root (ImageFolder layout) or data.{role}.path")
+    if section.type == "folder":
+        return build_source({"type": "folder", "path": section.path, "labels": True})
+    if section.type == "list":
+        spec = {"type": "list", "path": section.path, "labels": True}
+        return build_source({**spec, "root": section.root} if section.root else spec)
+    if section.type == "wds":
+        spec = {"type": "wds", "path": section.path, "target": "cls"}
+        return build_source({**spec, "num_samples": section.num_samples} if section.num_samples else spec)
+    raise ValueError(f"data.{role}.type must be folder, list, wds or shapeworld, got {section.type!r}")
+
+
+def resolve_sections(data: DataSection) -> tuple[SourceSection, SourceSection | None]:
+    """Train and validation sources; `data.root` means the ImageFolder train/val layout."""
+    train, val = data.train, data.val
+    if data.root:
+        root = Path(data.root)
+        if not (root / "train").is_dir():
+            raise FileNotFoundError(
+                f"no training folder {root / 'train'}; data.root needs root/train/<class>/, root/val/<class>/"
+            )
+        train = SourceSection(type="folder", path=str(root / "train"))
+        if val.type != "none" and not val.path:
+            if not (root / "val").is_dir():
+                raise FileNotFoundError(
+                    f"no validation folder {root / 'val'}; add root/val/<class>/ images, "
+                    "set data.val.path, or data.val.type=none to train without evaluation"
+                )
+            val = SourceSection(type="folder", path=str(root / "val"))
+    return train, (None if val.type == "none" else val)
+
+
+def source_classes(source: Any, num_classes: int) -> tuple[int, list[str] | None]:
+    """The number of classes and their names (when the source knows them)."""
+    classes = getattr(source, "classes", None)
+    if classes:
+        if num_classes and num_classes != len(classes):
+            raise ValueError(
+                f"data.num_classes={num_classes} but the data has {len(classes)} classes; "
+                "remove data.num_classes or fix the data"
+            )
+        return len(classes), list(classes)
+    targets = getattr(source, "targets", None)
+    if num_classes:
+        return num_classes, None
+    if targets:
+        return max(targets) + 1, None
+    raise ValueError("cannot tell the number of classes of webdataset shards; set data.num_classes")
+
+
+def check_same_classes(train_classes: list[str] | None, val_classes: list[str] | None) -> None:
+    """Folder labels are indices into sorted class names: the two splits must name the same classes."""
+    if train_classes is None or val_classes is None or train_classes == val_classes:
+        return
+    missing = sorted(set(train_classes) - set(val_classes))
+    extra = sorted(set(val_classes) - set(train_classes))
+    raise ValueError(
+        f"validation classes differ from training classes (missing in val: {missing[:5]}, not in train: "
+        f"{extra[:5]}); labels would shift: give both splits the same class folders"
+    )
+
+
+class RankShard:
+    """Samples rank, rank + world, rank + 2 world, ... of an indexable source: exact sharded evaluation."""
+
+    def __init__(self, source: Any, rank: int, world_size: int):
+        self.source = source
+        self.indices = range(rank, len(source), world_size)
+        self.target_type = getattr(source, "target_type", int)
+        self.classes = getattr(source, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, index: int) -> str:
+        return self.source.key(self.indices[index])
+
+    def load(self, index: int, max_pixels: int | None = None) -> Any:
+        return self.source.load(self.indices[index], max_pixels)
+
+    def target(self, index: int) -> int:
+        return self.source.target(self.indices[index])
+
+
+def is_indexable(source: Any) -> bool:
+    return hasattr(source, "__len__") and hasattr(source, "load")
+
+
+def eval_stream(source: Any, image_size: int, crop_pct: float, batch_size: int, rank: int, world: int, **kw):
+    """This rank's share of an evaluation set, each sample exactly once over all ranks when indexable."""
+    transform = EvalTransform(image_size, crop_pct, CLIP_MEAN, CLIP_STD)
+    if is_indexable(source):
+        return ImageBatchStream(RankShard(source, rank, world), transform, batch_size, 0, 1, **kw)
+    return ImageBatchStream(source, transform, batch_size, rank, world, **kw)
+
+
+class FeatureBatchStream(IterableDataset):
+    """Cached features and labels, batched in exactly the order `ImageBatchStream` batches images.
+
+    That order is `ImageBatchStream`'s documented one for an indexable source of the same length:
+    one permutation seeded by (seed, epoch), its first N - N % world_size entries cut into equal
+    contiguous rank parts, then into batches. Whole batches are sliced from the tensors (no
+    per-sample work), in one process: use it with num_workers=0.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        self.features, self.labels = features, labels
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last = seed, drop_last
+        self.samples = len(labels) // world_size
+        self.epoch, self.skip = 0, 0
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"{len(labels)} cached samples give no batch of {batch_size} on each of {world_size} ranks; "
+                "lower the batch size"
+            )
+
+    def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
+        if len(skip) > 1:
+            raise ValueError("cached features stream from one process: resume with num_workers=0")
+        self.epoch, self.skip = epoch, int(skip[0]) if skip else 0
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        full, rest = divmod(self.samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ValueError("FeatureBatchStream runs in one process; use num_workers=0 or 1")
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        start = self.rank * self.samples
+        order = torch.randperm(len(self.labels), generator=generator)[start : start + self.samples]
+        for index in range(self.skip, self.num_batches()):
+            chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+            yield {
+                "images": self.features[chosen],
+                "labels": self.labels[chosen],
+                "num_skipped": 0,
+                "worker": 0,
+                "index": index,
+            }
+
+
+@dataclass
+class LabeledData:
+    """The resolved sources of a classification run and its label set."""
+
+    train: Any
+    val: Any | None
+    num_classes: int
+    classes: list[str] | None
+
+
+def prepare_data(data: DataSection, need_val: bool = False) -> LabeledData:
+    """Build the train (and validation) sources, count the classes, check that the splits agree."""
+    train_section, val_section = resolve_sections(data)
+    train = build_labeled_source(train_section, "train")
+    num_classes, classes = source_classes(train, data.num_classes)
+    if val_section is None:
+        if need_val:
+            raise ValueError("this evaluation needs validation data: set data.root or data.val.path")
+        return LabeledData(train, None, num_classes, classes)
+    val = build_labeled_source(val_section, "val")
+    check_same_classes(classes, getattr(val, "classes", None))
+    return LabeledData(train, val, num_classes, classes)

@@ -1,0 +1,171 @@
+"""`flyeva classify finetune`: fine-tune a pretrained encoder with layer-wise lr decay (EVA_SPEC section 4).
+
+Schema defaults are the release's IN-1K fine-tuning of EVA-g (336 px): batch 512 (16 x 32 GPUs),
+lr 3e-5, layer decay 0.95, 10 epochs with 2 warmup, drop path 0.4, smoothing 0.3, RandAugment m9,
+crop scale (0.08, 1), EMA 0.9999, evaluated with and without EMA. Recipes in configs/classify/.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.eva import Eva
+
+from flyeva.config import to_yaml
+from flyeva.data.stream import ImageBatchStream
+from flyeva.engine import distributed as D
+from flyeva.engine.checkpoint import full_model_state
+from flyeva.engine.loop import TrainConfig, train
+from flyeva.engine.optim import OptimConfig, param_groups
+from flyeva.models.eva import get_size, size_with
+from flyeva.tasks.classify.data import AugSection, DataSection, TrainTransform, eval_stream, prepare_data
+from flyeva.tasks.classify.model import (
+    HEAD_INIT_SCALE,
+    build_classifier,
+    classifier_from_pretrained,
+    freeze_patch_embed,
+    load_pretrained,
+    save_classifier,
+    timm_kwargs,
+)
+from flyeva.tasks.classify.objective import ClassificationObjective, Evaluator
+from flyeva.tasks.classify.report import write_summary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    init: str = ""  # pretrained weights: flyeva folder (MIM/encoder/classifier) or release checkpoint
+    size: str = "eva_giant"  # only used without init (training from scratch)
+    img_size: int = 336  # 0 = the checkpoint's; else position embeddings are interpolated (336/560)
+    pool: str = "avg"  # avg (mean patch tokens -> fc_norm) | cls, EVA_SPEC section 4
+    final_norm: str = "fc_norm"  # fc_norm | drop (the release) | keep; see docs/classify.md
+    freeze_patch_embed: bool = False  # the release freezes it silently (EVA_SPEC section 5)
+    reset_head: bool = False  # true: a new head even when the checkpoint has one (IN-21K -> IN-1K)
+    drop_path_rate: float = 0.4  # EVA_SPEC section 4
+    head_init_scale: float = HEAD_INIT_SCALE
+    grad_checkpointing: bool = False
+
+
+def _finetune_optim() -> OptimConfig:
+    # EVA_SPEC section 4, IN-1K: lr 3e-5 at batch 512, layer decay 0.95, 2 warmup epochs, min lr 0;
+    # the release's AdamW defaults (betas 0.9/0.999, eps 1e-8), weight decay 0.05, no clipping.
+    return OptimConfig(
+        lr=3e-5,
+        min_lr=0.0,
+        weight_decay=0.05,
+        betas=[0.9, 0.999],
+        eps=1e-8,
+        layer_decay=0.95,
+        warmup_epochs=2,
+        clip_grad=0.0,
+    )
+
+
+def _finetune_train() -> TrainConfig:
+    return TrainConfig(
+        output_dir="runs/classify", epochs=10, batch_size=16, ema_decay=0.9999, checkpoint_every=1000
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    aug: AugSection = field(default_factory=lambda: AugSection(smoothing=0.3))
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+    train: TrainConfig = field(default_factory=_finetune_train)
+
+
+def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
+    """The classifier of `cfg`: from pretrained weights, or freshly initialised from a named size."""
+    torch.manual_seed(seed)  # the same fresh head (and drop path) on every rank and every run
+    kwargs = dict(
+        pool=cfg.pool,
+        final_norm=cfg.final_norm,
+        drop_path_rate=cfg.drop_path_rate,
+        head_init_scale=cfg.head_init_scale,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    if cfg.init:
+        weights = load_pretrained(cfg.init)
+        model = classifier_from_pretrained(
+            weights, num_classes, reset_head=cfg.reset_head, img_size=cfg.img_size, **kwargs
+        )
+    else:
+        size = get_size(cfg.size)
+        model = build_classifier(
+            size_with(size, img_size=cfg.img_size or size.img_size), num_classes, **kwargs
+        )
+    if cfg.freeze_patch_embed:
+        freeze_patch_embed(model)
+    return model
+
+
+def layer_decay_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """EVA_SPEC section 4: embeddings layer 0, block i -> i + 1, fc_norm and head L + 1."""
+    return param_groups(
+        model, optim.weight_decay, layer_decay=optim.layer_decay, num_layers=len(model.blocks)
+    )
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune with the shared engine; write final weights (and EMA weights), metrics, summary.json."""
+    D.init_distributed(cfg.train.device)
+    data = prepare_data(cfg.data)
+    model = build_model(cfg.model, data.num_classes, cfg.train.seed)
+    image_size = model.patch_embed.img_size[0]
+    rank, world = D.rank(), D.world_size()
+    stream = ImageBatchStream(
+        data.train,
+        TrainTransform(image_size, cfg.aug),
+        batch_size=cfg.train.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+        drop_last=True,  # whole batches, as the release's loader (and Mixup pairs) want
+    )
+    mixup = dict(
+        mixup_alpha=cfg.aug.mixup,
+        cutmix_alpha=cfg.aug.cutmix,
+        prob=cfg.aug.mixup_prob,
+        switch_prob=cfg.aug.mixup_switch_prob,
+        mode=cfg.aug.mixup_mode,
+    )
+    objective = ClassificationObjective(data.num_classes, cfg.aug.smoothing, mixup)
+    evaluator = None
+    if data.val is not None:
+        val = eval_stream(data.val, image_size, cfg.data.crop_pct, cfg.train.batch_size, rank, world)
+        evaluator = Evaluator(val, data.num_classes, cfg.train.precision, cfg.data.max_val_batches)
+    out = Path(cfg.train.output_dir)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    result = train(
+        model,
+        objective,
+        stream,
+        cfg.train,
+        cfg.optim,
+        groups_fn=lambda m: layer_decay_groups(m, cfg.optim),
+        evaluate=evaluator,
+    )
+    state = full_model_state(result.model)  # collective under FSDP2
+    summary: dict[str, Any] = {}
+    if D.is_main():
+        extra = {"classes": data.classes, "pool": cfg.model.pool, "final_norm": cfg.model.final_norm}
+        final = Eva(
+            **timm_kwargs(D.unwrap(result.model)), qkv_bias=True
+        )  # a plain copy of a maybe-sharded model
+        final.load_state_dict(state)
+        save_classifier(final, out / "final", extra)
+        if result.ema_model is not None:
+            save_classifier(result.ema_model, out / "final_ema", extra)
+        summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
+        logger.info("wrote %s", out / "final")
+    return summary

@@ -1,0 +1,119 @@
+"""`flyeva classify knn`: weighted k-nearest-neighbour classification on frozen features (DINO's eval_knn).
+
+Cosine similarity between L2-normalised features; each of the k nearest training samples votes for
+its class with weight exp(similarity / T); defaults k = 20, T = 0.07.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flyeva.config import to_yaml
+from flyeva.engine import distributed as D
+from flyeva.tasks.classify.data import DataSection, prepare_data
+from flyeva.tasks.classify.features import EncoderSection, cached_features, load_frozen_encoder
+
+
+@torch.no_grad()
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Top-1/top-5 (percent) of the weighted kNN vote; top-5 counts any of the 5 best-voted classes."""
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError("kNN needs at least one training and one test feature")
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_features))
+    bank = F.normalize(train_features.float(), dim=1).t()
+    hits1 = hits5 = 0
+    for start in range(0, len(test_features), chunk_size):
+        queries = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
+        labels = test_labels[start : start + chunk_size].to(queries.device)
+        similarity, neighbours = (queries @ bank).topk(k, dim=1)
+        votes = torch.zeros(len(queries), num_classes, device=queries.device)
+        votes.scatter_add_(1, train_labels.to(queries.device)[neighbours], (similarity / temperature).exp())
+        ranked = votes.topk(min(5, num_classes), dim=1).indices
+        hits1 += int((ranked[:, 0] == labels).sum())
+        hits5 += int((ranked == labels[:, None]).any(1).sum())
+    total = len(test_features)
+    return {"top1": 100 * hits1 / total, "top5": 100 * hits5 / total}
+
+
+@dataclass
+class KnnSection:
+    k: int = 20  # DINO's eval_knn default
+    temperature: float = 0.07
+    cache_dir: str = ""  # "" = <output_dir>/features (shared layout with the linear probe's cache)
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/knn"
+    device: str = "auto"
+    batch_size: int = 128  # feature extraction, per rank
+    num_workers: int = 8
+    precision: str = "bf16"  # fp32 | bf16 | fp16, for the encoder forward
+    seed: int = 0
+
+
+@dataclass
+class KnnConfig:
+    model: EncoderSection = field(default_factory=EncoderSection)
+    data: DataSection = field(default_factory=DataSection)
+    knn: KnnSection = field(default_factory=KnnSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+def run_knn(cfg: KnnConfig) -> dict[str, Any]:
+    """Extract (or reuse) train and val features, classify val by weighted kNN, write summary.json."""
+    device = D.init_distributed(cfg.run.device)
+    data = prepare_data(cfg.data, need_val=True)
+    encoder = load_frozen_encoder(cfg.model, cfg.run.seed).to(device)
+    image_size = encoder.patch_embed.img_size[0]
+    out = Path(cfg.run.output_dir)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    extract = dict(
+        pool=cfg.model.pool,
+        image_size=image_size,
+        crop_pct=cfg.data.crop_pct,
+        batch_size=cfg.run.batch_size,
+        device=device,
+        precision=cfg.run.precision,
+        num_workers=cfg.run.num_workers,
+    )
+    key = dict(
+        encoder=cfg.model.init or f"random {cfg.model.size}", pool=cfg.model.pool, image_size=image_size
+    )
+    key.update(crop_pct=cfg.data.crop_pct, precision=cfg.run.precision, seed=cfg.run.seed)
+    cache_dir = cfg.knn.cache_dir or out / "features"
+    train_features, train_labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
+    val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)
+    metrics = knn_classify(
+        train_features.to(device),
+        train_labels.to(device),
+        val_features.to(device),
+        val_labels.to(device),
+        k=cfg.knn.k,
+        temperature=cfg.knn.temperature,
+        num_classes=data.num_classes,
+    )
+    summary = {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "num_classes": data.num_classes, **metrics}
+    summary.update(train_samples=len(train_features), val_samples=len(val_features))
+    if D.is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,261 @@
+"""The image classifier: timm's `Eva` with a pooled head, initialised from pretrained encoder weights.
+
+Pooling (EVA_SPEC section 4): `avg` = mean of the patch tokens (CLS excluded) -> `fc_norm` -> head,
+the release's fine-tuning head; `cls` = the CLS token -> head.
+
+What happens to the checkpoint's final `norm` (EVA_SPEC section 5), `final_norm`:
+- `fc_norm` (default): the model has no per-token norm; the pooled vector goes through `fc_norm`,
+  initialised from the checkpoint's `norm` (timm's `checkpoint_filter_fn`). No pretrained weight is
+  thrown away, and the release's own IN-21K -> IN-1K stage does the same (its 21K checkpoint carries
+  the trained `fc_norm` over).
+- `drop`: as `fc_norm`, but `fc_norm` starts fresh (ones/zeros); the checkpoint's `norm` is discarded.
+  This is what the release does when it fine-tunes a MIM checkpoint.
+- `keep`: the checkpoint's `norm` stays on every token (the encoder exactly as pretrained, as the
+  linear probe sees it), then pooling, no `fc_norm`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from timm.models.eva import Eva
+from torch import nn
+
+from flyeva.models.checkpoint import (
+    FLYEVA_CONFIG,
+    FLYEVA_WEIGHTS,
+    MIM_ONLY_KEYS,
+    CheckpointError,
+    extract_state_dict,
+    infer_size,
+    load_any,
+    load_weights,
+    model_config,
+    read_checkpoint,
+    release_to_flyeva,
+)
+from flyeva.models.eva import EvaSize, build_encoder, set_image_size
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("avg", "cls")
+FINAL_NORMS = ("fc_norm", "drop", "keep")
+HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_INIT_SCALE = 0.001  # EVA_SPEC section 4: head init scale 0.001 (timm's head_init_scale)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def classifier_kwargs(num_classes: int, pool: str = "avg", final_norm: str = "fc_norm") -> dict[str, Any]:
+    """timm `Eva` keyword arguments for the head layout that `pool` and `final_norm` describe."""
+    check_choice("model.pool", pool, POOLS)
+    check_choice("model.final_norm", final_norm, FINAL_NORMS)
+    # use_fc_norm=True turns timm's per-token `norm` off (Identity); keep uses the per-token norm only.
+    return dict(
+        num_classes=num_classes,
+        global_pool="avg" if pool == "avg" else "token",
+        use_fc_norm=final_norm != "keep",
+    )
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, scale: float = HEAD_INIT_SCALE) -> None:
+    """The release's head init: trunc_normal(std 0.02) times `scale`, zero bias (EVA_SPEC section 4)."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    head.weight.mul_(scale)
+    nn.init.zeros_(head.bias)
+
+
+def build_classifier(
+    size: EvaSize | str,
+    num_classes: int,
+    *,
+    pool: str = "avg",
+    final_norm: str = "fc_norm",
+    drop_path_rate: float = 0.0,
+    head_init_scale: float = HEAD_INIT_SCALE,
+    grad_checkpointing: bool = False,
+    release_init: bool = True,
+) -> Eva:
+    """A timm `Eva` classifier of a named size with a freshly initialised head."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    model = build_encoder(
+        size,
+        drop_path_rate=drop_path_rate,
+        grad_checkpointing=grad_checkpointing,
+        release_init=release_init,
+        **classifier_kwargs(num_classes, pool, final_norm),
+    )
+    init_head(model.head, head_init_scale)  # release_init re-initialised every Linear, the head too
+    return model
+
+
+@dataclass
+class PretrainedWeights:
+    """Encoder weights (final norm as `norm.*`), their architecture, and a classification head if any."""
+
+    encoder_state: dict[str, torch.Tensor]
+    size: EvaSize
+    head_state: dict[str, torch.Tensor] | None = None
+    classes: list[str] | None = None
+    source: str = ""
+
+
+def _is_flyeva_folder(path: Path) -> bool:
+    folder = path if path.is_dir() else path.parent
+    return (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS)
+
+
+def load_pretrained(path: str | Path) -> PretrainedWeights:
+    """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"model.init {path} does not exist; pass a flyeva weights folder or a checkpoint file"
+        )
+    if _is_flyeva_folder(path):
+        folder = path if path.is_dir() else path.parent
+        config = json.loads((folder / FLYEVA_CONFIG).read_text())
+        if config.get("kind") != "classifier":
+            encoder = load_any(path, kind="encoder")
+            return PretrainedWeights(
+                encoder.state_dict(), EvaSize(**model_config(encoder)["size"]), source=str(path)
+            )
+        state = read_checkpoint(folder / FLYEVA_WEIGHTS)
+        head = {k: state.pop(k) for k in HEAD_KEYS if k in state}
+        if "fc_norm.weight" in state:  # the final norm, wherever the classifier kept it, becomes `norm`
+            state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
+        return PretrainedWeights(
+            state, EvaSize(**config["size"]), head or None, config.get("classes"), str(path)
+        )
+    raw = extract_state_dict(read_checkpoint(path))
+    head = {k: raw.pop(k) for k in HEAD_KEYS if k in raw}  # a release fine-tuned head (e.g. IN-21K)
+    state, notes = release_to_flyeva(raw)
+    if notes.dropped:
+        logger.info("dropped %d checkpoint keys: %s", len(notes.dropped), ", ".join(notes.dropped[:8]))
+    state = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS}
+    return PretrainedWeights(state, infer_size(state), head or None, source=str(path))
+
+
+def classifier_state(encoder_state: dict[str, torch.Tensor], final_norm: str) -> dict[str, torch.Tensor]:
+    """Encoder weights renamed for the classifier layout of `final_norm` (see the module docstring)."""
+    check_choice("model.final_norm", final_norm, FINAL_NORMS)
+    state = {k: v for k, v in encoder_state.items() if not k.startswith("norm.")}
+    if final_norm == "fc_norm":
+        state.update({f"fc_{k}": v for k, v in encoder_state.items() if k.startswith("norm.")})
+    elif final_norm == "keep":
+        state.update({k: v for k, v in encoder_state.items() if k.startswith("norm.")})
+    return state
+
+
+def classifier_from_pretrained(
+    weights: PretrainedWeights,
+    num_classes: int,
+    *,
+    pool: str = "avg",
+    final_norm: str = "fc_norm",
+    reset_head: bool = False,
+    img_size: int = 0,
+    drop_path_rate: float = 0.0,
+    head_init_scale: float = HEAD_INIT_SCALE,
+    grad_checkpointing: bool = False,
+) -> Eva:
+    """Build the classifier at the checkpoint's resolution, load it strictly, then resize to `img_size`."""
+    model = build_classifier(
+        weights.size,
+        num_classes,
+        pool=pool,
+        final_norm=final_norm,
+        drop_path_rate=drop_path_rate,
+        head_init_scale=head_init_scale,
+        grad_checkpointing=grad_checkpointing,
+        release_init=False,
+    )
+    state = classifier_state(weights.encoder_state, final_norm)
+    fresh = ["head."] + (["fc_norm."] if final_norm == "drop" else [])
+    if weights.head_state is not None and not reset_head:
+        checkpoint_classes = weights.head_state["head.weight"].shape[0]
+        if checkpoint_classes != num_classes:
+            raise ValueError(
+                f"{weights.source} has a {checkpoint_classes}-class head but the data has {num_classes} "
+                "classes; set model.reset_head=true to train a new head (e.g. IN-21K -> IN-1K), "
+                "or train on the data the head was made for"
+            )
+        state.update(weights.head_state)
+        fresh.remove("head.")
+    load_weights(model, state, ignore_missing=tuple(fresh))
+    if img_size and img_size != weights.size.img_size:
+        set_image_size(model, img_size)  # position embeddings resized bicubically (336/560 fine-tunes)
+    return model
+
+
+def freeze_patch_embed(model: Eva) -> None:
+    """Stop training the patch embedding (the release's default `stop_grad_conv1`; off in flyeva)."""
+    model.patch_embed.requires_grad_(False)
+
+
+def timm_kwargs(model: Eva) -> dict[str, Any]:
+    """Everything `timm.models.eva.Eva(**kwargs)` needs to rebuild `model`'s architecture."""
+    size = model_config(model)["size"]
+    kwargs: dict[str, Any] = dict(
+        img_size=size["img_size"],
+        patch_size=size["patch_size"],
+        embed_dim=size["embed_dim"],
+        depth=size["depth"],
+        num_heads=size["num_heads"],
+        mlp_ratio=size["mlp_dim"] / size["embed_dim"],
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+    )
+    has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    if has_fc_norm != (model.global_pool == "avg"):  # timm's default: fc_norm exactly when pooling avg
+        kwargs["use_fc_norm"] = has_fc_norm
+    return kwargs
+
+
+def save_classifier(model: Eva, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """`model.safetensors` (timm's names) + `config.json` (kind "classifier", the timm kwargs)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / FLYEVA_WEIGHTS))
+    config = {**model_config(model), "kind": "classifier", "timm_kwargs": timm_kwargs(model), **(extra or {})}
+    (out_dir / FLYEVA_CONFIG).write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def load_classifier(path: str | Path) -> tuple[Eva, dict[str, Any]]:
+    """A classifier written by `save_classifier`, and its config."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    config_file = folder / FLYEVA_CONFIG
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("kind") != "classifier":
+        raise CheckpointError(
+            f"{folder} holds no flyeva classifier; pass the `final` folder of `flyeva classify finetune`"
+        )
+    model = Eva(**config["timm_kwargs"], qkv_bias=True)
+    load_weights(model, read_checkpoint(folder / FLYEVA_WEIGHTS))
+    return model, config
+
+
+def export_timm_classifier(model: Eva, path: str | Path) -> tuple[Path, str]:
+    """A safetensors file timm's `Eva` loads strictly, and the line that builds that `Eva`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    args = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model).items())
+    recipe = (
+        f"model = timm.models.eva.Eva({args}); "
+        f"model.load_state_dict(safetensors.torch.load_file({str(path)!r}))"
+    )
+    return path, recipe

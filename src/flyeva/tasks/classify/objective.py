@@ -1,0 +1,181 @@
+"""The classification objective (Mixup/CutMix, label smoothing) and top-1/top-5 evaluation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyeva.data.stream import mix_seed
+from flyeva.engine import distributed as D
+from flyeva.engine.loop import StepContext
+
+CONFUSION_MAX_CLASSES = 50  # a confusion summary is readable (and cheap) up to this many classes
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's and NumPy's global RNGs (timm's Mixup draws from NumPy), then restore them."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class ClassificationObjective:
+    """Cross-entropy on logits; with Mixup/CutMix, soft-target cross-entropy (timm's losses).
+
+    `mixup` holds timm `Mixup` keyword arguments (mixup_alpha, cutmix_alpha, prob, switch_prob,
+    mode) or is None. Mixing is seeded by (seed, rank, step, micro-step), so a resumed run mixes
+    the same way.
+    """
+
+    def __init__(self, num_classes: int, smoothing: float = 0.0, mixup: dict[str, Any] | None = None):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        self.num_classes = num_classes
+        active = mixup is not None and (mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0)
+        self.mixup = Mixup(**mixup, label_smoothing=smoothing, num_classes=num_classes) if active else None
+        if self.mixup is not None:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()  # targets are mixed and smoothed already
+        elif smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict]:
+        images, labels = batch["images"], batch["labels"]
+        if self.mixup is not None and len(images) % 2:
+            images, labels = images[:-1], labels[:-1]  # timm mixes each image with its mirror in the batch
+        targets: torch.Tensor = labels
+        if self.mixup is not None and len(images):
+            with seeded_host_rngs(mix_seed(ctx.seed, ctx.rank, ctx.step, ctx.micro)):
+                images, targets = self.mixup(images, labels)
+        logits = model(images)
+        if len(images) == 0:  # every image of the batch was unreadable: contribute nothing
+            return logits.sum() * 0.0, {}
+        loss = self.criterion(logits.float(), targets)
+        metrics = {}
+        if self.mixup is None:
+            metrics["train_top1"] = (logits.argmax(-1) == labels).float().mean().item() * 100
+        return loss, metrics
+
+
+class Evaluator:
+    """Top-1/top-5 (percent) and mean cross-entropy of a model on a labelled stream, over all ranks.
+
+    Each rank evaluates its own share of the stream; counts are summed over ranks. With at most 50
+    classes it also keeps the confusion matrix of the last evaluation of the trained model
+    (`confusion`) and of its EMA (`ema_confusion`).
+    """
+
+    def __init__(self, stream: Any, num_classes: int, precision: str = "fp32", max_batches: int = 0):
+        self.stream, self.num_classes = stream, num_classes
+        self.autocast_dtype = PRECISIONS[precision]
+        self.max_batches = max_batches
+        self.confusion: torch.Tensor | None = None
+        self.ema_confusion: torch.Tensor | None = None
+        self._trained_model: nn.Module | None = None
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        self.stream.set_epoch(0)
+        for index, batch in enumerate(self.stream):
+            if self.max_batches and index >= self.max_batches:
+                return
+            yield batch
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        device = ctx.device
+        counts = torch.zeros(
+            4, dtype=torch.float64, device=device
+        )  # top-1 hits, top-5 hits, loss sum, images
+        tracked = self.num_classes <= CONFUSION_MAX_CLASSES
+        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
+        forwards, last_images = 0, None
+        for batch in self._batches():
+            images, labels = batch["images"].to(device), batch["labels"].to(device)
+            if len(images) == 0:
+                continue
+            logits = self._forward(model, images, device).float()
+            forwards, last_images = forwards + 1, images[:1]
+            top = logits.topk(min(5, self.num_classes), dim=-1).indices
+            hits = top == labels[:, None]
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(-1).sum()
+            counts[2] += F.cross_entropy(logits, labels, reduction="sum")
+            counts[3] += len(labels)
+            if tracked:
+                confusion.index_put_(
+                    (labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64), accumulate=True
+                )
+        self._match_forward_count(model, forwards, last_images, device)
+        top1, top5, loss_sum, images_seen = D.all_reduce_sum(counts).tolist()
+        if images_seen == 0:
+            raise ValueError("the validation set yielded no readable images; check data.val")
+        if tracked:
+            confusion = D.all_reduce_sum(confusion).cpu()
+            if self._trained_model is None:
+                self._trained_model = model  # the engine evaluates the trained model first, then its EMA
+            if model is self._trained_model:
+                self.confusion = confusion
+            else:
+                self.ema_confusion = confusion
+        return {
+            "top1": 100 * top1 / images_seen,
+            "top5": 100 * top5 / images_seen,
+            "loss": loss_sum / images_seen,
+        }
+
+    def _forward(self, model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=enabled):
+            return model(images)
+
+    def _match_forward_count(
+        self, model: nn.Module, forwards: int, sample: Any, device: torch.device
+    ) -> None:
+        # Sharded models (FSDP) gather weights in every forward: all ranks must run as many.
+        if D.world_size() == 1:
+            return
+        most = max(D.all_gather_objects(forwards))
+        if forwards < most and sample is None:
+            raise ValueError("a rank got no validation images; use fewer ranks or a larger validation set")
+        for _ in range(most - forwards):
+            self._forward(model, sample, device)
+
+
+def confusion_summary(
+    confusion: torch.Tensor, classes: list[str] | None, top_pairs: int = 10
+) -> dict[str, Any]:
+    """Per-class accuracy (percent) and the most-confused (true, predicted) pairs of a confusion matrix."""
+    names = classes or [str(i) for i in range(len(confusion))]
+    per_class_total = confusion.sum(1)
+    accuracy = {
+        names[i]: (100 * confusion[i, i] / per_class_total[i]).item() if per_class_total[i] > 0 else None
+        for i in range(len(names))
+    }
+    off_diagonal = confusion.clone()
+    off_diagonal.fill_diagonal_(0)
+    pairs = []
+    values, flat = off_diagonal.flatten().sort(descending=True, stable=True)  # ties: class order
+    for value, index in zip(values.tolist()[:top_pairs], flat.tolist()[:top_pairs]):
+        if value <= 0:
+            break
+        true, predicted = divmod(index, len(names))
+        pairs.append({"true": names[true], "predicted": names[predicted], "count": int(value)})
+    return {"per_class_top1": accuracy, "most_confused": pairs}

@@ -1,0 +1,236 @@
+"""`flyeva classify linprobe`: a linear classifier on a frozen encoder, as the release probes EVA-CLIP.
+
+Head: BatchNorm1d without affine + Linear (MAE's `main_linprobe`), on the CLS token or the mean of the
+patch tokens; LARS (or SGD/AdamW); lr 1.0 at batch 16000, no weight decay, 90 epochs with 10 warmup
+(EVA_SPEC section 4). By default the encoder's features are computed once and cached, and the probe
+trains on the cache through the same engine and the same batch order it would see with live
+images; `probe.cache=false` runs the encoder on every batch instead (needed for augmentation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flyeva.config import ConfigError, to_yaml
+from flyeva.data.stream import ImageBatchStream
+from flyeva.engine import distributed as D
+from flyeva.engine.loop import TrainConfig, TrainResult, train
+from flyeva.engine.optim import OptimConfig, build_adamw, param_groups
+from flyeva.tasks.classify.data import (
+    AugSection,
+    DataSection,
+    FeatureBatchStream,
+    TrainTransform,
+    eval_stream,
+    prepare_data,
+)
+from flyeva.tasks.classify.features import (
+    EncoderSection,
+    cached_features,
+    encoder_features,
+    load_frozen_encoder,
+)
+from flyeva.tasks.classify.lars import LARS
+from flyeva.tasks.classify.objective import ClassificationObjective, Evaluator
+from flyeva.tasks.classify.report import write_summary
+
+logger = logging.getLogger(__name__)
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
+class LinearProbeHead(nn.Module):
+    """BatchNorm1d(affine=False, eps 1e-6) + Linear; weights trunc_normal(std 0.01), as MAE/MoCo v3."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features.float()))
+
+
+class FrozenEncoderProbe(nn.Module):
+    """A frozen encoder (always in eval mode, no gradients) feeding a `LinearProbeHead`."""
+
+    def __init__(self, encoder: nn.Module, head: LinearProbeHead, pool: str):
+        super().__init__()
+        self.encoder, self.head, self.pool = encoder.requires_grad_(False), head, pool
+
+    def train(self, mode: bool = True) -> FrozenEncoderProbe:
+        super().train(mode)
+        self.encoder.eval()  # frozen means frozen: no drop path, the same features as the cache
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = encoder_features(self.encoder, images, self.pool)
+        return self.head(features)
+
+
+@dataclass
+class ProbeSection:
+    optimizer: str = "lars"  # lars | sgd | adamw; EVA_SPEC section 4: LARS
+    momentum: float = 0.9  # lars and sgd
+    cache: bool = True  # features once, then train on the cache (no augmentation)
+    cache_dir: str = ""  # "" = <output_dir>/features; reused when encoder and data match
+    augment: bool = False  # RandomResizedCrop + flip each epoch (the release's); needs cache=false
+
+
+def _probe_optim() -> OptimConfig:
+    # EVA_SPEC section 4 / the release's EVA-CLIP probe: lr 1.0 at batch 16000, wd 0, 10 warmup epochs.
+    return OptimConfig(lr=1.0, min_lr=0.0, weight_decay=0.0, warmup_epochs=10, clip_grad=0.0)
+
+
+def _probe_train() -> TrainConfig:
+    return TrainConfig(
+        output_dir="runs/linprobe",
+        epochs=90,
+        batch_size=400,
+        precision="bf16",
+        strategy="ddp",
+        checkpoint_every=5000,
+    )
+
+
+@dataclass
+class LinprobeConfig:
+    model: EncoderSection = field(default_factory=EncoderSection)
+    data: DataSection = field(default_factory=DataSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    optim: OptimConfig = field(default_factory=_probe_optim)
+    train: TrainConfig = field(default_factory=_probe_train)
+
+
+def probe_optimizer_fn(
+    name: str, momentum: float
+) -> Callable[[list[dict], OptimConfig], torch.optim.Optimizer]:
+    """Builds the probe's optimizer from the engine's parameter groups (each group's lr set per step)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"probe.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+    def build(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+        clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+        if name == "lars":
+            return LARS(clean, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=momentum)
+        if name == "sgd":
+            return torch.optim.SGD(clean, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
+        return build_adamw(groups, cfg)
+
+    return build
+
+
+def checked_optimizer_fn(probe: ProbeSection) -> Callable[[list[dict], OptimConfig], torch.optim.Optimizer]:
+    """The optimizer builder, after checking that the engine can take it."""
+    optimizer_fn = probe_optimizer_fn(probe.optimizer, probe.momentum)
+    if probe.optimizer != "adamw" and "optimizer_fn" not in inspect.signature(train).parameters:
+        raise ConfigError(
+            f"probe.optimizer={probe.optimizer} needs the engine's optimizer_fn hook, which this flyeva "
+            "lacks; use probe.optimizer=adamw"
+        )
+    return optimizer_fn
+
+
+def train_probe(
+    model: nn.Module, objective: Any, stream: Any, cfg: LinprobeConfig, train_cfg: TrainConfig, evaluate: Any
+) -> TrainResult:
+    """The shared engine, with the probe's optimizer."""
+    kwargs: dict[str, Any] = dict(
+        groups_fn=lambda m: param_groups(m, cfg.optim.weight_decay), evaluate=evaluate
+    )
+    if cfg.probe.optimizer != "adamw":  # the engine builds AdamW itself
+        kwargs["optimizer_fn"] = checked_optimizer_fn(cfg.probe)
+    return train(model, objective, stream, train_cfg, cfg.optim, **kwargs)
+
+
+def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
+    """Train a linear probe on a frozen encoder; write the probe, metrics and summary.json."""
+    checked_optimizer_fn(cfg.probe)  # fail before the features are extracted
+    if cfg.probe.augment and cfg.probe.cache:
+        raise ConfigError("probe.augment=true needs probe.cache=false (a cache holds one view of each image)")
+    device = D.init_distributed(cfg.train.device)
+    data = prepare_data(cfg.data, need_val=False)
+    encoder = load_frozen_encoder(cfg.model, cfg.train.seed).to(device)
+    image_size = encoder.patch_embed.img_size[0]
+    torch.manual_seed(cfg.train.seed)  # the same head on every rank, cached or not
+    head = LinearProbeHead(encoder.embed_dim, data.num_classes)
+    out = Path(cfg.train.output_dir)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
+    if cfg.probe.cache:
+        extract = dict(
+            pool=cfg.model.pool,
+            image_size=image_size,
+            crop_pct=cfg.data.crop_pct,
+            batch_size=batch_size,
+            device=device,
+            precision=cfg.train.precision,
+            num_workers=cfg.train.num_workers,
+        )
+        key = dict(
+            encoder=cfg.model.init or f"random {cfg.model.size}", pool=cfg.model.pool, image_size=image_size
+        )
+        key.update(crop_pct=cfg.data.crop_pct, precision=cfg.train.precision, seed=cfg.train.seed)
+        cache_dir = cfg.probe.cache_dir or out / "features"
+        features, labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
+        model: nn.Module = head
+        stream: Any = FeatureBatchStream(
+            features, labels, batch_size, rank, world, cfg.train.seed, drop_last=True
+        )
+        train_cfg = replace(cfg.train, num_workers=0)  # whole batches sliced from memory: no workers
+        val_stream = None
+        if data.val is not None:
+            val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)
+            # Every world-th sample from this rank's offset: each counted exactly once over all ranks.
+            val_stream = FeatureBatchStream(val_features[rank::world], val_labels[rank::world], batch_size)
+        del encoder  # the cache replaces it
+    else:
+        model, train_cfg = FrozenEncoderProbe(encoder, head, cfg.model.pool), cfg.train
+        aug = AugSection(auto_augment="", reprob=0.0, smoothing=0.0)  # RandomResizedCrop(0.08, 1) + flip
+        transform = (
+            TrainTransform(image_size, aug) if cfg.probe.augment else _eval_transform(image_size, cfg.data)
+        )
+        stream = ImageBatchStream(
+            data.train, transform, batch_size, rank, world, cfg.train.seed, drop_last=True
+        )
+        val_stream = None
+        if data.val is not None:
+            val_stream = eval_stream(data.val, image_size, cfg.data.crop_pct, batch_size, rank, world)
+    evaluator = None
+    if val_stream is not None:
+        evaluator = Evaluator(val_stream, data.num_classes, cfg.train.precision, cfg.data.max_val_batches)
+    result = train_probe(model, ClassificationObjective(data.num_classes), stream, cfg, train_cfg, evaluator)
+    summary: dict[str, Any] = {}
+    if D.is_main():
+        state = {k: v.detach().contiguous().cpu() for k, v in _head_of(result.model).state_dict().items()}
+        (out / "final").mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "final" / "probe.safetensors"))
+        meta = dict(encoder=cfg.model.init, pool=cfg.model.pool, image_size=image_size, classes=data.classes)
+        (out / "final" / "probe.json").write_text(json.dumps(meta, indent=2))
+        summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
+    return summary
+
+
+def _eval_transform(image_size: int, data: DataSection) -> Any:
+    from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+
+    return EvalTransform(image_size, data.crop_pct, CLIP_MEAN, CLIP_STD)
+
+
+def _head_of(model: nn.Module) -> LinearProbeHead:
+    model = D.unwrap(model)
+    return model.head if isinstance(model, FrozenEncoderProbe) else model
