@@ -23,8 +23,22 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
+    if cfg.teacher.train_recipe and cfg.teacher.path and not Path(cfg.teacher.path).exists():
+        _train_teacher(cfg.teacher.train_recipe, Path(cfg.teacher.path), cfg.train.device)
     result = run_pretrain(cfg)
     print(f"pretraining finished at step {result.step}; weights in {Path(cfg.train.output_dir) / 'final'}")
+
+
+def _train_teacher(recipe: str, final: Path, device: str) -> None:
+    """Train the CLIP teacher a recipe names, once; it is cached at `final` (OUTPUT/final)."""
+    from flyeva.config import load_config, recipe_path
+    from flyeva.tasks.clip.recipe import ClipConfig, run_clip_train
+
+    if final.name != "final":
+        raise ConfigError(f"teacher.path {final} must be the `final` folder that `flyeva clip train` writes")
+    print(f"no teacher at {final}: training it once with the clip recipe {recipe!r}")
+    overrides = [f"train.output_dir={final.parent}", f"train.device={device}"]
+    run_clip_train(load_config(ClipConfig, recipe_path("clip", recipe), overrides))
 
 
 def _models(args: argparse.Namespace) -> None:

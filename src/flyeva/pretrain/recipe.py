@@ -40,6 +40,9 @@ class ModelSection:
 class TeacherSection:
     path: str = ""  # local CLIP weights: open_clip file, HF folder, or converted OpenAI safetensors
     model_name: str = "ViT-L-14-quickgelu"  # OpenAI weights need QuickGELU (EVA_SPEC section 5)
+    # A `flyeva clip train` recipe that writes `path` (its OUTPUT/final) first when it does not exist:
+    # the miniature world trains its own CLIP teacher once and reuses it.
+    train_recipe: str = ""
     # A randomly initialised stand-in tower (open_clip vision_cfg) when no weights are given.
     random_init: dict[str, Any] = field(default_factory=dict)
     random_seed: int = 0
@@ -107,6 +110,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Build everything from `cfg`, train with the shared engine, write flyeva weights at the end."""
     if not cfg.data.sources:
         raise ValueError("no training data: set data.sources (a folder, list file or webdataset shards)")
+    D.init_distributed(cfg.train.device)  # the stream below shards by rank: join the group first
     size = get_size(cfg.model.size)
     if cfg.model.img_size:
         size = size_with(size, img_size=cfg.model.img_size)

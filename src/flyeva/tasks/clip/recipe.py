@@ -1,0 +1,217 @@
+"""`flyeva clip train` / `flyeva clip zeroshot`: the config schema and the runs.
+
+Defaults are EVA-CLIP-g's recipe where EVA_SPEC section 4 gives it (EVA-g vision, CLIP-L text,
+embed 1024, fp16, ZeRO-1, global batch ~41k); the rest follows open_clip's large-batch recipes.
+Training goes through the shared engine (`flyeva.engine.loop.train`); this file only builds the
+model, the data stream, the objective and the optimiser groups.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.config import ConfigError, to_yaml
+from flyeva.engine.loop import TrainConfig, TrainResult
+from flyeva.engine.optim import OptimConfig
+from flyeva.tasks.clip.model import ClipModelSection, build_clip, build_clip_from_config
+from flyeva.tasks.clip.zeroshot import ZeroShotSection
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipSourceSection:
+    """One image-text source: wds (target txt), captions (CSV/TSV), caption_folder, or shapeworld."""
+
+    type: str = "wds"
+    path: str = ""
+    weight: float = 1.0  # relative sampling weight inside a mixture
+    num_samples: int = 0  # wds: samples per epoch; shapeworld: dataset size
+    target: str = "txt"  # wds only: the caption member
+    root: str = ""  # captions only: folder that relative paths start from
+    path_column: str = ""  # captions only ("" = open_clip's "filepath")
+    caption_column: str = ""  # captions only ("" = open_clip's "title")
+    seed: int = 0  # shapeworld only
+    image_size: int = 0  # shapeworld only (0 = 64)
+
+
+@dataclass
+class ClipDataSection:
+    sources: list[ClipSourceSection] = field(default_factory=list)
+    samples_per_epoch: int = 0  # required for mixtures
+    # open_clip's CLIP training crop: RandomResizedCrop(scale (0.9, 1)), no flip, CLIP normalisation.
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    hflip: float = 0.0
+
+
+@dataclass
+class LossSection:
+    # Micro-batch for the feature-caching accumulation (0 = the whole per-rank batch in one pass).
+    micro_batch_size: int = 0
+
+
+@dataclass
+class ClipConfig:
+    model: ClipModelSection = field(default_factory=ClipModelSection)
+    data: ClipDataSection = field(default_factory=ClipDataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=5e-4, min_lr=0.0, weight_decay=0.05, warmup_epochs=1.0, clip_grad=0.0
+        )
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="runs/clip", batch_size=160, epochs=28)
+    )
+
+
+def _source(sections: list[ClipSourceSection], samples_per_epoch: int) -> Any:
+    from flyeva.data.sources import build_source
+
+    def one(section: ClipSourceSection) -> Any:
+        if section.type == "shapeworld":
+            from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
+
+            world = ShapeWorld(image_size=section.image_size or 64, seed=section.seed)
+            source = ShapeWorldSource(world, section.num_samples or 4096, target="caption")
+            if not hasattr(source, "target_type"):  # how the stream learns that targets are captions
+                source.target_type = str
+            return source
+        keys = {
+            "wds": ("path", "num_samples", "target"),
+            "captions": ("path", "root", "path_column", "caption_column"),
+            "caption_folder": ("path",),
+        }
+        if section.type not in keys:
+            raise ConfigError(
+                f"data source type {section.type!r} gives no captions; use one of {[*keys, 'shapeworld']}"
+            )
+        spec = {k: getattr(section, k) for k in keys[section.type] if getattr(section, k) not in ("", 0)}
+        return build_source({"type": section.type, **spec})
+
+    if not sections:
+        raise ConfigError("no training data: set data.sources (webdataset shards, a caption table or folder)")
+    if len(sections) == 1:
+        return one(sections[0])
+    if not samples_per_epoch:
+        raise ConfigError("a mixture of sources needs data.samples_per_epoch")
+    from flyeva.data.sources import MixtureSource
+
+    return MixtureSource([one(s) for s in sections], [s.weight for s in sections], samples_per_epoch)
+
+
+def check_config(cfg: ClipConfig) -> None:
+    if cfg.train.accum_steps != 1:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps} would split the contrastive batch into separate "
+            "losses; set train.accum_steps=1 and loss.micro_batch_size to accumulate with cached features"
+        )
+    if cfg.loss.micro_batch_size < 0:
+        raise ConfigError("loss.micro_batch_size must be >= 0 (0 = no accumulation)")
+
+
+def run_clip_train(cfg: ClipConfig) -> TrainResult:
+    """Build the model, data and objective from `cfg`; train with the shared engine; save OUTPUT/final."""
+    from flyeva.data.stream import ImageBatchStream
+    from flyeva.data.transforms import PretrainTransform
+    from flyeva.engine import distributed as D
+    from flyeva.engine.checkpoint import full_model_state
+    from flyeva.engine.loop import train
+    from flyeva.models.checkpoint import save_flyeva
+    from flyeva.models.eva import build_encoder
+    from flyeva.tasks.clip.loss import ClipObjective
+    from flyeva.tasks.clip.model import clip_param_groups, save_clip, vision_encoder_state
+    from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
+
+    check_config(cfg)
+    D.init_distributed(cfg.train.device)  # rank and world size are needed before the engine runs
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_clip_from_config(cfg.model)
+    image_size = model.visual.patch_embed.img_size[0]
+    stream = ImageBatchStream(
+        _source(cfg.data.sources, cfg.data.samples_per_epoch),
+        PretrainTransform(image_size=image_size, scale=tuple(cfg.data.scale), hflip=cfg.data.hflip),
+        batch_size=cfg.train.batch_size,
+        rank=D.rank(),
+        world_size=D.world_size(),
+        seed=cfg.train.seed,
+    )
+    if stream.target_type is not str:
+        raise ConfigError(
+            "the training data gives no captions; CLIP needs image-text pairs (wds target=txt, ...)"
+        )
+    objective = ClipObjective(tokenizer_for(cfg.model.text.context_length), cfg.loss.micro_batch_size)
+
+    evaluate = None
+    if cfg.zeroshot.during_training and cfg.zeroshot.datasets:
+        suite = ZeroShotSuite(cfg.zeroshot, image_size)
+        device = resolve_device(cfg.train.device)
+
+        def evaluate(wrapped: torch.nn.Module, ctx: Any) -> dict[str, float]:
+            # Every rank evaluates (FSDP needs all of them); the unwrapped model runs no DDP collectives.
+            results = suite.run(D.unwrap(wrapped), ctx.device or device, retrieval=False)
+            metrics = {f"zeroshot_{name}_top1": s["top1"] for name, s in results["datasets"].items()}
+            metrics.update({k: v for k, v in results.items() if k not in ("datasets", "retrieval")})
+            return metrics
+
+    def groups_fn(base: torch.nn.Module) -> list[dict]:
+        return clip_param_groups(base, cfg.model.vision, cfg.model.text, cfg.optim.lr, cfg.optim.weight_decay)
+
+    out = Path(cfg.train.output_dir)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    result = train(model, objective, stream, cfg.train, cfg.optim, groups_fn=groups_fn, evaluate=evaluate)
+
+    state = full_model_state(result.model)  # collective under FSDP2
+    if D.is_main():
+        final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
+        final.load_state_dict(state)
+        final.clamp_logit_scale()
+        save_clip(final, cfg.model, out / "final", extra={"step": result.step})
+        encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
+        encoder.load_state_dict(vision_encoder_state(final))
+        save_flyeva(encoder, out / "final" / "visual", extra={"source": "eva-clip vision tower"})
+        summary = {
+            "step": result.step,
+            "skipped_pairs": result.skipped_images,
+            "nonfinite_steps": result.nonfinite_steps,
+            "logit_scale": float(final.logit_scale.detach().exp()),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("wrote %s (CLIP) and %s (vision encoder)", out / "final", out / "final" / "visual")
+    return result
+
+
+def run_zeroshot(cfg: ClipConfig) -> dict[str, Any]:
+    """Evaluate `zeroshot.checkpoint` (or the recipe's initial model) on the configured sets."""
+    from flyeva.tasks.clip.model import load_clip
+    from flyeva.tasks.clip.zeroshot import ZeroShotSuite, format_table, resolve_device, write_results
+
+    zs = cfg.zeroshot
+    if not zs.datasets and not zs.retrieval:
+        raise ConfigError(
+            "nothing to evaluate: give --dataset TYPE:PATH (or zeroshot.datasets / zeroshot.retrieval)"
+        )
+    device = resolve_device(zs.device)
+    if zs.checkpoint:
+        model, _ = load_clip(zs.checkpoint)
+        default_output = Path(zs.checkpoint) / "zeroshot.json"
+    else:
+        logger.info("no zeroshot.checkpoint: evaluating the recipe's initial model (vision/text init)")
+        model = build_clip_from_config(cfg.model)
+        default_output = Path(cfg.train.output_dir) / "zeroshot.json"
+    model.to(device)
+    suite = ZeroShotSuite(zs, model.visual.patch_embed.img_size[0])
+    results = suite.run(model, device)
+    print(format_table(results))
+    path = write_results(results, zs.output or default_output)
+    print(f"results written to {path}")
+    return results

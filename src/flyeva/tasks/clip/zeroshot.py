@@ -1,0 +1,397 @@
+"""`flyeva clip zeroshot`: zero-shot classification and image-text retrieval (EVA_SPEC section 4).
+
+Classifier: for every class, the prompts of every template (OpenAI's 80 ImageNet templates by
+default) go through the text tower; the per-class mean of the L2-normalised embeddings,
+renormalised, is that class's weight (open_clip's `build_zero_shot_classifier`). Reported per
+dataset: top-1/top-5; overall: the average top-1 and the robustness gap = average top-1 of the
+distribution-shift sets (ImageNet-V2/-A/-R/-Sketch, ObjectNet) minus ImageNet-1K's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+from flyeva.tasks.clip.datasets import (
+    EvalImages,
+    EvalSet,
+    captioned_set,
+    cifar_set,
+    eval_loader,
+    folder_set,
+    imagenet_set,
+    read_lines,
+    shapeworld_set,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("in1k", "shift", "other")
+# Default roles by dataset name: EVA_SPEC section 4 lists these as ImageNet and its shifted variants.
+DEFAULT_ROLES = {
+    "imagenet": "in1k",
+    "imagenet_1k": "in1k",
+    "in1k": "in1k",
+    "imagenet_v2": "shift",
+    "imagenet_a": "shift",
+    "imagenet_r": "shift",
+    "imagenet_sketch": "shift",
+    "objectnet": "shift",
+}
+DATASET_TYPES = ("folder", "imagenet", "cifar10", "cifar100", "shapeworld")
+
+
+@dataclass
+class EvalDatasetSection:
+    """One zero-shot classification set (see `flyeva.tasks.clip.datasets`)."""
+
+    name: str = ""
+    type: str = "folder"  # folder | imagenet | cifar10 | cifar100 | shapeworld
+    path: str = ""
+    classnames: str = ""  # folder: file of class names in sorted folder order ("" = folder names)
+    subset: str = ""  # imagenet: file of wnids/indices restricting the logits ("" = folders present)
+    class_map: str = ""  # imagenet: "folder<TAB>wnid|index" lines for folders not named by wnid/index
+    templates: list[str] = field(default_factory=list)  # prompts with {} ([] = zeroshot's)
+    templates_file: str = ""  # or a file of them, one per line
+    role: str = ""  # in1k | shift | other ("" = from the name, e.g. imagenet_a -> shift)
+    split: str = "test"  # cifar: test | train
+    num_samples: int = 500  # shapeworld only
+    seed: int = 1000  # shapeworld only: a seed the training data does not use
+    image_size: int = 64  # shapeworld only
+
+
+@dataclass
+class RetrievalSection:
+    """A captioned set for image<->text recall@k: a CSV/TSV table or a caption folder."""
+
+    name: str = ""
+    path: str = ""
+    path_column: str = "filepath"
+    caption_column: str = "title"
+
+
+@dataclass
+class ZeroShotSection:
+    checkpoint: str = ""  # a `flyeva clip train` OUTPUT/final folder ("" = the recipe's model and inits)
+    datasets: list[EvalDatasetSection] = field(default_factory=list)
+    retrieval: list[RetrievalSection] = field(default_factory=list)
+    # Prompts with {} for the class name; none = OpenAI's 80 ImageNet templates (EVA_SPEC section 4).
+    templates: list[str] = field(default_factory=list)
+    templates_file: str = ""  # or a file of them, one per line
+    crop_pct: float = 1.0
+    batch_size: int = 256
+    num_workers: int = 4
+    max_images: int = 0  # per dataset, 0 = all (a quick look at a large set)
+    during_training: bool = False  # also evaluate the classification sets at every epoch end
+    output: str = ""  # JSON path ("" = zeroshot.json next to the checkpoint, else in train.output_dir)
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and the classifier.
+
+
+def default_templates() -> list[Callable[[str], str]]:
+    """OpenAI's 80 ImageNet prompt templates (EVA_SPEC section 4), as open_clip ships them."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def check_templates(templates: Sequence[str], where: str) -> list[str]:
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"{where}: every template needs exactly one {{}} for the class name; bad: {bad[:3]}")
+    return list(templates)
+
+
+def choose_templates(
+    inline: Sequence[str], file: str, fallback: list | None = None
+) -> list[str | Callable[[str], str]]:
+    """Inline templates, else a file of them (one per line), else `fallback` or OpenAI's 80."""
+    if inline:
+        return check_templates(inline, "templates")
+    if file:
+        return check_templates(read_lines(file, "template"), file)
+    return fallback if fallback is not None else default_templates()
+
+
+def tokenizer_for(context_length: int) -> Callable[[Sequence[str]], torch.Tensor]:
+    """open_clip's BPE tokenizer (vocabulary bundled in the package) at `context_length`."""
+    import open_clip
+
+    return partial(open_clip.tokenize, context_length=context_length)
+
+
+@torch.no_grad()
+def build_classifier(
+    model: torch.nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    device: torch.device | str = "cpu",
+    classes_per_batch: int = 10,
+) -> torch.Tensor:
+    """[embed_dim, num_classes] zero-shot weights: per class, the renormalised mean of the normalised
+    text embeddings of its prompts (open_clip's `build_zero_shot_classifier`)."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    return build_zero_shot_classifier(
+        model,
+        tokenizer_for(model.context_length),
+        list(classnames),
+        list(templates),
+        num_classes_per_batch=classes_per_batch,
+        device=device,
+    )
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """Number of rows whose label is among the k highest logits, per k (k capped at the class count)."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: torch.nn.Module,
+    dataset: EvalSet,
+    classifier: torch.Tensor,
+    transform: Callable,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    max_images: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Top-1/top-5 (%) of `model` on `dataset`, with the logits restricted to `dataset.subset`."""
+    weights = classifier[:, dataset.subset] if dataset.subset is not None else classifier
+    total = len(dataset.samples)
+    count = min(total, max_images) if max_images else total
+    keep = [index * total // count for index in range(count)]  # evenly spread: folders are class-sorted
+    images = EvalImages([dataset.samples[i] for i in keep], [dataset.labels[i] for i in keep], transform)
+    correct, seen, skipped = {1: 0, 5: 0}, 0, 0
+    for batch, labels, unreadable in eval_loader(images, batch_size, num_workers):
+        skipped += unreadable
+        if batch is None:
+            continue
+        features = model.encode_image(batch.to(device), normalize=True)
+        logits = features.float() @ weights.float()
+        for k, hits in topk_correct(logits, labels.to(device)).items():
+            correct[k] += hits
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError(f"dataset {dataset.name!r}: no readable images")
+    return {
+        "top1": 100.0 * correct[1] / seen,
+        "top5": 100.0 * correct[5] / seen,
+        "images": seen,
+        "skipped": skipped,
+        "classes": weights.shape[1],
+    }
+
+
+def role_of(section: EvalDatasetSection) -> str:
+    role = section.role or DEFAULT_ROLES.get(section.name.lower(), "other")
+    if role not in ROLES:
+        raise ValueError(f"dataset {section.name!r}: role must be one of {ROLES}, got {role!r}")
+    return role
+
+
+def summarize(top1: dict[str, float], roles: dict[str, str]) -> dict[str, float]:
+    """Average top-1 over all sets; with IN-1K and shift sets, the shift average and the robustness gap
+    (shift average minus IN-1K; EVA_SPEC section 4)."""
+    summary = {"average_top1": sum(top1.values()) / len(top1)} if top1 else {}
+    reference = [top1[name] for name in top1 if roles[name] == "in1k"]
+    shifts = [top1[name] for name in top1 if roles[name] == "shift"]
+    if len(reference) > 1:
+        raise ValueError(f"more than one dataset has role in1k: {[n for n in top1 if roles[n] == 'in1k']}")
+    if shifts:
+        summary["shift_average_top1"] = sum(shifts) / len(shifts)
+        if reference:
+            summary["robustness_gap"] = summary["shift_average_top1"] - reference[0]
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval.
+
+
+def retrieval_recall(
+    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k (%) both ways from an [images, texts] similarity; `text_to_image[t]` = the image of text t.
+
+    Image->text: an image is a hit at k when any of its captions ranks in its top k texts.
+    Text->image: a text is a hit when its image ranks in its top k images. Rank = number of
+    candidates scoring strictly higher than the best true match.
+    """
+    num_images = similarity.shape[0]
+    owns = text_to_image[None, :] == torch.arange(num_images, device=similarity.device)[:, None]
+    best_true_text = similarity.masked_fill(~owns, float("-inf")).max(dim=1).values
+    image_rank = (similarity > best_true_text[:, None]).sum(dim=1)
+    true_image = similarity.gather(0, text_to_image[None, :]).squeeze(0)
+    text_rank = (similarity > true_image[None, :]).sum(dim=0)
+    recall = {}
+    for k in ks:
+        recall[f"image_to_text_R@{k}"] = 100.0 * float((image_rank < k).float().mean())
+        recall[f"text_to_image_R@{k}"] = 100.0 * float((text_rank < k).float().mean())
+    return recall
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    section: RetrievalSection,
+    transform: Callable,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    images, captions, owners = captioned_set(section.path, section.path_column, section.caption_column)
+    tokenize = tokenizer_for(model.context_length)
+    image_features, readable = [], []
+    indexed = EvalImages(images, list(range(len(images))), transform)
+    for batch, indices, _ in eval_loader(indexed, batch_size, num_workers):
+        if batch is not None:
+            image_features.append(model.encode_image(batch.to(device), normalize=True).float())
+            readable += indices.tolist()
+    if not readable:
+        raise ValueError(f"retrieval set {section.path}: no readable images")
+    # An unreadable image drops out together with its captions.
+    position = {image: row for row, image in enumerate(readable)}
+    texts = [(caption, position[owner]) for caption, owner in zip(captions, owners) if owner in position]
+    text_features = [
+        model.encode_text(
+            tokenize([c for c, _ in texts[start : start + batch_size]]).to(device), normalize=True
+        )
+        for start in range(0, len(texts), batch_size)
+    ]
+    similarity = torch.cat(image_features) @ torch.cat(text_features).float().T
+    owner_tensor = torch.tensor([owner for _, owner in texts], device=similarity.device)
+    result = retrieval_recall(similarity, owner_tensor)
+    result.update(images=len(readable), captions=len(texts))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a suite.
+
+
+def load_eval_set(section: EvalDatasetSection) -> EvalSet:
+    if section.type not in DATASET_TYPES:
+        raise ValueError(
+            f"dataset {section.name!r}: unknown type {section.type!r}; use one of {DATASET_TYPES}"
+        )
+    if section.type != "shapeworld" and not section.path:
+        raise ValueError(f"dataset {section.name!r} ({section.type}) needs a path")
+    role = role_of(section)
+    if section.type == "folder":
+        return folder_set(section.name, section.path, section.classnames, role)
+    if section.type == "imagenet":
+        return imagenet_set(section.name, section.path, section.subset, section.class_map, role)
+    if section.type in ("cifar10", "cifar100"):
+        return cifar_set(section.name, section.path, section.type, section.split, role)
+    return shapeworld_set(section.name, section.num_samples, section.seed, section.image_size, role)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ZeroShotSuite:
+    """The datasets of a `ZeroShotSection`, loaded once; `run(model)` evaluates a model on all of them."""
+
+    def __init__(self, cfg: ZeroShotSection, image_size: int):
+        for index, section in enumerate(cfg.datasets):
+            section.name = section.name or f"{section.type}_{index}"
+        names = [section.name for section in cfg.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zero-shot dataset names must be unique, got {names}")
+        self.cfg = cfg
+        self.sets = [load_eval_set(section) for section in cfg.datasets]
+        suite_templates = choose_templates(cfg.templates, cfg.templates_file)
+        self.templates = {
+            section.name: choose_templates(section.templates, section.templates_file, suite_templates)
+            for section in cfg.datasets
+        }
+        self.transform = EvalTransform(image_size, cfg.crop_pct, CLIP_MEAN, CLIP_STD)
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, device: torch.device, retrieval: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        was_training = model.training
+        model.eval()
+        classifiers: dict[tuple, torch.Tensor] = {}
+        results: dict[str, Any] = {"datasets": {}, "retrieval": {}}
+        for dataset in self.sets:
+            templates = self.templates[dataset.name]
+            key = (tuple(dataset.classnames), tuple(templates))
+            if key not in classifiers:  # ImageNet and its variants share one 1000-class classifier
+                classifiers[key] = build_classifier(model, dataset.classnames, templates, device)
+            scores = evaluate_classification(
+                model,
+                dataset,
+                classifiers[key],
+                self.transform,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                max_images=cfg.max_images,
+                device=device,
+            )
+            results["datasets"][dataset.name] = {"role": dataset.role, **scores}
+        top1 = {name: scores["top1"] for name, scores in results["datasets"].items()}
+        results.update(summarize(top1, {name: s["role"] for name, s in results["datasets"].items()}))
+        if retrieval:
+            for index, section in enumerate(cfg.retrieval):
+                name = section.name or f"retrieval_{index}"
+                results["retrieval"][name] = evaluate_retrieval(
+                    model,
+                    section,
+                    self.transform,
+                    batch_size=cfg.batch_size,
+                    num_workers=cfg.num_workers,
+                    device=device,
+                )
+        model.train(was_training)
+        return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table."""
+    lines = [f"{'dataset':<20} {'role':<6} {'classes':>7} {'images':>8} {'top-1':>7} {'top-5':>7}"]
+    for name, scores in results["datasets"].items():
+        lines.append(
+            f"{name:<20} {scores['role']:<6} {scores['classes']:>7} {scores['images']:>8} "
+            f"{scores['top1']:>7.2f} {scores['top5']:>7.2f}"
+        )
+    if "average_top1" in results:
+        lines.append(f"{'average top-1':<44} {results['average_top1']:>7.2f}")
+    if "shift_average_top1" in results:
+        lines.append(f"{'distribution-shift average top-1':<44} {results['shift_average_top1']:>7.2f}")
+    if "robustness_gap" in results:
+        lines.append(f"{'robustness gap (shift avg - IN-1K)':<44} {results['robustness_gap']:>+7.2f}")
+    for name, recall in results.get("retrieval", {}).items():
+        lines.append(f"retrieval {name}: {recall['images']} images, {recall['captions']} captions")
+        for direction in ("image_to_text", "text_to_image"):
+            values = "  ".join(f"R@{k} {recall[f'{direction}_R@{k}']:6.2f}" for k in (1, 5, 10))
+            lines.append(f"  {direction.replace('_', ' '):<14} {values}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
