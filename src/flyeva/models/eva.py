@@ -77,9 +77,21 @@ def eva_kwargs(size: EvaSize, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+@torch.no_grad()
 def trunc_normal_release_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
-    """The release's init: normal(0, std) truncated at +-1 std (not timm's +-2 absolute)."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+    """The release's init: normal(0, std) truncated at +-1 std (not timm's +-2 absolute).
+
+    Exact rejection sampling: ~60x faster on CPU than `nn.init.trunc_normal_`'s erfinv (20 s for
+    EVA-B), since 68% of draws land inside +-1 std and only the rest are drawn again.
+    """
+    if tensor.is_meta:
+        return tensor
+    tensor.normal_(0.0, std)
+    outside = tensor.abs() > std
+    while count := int(outside.sum()):
+        tensor[outside] = torch.randn(count, dtype=tensor.dtype, device=tensor.device) * std
+        outside = tensor.abs() > std
+    return tensor
 
 
 @torch.no_grad()
