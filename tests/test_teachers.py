@@ -290,3 +290,28 @@ def test_vit_b16_grid_differs_from_patch14_student():
     assert (teacher.grid_size, teacher.embed_dim, teacher.image_size) == ((14, 14), 512, 224)
     with pytest.raises(ValueError, match=r"gives 14x14 .* student gives 16x16 .* student patch size 16"):
         check_token_grid(teacher, (16, 16), 224)
+
+
+def test_a_flyeva_eva_clip_folder_is_a_teacher(tmp_path):
+    """The miniature world's teacher: `flyeva clip train`'s EVA vision tower, head on final-norm tokens."""
+    from flyeva.tasks.clip.model import ClipModelSection, TextSection, VisionSection, build_clip, save_clip
+
+    cfg = ClipModelSection(
+        embed_dim=24,
+        vision=VisionSection(size="miniature"),
+        text=TextSection(width=32, heads=2, layers=1, context_length=16, quick_gelu=False),
+    )
+    torch.manual_seed(0)
+    clip = build_clip(cfg).eval()
+    save_clip(clip, cfg, tmp_path / "final")
+    teacher = load_clip_teacher(tmp_path / "final")
+    assert (teacher.grid_size, teacher.patch_size, teacher.image_size) == ((8, 8), 4, 32)
+    assert teacher.embed_dim == 24
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.visual.head(clip.visual.forward_features(images)[:, 1:])
+    assert torch.allclose(teacher(images), expected, atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    check_token_grid(teacher, (8, 8), 32)
+    with pytest.raises(ValueError, match="flyeva-clip:final"):
+        check_token_grid(teacher, (16, 16), 32)
