@@ -33,16 +33,17 @@ logger = logging.getLogger(__name__)
 class DemoBudget:
     """How much of ShapeWorld each stage sees; `quick` is the CI smoke run."""
 
+    # Sized so the full run stays under 15 minutes on 2 idle CPU cores (measured in docs/demo.md).
     seeds: tuple[int, ...] = (0, 1, 2)
-    teacher_samples: int = 2048
+    teacher_samples: int = 8192
     teacher_epochs: int = 4
-    pretrain_samples: int = 2048
-    pretrain_epochs: int = 3
-    probe_train: int = 1024
+    pretrain_samples: int = 4096
+    pretrain_epochs: int = 2
+    probe_train: int = 2048
     probe_epochs: int = 10
-    finetune_samples: int = 1024
-    finetune_epochs: int = 3
-    clip_samples: int = 1024
+    finetune_samples: int = 2048
+    finetune_epochs: int = 2
+    clip_samples: int = 2048
     clip_epochs: int = 2
     val_samples: int = 512
 
