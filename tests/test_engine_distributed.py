@@ -154,7 +154,9 @@ def test_zero1_matches_single_process_and_checkpoints_full_optimizer_state(runs)
     for index, state in reference["state"].items():
         assert state["step"].item() == zero["state"][index]["step"].item() == 4
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(zero["state"][index][key], state[key], rtol=1e-4, atol=1e-9), (index, key)
+            # fp32 sums in another order: absolute slack scaled to the tensor (measured 3.7e-9 on 6.8e-3).
+            slack = 1e-5 * float(state[key].abs().max())
+            assert torch.allclose(zero["state"][index][key], state[key], rtol=1e-4, atol=slack), (index, key)
 
 
 def test_fsdp_matches_single_process_and_checkpoints_dcp_folder(runs):
