@@ -76,7 +76,9 @@ def main() -> None:
         rows.append(("single thread", 1))
     print(f"torch {torch.__version__}, {args.dtype} matmul {args.size}x{args.size}, best of {args.repeats}")
     for label, threads in rows:
-        gflops = matmul_gflops(args.size, repeats=args.repeats, device=args.device, dtype=dtype, threads=threads)
+        gflops = matmul_gflops(
+            args.size, repeats=args.repeats, device=args.device, dtype=dtype, threads=threads
+        )
         print(f"{label:>22}: {gflops:9.1f} GFLOP/s")
 
 

@@ -25,8 +25,11 @@ Each size runs in a fresh process so that peak memory (CPU: `ru_maxrss`; CUDA:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +37,7 @@ import types
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_ceiling import DTYPES, matmul_gflops
@@ -72,6 +76,18 @@ def teacher_flops_per_image(teacher: torch.nn.Module, device: torch.device) -> t
     return counted + attention, "FlopCounterMode + 4N^2D attention by formula"
 
 
+class LabelledTeacher(torch.nn.Module):
+    """The teacher under a profiler label, so `--profile` can split teacher from student time."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with record_function("phase: teacher forward"):
+            return self.teacher(images)
+
+
 def build_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
     """The library's AdamW (EVA_SPEC section 3 groups and betas); `impl` forces torch's implementation."""
     cfg = OptimConfig()
@@ -104,11 +120,13 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
     size = size_with(get_size(size_name), patch_size=teacher.patch_size, img_size=teacher.image_size)
     model = build_mim_model(size, teacher_dim=teacher.embed_dim, drop_path_rate=0.1).to(device)
     check_token_grid(teacher, tuple(model.patch_embed.grid_size), size.img_size)
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile in ("student", "both"):
+        model.compile()  # in place: parameter names (and so the optimizer groups) stay the same
+    if args.compile in ("teacher", "both"):
+        teacher.visual.transformer.compile()  # the blocks; the wrapper's inference_mode stays eager
     optimizer = build_optimizer(model, args.adamw)
     generator = BlockMaskGenerator.from_ratio((size.grid_size, size.grid_size), MASK_RATIO)
-    objective = MIMObjective(teacher, generator, size.patch_size)
+    objective = MIMObjective(LabelledTeacher(teacher), generator, size.patch_size)
     autocast_dtype = DTYPES[args.precision] if args.precision != "fp32" else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     clip_grad = OptimConfig().clip_grad
@@ -117,26 +135,36 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
 
     def train_step(step: int) -> None:
         ctx = types.SimpleNamespace(seed=0, epoch=0, step=step, micro=0, rank=0)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        with record_function("phase: masks + student forward + teacher forward + loss"), autocast:
             loss, metrics = objective(model, {"images": images}, ctx)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # EVA_SPEC section 3: clip 3.0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("phase: student backward"):
+            scaler.scale(loss).backward()
+        with record_function("phase: gradient clipping"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # EVA_SPEC section 3: clip 3.0
+        with record_function("phase: optimizer step"):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         masked_counts.append(round(metrics["masked_fraction"] * size.grid_size**2))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup):
         train_step(step)
-    sync(device)
-    start = time.perf_counter()
+    step_seconds, step_cpu_seconds, system_seconds = [], [], 0.0
     for step in range(args.warmup, args.warmup + args.steps):
+        sync(device)
+        start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         train_step(step)
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
+        sync(device)
+        cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+        step_seconds.append(time.perf_counter() - start)
+        system_seconds += cpu_end.ru_stime - cpu_start.ru_stime
+        step_cpu_seconds.append(cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime)
+    # The median step: robust to another process stealing the CPU for a step or two.
+    seconds = statistics.median(step_seconds)
     memory = peak_memory_mib(device)
     if args.profile:
         profile_steps(train_step, device, args.profile)
@@ -152,6 +180,12 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
         teacher=teacher.arch.name,
         batch=args.batch,
         step_s=seconds,
+        step_s_all=[round(t, 4) for t in step_seconds],
+        # CPU seconds this process used per step (all threads; spin-waits included). With --threads 1
+        # it is the wall time the step would take on an idle core, whatever else the machine runs.
+        cpu_s=statistics.median(step_cpu_seconds),
+        # Kernel time (page faults on freshly mapped tensors, thread wake-ups) as a share of CPU time.
+        system_cpu_share=system_seconds / max(1e-9, sum(step_cpu_seconds)),
         images_per_s=args.batch / seconds,
         gflops_per_image=(student + teacher_flops) / 1e9,
         student_gflops_per_image=student / 1e9,
@@ -162,58 +196,146 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
     )
 
 
-def profile_steps(train_step, device: torch.device, rows: int) -> None:
-    """Print where two steps spend their time, by op (self time), to stderr."""
+# Profiler op name fragments -> category, first match wins (self time, so nothing is counted twice).
+OP_CATEGORIES = [
+    ("matmul (linear, conv)", ("addmm", "aten::mm", "bmm", "convolution", "linear")),
+    (
+        "attention kernels (SDPA, softmax, MHA)",
+        ("scaled_dot_product", "softmax", "multi_head", "rescale_qkv"),
+    ),
+    ("layernorm", ("layer_norm",)),
+    ("activation (GELU, QuickGELU sigmoid)", ("gelu", "sigmoid")),
+    ("AdamW math (lerp, addcmul, addcdiv, sqrt)", ("lerp", "addcmul", "addcdiv", "sqrt", "_fused_adam")),
+]
+
+
+def profile_steps(train_step, device: torch.device, rows: int, steps: int = 2) -> None:
+    """Print, to stderr, where `steps` steps spend their time: by phase, by op category, top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for step in range(1000, 1002):
+    with profile(activities=activities, with_flops=True) as prof:
+        for step in range(1000, 1000 + steps):
             train_step(step)
         sync(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
+    events = prof.key_averages()
+    device_time = device.type == "cuda"
+    self_ms = {
+        e.key: (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e3 / steps
+        for e in events
+    }
+    total_ms = sum(self_ms.values())
+    print(
+        f"\nprofile of {steps} steps ({'device' if device_time else 'CPU'} time, ms per step)",
+        file=sys.stderr,
+    )
+    for e in events:
+        if e.key.startswith("phase:"):
+            ms = (e.device_time_total if device_time else e.cpu_time_total) / 1e3 / steps
+            print(f"{ms:9.0f} {100 * ms / total_ms:5.1f}%  {e.key}", file=sys.stderr)
+    categories = {label: 0.0 for label, _ in OP_CATEGORIES} | {"other (elementwise, copies, ...)": 0.0}
+    for key, ms in self_ms.items():
+        if key.startswith("phase:"):
+            continue
+        label = next((lab for lab, parts in OP_CATEGORIES if any(p in key for p in parts)), None)
+        categories[label or "other (elementwise, copies, ...)"] += ms
+    for label, ms in categories.items():
+        print(f"{ms:9.0f} {100 * ms / total_ms:5.1f}%  op self time: {label}", file=sys.stderr)
+    # The profiler's own FLOP counts cover mm/addmm/bmm/conv: how close the GEMMs alone get to the ceiling.
+    matmul_parts = OP_CATEGORIES[0][1]
+    matmul_events = [e for e in events if any(p in e.key for p in matmul_parts)]
+    matmul_flops = sum(e.flops for e in matmul_events) / steps
+    matmul_ms = sum(self_ms[e.key] for e in matmul_events)
+    print(f"matmul ops alone: {matmul_flops / matmul_ms / 1e6:.1f} GFLOP/s", file=sys.stderr)
+    sort_by = "self_device_time_total" if device_time else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
 
 
 def child_command(size_name: str, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, __file__, "--json", "--sizes", size_name]
     for key in ("teacher", "batch", "steps", "warmup", "device", "precision", "threads", "adamw", "profile"):
         command += [f"--{key}", str(getattr(args, key))]
-    return command + (["--compile"] if args.compile else [])
+    return [*command, "--compile", args.compile]
 
 
 def print_table(rows: list[dict], ceilings: dict[str, float], args: argparse.Namespace) -> None:
-    reference_label = "fp32" if args.precision == "fp32" else args.precision
-    reference = ceilings[reference_label]
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"precision {args.precision}, adamw {args.adamw}, compile {args.compile}")
+    threads = torch.get_num_threads()
+    on_cpu = not args.device.startswith("cuda")
+    reference = ceiling_label(args.precision, threads if on_cpu else None)
+    print(
+        f"torch {torch.__version__}, device {args.device}, {threads} threads, "
+        f"precision {args.precision}, adamw {args.adamw}, compile {args.compile}"
+    )
     for label, value in ceilings.items():
         print(f"matmul ceiling {label}: {value:8.1f} GFLOP/s")
-    header = (f"{'student':>10} {'patch':>5} {'teacher':>20} {'batch':>5} {'s/step':>7} {'img/s':>7} "
-              f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'% ceil':>6} {'peak MiB':>9}")
-    print(header)
+    print(
+        f"{'student':>9} {'patch':>5} {'teacher':>18} {'batch':>5} {'s/step':>7} {'best':>6} {'img/s':>6} "
+        f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'%ceil':>5} {'best':>5} {'%core':>5} {'peak MiB':>8}"
+    )
     for row in rows:
-        print(f"{row['size']:>10} {row['patch']:>5} {row['teacher']:>20} {row['batch']:>5} "
-              f"{row['step_s']:>7.2f} {row['images_per_s']:>7.2f} {row['gflops_per_image']:>9.1f} "
-              f"{row['achieved_gflops']:>8.1f} {100 * row['achieved_gflops'] / reference:>5.0f}% "
-              f"{row['peak_mib']:>9.0f}")
+        ceiling = ceilings[reference]
+        best_gflops = row["achieved_gflops"] * row["step_s"] / min(row["step_s_all"])
+        core_share = "-"
+        if on_cpu:
+            per_cpu_second = row["achieved_gflops"] * row["step_s"] / row["cpu_s"]
+            core_share = f"{100 * per_cpu_second / ceilings[ceiling_label(args.precision, 1)]:.0f}%"
+        print(
+            f"{row['size']:>9} {row['patch']:>5} {row['teacher']:>18} {row['batch']:>5} "
+            f"{row['step_s']:>7.2f} {min(row['step_s_all']):>6.2f} {row['images_per_s']:>6.2f} "
+            f"{row['gflops_per_image']:>9.1f} {row['achieved_gflops']:>8.1f} "
+            f"{100 * row['achieved_gflops'] / ceiling:>4.0f}% {100 * best_gflops / ceiling:>4.0f}% "
+            f"{core_share:>5} {row['peak_mib']:>8.0f}"
+        )
     notes = sorted({row["teacher_flops_note"] for row in rows})
-    print(f"% ceil = achieved / {reference_label} matmul ceiling (all threads); teacher FLOPs: {', '.join(notes)}")
+    print(f"s/step, img/s, GFLOP/s, %ceil: median step; best: fastest step; ceiling: matmul {reference}")
+    if on_cpu:
+        print(
+            "%core: FLOPs per CPU-second of the process / 1-thread ceiling (with --threads 1 it does not "
+            "depend on what else the machine runs)"
+        )
+    print(f"teacher FLOPs: {', '.join(notes)}")
+
+
+def ceiling_label(dtype_name: str, threads: int | None) -> str:
+    if threads is None:
+        return dtype_name
+    return f"{dtype_name}, {threads} thread" + ("s" if threads > 1 else "")
+
+
+def measure_ceilings(args: argparse.Namespace) -> dict[str, float]:
+    """Matmul ceilings in fp32 and the run's precision; on CPU at the run's thread count and at 1 thread."""
+    threads = torch.get_num_threads() if not args.device.startswith("cuda") else None
+    ceilings = {}
+    for dtype_name in dict.fromkeys(["fp32", args.precision]):
+        measure = functools.partial(matmul_gflops, args.matmul_size, repeats=10, dtype=DTYPES[dtype_name])
+        ceilings[ceiling_label(dtype_name, threads)] = measure(device=args.device)
+        if threads is not None and threads > 1:
+            ceilings[ceiling_label(dtype_name, 1)] = measure(threads=1)
+    return ceilings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="eva_tiny,eva_base", help="comma-separated EVA_SIZES names")
     parser.add_argument("--teacher", default="ViT-B-16-quickgelu", help="open_clip name or JSON dict config")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--precision", choices=sorted(DTYPES), default=None, help="default: fp32 CPU, bf16 CUDA")
+    parser.add_argument(
+        "--precision", choices=sorted(DTYPES), default=None, help="default: fp32 CPU, bf16 CUDA"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
-    parser.add_argument("--adamw", choices=["default", "foreach", "fused", "for-loop"], default="default",
-                        help="default = flyeva's build_adamw (torch picks the implementation)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument(
+        "--adamw",
+        choices=["default", "foreach", "fused", "for-loop"],
+        default="default",
+        help="default = flyeva's build_adamw (torch picks the implementation)",
+    )
+    compile_choices = ["off", "student", "teacher", "both"]
+    parser.add_argument("--compile", choices=compile_choices, default="off", help="torch.compile (inductor)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the ceiling's square matmul")
     parser.add_argument("--profile", type=int, default=0, help="print this many profiler rows per size")
     parser.add_argument("--json", action="store_true", help="print one JSON row per size, no ceiling")
@@ -231,18 +353,17 @@ def main() -> None:
             print(json.dumps(measure_size(name, args)), flush=True)
         return
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name in sizes:
         result = subprocess.run(child_command(name, args), stdout=subprocess.PIPE, text=True)
         if result.returncode != 0:
             sys.exit(f"size {name} failed (exit {result.returncode}); run it alone with --json to see why")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    ceilings = {"fp32": matmul_gflops(args.matmul_size, device=args.device)}
-    if not args.device.startswith("cuda"):
-        ceilings["fp32, 1 thread"] = matmul_gflops(args.matmul_size, threads=1)
-    if args.precision != "fp32":
-        ceilings[args.precision] = matmul_gflops(args.matmul_size, device=args.device, dtype=DTYPES[args.precision])
-    print_table(rows, ceilings, args)
+    print_table(rows, measure_ceilings(args), args)
+    # Other processes on the machine slow every row; a load near or above the core count says so.
+    load_after = os.getloadavg()[0]
+    print(f"1-min load average before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
