@@ -103,6 +103,7 @@ def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> tor
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=first["weight_decay"],
+            foreach=True,
         )
         zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
         for group in rest:
