@@ -207,8 +207,13 @@ def test_init_from_saved_weights_moves_every_encoder_weight(tmp_path):
 
 
 def test_pixel_target_baseline_trains_without_a_teacher(tmp_path):
-    overrides = [*SMALL, "mask.target=pixels", "teacher.random_init={}", f"train.output_dir={tmp_path}",
-                 "data.sources=[{type: synthetic, num_samples: 16}]"]
+    overrides = [
+        *SMALL,
+        "mask.target=pixels",
+        "teacher.random_init={}",
+        f"train.output_dir={tmp_path}",
+        "data.sources=[{type: synthetic, num_samples: 16}]",
+    ]
     result = run_pretrain(load_config(PretrainConfig, None, overrides))
     assert result.step == 2
     config = json.loads((tmp_path / "final" / "config.json").read_text())

@@ -57,7 +57,10 @@ QUICK = DemoBudget(
 
 # No loader worker processes: at these sizes their start-up costs more than decoding ShapeWorld.
 COMMON = [
-    "train.device=cpu", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "train.progress=false",
+    "train.tensorboard=false",
     "train.num_workers=0",
 ]
 
