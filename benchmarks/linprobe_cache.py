@@ -85,7 +85,6 @@ def main() -> None:
     size = get_size(args.size)
     world = ShapeWorld(image_size=max(32, size.img_size))
     source = ShapeWorldSource(world, args.images, target="label")
-    source.target_type = int  # ShapeWorldSource does not declare it; the stream needs it for labels
     torch.manual_seed(0)
     encoder = build_encoder(size).to(device).requires_grad_(False).eval()
     transform = EvalTransform(size.img_size)

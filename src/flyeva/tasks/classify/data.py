@@ -105,17 +105,12 @@ class TrainTransform:
 
 
 def _shapeworld(section: SourceSection) -> Any:
-    try:
-        from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
-    except ImportError as error:
-        raise ValueError(
-            "source type 'shapeworld' needs flyeva.data.synthetic, missing here; use a folder"
-        ) from error
-    kwargs = {"image_size": section.image_size} if section.image_size else {}
-    world = ShapeWorld(seed=section.seed, **kwargs)
-    source = ShapeWorldSource(world, section.num_samples or 1024, target="label")
-    source.target_type = int  # what the stream reads to attach labels; ShapeWorldSource does not set it
-    return source
+    from flyeva.data.sources import build_source
+
+    spec = {"type": "shapeworld", "num_samples": section.num_samples or 1024, "seed": section.seed}
+    if section.image_size:
+        spec["image_size"] = section.image_size
+    return build_source({**spec, "target": "label"})
 
 
 def build_labeled_source(section: SourceSection, role: str) -> Any:

@@ -77,13 +77,8 @@ def _source(sections: list[ClipSourceSection], samples_per_epoch: int) -> Any:
 
     def one(section: ClipSourceSection) -> Any:
         if section.type == "shapeworld":
-            from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
-
-            world = ShapeWorld(image_size=section.image_size or 64, seed=section.seed)
-            source = ShapeWorldSource(world, section.num_samples or 4096, target="caption")
-            if not hasattr(source, "target_type"):  # how the stream learns that targets are captions
-                source.target_type = str
-            return source
+            spec = {"num_samples": section.num_samples or 4096, "image_size": section.image_size or 64}
+            return build_source({"type": "shapeworld", **spec, "seed": section.seed, "target": "caption"})
         keys = {
             "wds": ("path", "num_samples", "target"),
             "captions": ("path", "root", "path_column", "caption_column"),
