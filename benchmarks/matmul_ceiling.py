@@ -1,6 +1,6 @@
-"""The machine's fp32 matmul ceiling: GFLOP/s of a large square `torch.matmul`, best of a few runs.
+"""The machine's matmul ceiling (fp32 unless told): GFLOP/s of a large square `torch.matmul`, best of N.
 
-    python benchmarks/matmul_ceiling.py [--size 2048] [--repeats 5] [--device cpu|cuda] [--dtype fp32]
+    python benchmarks/matmul_ceiling.py [--size 2048] [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16]
 
 Other benchmarks import it (`sys.path` holds this folder when they run as scripts):
 
@@ -65,11 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=2048, help="side of the square matrices")
+    parser.add_argument("--size", type=int, default=0, help="matrix side (0: 2048 CPU, 8192 CUDA)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the best one counts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
+    args.size = args.size or (8192 if args.device.startswith("cuda") else 2048)
     dtype = DTYPES[args.dtype]
     rows = [(f"all ({torch.get_num_threads()} threads)", None)]
     if args.device == "cpu":
