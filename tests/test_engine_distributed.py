@@ -4,67 +4,19 @@ One group of 2 worker processes (tests/dist_worker.py) trains every 2-rank scena
 this process trains the 1-process references; each scenario then compares its final weights.
 """
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from dist_worker import CLIP_GRAD, initial_state, run_scenario
+from gloo_ranks import TORCHRUN_VARS, launch_ranks, wait_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 TOLERANCE = 1e-5  # fp32 reduction-order error over 4 AdamW steps
 WORKER_TIMEOUT_S = 180  # a hung collective fails the test instead of blocking CI
 WORKER = Path(__file__).with_name("dist_worker.py")
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_ranks(workdir: Path, world_size: int = 2) -> list[tuple[subprocess.Popen, Path]]:
-    port = free_port()
-    ranks = []
-    for rank in range(world_size):
-        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        log_path = workdir / f"rank{rank}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(WORKER), str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        ranks.append((process, log_path))
-    return ranks
-
-
-def wait_ranks(ranks: list[tuple[subprocess.Popen, Path]], deadline: float) -> str:
-    """Wait for every rank until `deadline` (time.monotonic), then kill all; returns failed ranks' logs."""
-    failures = []
-    for process, log_path in ranks:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            failures.append(f"{log_path.name} still running after {WORKER_TIMEOUT_S} s; killed")
-            for other, _ in ranks:
-                other.kill()
-                other.wait()
-        if process.returncode != 0:
-            failures.append(f"{log_path.name} (exit {process.returncode}):\n{log_path.read_text()[-3000:]}")
-    return "\n".join(failures)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +26,7 @@ def runs(tmp_path_factory):
     init = initial_state()
     torch.save(init, workdir / "init.pt")
     deadline = time.monotonic() + WORKER_TIMEOUT_S
-    ranks = launch_ranks(workdir)
+    ranks = launch_ranks(WORKER, workdir)
     results = {"init": init, "workdir": workdir}
     try:
         with pytest.MonkeyPatch.context() as patch:  # the references must see no torchrun world
