@@ -350,7 +350,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = [name.strip() for name in args.sizes.split(",") if name.strip()]
     for name in sizes:
-        get_size(name)  # fail fast on a typo, before any process starts
+        try:
+            get_size(name)  # fail fast on a typo, before any process starts
+        except ValueError as err:
+            parser.error(str(err))
 
     if args.json:
         for name in sizes:
