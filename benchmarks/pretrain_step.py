@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_ceiling import DTYPES, matmul_gflops
 
 from flyeva.data.masking import BlockMaskGenerator
+from flyeva.engine.loop import keep_freed_memory
 from flyeva.engine.optim import OptimConfig, build_adamw, param_groups
 from flyeva.models.eva import build_mim_model, encoder_flops, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
@@ -90,14 +91,9 @@ class LabelledTeacher(torch.nn.Module):
 
 
 def build_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
-    """The library's AdamW (EVA_SPEC section 3 groups and betas); `impl` forces torch's implementation."""
-    cfg = OptimConfig()
-    groups = param_groups(model, cfg.weight_decay)
-    if impl == "default":
-        return build_adamw(groups, cfg)
-    flags = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}[impl]
-    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **flags)
+    """The library's AdamW (EVA_SPEC section 3 groups and betas) with `optim.implementation=impl`."""
+    cfg = OptimConfig(implementation=impl)
+    return build_adamw(param_groups(model, cfg.weight_decay), cfg)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -116,6 +112,8 @@ def sync(device: torch.device) -> None:
 def measure_size(size_name: str, args: argparse.Namespace) -> dict:
     """Build student, teacher, objective and optimizer for one size, time the steps, return one row."""
     device = torch.device(args.device)
+    if device.type == "cpu" and args.malloc == "keep":
+        keep_freed_memory()  # what the engine does for every CPU run
     torch.manual_seed(0)
     teacher = build_teacher(args.teacher, device)
     size = size_with(get_size(size_name), patch_size=teacher.patch_size, img_size=teacher.image_size)
@@ -254,7 +252,19 @@ def profile_steps(train_step, device: torch.device, rows: int, steps: int = 2) -
 
 def child_command(size_name: str, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, __file__, "--json", "--sizes", size_name]
-    for key in ("teacher", "batch", "steps", "warmup", "device", "precision", "threads", "adamw", "profile"):
+    keys = (
+        "teacher",
+        "batch",
+        "steps",
+        "warmup",
+        "device",
+        "precision",
+        "threads",
+        "adamw",
+        "profile",
+        "malloc",
+    )
+    for key in keys:
         command += [f"--{key}", str(getattr(args, key))]
     return [*command, "--compile", args.compile]
 
@@ -265,7 +275,7 @@ def print_table(rows: list[dict], ceilings: dict[str, float], args: argparse.Nam
     reference = ceiling_label(args.precision, threads if on_cpu else None)
     print(
         f"torch {torch.__version__}, device {args.device}, {threads} threads, "
-        f"precision {args.precision}, adamw {args.adamw}, compile {args.compile}"
+        f"precision {args.precision}, adamw {args.adamw}, compile {args.compile}, malloc {args.malloc}"
     )
     for label, value in ceilings.items():
         print(f"matmul ceiling {label}: {value:8.1f} GFLOP/s")
@@ -331,9 +341,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     parser.add_argument(
         "--adamw",
-        choices=["default", "foreach", "fused", "for-loop"],
-        default="default",
-        help="default = flyeva's build_adamw (torch picks the implementation)",
+        choices=["fused", "foreach", "for-loop"],
+        default=OptimConfig().implementation,
+        help="optim.implementation of flyeva's build_adamw",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="CPU: keep = the engine's keep_freed_memory() (glibc keeps freed tensors); default = glibc's",
     )
     compile_choices = ["off", "student", "teacher", "both"]
     parser.add_argument("--compile", choices=compile_choices, default="off", help="torch.compile (inductor)")

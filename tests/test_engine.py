@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from flyeva.engine.checkpoint import assert_finite, list_checkpoints
-from flyeva.engine.loop import TrainConfig, train
-from flyeva.engine.optim import OptimConfig, lr_at, param_groups
+from flyeva.engine.loop import TrainConfig, keep_freed_memory, train
+from flyeva.engine.optim import OptimConfig, adamw_flags, lr_at, param_groups
 from flyeva.models.eva import build_mim_model
 
 
@@ -299,3 +299,41 @@ def test_model_ema_follows_the_weights_and_is_evaluated(tmp_path, monkeypatch):
     assert result.history[-1]["eval"]["ema_score"] == pytest.approx(float(expected.sum()), rel=1e-5)
     saved = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1], weights_only=True)
     assert torch.equal(saved["ema"]["pos_embed"], result.ema_model.pos_embed)
+
+
+def _trained_weights(tmp_path, name, optim_cfg, **changes):
+    torch.manual_seed(0)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    cfg = config(tmp_path / name, **changes)
+    train(model, regression_objective, ListStream(make_batches(3)), cfg, optim_cfg)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "for-loop"])
+def test_fused_adamw_default_matches_torchs_other_implementations(tmp_path, implementation):
+    assert OptimConfig().implementation == "fused"
+    fused = _trained_weights(tmp_path, "fused", OptimConfig(warmup_epochs=0))
+    other = _trained_weights(
+        tmp_path, implementation, OptimConfig(warmup_epochs=0, implementation=implementation)
+    )
+    assert max((fused[k] - other[k]).abs().max().item() for k in fused) < 1e-5
+
+
+def test_unknown_adamw_implementation_names_the_choices():
+    with pytest.raises(ValueError, match=r"optim.implementation='fast' is not one of \['for-loop', 'foreach', 'fused'\]"):
+        adamw_flags("fast")
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    optim_cfg = OptimConfig(warmup_epochs=0)
+    eager = _trained_weights(tmp_path, "eager", optim_cfg)
+    compiled = _trained_weights(tmp_path, "compiled", optim_cfg, compile=True)
+    # Same parameter names (compiled in place), same update to fp32 rounding of fused kernels.
+    assert eager.keys() == compiled.keys()
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    if sys.platform != "linux":
+        pytest.skip("glibc's mallopt is Linux-only")
+    assert keep_freed_memory()

@@ -315,3 +315,29 @@ def test_a_flyeva_eva_clip_folder_is_a_teacher(tmp_path):
     check_token_grid(teacher, (8, 8), 32)
     with pytest.raises(ValueError, match="flyeva-clip:final"):
         check_token_grid(teacher, (16, 16), 32)
+
+
+def test_inplace_quick_gelu_equals_open_clips_formula():
+    from open_clip.transformer import QuickGELU
+
+    from flyeva.teachers.clip import InplaceQuickGELU
+
+    x = torch.randn(4, 7, 96, generator=torch.Generator().manual_seed(0)) * 4
+    reference = QuickGELU()(x)
+    with torch.inference_mode():
+        fast = InplaceQuickGELU()(x.clone())
+    assert torch.allclose(fast, reference, rtol=1e-6, atol=1e-6)
+    # With autograd on it must not write into its input (autograd may have saved it).
+    y = x.clone().requires_grad_(True)
+    assert torch.equal(InplaceQuickGELU()(y), reference)
+    assert torch.equal(y.detach(), x)
+
+
+def test_quick_gelu_teachers_use_the_inplace_activation(tiny):
+    from open_clip.transformer import QuickGELU
+
+    from flyeva.teachers.clip import InplaceQuickGELU
+
+    teacher = build_clip_teacher(TINY, seed=0)
+    kinds = {type(m) for m in teacher.modules()}
+    assert InplaceQuickGELU in kinds and QuickGELU not in kinds

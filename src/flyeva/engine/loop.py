@@ -28,7 +28,7 @@ from flyeva.engine.checkpoint import (
     save_checkpoint,
 )
 from flyeva.engine.metrics import MetricsLogger
-from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw, lr_at, param_groups
+from flyeva.engine.optim import OptimConfig, adamw_flags, apply_lr, build_adamw, lr_at, param_groups
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +61,9 @@ class TrainConfig:
     fp16_growth_interval: int = 500  # EVA_SPEC section 3: loss-scale window 500
     tensorboard: bool = True
     progress: bool = True
+    # torch.compile (inductor) of the wrapped model, in place so names and checkpoints are unchanged;
+    # fuses the elementwise work between GEMMs (docs/performance.md). The first steps compile.
+    compile: bool = False
 
 
 @dataclass
@@ -103,13 +106,35 @@ def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> tor
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=first["weight_decay"],
-            foreach=True,
+            **adamw_flags(cfg.implementation),
         )
         zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
         for group in rest:
             zero.add_param_group(group)
         return zero
     return build_adamw(groups, cfg)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed tensors for reuse instead of returning them to the kernel (CPU training).
+
+    A training step frees and reallocates the same activation sizes every step; by default glibc
+    serves blocks over its mmap threshold with fresh mappings, so every step page-faults them in
+    again (4-5% of a CPU step here, docs/performance.md). Same as
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184,
+    set at run time. Returns False where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's largest mmap threshold; blocks above it are still mapped per allocation.
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**34))
 
 
 def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
@@ -158,7 +183,11 @@ def train(
     folder = Path(cfg.output_dir)
     ckpt_folder = folder / "checkpoints"
 
+    if device.type == "cpu":
+        keep_freed_memory()
     wrapped = D.wrap_model(model, cfg.strategy, device)
+    if cfg.compile:
+        wrapped.compile()
     if isinstance(objective, nn.Module):
         objective.to(device)
     base = D.unwrap(wrapped)

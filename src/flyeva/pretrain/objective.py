@@ -42,11 +42,14 @@ class MIMObjective(nn.Module):
         images = batch["images"]
         # Masks depend only on (seed, epoch, step, micro-step, rank): resume reproduces them exactly.
         rng = np.random.default_rng([ctx.seed, ctx.epoch, ctx.step, ctx.micro, ctx.rank])
-        mask = generate_masks(self.mask_generator, images.shape[0], rng).to(images.device)
+        mask = generate_masks(self.mask_generator, images.shape[0], rng)
+        # Counted on the host copy: `.item()` on a device tensor would stall the GPU every step.
+        masked_fraction = mask.float().mean().item()
+        mask = mask.to(images.device, non_blocking=True)
         predicted = model(images, mask)
         target = self.targets(images)[mask]
         loss = mim_loss(predicted, target)
-        return loss, {"masked_fraction": mask.float().mean().item()}
+        return loss, {"masked_fraction": masked_fraction}
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
