@@ -320,7 +320,8 @@ def test_fused_adamw_default_matches_torchs_other_implementations(tmp_path, impl
 
 
 def test_unknown_adamw_implementation_names_the_choices():
-    with pytest.raises(ValueError, match=r"optim.implementation='fast' is not one of \['for-loop', 'foreach', 'fused'\]"):
+    expected = r"optim.implementation='fast' is not one of \['for-loop', 'foreach', 'fused'\]"
+    with pytest.raises(ValueError, match=expected):
         adamw_flags("fast")
 
 
