@@ -29,6 +29,7 @@ from flyeva.engine.checkpoint import (
 )
 from flyeva.engine.metrics import MetricsLogger
 from flyeva.engine.optim import OptimConfig, adamw_flags, apply_lr, build_adamw, lr_at, param_groups
+from flyeva.engine.scaler import HysteresisGradScaler, ShardedHysteresisGradScaler
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +60,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
     fp16_init_scale: float = 65536.0  # EVA_SPEC section 3: initial scale 2^16
     fp16_growth_interval: int = 500  # EVA_SPEC section 3: loss-scale window 500
+    fp16_hysteresis: int = 2  # EVA_SPEC section 3: an overflow halves the scale only on its 2nd in a row
+    fp16_min_scale: float = 1.0  # EVA_SPEC section 3
     tensorboard: bool = True
     progress: bool = True
     # torch.compile (inductor) of the wrapped model, in place so names and checkpoints are unchanged;
@@ -138,13 +141,16 @@ def keep_freed_memory() -> bool:
 
 
 def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
-    enabled = precision == "fp16"
-    kwargs = dict(init_scale=cfg.fp16_init_scale, growth_interval=cfg.fp16_growth_interval, enabled=enabled)
-    if sharded and enabled:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type, **kwargs)
-    return torch.amp.GradScaler(device.type, **kwargs)
+    kwargs = dict(
+        init_scale=cfg.fp16_init_scale,
+        growth_interval=cfg.fp16_growth_interval,
+        hysteresis=cfg.fp16_hysteresis,
+        min_scale=cfg.fp16_min_scale,
+        enabled=precision == "fp16",
+    )
+    if sharded and precision == "fp16":
+        return ShardedHysteresisGradScaler(device.type, **kwargs)
+    return HysteresisGradScaler(device.type, **kwargs)
 
 
 def _resolve_resume(cfg: TrainConfig, folder: Path) -> Path | None:
