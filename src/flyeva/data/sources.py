@@ -119,7 +119,32 @@ def _shown(items: Sequence[Any], limit: int = 3) -> str:
     return ", ".join(str(item) for item in items[:limit]) + more
 
 
-class ImageFolderSource:
+class LocalImageFiles:
+    """Shared access for sources that hold a list of local image `paths` and optional int `targets`."""
+
+    paths: list[Path]
+    targets: list[int] | None
+    location: Path  # what the source was built from, for messages
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        return decode_rgb(self.paths[index], max_pixels)
+
+    def target(self, index: int) -> int:
+        if self.targets is None:
+            raise ValueError(f"{self!r} has no labels; build it with with_labels=True")
+        return self.targets[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location})"
+
+
+class ImageFolderSource(LocalImageFiles):
     """Every image under `root`, recursively, in sorted path order.
 
     With `with_labels=True` it is the ImageNet/torchvision ImageFolder layout: the class of an
@@ -129,7 +154,7 @@ class ImageFolderSource:
     """
 
     def __init__(self, root: str | os.PathLike, with_labels: bool = False):
-        self.root = Path(root)
+        self.root = self.location = Path(root)
         self.paths = _find_images(self.root)
         self.with_labels = with_labels
         self.target_type: type | None = int if with_labels else None
@@ -168,22 +193,8 @@ class ImageFolderSource:
                 f"(symlinked folders are not followed)"
             )
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def key(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        return decode_rgb(self.paths[index], max_pixels)
-
-    def target(self, index: int) -> int:
-        if self.targets is None:
-            raise ValueError(f"ImageFolderSource({self.root}) has no labels; build it with with_labels=True")
-        return self.targets[index]
-
-
-class FileListSource:
+class FileListSource(LocalImageFiles):
     """Images named one per line in a text file, as `path` or `path<whitespace>label`.
 
     The label column is ignored unless `with_labels=True`; then every line needs one, a
@@ -200,7 +211,7 @@ class FileListSource:
         check_files: bool = True,
         with_labels: bool = False,
     ):
-        self.list_file = Path(list_file)
+        self.list_file = self.location = Path(list_file)
         if not self.list_file.is_file():
             raise FileNotFoundError(
                 f"image list file {self.list_file} does not exist; "
@@ -250,20 +261,6 @@ class FileListSource:
                 f"write class indices 0..C-1 in the second column"
             )
         return label
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def key(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        return decode_rgb(self.paths[index], max_pixels)
-
-    def target(self, index: int) -> int:
-        if self.targets is None:
-            raise ValueError(f"FileListSource({self.list_file}) has no labels; build it with_labels=True")
-        return self.targets[index]
 
 
 def _clean_caption(text: str, where: str) -> str:
