@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_engine import ListStream
 from timm.models.eva import Eva
-from torch.utils.data import IterableDataset
 
 from flyeva.cli import main
 from flyeva.engine.loop import StepContext, TrainConfig, train
@@ -61,11 +61,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def pattern_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("patterns")
-    rng = random.Random(0)
-    for split, count in (("train", 48), ("val", 16)):
+def write_pattern_folder(root, train, val, seed):
+    """An ImageFolder tree root/{train,val}/<pattern>/<i>.png with `train` and `val` images per class."""
+    rng = random.Random(seed)
+    for split, count in (("train", train), ("val", val)):
         for kind in PATTERNS:
             (root / split / kind).mkdir(parents=True)
             for index in range(count):
@@ -73,22 +72,9 @@ def pattern_folder(tmp_path_factory):
     return root
 
 
-class LabeledStream(IterableDataset):
-    """Fixed labelled batches, one worker: the engine's stream contract."""
-
-    def __init__(self, batches):
-        self.batches, self.skip = batches, 0
-
-    def set_epoch(self, epoch, skip=()):
-        self.skip = skip[0] if skip else 0
-
-    def num_batches(self, num_workers):
-        return len(self.batches)
-
-    def __iter__(self):
-        for index in range(self.skip, len(self.batches)):
-            images, labels = self.batches[index]
-            yield {"images": images, "labels": labels, "worker": 0, "index": index, "num_skipped": 0}
+@pytest.fixture(scope="module")
+def pattern_folder(tmp_path_factory):
+    return write_pattern_folder(tmp_path_factory.mktemp("patterns"), train=48, val=16, seed=0)
 
 
 def labeled_batches(count, batch=8, classes=5, size=16, seed=0):
@@ -138,7 +124,7 @@ def test_every_group_gets_its_layer_decayed_lr_during_finetuning(tmp_path, monke
     train(
         model,
         ClassificationObjective(5, smoothing=0.1),
-        LabeledStream(labeled_batches(4)),
+        ListStream(labeled_batches(4)),
         engine_config(tmp_path, epochs=2),
         optim,
         groups_fn=lambda m: layer_decay_groups(m, optim),
@@ -267,7 +253,7 @@ def test_patch_embedding_trains_unless_frozen(tmp_path, frozen):
     train(
         model,
         ClassificationObjective(5),
-        LabeledStream(labeled_batches(3)),
+        ListStream(labeled_batches(3)),
         engine_config(tmp_path),
         optim,
         groups_fn=lambda m: layer_decay_groups(m, optim),
@@ -396,7 +382,7 @@ def test_evaluator_top1_top5_loss_and_confusion_by_hand():
     )
     labels = torch.tensor([0, 1, 5, 3])
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
-    stream = LabeledStream([(images[:3], labels[:3]), (images[3:], labels[3:])])
+    stream = ListStream([(images[:3], labels[:3]), (images[3:], labels[3:])])
     evaluator = Evaluator(stream, num_classes=6)
     metrics = evaluator(FixedLogits(logits), StepContext(0, 0, 0, 0, 0, torch.device("cpu")))
     expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()

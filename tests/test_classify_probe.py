@@ -1,31 +1,19 @@
 """Linear probe (cached features = live features) and kNN, end to end on a tiny pattern folder."""
 
-import inspect
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_classify import PATTERNS, one_thread, pattern_image  # noqa: F401 (one_thread is an autouse fixture)
+from test_classify import PATTERNS, one_thread, write_pattern_folder  # noqa: F401 (one_thread is an autouse fixture)
 
 from flyeva.cli import main
-from flyeva.engine.loop import train
 from flyeva.tasks.classify.knn import knn_classify
-
-ENGINE_HAS_OPTIMIZER_HOOK = "optimizer_fn" in inspect.signature(train).parameters
 
 
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe_patterns")
-    rng = random.Random(1)
-    for split, count in (("train", 16), ("val", 8)):
-        for kind in PATTERNS:
-            (root / split / kind).mkdir(parents=True)
-            for index in range(count):
-                pattern_image(kind, rng).save(root / split / kind / f"{index}.png")
-    return root
+    return write_pattern_folder(tmp_path_factory.mktemp("probe_patterns"), train=16, val=8, seed=1)
 
 
 def probe_args(root, out, *extra):
@@ -45,18 +33,7 @@ def probe_args(root, out, *extra):
     ]
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        "adamw",
-        pytest.param(
-            "lars",
-            marks=pytest.mark.skipif(
-                not ENGINE_HAS_OPTIMIZER_HOOK, reason="engine has no optimizer_fn hook yet"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("optimizer", ["adamw", "lars"])
 def test_probe_on_cached_features_equals_probe_on_live_features(small_folder, tmp_path, optimizer):
     runs = {}
     for cache in ("true", "false"):

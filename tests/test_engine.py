@@ -20,7 +20,7 @@ from flyeva.models.eva import build_mim_model
 
 
 class ListStream(IterableDataset):
-    """Fixed batches, one worker: enough of the stream contract for engine tests."""
+    """Fixed batches, one worker: enough of the stream contract for engine and task tests."""
 
     def __init__(self, batches):
         self.batches, self.skip = batches, 0
@@ -33,7 +33,11 @@ class ListStream(IterableDataset):
 
     def __iter__(self):
         for index in range(self.skip, len(self.batches)):
-            yield {"images": self.batches[index], "worker": 0, "index": index, "num_skipped": 0}
+            batch = self.batches[index]  # images, or (images, labels) for classification
+            fields = (
+                {"images": batch[0], "labels": batch[1]} if isinstance(batch, tuple) else {"images": batch}
+            )
+            yield {**fields, "worker": 0, "index": index, "num_skipped": 0}
 
 
 def regression_objective(model, batch, ctx):
