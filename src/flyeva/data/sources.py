@@ -270,7 +270,7 @@ def _clean_caption(text: str, where: str) -> str:
     return caption
 
 
-class CaptionTableSource:
+class CaptionTableSource(LocalImageFiles):
     """Image-caption pairs from a CSV or TSV table with a header row, as open_clip's CsvDataset reads.
 
     `path_column` and `caption_column` default to open_clip's "filepath" and "title". `sep` is
@@ -289,7 +289,7 @@ class CaptionTableSource:
         caption_column: str = "title",
         sep: str | None = None,
     ):
-        self.table = Path(path)
+        self.table = self.location = Path(path)
         if not self.table.is_file():
             raise FileNotFoundError(
                 f"caption table {self.table} does not exist; pass a .csv or .tsv file with a header row"
@@ -328,15 +328,6 @@ class CaptionTableSource:
                 self.captions.append(row[caption_at])
         if not self.paths:
             raise ValueError(f"caption table {self.table} has no rows; add an image path and caption per row")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def key(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        return decode_rgb(self.paths[index], max_pixels)
 
     def target(self, index: int) -> str:
         return _clean_caption(self.captions[index], f"row {index + 1} of {self.table.name}")

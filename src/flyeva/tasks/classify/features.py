@@ -92,6 +92,34 @@ def extract_features(
     return torch.cat(features), torch.cat(labels).long(), torch.cat(ids).long()
 
 
+def frozen_feature_settings(
+    model_cfg: Any, data_cfg: Any, run_cfg: Any, image_size: int, batch_size: int, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`cached_features`' extraction arguments and cache key for one probe or kNN run.
+
+    The key names everything the features depend on, so a changed encoder, pooling, resolution,
+    crop, precision or seed recomputes them.
+    """
+    extract = dict(
+        pool=model_cfg.pool,
+        image_size=image_size,
+        crop_pct=data_cfg.crop_pct,
+        batch_size=batch_size,
+        device=device,
+        precision=run_cfg.precision,
+        num_workers=run_cfg.num_workers,
+    )
+    key = dict(
+        encoder=model_cfg.init or f"random {model_cfg.size}",
+        pool=model_cfg.pool,
+        image_size=image_size,
+        crop_pct=data_cfg.crop_pct,
+        precision=run_cfg.precision,
+        seed=run_cfg.seed,
+    )
+    return extract, key
+
+
 def cached_features(
     encoder: nn.Module, source: Any, split: str, cache_dir: str | Path, key: dict[str, Any], **extract: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:

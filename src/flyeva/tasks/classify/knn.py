@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from flyeva.config import to_yaml
 from flyeva.engine import distributed as D
 from flyeva.tasks.classify.data import DataSection, prepare_data
-from flyeva.tasks.classify.features import EncoderSection, cached_features, load_frozen_encoder
+from flyeva.tasks.classify.features import (
+    EncoderSection,
+    cached_features,
+    frozen_feature_settings,
+    load_frozen_encoder,
+)
 
 
 @torch.no_grad()
@@ -87,19 +92,9 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    extract = dict(
-        pool=cfg.model.pool,
-        image_size=image_size,
-        crop_pct=cfg.data.crop_pct,
-        batch_size=cfg.run.batch_size,
-        device=device,
-        precision=cfg.run.precision,
-        num_workers=cfg.run.num_workers,
+    extract, key = frozen_feature_settings(
+        cfg.model, cfg.data, cfg.run, image_size, cfg.run.batch_size, device
     )
-    key = dict(
-        encoder=cfg.model.init or f"random {cfg.model.size}", pool=cfg.model.pool, image_size=image_size
-    )
-    key.update(crop_pct=cfg.data.crop_pct, precision=cfg.run.precision, seed=cfg.run.seed)
     cache_dir = cfg.knn.cache_dir or out / "features"
     train_features, train_labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
     val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)

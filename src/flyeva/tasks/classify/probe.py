@@ -38,6 +38,7 @@ from flyeva.tasks.classify.features import (
     EncoderSection,
     cached_features,
     encoder_features,
+    frozen_feature_settings,
     load_frozen_encoder,
 )
 from flyeva.tasks.classify.lars import LARS
@@ -172,19 +173,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         (out / "config.yaml").write_text(to_yaml(cfg))
     rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
     if cfg.probe.cache:
-        extract = dict(
-            pool=cfg.model.pool,
-            image_size=image_size,
-            crop_pct=cfg.data.crop_pct,
-            batch_size=batch_size,
-            device=device,
-            precision=cfg.train.precision,
-            num_workers=cfg.train.num_workers,
-        )
-        key = dict(
-            encoder=cfg.model.init or f"random {cfg.model.size}", pool=cfg.model.pool, image_size=image_size
-        )
-        key.update(crop_pct=cfg.data.crop_pct, precision=cfg.train.precision, seed=cfg.train.seed)
+        extract, key = frozen_feature_settings(cfg.model, cfg.data, cfg.train, image_size, batch_size, device)
         cache_dir = cfg.probe.cache_dir or out / "features"
         features, labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
         model: nn.Module = head
