@@ -29,3 +29,15 @@ def test_quick_demo_writes_a_complete_report_and_resumes(tmp_path, capsys):
     assert cli(["demo", "--quick", "--out", str(out)]) == 0
     assert stamps == {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert len(stamps) == 1 + 2 + 8 + 2  # teacher; eva, pixel; 4 probes + 4 fine-tunes; 2 CLIPs
+
+
+def test_verdicts_read_the_spread_and_the_chance_level():
+    from flyeva.tasks.demo.report import verdict
+
+    # Hand-computed: means 0.40 vs 0.20, sample spreads 0.02 and 0.02 -> a clear win.
+    assert "**holds**" in verdict("c", [0.38, 0.40, 0.42], [0.18, 0.20, 0.22])
+    assert "**does NOT hold**" in verdict("c", [0.18, 0.20, 0.22], [0.38, 0.40, 0.42])
+    # 0.053 ± 0.005 vs 0.041 ± 0.019: the gap (1.2 points) is inside the larger spread (1.9).
+    line = verdict("c", [0.048, 0.053, 0.058], [0.022, 0.041, 0.060])
+    assert "inconclusive" in line and "at chance level" in line and "holds" not in line
+    assert "one seed" in verdict("c", [0.5], [0.1])
