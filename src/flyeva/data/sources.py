@@ -120,7 +120,7 @@ def _shown(items: Sequence[Any], limit: int = 3) -> str:
 
 
 class LocalImageFiles:
-    """Shared access for sources that hold a list of local image `paths` and optional int `targets`."""
+    """Shared access for sources that hold a list of local image `paths` (and int `targets` if labelled)."""
 
     paths: list[Path]
     targets: list[int] | None
@@ -333,7 +333,7 @@ class CaptionTableSource(LocalImageFiles):
         return _clean_caption(self.captions[index], f"row {index + 1} of {self.table.name}")
 
 
-class CaptionFolderSource:
+class CaptionFolderSource(LocalImageFiles):
     """Images under `root` (recursively), each captioned by a sidecar file: a.jpg with a.txt.
 
     Captions are read lazily; an image without its sidecar, or with an empty one, is a bad pair
@@ -343,17 +343,8 @@ class CaptionFolderSource:
     target_type = str
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = self.location = Path(root)
         self.paths = _find_images(self.root)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def key(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        return decode_rgb(self.paths[index], max_pixels)
 
     def target(self, index: int) -> str:
         sidecar = self.paths[index].with_suffix(".txt")
