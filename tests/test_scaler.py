@@ -62,3 +62,16 @@ def test_engine_defaults_are_the_releases_and_bad_hysteresis_is_refused():
     )
     with pytest.raises(ValueError, match="hysteresis must be >= 1"):
         HysteresisGradScaler("cpu", hysteresis=0)
+
+
+def test_fsdp_sharded_scaler_has_the_same_hysteresis(tmp_path):
+    import torch.distributed as dist
+
+    from flyeva.engine.scaler import ShardedHysteresisGradScaler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sharded = ShardedHysteresisGradScaler("cpu", init_scale=8.0, growth_interval=3)
+        assert run_pattern(sharded, "OOOCCCOO") == [8, 4, 2, 2, 2, 4, 4, 2]
+    finally:
+        dist.destroy_process_group()
