@@ -60,7 +60,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
     fp16_init_scale: float = 65536.0  # EVA_SPEC section 3: initial scale 2^16
     fp16_growth_interval: int = 500  # EVA_SPEC section 3: loss-scale window 500
-    fp16_hysteresis: int = 2  # EVA_SPEC section 3: an overflow halves the scale only on its 2nd in a row
+    fp16_hysteresis: int = 2  # EVA_SPEC section 3: the 2nd overflow before the scale grows halves it
     fp16_min_scale: float = 1.0  # EVA_SPEC section 3
     tensorboard: bool = True
     progress: bool = True
