@@ -44,7 +44,7 @@ from matmul_ceiling import DTYPES, matmul_gflops
 
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.engine.loop import keep_freed_memory
-from flyeva.engine.optim import OptimConfig, build_adamw, param_groups
+from flyeva.engine.optim import ADAMW_IMPLEMENTATIONS, OptimConfig, build_adamw, param_groups
 from flyeva.models.eva import build_mim_model, encoder_flops, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.teachers import build_clip_teacher, check_token_grid
@@ -341,7 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     parser.add_argument(
         "--adamw",
-        choices=["fused", "foreach", "for-loop"],
+        choices=sorted(ADAMW_IMPLEMENTATIONS),
         default=OptimConfig().implementation,
         help="optim.implementation of flyeva's build_adamw",
     )

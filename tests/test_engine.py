@@ -310,6 +310,8 @@ def _trained_weights(tmp_path, name, optim_cfg, **changes):
     model = build_mim_model("miniature", drop_path_rate=0.0)
     cfg = config(tmp_path / name, **changes)
     train(model, regression_objective, ListStream(make_batches(3)), cfg, optim_cfg)
+    # One process: the engine trains `model` itself, compiled in place when asked.
+    assert (model._compiled_call_impl is not None) == cfg.compile
     return model.state_dict()
 
 

@@ -24,7 +24,8 @@ class HysteresisMixin:
         super().__init__(*args, **kwargs)
         self.hysteresis = hysteresis
         self.min_scale = min_scale
-        self._lives: torch.Tensor | None = None
+        self._lives: torch.Tensor | None = None  # on the scale's device, made with the scale
+        self._pending_lives: float | None = None  # from a checkpoint loaded before the first scale()
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         if not self._enabled or new_scale is not None:
@@ -39,8 +40,6 @@ class HysteresisMixin:
         before = self._scale.clone()
         overflow = torch.stack([f.to(before.device) for f in found]).sum() > 0
         super().update()
-        if self._lives is None:
-            self._lives = torch.full_like(before, float(self.hysteresis))
         absorbed = overflow & (self._lives > 1)
         scale = torch.where(absorbed, before, self._scale)
         scale = torch.where(overflow & ~absorbed, scale.clamp(min=self.min_scale), scale)
@@ -61,15 +60,14 @@ class HysteresisMixin:
         state.pop("hysteresis", None)
         state.pop("min_scale", None)
         super().load_state_dict(state)
+        self._pending_lives = lives
         if lives is not None and self._scale is not None:
             self._lives = torch.full_like(self._scale, float(lives))
-        elif lives is not None:
-            self._pending_lives = lives
 
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
         super()._lazy_init_scale_growth_tracker(dev)
-        lives = getattr(self, "_pending_lives", None)
-        self._lives = torch.full_like(self._scale, float(self.hysteresis if lives is None else lives))
+        lives = self.hysteresis if self._pending_lives is None else self._pending_lives
+        self._lives = torch.full_like(self._scale, float(lives))
 
 
 class HysteresisGradScaler(HysteresisMixin, torch.amp.GradScaler):
