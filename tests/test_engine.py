@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from flyeva.engine.checkpoint import assert_finite, list_checkpoints
-from flyeva.engine.loop import TrainConfig, keep_freed_memory, train
+from flyeva.engine.loop import TrainConfig, train
 from flyeva.engine.optim import OptimConfig, adamw_flags, lr_at, param_groups
 from flyeva.models.eva import build_mim_model
 
@@ -340,7 +340,29 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
 
 
-def test_keep_freed_memory_is_accepted_by_glibc():
+KEEP_PROBE = """
+import ctypes
+from flyeva.engine.loop import keep_freed_memory
+assert keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 * 2**20  # under the 32 MiB mmap threshold, so it comes from the brk heap
+before = libc.sbrk(0)
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+grown = libc.sbrk(0)
+libc.free(block)
+print(grown - before, grown - libc.sbrk(0))
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_block_in_the_heap():
     if sys.platform != "linux":
         pytest.skip("glibc's mallopt is Linux-only")
-    assert keep_freed_memory()
+    # A freed 16 MiB block at the heap top must stay mapped (trim threshold 2 GiB); glibc's default
+    # (128 KiB) and the old 2**34, which a C int wrapped to 0, both return it to the kernel.
+    out = subprocess.run([sys.executable, "-c", KEEP_PROBE], capture_output=True, text=True, check=True)
+    grown, returned = map(int, out.stdout.split())
+    assert grown >= 16 * 2**20 and returned == 0

@@ -124,7 +124,7 @@ def keep_freed_memory() -> bool:
     A training step frees and reallocates the same activation sizes every step; by default glibc
     serves blocks over its mmap threshold with fresh mappings, so every step page-faults them in
     again (4-5% of a CPU step here, docs/performance.md). Same as
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184,
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647,
     set at run time. Returns False where the C library is not glibc.
     """
     import ctypes
@@ -135,9 +135,11 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    # mallopt takes a C int: a larger Python int wraps silently (2**34 became 0, i.e. trim on every free).
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3
     # 32 MiB is glibc's largest mmap threshold; blocks above it are still mapped per allocation.
-    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**34))
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
