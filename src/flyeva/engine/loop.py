@@ -121,11 +121,11 @@ def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> tor
 def keep_freed_memory() -> bool:
     """Let glibc keep freed tensors for reuse instead of returning them to the kernel (CPU training).
 
-    A training step frees and reallocates the same activation sizes every step; by default glibc
-    serves blocks over its mmap threshold with fresh mappings, so every step page-faults them in
-    again (4-5% of a CPU step here, docs/performance.md). Same as
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647,
-    set at run time. Returns False where the C library is not glibc.
+    A training step frees and reallocates the same activation sizes every step. By default glibc
+    maps every block over its mmap threshold (at most 32 MiB) afresh and trims the heap top on
+    free, so each step page-faults its activations in again (docs/performance.md: 69% -> 78% of
+    the matmul ceiling for an eva_base step). Here every block comes from the heap and the heap is
+    never trimmed, so the process keeps its peak memory. Returns False where libc is not glibc.
     """
     import ctypes
     import ctypes.util
@@ -137,9 +137,9 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt takes a C int: a larger Python int wraps silently (2**34 became 0, i.e. trim on every free).
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # 32 MiB is glibc's largest mmap threshold; blocks above it are still mapped per allocation.
-    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    m_trim_threshold, m_mmap_max = -1, -4
+    # man mallopt: a trim threshold of -1 disables trimming; an mmap maximum of 0 disables per-block mmap.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
