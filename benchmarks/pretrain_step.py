@@ -47,7 +47,13 @@ from flyeva.engine.loop import keep_freed_memory
 from flyeva.engine.optim import ADAMW_IMPLEMENTATIONS, OptimConfig, build_adamw, param_groups
 from flyeva.models.eva import build_mim_model, encoder_flops, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
-from flyeva.teachers import build_clip_teacher, check_token_grid
+from flyeva.teachers import (
+    TEACHER_PRECISIONS,
+    build_clip_teacher,
+    check_token_grid,
+    precision_name,
+    resolve_teacher_dtype,
+)
 
 MASK_RATIO = 105 / 256  # EVA_SPEC section 3: 105 of 256 patches (~40%), block-wise
 
@@ -116,6 +122,7 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
         keep_freed_memory()  # what the engine does for every CPU run
     torch.manual_seed(0)
     teacher = build_teacher(args.teacher, device)
+    teacher.to(resolve_teacher_dtype(args.teacher_precision, args.precision, device))  # as run_pretrain
     size = size_with(get_size(size_name), patch_size=teacher.patch_size, img_size=teacher.image_size)
     model = build_mim_model(size, teacher_dim=teacher.embed_dim, drop_path_rate=0.1).to(device)
     check_token_grid(teacher, tuple(model.patch_embed.grid_size), size.img_size)
@@ -177,6 +184,7 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
         patch=size.patch_size,
         grid=size.grid_size,
         teacher=teacher.arch.name,
+        teacher_precision=precision_name(teacher.dtype),
         batch=args.batch,
         step_s=seconds,
         step_s_all=[round(t, 4) for t in step_seconds],
@@ -263,9 +271,10 @@ def child_command(size_name: str, args: argparse.Namespace) -> list[str]:
         "adamw",
         "profile",
         "malloc",
+        "teacher_precision",
     )
     for key in keys:
-        command += [f"--{key}", str(getattr(args, key))]
+        command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return [*command, "--compile", args.compile]
 
 
@@ -275,7 +284,8 @@ def print_table(rows: list[dict], ceilings: dict[str, float], args: argparse.Nam
     reference = ceiling_label(args.precision, threads if on_cpu else None)
     print(
         f"torch {torch.__version__}, device {args.device}, {threads} threads, "
-        f"precision {args.precision}, adamw {args.adamw}, compile {args.compile}, malloc {args.malloc}"
+        f"precision {args.precision}, teacher precision {rows[0]['teacher_precision']}, adamw {args.adamw}, "
+        f"compile {args.compile}, malloc {args.malloc}"
     )
     for label, value in ceilings.items():
         print(f"matmul ceiling {label}: {value:8.1f} GFLOP/s")
@@ -337,6 +347,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(
         "--precision", choices=sorted(DTYPES), default=None, help="default: fp32 CPU, bf16 CUDA"
+    )
+    parser.add_argument(
+        "--teacher-precision",
+        choices=["auto", *TEACHER_PRECISIONS],
+        default="auto",
+        help="teacher.precision of the pretrain recipe (auto: bf16 where native, as flyeva pretrain does)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     parser.add_argument(

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from flyeva.cli import main as cli
@@ -13,6 +14,7 @@ from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.pretrain.objective import MIMObjective, mim_loss, pixel_targets
 from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
+from flyeva.teachers import has_native_bf16
 
 
 def test_loss_is_negative_cosine_over_masked_tokens_by_hand():
@@ -130,6 +132,10 @@ def test_a_folder_with_corrupt_files_trains_through_and_reports_the_exact_count(
     }
     assert "epoch 0: 21 images, 3 unreadable images skipped" in capsys.readouterr().out
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # teacher.precision=auto is recorded as what ran: bf16 on a CPU with native bf16, else fp32.
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["teacher"]["precision"] == ("bf16" if has_native_bf16(torch.device("cpu")) else "fp32")
+    assert cfg.teacher.precision == "auto"  # the caller's config is left as it was
 
 
 def test_teacher_grid_must_match_the_student(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import open_clip
 import pytest
@@ -15,7 +16,10 @@ from flyeva.teachers import (
     build_clip_teacher,
     check_token_grid,
     convert_openai_torchscript,
+    frozen,
     load_clip_teacher,
+    precision_name,
+    resolve_teacher_dtype,
     save_clip_teacher,
 )
 
@@ -341,3 +345,39 @@ def test_quick_gelu_teachers_use_the_inplace_activation(tiny):
     teacher = build_clip_teacher(TINY, seed=0)
     kinds = {type(m) for m in teacher.modules()}
     assert InplaceQuickGELU in kinds and QuickGELU not in kinds
+
+
+def test_teacher_precision_resolves_like_the_release(monkeypatch):
+    cpu = torch.device("cpu")
+    # Reduced-precision training runs the teacher in that precision (the release's autocast teacher).
+    assert resolve_teacher_dtype("auto", "bf16", cpu) == torch.bfloat16
+    assert resolve_teacher_dtype("auto", "fp16", cpu) == torch.float16
+    # fp32 training: bf16 only where the device computes it natively.
+    monkeypatch.setattr(frozen, "has_native_bf16", lambda device: True)
+    assert resolve_teacher_dtype("auto", "fp32", cpu) == torch.bfloat16
+    monkeypatch.setattr(frozen, "has_native_bf16", lambda device: False)
+    assert resolve_teacher_dtype("auto", "fp32", cpu) == torch.float32
+    # An explicit choice wins over the training precision.
+    assert resolve_teacher_dtype("fp32", "bf16", cpu) == torch.float32
+    assert resolve_teacher_dtype("bf16", "fp32", cpu) == torch.bfloat16
+    expected = "teacher.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        resolve_teacher_dtype("fp8", "fp32", cpu)
+
+
+def test_a_bf16_teacher_gives_fp32_targets_close_to_fp32(tiny):
+    teacher = load_clip_teacher(tiny["root"] / "clip.safetensors", TINY)
+    images = tiny["images"]
+    full = teacher(images)
+    # The caller's autocast does not reach inside: an fp32 teacher stays exactly fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(teacher(images), full)
+
+    teacher.to(torch.bfloat16)
+    assert teacher.dtype == torch.bfloat16 and precision_name(teacher.dtype) == "bf16"
+    half = teacher(images)
+    assert half.dtype == torch.float32 and not half.is_inference() and half.shape == full.shape
+    cosine = torch.nn.functional.cosine_similarity(half, full, dim=-1)
+    # bf16 keeps 8 mantissa bits: measured min 0.9999 here; the loss is a cosine, so this is what it sees.
+    assert cosine.min() > 0.999, cosine.min()
+    assert (half - full).abs().max() > 0  # it really ran in bf16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ from flyeva.engine.optim import OptimConfig
 from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_any, load_weights, save_flyeva
 from flyeva.models.eva import build_mim_model, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
-from flyeva.teachers import build_clip_teacher, check_token_grid, load_clip_teacher
+from flyeva.teachers import (
+    build_clip_teacher,
+    check_token_grid,
+    load_clip_teacher,
+    precision_name,
+    resolve_teacher_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,9 @@ class TeacherSection:
     # A randomly initialised stand-in tower (open_clip vision_cfg) when no weights are given.
     random_init: dict[str, Any] = field(default_factory=dict)
     random_seed: int = 0
+    # auto | fp32 | bf16 | fp16. The release runs the teacher under autocast (EVA_SPEC section 3);
+    # auto = the training precision if reduced, else bf16 where the device has it natively, else fp32.
+    precision: str = "auto"
 
 
 @dataclass
@@ -110,7 +119,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Build everything from `cfg`, train with the shared engine, write flyeva weights at the end."""
     if not cfg.data.sources:
         raise ValueError("no training data: set data.sources (a folder, list file or webdataset shards)")
-    D.init_distributed(cfg.train.device)  # the stream below shards by rank: join the group first
+    device = D.init_distributed(cfg.train.device)  # the stream below shards by rank: join the group first
     size = get_size(cfg.model.size)
     if cfg.model.img_size:
         size = size_with(size, img_size=cfg.model.img_size)
@@ -118,6 +127,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if teacher is not None:
         check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
         teacher_dim = teacher.embed_dim
+        teacher.to(resolve_teacher_dtype(cfg.teacher.precision, cfg.train.precision, device))
+        # config.yaml records the precision that ran (the caller's cfg is left as it was).
+        cfg = replace(cfg, teacher=replace(cfg.teacher, precision=precision_name(teacher.dtype)))
+        logger.info("teacher %s runs in %s", teacher.name, cfg.teacher.precision)
     else:
         teacher_dim = 3 * size.patch_size**2
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run

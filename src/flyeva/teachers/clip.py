@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from flyeva.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from flyeva.teachers.frozen import FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,11 @@ class TeacherArch:
         return {**sizes, "head_width": head_width, "embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu}
 
 
-class ClipTeacher(nn.Module):
+class ClipTeacher(FrozenTeacher):
     """Frozen CLIP vision tower; `forward(images)` returns EVA's MIM targets [B, num_patches, embed_dim].
 
     Parameters never require grad and the module stays in eval mode even if `.train()` is called.
-    The returned tensor is an ordinary tensor (cloned outside inference mode), so it can serve as the
-    target of a loss that is backpropagated into the student.
+    The targets come back in fp32 whatever `teacher.to(dtype)` ran them in (`FrozenTeacher`).
     """
 
     def __init__(self, arch: TeacherArch):
@@ -96,6 +96,7 @@ class ClipTeacher(nn.Module):
         if grid_h != grid_w or self.visual.patch_size[0] != self.visual.patch_size[1]:
             raise ValueError(f"only square teachers are supported, got grid {self.visual.grid_size}")
         self.arch = arch
+        self.name = arch.name
         self.quick_gelu = arch.quick_gelu
         self.grid_size: tuple[int, int] = (grid_h, grid_w)
         self.patch_size: int = self.visual.patch_size[0]
@@ -104,27 +105,9 @@ class ClipTeacher(nn.Module):
         self.num_patches: int = grid_h * grid_w
         if arch.quick_gelu:
             _use_inplace_quick_gelu(self.visual)
-        self.requires_grad_(False)
-        self.train(False)
+        self.freeze()
 
-    def train(self, mode: bool = True) -> ClipTeacher:
-        # The teacher is frozen: an engine calling model.train() must not switch it out of eval mode.
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        expected = (3, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"teacher '{self.arch.name}' expects images [B, {', '.join(map(str, expected))}], got "
-                f"{list(images.shape)}; feed it the student's crop at {self.image_size} px "
-                "(EVA_SPEC section 3)"
-            )
-        with torch.inference_mode():
-            targets = self._patch_targets(images)
-        # Inference tensors cannot be saved for backward; a clone made outside inference mode can.
-        return targets.clone()
-
-    def _patch_targets(self, images: Tensor) -> Tensor:
+    def patch_targets(self, images: Tensor) -> Tensor:
         visual = self.visual
         tokens = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(tokens.shape[0], -1, -1)
@@ -543,7 +526,7 @@ def load_clip_teacher(
     return teacher.to(device)
 
 
-def check_token_grid(teacher: ClipTeacher, student_grid: tuple[int, int], student_image_size: int) -> None:
+def check_token_grid(teacher: FrozenTeacher, student_grid: tuple[int, int], student_image_size: int) -> None:
     """Raise ValueError unless teacher and student tokenise the same crop into the same grid, so that
     each student token has a target token (EVA_SPEC section 3: 224 px / patch 14 -> 16x16 on both)."""
     student_grid = tuple(student_grid)
@@ -555,9 +538,8 @@ def check_token_grid(teacher: ClipTeacher, student_grid: tuple[int, int], studen
     if student_image_size % teacher_side == 0:
         fixes.append(f"student patch size {student_image_size // teacher_side} at {student_image_size} px")
     fixes.append(f"student image size {teacher_side * student_patch} with patch {student_patch}")
-    name = getattr(teacher, "name", None) or teacher.arch.name
     raise ValueError(
-        f"token grids differ: teacher '{name}' gives {teacher_side}x{teacher_side} "
+        f"token grids differ: teacher '{teacher.name}' gives {teacher_side}x{teacher_side} "
         f"({teacher.image_size} px / patch {teacher.patch_size}) but the student gives "
         f"{student_grid[0]}x{student_grid[1]} ({student_image_size} px / patch {student_patch}). "
         f"Use {' or '.join(fixes)}."

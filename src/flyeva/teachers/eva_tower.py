@@ -9,18 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from timm.models.eva import Eva
-from torch import Tensor, nn
+from torch import Tensor
 
 from flyeva.models.checkpoint import load_weights, read_checkpoint
 from flyeva.models.eva import build_encoder, get_size, size_with
+from flyeva.teachers.frozen import FrozenTeacher
 
 # The folder `flyeva clip train` writes (flyeva.tasks.clip.model.save_clip).
 CLIP_CONFIG, CLIP_WEIGHTS = "clip.json", "clip.safetensors"
 
 
-class EvaTowerTeacher(nn.Module):
+class EvaTowerTeacher(FrozenTeacher):
     """Frozen EVA vision tower with a projection `head`; `forward` gives [B, num_patches, embed_dim]."""
 
     def __init__(self, visual: Eva, name: str):
@@ -32,17 +32,11 @@ class EvaTowerTeacher(nn.Module):
         self.image_size: int = visual.patch_embed.img_size[0]
         self.embed_dim: int = visual.head.out_features
         self.num_patches: int = self.grid_size[0] * self.grid_size[1]
-        self.requires_grad_(False)
-        self.train(False)
+        self.freeze()
 
-    def train(self, mode: bool = True) -> EvaTowerTeacher:
-        return super().train(False)  # frozen: stays in eval mode whatever the engine asks
-
-    def forward(self, images: Tensor) -> Tensor:
-        with torch.inference_mode():
-            tokens = self.visual.forward_features(images)[:, self.visual.num_prefix_tokens :]
-            targets = self.visual.head(tokens)
-        return targets.clone()  # an ordinary tensor, usable as a loss target
+    def patch_targets(self, images: Tensor) -> Tensor:
+        tokens = self.visual.forward_features(images)[:, self.visual.num_prefix_tokens :]
+        return self.visual.head(tokens)
 
 
 def load_eva_clip_teacher(folder: str | Path) -> EvaTowerTeacher:
