@@ -2,7 +2,9 @@
 
 One step = block masks + student forward/backward + frozen CLIP teacher forward + negative-cosine
 loss + gradient clipping + AdamW step, built from the library's own pieces (EVA_SPEC section 3).
-The table sits next to the machine's measured fp32 matmul ceiling (all threads and one thread).
+The teacher runs in `teacher.precision` as `flyeva pretrain` resolves it (`--teacher-precision`;
+auto = bf16 on a CPU with AMX/AVX512-BF16, the training precision on a GPU). The table sits next
+to the machine's measured fp32 matmul ceiling (all threads and one thread).
 
     python benchmarks/pretrain_step.py                                   # eva_tiny,eva_base, batch 8, CPU
     python benchmarks/pretrain_step.py --sizes eva_base --adamw fused --threads 2
@@ -291,10 +293,15 @@ def print_table(rows: list[dict], ceilings: dict[str, float], args: argparse.Nam
         print(f"matmul ceiling {label}: {value:8.1f} GFLOP/s")
     print(
         f"{'student':>9} {'patch':>5} {'teacher':>18} {'batch':>5} {'s/step':>7} {'best':>6} {'img/s':>6} "
-        f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'%ceil':>5} {'best':>5} {'%core':>5} {'peak MiB':>8}"
+        f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'%ceil':>5} {'best':>5} {'%mixed':>6} {'%core':>5} {'peak MiB':>8}"
     )
     for row in rows:
         ceiling = ceilings[reference]
+        # The step's FLOPs at the ceiling of the precision each part runs in, over the measured time.
+        teacher_ceiling = ceilings[ceiling_label(row["teacher_precision"], threads if on_cpu else None)]
+        ideal_s = row["batch"] * (
+            row["student_gflops_per_image"] / ceiling + row["teacher_gflops_per_image"] / teacher_ceiling
+        )
         best_gflops = row["achieved_gflops"] * row["step_s"] / min(row["step_s_all"])
         core_share = "-"
         if on_cpu:
@@ -305,10 +312,14 @@ def print_table(rows: list[dict], ceilings: dict[str, float], args: argparse.Nam
             f"{row['step_s']:>7.2f} {min(row['step_s_all']):>6.2f} {row['images_per_s']:>6.2f} "
             f"{row['gflops_per_image']:>9.1f} {row['achieved_gflops']:>8.1f} "
             f"{100 * row['achieved_gflops'] / ceiling:>4.0f}% {100 * best_gflops / ceiling:>4.0f}% "
-            f"{core_share:>5} {row['peak_mib']:>8.0f}"
+            f"{100 * ideal_s / row['step_s']:>5.0f}% {core_share:>5} {row['peak_mib']:>8.0f}"
         )
     notes = sorted({row["teacher_flops_note"] for row in rows})
     print(f"s/step, img/s, GFLOP/s, %ceil: median step; best: fastest step; ceiling: matmul {reference}")
+    print(
+        "%mixed: median step against the ceilings of the precisions its parts run in (student: "
+        f"{args.precision}, teacher: {rows[0]['teacher_precision']}); equal to %ceil when they are the same"
+    )
     if on_cpu:
         print(
             "%core: FLOPs per CPU-second of the process / 1-thread ceiling (with --threads 1 it does not "
@@ -324,10 +335,12 @@ def ceiling_label(dtype_name: str, threads: int | None) -> str:
 
 
 def measure_ceilings(args: argparse.Namespace) -> dict[str, float]:
-    """Matmul ceilings in fp32 and the run's precision; on CPU at the run's thread count and at 1 thread."""
+    """Matmul ceilings in fp32, the run's and the teacher's precision; on CPU at the run's thread count
+    and at 1 thread."""
     threads = torch.get_num_threads() if not args.device.startswith("cuda") else None
     ceilings = {}
-    for dtype_name in dict.fromkeys(["fp32", args.precision]):
+    teacher_dtype = resolve_teacher_dtype(args.teacher_precision, args.precision, torch.device(args.device))
+    for dtype_name in dict.fromkeys(["fp32", args.precision, precision_name(teacher_dtype)]):
         measure = functools.partial(matmul_gflops, args.matmul_size, repeats=10, dtype=DTYPES[dtype_name])
         ceilings[ceiling_label(dtype_name, threads)] = measure(device=args.device)
         if threads is not None and threads > 1:
