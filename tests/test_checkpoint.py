@@ -130,6 +130,8 @@ class NotData:  # a pickled class instance needs code to load
     pass
 
 
+# The TorchScript file is a fixture of the refusal test; scripting it is deprecated but not the point.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_bad_files_give_the_documented_errors(tiny, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_release_checkpoint(tmp_path / "missing.pt")
