@@ -32,13 +32,12 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _train_teacher(recipe: str, final: Path, device: str) -> None:
     """Train the CLIP teacher a recipe names, once; it is cached at `final` (OUTPUT/final)."""
     from flyeva.config import load_config, recipe_path
+    from flyeva.engine import distributed as D
     from flyeva.tasks.clip.recipe import ClipConfig, run_clip_train
 
     if final.name != "final":
         raise ConfigError(f"teacher.path {final} must be the `final` folder that `flyeva clip train` writes")
     print(f"no teacher at {final}: training it once with the clip recipe {recipe!r}")
-    from flyeva.engine import distributed as D
-
     overrides = [f"train.output_dir={final.parent}", f"train.device={device}"]
     run_clip_train(load_config(ClipConfig, recipe_path("clip", recipe), overrides))
     D.barrier()  # under torchrun rank 0 writes the teacher; the other ranks load it next
