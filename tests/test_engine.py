@@ -365,4 +365,5 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_heap():
     # its own and unmaps it on free; the old trim threshold 2**34, wrapped to 0 by a C int, trimmed it.
     out = subprocess.run([sys.executable, "-c", KEEP_PROBE], capture_output=True, text=True, check=True)
     grown, returned = map(int, out.stdout.split())
-    assert grown >= 64 * 2**20 and returned == 0
+    # Served by the heap: it grew by about 64 MiB (less whatever free space its top already had).
+    assert grown > 48 * 2**20 and returned == 0
