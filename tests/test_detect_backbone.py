@@ -1,0 +1,177 @@
+"""Detection backbone: windows, decomposed relative position, parity with timm's EVA blocks, pyramid."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flyeva.models.eva import EvaSize, build_encoder
+from flyeva.tasks.detect.backbone import (
+    EvaViTDet,
+    SimpleFeaturePyramid,
+    WindowBlock,
+    decomposed_rel_pos_bias,
+    global_block_indices,
+    window_partition,
+    window_unpartition,
+)
+from flyeva.tasks.detect.model import backbone_from_encoder
+
+torch.set_num_threads(1)
+TINY = EvaSize(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(2, 7, 10, 3)
+    windows, padded = window_partition(x, 4)
+    assert padded == (8, 12)
+    assert windows.shape == (2 * 2 * 3, 4, 4, 3)
+    # window (0, 1) of image 0 holds rows 0-3, columns 4-7; the padded row 7 is zero
+    torch.testing.assert_close(windows[1], F.pad(x, (0, 0, 0, 2, 0, 1))[0, 0:4, 4:8])
+    assert windows[-1, -1].abs().sum() == 0
+    torch.testing.assert_close(window_unpartition(windows, 4, padded, (7, 10)), x, rtol=0, atol=0)
+
+
+def test_global_blocks_as_vitdet_and_the_release():
+    assert global_block_indices(12) == [2, 5, 8, 11]
+    assert global_block_indices(24) == [5, 11, 17, 23]
+    assert global_block_indices(40) == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]
+    assert global_block_indices(4) == [1, 3]
+
+
+def naive_rel_pos_bias(q, rel_h, rel_w, height, width):
+    """Bias[i, j] = q_i . Rh[hi - hj + H - 1] + q_i . Rw[wi - wj + W - 1], one pair at a time."""
+    batch, heads, tokens, _ = q.shape
+    bias = torch.zeros(batch, heads, tokens, tokens, dtype=torch.float64)
+    for i in range(tokens):
+        hi, wi = divmod(i, width)
+        for j in range(tokens):
+            hj, wj = divmod(j, width)
+            table = rel_h[hi - hj + height - 1] + rel_w[wi - wj + width - 1]
+            bias[:, :, i, j] = (q[:, :, i].double() * table.double()).sum(-1)
+    return bias
+
+
+def test_decomposed_rel_pos_equals_naive_full_bias():
+    torch.manual_seed(0)
+    height, width, dim = 3, 4, 5
+    q = torch.randn(2, 2, height * width, dim)
+    rel_h, rel_w = torch.randn(2 * height - 1, dim), torch.randn(2 * width - 1, dim)
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (height, width))
+    torch.testing.assert_close(
+        bias.double(), naive_rel_pos_bias(q, rel_h, rel_w, height, width), atol=1e-5, rtol=0
+    )
+
+
+def vitdet_attention(block: WindowBlock, x: torch.Tensor) -> torch.Tensor:
+    """ViTDet's Attention.forward (detectron2 `vit.py`), written out with explicit softmax."""
+    attn = block.attn
+    batch, height, width, channels = x.shape
+    heads, head_dim = attn.num_heads, channels // attn.num_heads
+    qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(batch, height * width, 3, heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, height * width, -1).unbind(0)
+    logits = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+    rel_h = torch.einsum(
+        "bhwc,hkc->bhwk", q.reshape(-1, height, width, head_dim), _table(attn.rel_pos_h, height)
+    )
+    rel_w = torch.einsum(
+        "bhwc,wkc->bhwk", q.reshape(-1, height, width, head_dim), _table(attn.rel_pos_w, width)
+    )
+    logits = logits.view(-1, height, width, height, width) + rel_h[..., None] + rel_w[..., None, :]
+    out = logits.view(-1, height * width, height * width).softmax(-1) @ v
+    out = out.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+    return attn.proj(out)
+
+
+def _table(rel_pos, size):
+    coords = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1
+    return rel_pos[coords]
+
+
+def test_sdpa_attention_with_rel_pos_matches_vitdet_reference():
+    torch.manual_seed(0)
+    block = WindowBlock(32, 2, 64, window=0, grid=(4, 5))
+    for param in (block.attn.rel_pos_h, block.attn.rel_pos_w, block.attn.q_bias, block.attn.v_bias):
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(2, 4, 5, 32)
+    torch.testing.assert_close(block.attn(x), vitdet_attention(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_window_equal_to_grid_is_global_attention():
+    torch.manual_seed(0)
+    global_block = WindowBlock(32, 2, 64, window=0, grid=(6, 6))
+    window_block = WindowBlock(32, 2, 64, window=6, grid=(6, 6))
+    window_block.load_state_dict(global_block.state_dict())
+    x = torch.randn(2, 6, 6, 32)
+    torch.testing.assert_close(window_block(x), global_block(x), atol=1e-6, rtol=1e-6)
+
+
+def test_padded_window_keys_carry_v_bias_as_the_release():
+    """A 3x3 grid in 2x2 windows: the corner token's window is 1 real + 3 zero tokens (k = 0, v = v_bias)."""
+    torch.manual_seed(0)
+    block = WindowBlock(8, 1, 16, window=2, grid=(3, 3))
+    torch.nn.init.normal_(block.attn.v_bias)
+    x = torch.randn(1, 3, 3, 8)
+    out = block.attn(window_partition(block.norm1(x), 2)[0])
+    corner = out[3, 0, 0]  # the window holding only token (2, 2)
+    attn = block.attn
+    real = block.norm1(x)[0, 2, 2]
+    q = F.linear(real, attn.qkv.weight[:8], attn.q_bias)
+    k_real = F.linear(real, attn.qkv.weight[8:16])
+    v_real = F.linear(real, attn.qkv.weight[16:], attn.v_bias)
+    weights = torch.softmax(torch.stack([q @ k_real * 8**-0.5, *[torch.tensor(0.0)] * 3]), 0)
+    expected = attn.proj(weights[0] * v_real + weights[1:].sum() * attn.v_bias)
+    torch.testing.assert_close(corner, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_zero_rel_pos_backbone_equals_timm_eva_blocks(window):
+    """Right after loading, the backbone computes what timm's EVA blocks compute on the patch tokens."""
+    torch.manual_seed(0)
+    encoder = build_encoder(TINY)
+    for block in encoder.blocks:
+        torch.nn.init.normal_(block.attn.q_bias, std=0.1)
+        torch.nn.init.normal_(block.attn.v_bias, std=0.1)
+    net = backbone_from_encoder(encoder, patch_size=4, img_size=32, window=window, pos_grid=8)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
+    for block in encoder.blocks:
+        tokens = block(tokens)
+    expected = tokens.transpose(1, 2).reshape(2, 32, 8, 8)
+    torch.testing.assert_close(net(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pyramid_strides_and_shapes():
+    net = EvaViTDet(64, 16, 32, 2, 2, 64, pos_grid=4, window=2)
+    pyramid = SimpleFeaturePyramid(net, out_channels=24)
+    features = pyramid(torch.randn(2, 3, 64, 64))
+    assert pyramid.strides == [4, 8, 16, 32, 64]
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        "p2": (2, 24, 16, 16),
+        "p3": (2, 24, 8, 8),
+        "p4": (2, 24, 4, 4),
+        "p5": (2, 24, 2, 2),
+        "p6": (2, 24, 1, 1),
+    }
+    torch.testing.assert_close(features["p6"], features["p5"][:, :, ::2, ::2])
+
+
+def test_release_key_names_of_the_pyramid():
+    net = EvaViTDet(64, 16, 32, 1, 2, 64, pos_grid=4)
+    names = set(SimpleFeaturePyramid(net, 16).state_dict())
+    for key in (
+        "simfp_2.0.weight",
+        "simfp_2.1.weight",
+        "simfp_2.3.weight",
+        "simfp_2.4.weight",
+        "simfp_2.4.norm.weight",
+        "simfp_2.5.norm.bias",
+        "simfp_3.0.bias",
+        "simfp_3.1.weight",
+        "simfp_4.0.norm.weight",
+        "simfp_5.1.weight",
+        "net.blocks.0.attn.rel_pos_h",
+        "net.pos_embed",
+    ):
+        assert key in names, key
+    assert "simfp_2.4.bias" not in names  # detectron2's Conv2d with a norm has no bias
