@@ -1,0 +1,201 @@
+"""Labelled video lists: Kinetics-style CSVs, `path label` lists, folders per class, ShapeWorld clips.
+
+- `list`: one video per line, `path,label` or `path label` (mmaction's list files), optional header;
+  paths relative to `root` (or to the list's folder). A label is a class index, or a class name.
+- `kinetics`: the official CSVs (`label,youtube_id,time_start,time_end,split`, any column order, with
+  a header); the video of a row is `<id>_<start:06d>_<end:06d>.<ext>` (the usual downloader names)
+  directly in `root` or in `root/<label>/`, ext in mp4/webm/mkv.
+- `folder`: `root/<class>/<video>`; classes in sorted folder order.
+Class names: `data.classes` (a file, one per line) fixes the list and its order; otherwise named
+labels are sorted, and integer labels are named by their index. Listed videos missing on disk
+(common in Kinetics) are dropped once, counted and named in the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flyeva.data.synthetic import ShapeWorld
+from flyeva.tasks.video.convert import read_class_names
+
+logger = logging.getLogger(__name__)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+LIST_TYPES = ("list", "kinetics", "folder", "shapeworld")
+
+
+@dataclass
+class VideoList:
+    """Video files with integer labels and the class names; `missing` = listed files not found."""
+
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _label_indices(names: list[str], classes_file: str, where: str) -> tuple[list[int], list[str]]:
+    if classes_file:
+        classes = read_class_names(classes_file)
+    elif all(name.lstrip("-").isdigit() for name in names):
+        count = max(int(name) for name in names) + 1 if names else 0
+        classes = [str(k) for k in range(count)]
+    else:
+        classes = sorted(set(names))
+    index = {name: k for k, name in enumerate(classes)}
+    labels = []
+    for name in names:
+        if name in index:
+            labels.append(index[name])
+        elif name.isdigit() and int(name) < len(classes):
+            labels.append(int(name))
+        else:
+            raise ValueError(
+                f"{where}: label {name!r} is not in the class list ({len(classes)} classes); fix data.classes"
+            )
+    return labels, classes
+
+
+def _keep_existing(paths: list[Path], names: list[str], where: str) -> tuple[list[str], list[str], list[str]]:
+    kept, kept_names, missing = [], [], []
+    for path, name in zip(paths, names):
+        if path.is_file():
+            kept.append(str(path))
+            kept_names.append(name)
+        else:
+            missing.append(str(path))
+    if missing:
+        logger.warning(
+            "%s: %d of %d listed videos are missing, skipped (e.g. %s)",
+            where,
+            len(missing),
+            len(paths),
+            missing[0],
+        )
+    if not kept:
+        raise FileNotFoundError(
+            f"{where}: none of the {len(paths)} listed videos exists (e.g. {missing[0]}); check data.*.root"
+        )
+    return kept, kept_names, missing
+
+
+def read_path_list(path: str | Path, root: str = "", classes_file: str = "") -> VideoList:
+    """`path,label` / `path label` lines (an optional `path,label` header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video list {path} does not exist; set data.train.path / data.val.path")
+    base = Path(root) if root else path.parent
+    files, names = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or (number == 1 and line.lower().replace(" ", "") in ("path,label", "video,label")):
+            continue
+        parts = line.rsplit(",", 1) if "," in line else line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'path,label' or 'path label', got {line!r}")
+        files.append(base / parts[0].strip())
+        names.append(parts[1].strip())
+    kept, kept_names, missing = _keep_existing(files, names, str(path))
+    labels, classes = _label_indices(kept_names, classes_file, str(path))
+    return VideoList(kept, labels, classes, missing)
+
+
+def _kinetics_file(root: Path, row: dict[str, str]) -> Path:
+    stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+    for folder in (root, root / row["label"], root / row["label"].replace(" ", "_")):
+        for suffix in (".mp4", ".webm", ".mkv"):
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return root / f"{stem}.mp4"
+
+
+def read_kinetics_csv(path: str | Path, root: str, classes_file: str = "") -> VideoList:
+    """A Kinetics CSV with a header naming youtube_id, time_start, time_end and label."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Kinetics list {path} does not exist; set data.train.path / data.val.path")
+    if not root:
+        raise ValueError(
+            f"{path}: a Kinetics list needs the video folder: set data.train.root / data.val.root"
+        )
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    needed = {"youtube_id", "time_start", "time_end", "label"}
+    if not rows or not needed <= set(rows[0]):
+        raise ValueError(
+            f"{path}: a Kinetics CSV needs a header with {sorted(needed)}; use type=list for path,label"
+        )
+    files = [_kinetics_file(Path(root), row) for row in rows]
+    kept, kept_names, missing = _keep_existing(files, [row["label"] for row in rows], str(path))
+    labels, classes = _label_indices(kept_names, classes_file, str(path))
+    return VideoList(kept, labels, classes, missing)
+
+
+def read_folder(root: str | Path, classes_file: str = "") -> VideoList:
+    """`root/<class>/<video>`: classes in sorted folder order (or the order of `classes_file`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"video folder {root} does not exist; expected root/<class>/<video>")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = read_class_names(classes_file) if classes_file else [p.name for p in folders]
+    index = {name: k for k, name in enumerate(classes)}
+    paths, labels = [], []
+    for folder in folders:
+        if folder.name not in index:
+            raise ValueError(f"{root}: folder {folder.name!r} is not in data.classes")
+        videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        paths += [str(p) for p in videos]
+        labels += [index[folder.name]] * len(videos)
+    if not paths:
+        raise FileNotFoundError(f"{root} holds no videos ({', '.join(VIDEO_SUFFIXES)}) in class folders")
+    return VideoList(paths, labels, classes)
+
+
+def write_shapeworld_clips(
+    out_dir: str | Path,
+    num_clips: int,
+    *,
+    seed: int,
+    image_size: int = 32,
+    num_frames: int = 16,
+    start: int = 0,
+) -> Path:
+    """ShapeWorld clips as H.264 files, `list.csv` (path,label) and `classes.txt`; the motion is the class.
+
+    Written once: an existing complete list is reused. Returns the list file.
+    """
+    from flyeva.tasks.video.decode import write_video
+
+    out_dir = Path(out_dir)
+    list_file = out_dir / "list.csv"
+    if list_file.is_file() and len(list_file.read_text().splitlines()) == num_clips + 1:
+        return list_file
+    world = ShapeWorld(image_size=image_size, seed=seed, num_frames=num_frames)
+    lines = ["path,label"]
+    for index in range(start, start + num_clips):
+        clip = world.clip(index)
+        write_video(out_dir / "clips" / f"{index:08d}.mp4", [np.asarray(frame) for frame in clip.frames])
+        lines.append(f"clips/{index:08d}.mp4,{clip.action}")
+    (out_dir / "classes.txt").write_text("\n".join(world.action_names) + "\n")
+    tmp = list_file.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(list_file)  # the list appears only when every clip is written
+    return list_file
+
+
+def load_video_list(kind: str, path: str, root: str = "", classes_file: str = "") -> VideoList:
+    """A `VideoList` of one of LIST_TYPES (shapeworld lists are written first by the recipe)."""
+    if kind in ("list", "shapeworld"):
+        return read_path_list(path, root, classes_file)
+    if kind == "kinetics":
+        return read_kinetics_csv(path, root, classes_file)
+    if kind == "folder":
+        return read_folder(path or root, classes_file)
+    raise ValueError(f"data type must be one of {', '.join(LIST_TYPES)}, got {kind!r}")

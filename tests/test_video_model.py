@@ -1,0 +1,150 @@
+"""The inflated video EVA: parity with the image model, the position-table resize, weights import."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.models.eva import Eva
+
+from flyeva.models.eva import EvaSize, eva_kwargs
+from flyeva.models.weights import load, save_weights
+from flyeva.tasks.video.convert import map_classifier_rows, release_video_state
+from flyeva.tasks.video.model import (
+    build_from_arch,
+    build_video_model,
+    inflate_image_state,
+    resize_pos_embed,
+    video_arch,
+)
+
+SIZE = EvaSize(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_dim=128)
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def image_model() -> Eva:
+    """An image classifier (mean pooling -> fc_norm -> head) with non-trivial random weights."""
+    torch.manual_seed(0)
+    model = Eva(**eva_kwargs(SIZE, num_classes=NUM_CLASSES, global_pool="avg", use_fc_norm=True)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    return model
+
+
+def _video_from_image(image: Eva, num_frames: int, tubelet: int = 1):
+    encoder = {k: v for k, v in image.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    encoder |= {
+        "norm.weight": image.fc_norm.weight,
+        "norm.bias": image.fc_norm.bias,
+    }  # an encoder's final norm
+    video = build_video_model(
+        SIZE, NUM_CLASSES, num_frames=num_frames, tubelet_size=tubelet, release_init=False
+    )
+    state = inflate_image_state(encoder, num_frames, tubelet) | {
+        k: image.state_dict()[k] for k in ("head.weight", "head.bias")
+    }
+    video.load_state_dict(state)  # strict: every key of the video model comes from the image model
+    return video.eval()
+
+
+def test_one_frame_equals_the_image_model_exactly(image_model):
+    video = _video_from_image(image_model, num_frames=1)
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.equal(video(images[:, None]), image_model(images))
+
+
+def test_identical_frames_equal_the_image_model_with_its_cls_key_weighted_one_in_t(image_model):
+    # Joint attention over 8 copies of every patch counts each patch key 8 times and the one CLS key
+    # once: the image model with log(1/8) added to its CLS attention logits is the exact reference.
+    frames = 8
+    video = _video_from_image(image_model, num_frames=frames)
+    images = torch.randn(2, 3, 32, 32)
+    clips = images[:, None].repeat(1, frames, 1, 1, 1)
+    tokens = 1 + (32 // 8) ** 2
+    cls_weight = torch.zeros(1, 1, tokens, tokens)
+    cls_weight[..., 0] = -math.log(frames)
+    reference = image_model.forward_head(
+        image_model.forward_features(images, attn_mask=cls_weight), pre_logits=True
+    )
+    features = video.forward_head(video.forward_features(clips), pre_logits=True)
+    assert torch.allclose(features, reference, atol=1e-5)
+    # Without the correction the plain image model differs: the test above is not vacuous.
+    plain = image_model.forward_head(image_model.forward_features(images), pre_logits=True)
+    assert (features - plain).abs().max() > 1e-3
+
+
+def test_tubelet_kernel_is_repeated_and_divided_so_a_static_clip_embeds_as_the_image(image_model):
+    video = _video_from_image(image_model, num_frames=4, tubelet=2)
+    assert video.patch_embed.proj.weight.shape == (64, 3, 2, 8, 8)
+    assert video.pos_embed.shape == (1, 1 + 2 * 16, 64)
+    images = torch.randn(2, 3, 32, 32)
+    image_tokens = image_model.patch_embed(images)
+    clip_tokens = video.patch_embed(images[:, None].repeat(1, 4, 1, 1, 1))
+    assert torch.allclose(clip_tokens, image_tokens.repeat(1, 2, 1), atol=1e-5)
+
+
+def test_resize_is_the_identity_at_the_same_shape_and_keeps_cls():
+    table = torch.randn(1, 1 + 8 * 4 * 4, 16)
+    assert torch.equal(resize_pos_embed(table, (8, 4, 4), (8, 4, 4)), table)
+    resized = resize_pos_embed(table, (8, 4, 4), (16, 4, 4))
+    assert resized.shape == (1, 1 + 16 * 16, 16)
+    assert torch.equal(resized[:, 0], table[:, 0])
+
+
+def test_resize_over_time_is_trilinear_with_half_pixel_centres():
+    # Two time slots -> four: sources at t = -0.25, 0.25, 0.75, 1.25 (clamped): weights by hand.
+    spatial = torch.randn(1, 4, 3)
+    first, second = spatial, spatial + 1.0
+    table = torch.cat([torch.zeros(1, 1, 3), first, second], dim=1)
+    resized = resize_pos_embed(table, (2, 2, 2), (4, 2, 2))[:, 1:].view(4, 4, 3)
+    expected = torch.stack(
+        [first[0], 0.75 * first[0] + 0.25 * second[0], 0.25 * first[0] + 0.75 * second[0], second[0]]
+    )
+    assert torch.allclose(resized, expected, atol=1e-6)
+
+
+def test_model_resize_changes_frames_and_runs():
+    model = build_video_model(SIZE, NUM_CLASSES, num_frames=8)
+    model.resize(16)
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 64)
+    assert model(torch.randn(1, 16, 3, 32, 32)).shape == (1, NUM_CLASSES)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(torch.randn(1, 8, 3, 32, 32))
+
+
+def test_weights_folder_round_trip(tmp_path):
+    model = build_video_model(SIZE, NUM_CLASSES, num_frames=4, tubelet_size=2).eval()
+    save_weights(model, tmp_path, kind="video", arch=video_arch(model), extra={"classes": list("abcde")})
+    loaded = load(tmp_path).eval()
+    clips = torch.randn(2, 4, 3, 32, 32)
+    assert torch.equal(loaded(clips), model(clips))
+    assert build_from_arch(video_arch(model)).pos_embed.shape == model.pos_embed.shape
+
+
+def test_release_video_checkpoint_imports_by_key_map():
+    # The release's names and shapes (`EVA-01/video` models/beit.py, 8 frames, tubelet 1), DDP prefix.
+    source = build_video_model(SIZE, NUM_CLASSES, num_frames=8).eval()
+    raw = {f"module.{k}": v.clone() for k, v in source.state_dict().items()}
+    for block in range(SIZE.depth):  # an MAE-style fused qkv bias in one block, k part zero
+        q, v = raw.pop(f"module.blocks.{block}.attn.q_bias"), raw.pop(f"module.blocks.{block}.attn.v_bias")
+        raw[f"module.blocks.{block}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    state, arch = release_video_state(raw, img_size=32, num_heads=2)
+    assert arch == {"size": SIZE.__dict__, "num_classes": NUM_CLASSES, "num_frames": 8, "tubelet_size": 1}
+    rebuilt = build_from_arch(arch).eval()
+    rebuilt.load_state_dict(state)
+    clips = torch.randn(1, 8, 3, 32, 32)
+    assert torch.equal(rebuilt(clips), source(clips))
+
+
+def test_k722_head_rows_are_picked_by_class_name():
+    k722 = ["abseiling", "air drumming", "zumba", "juggling balls", "yoga"]
+    head = {"head.weight": torch.arange(10.0).view(5, 2), "head.bias": torch.arange(5.0)}
+    k400 = ["Yoga", "abseiling", "air_drumming"]
+    picked = map_classifier_rows(head, k722, k400)
+    assert picked["head.bias"].tolist() == [4.0, 0.0, 1.0]
+    assert picked["head.weight"].tolist() == [[8.0, 9.0], [0.0, 1.0], [2.0, 3.0]]
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        map_classifier_rows(head, k722, ["surfing"])
