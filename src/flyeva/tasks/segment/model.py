@@ -1,0 +1,150 @@
+"""Segmenters: build from a recipe (fresh or from pretrained EVA weights) or from a weights folder's
+`arch`, and the layer-decay parameter groups shared by both decoders."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from flyeva.engine.optim import layer_id_for_vit, param_groups
+from flyeva.models.eva import EvaSize, get_size, init_release_weights, size_with
+from flyeva.tasks.segment.backbone import EvaBackbone, load_pretrained_encoder
+from flyeva.tasks.segment.mask2former import EvaMask2Former, Mask2FormerSection
+from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
+
+DECODERS = ("upernet", "mask2former")
+# Default `out_indices` by encoder depth (BEiT/EVA-02 mmseg configs; EVA-g: the release's adapter
+# interaction ends [9, 19, 29, 39]).
+OUT_INDICES_BY_DEPTH: dict[int, list[int]] = {
+    4: [0, 1, 2, 3],
+    12: [3, 5, 7, 11],
+    24: [7, 11, 15, 23],
+    40: [9, 19, 29, 39],
+}
+ENCODER_PREFIX = "backbone.encoder."
+
+
+@dataclass
+class ModelSection:
+    init: str = ""  # pretrained encoder: flyeva folder (mim/encoder) or release checkpoint; "" = from scratch
+    size: str = "eva_giant"  # only without init
+    patch_size: int = 16  # the release resizes EVA's 14x14 kernel to 16x16 (bicubic); 0 = keep
+    out_indices: list[int] = field(default_factory=list)  # [] = by depth (OUT_INDICES_BY_DEPTH)
+    drop_path_rate: float = 0.5  # release `EVA-01/seg`
+    grad_checkpointing: bool = False
+    decoder: str = "mask2former"  # mask2former | upernet
+    upernet: UperNetSection = field(default_factory=UperNetSection)
+    mask2former: Mask2FormerSection = field(default_factory=Mask2FormerSection)
+
+
+Segmenter = EvaUperNet | EvaMask2Former
+
+
+def check_model_section(cfg: ModelSection) -> None:
+    """Reject bad values before any weights are read."""
+    if cfg.decoder not in DECODERS:
+        raise ValueError(f"model.decoder={cfg.decoder!r} is not one of {list(DECODERS)}")
+    if not cfg.init:
+        get_size(cfg.size)
+    if cfg.patch_size < 0:
+        raise ValueError(f"model.patch_size must be >= 0 (0 = the encoder's), got {cfg.patch_size}")
+
+
+def default_out_indices(depth: int) -> list[int]:
+    if depth in OUT_INDICES_BY_DEPTH:
+        return list(OUT_INDICES_BY_DEPTH[depth])
+    return [max(0, (level + 1) * depth // 4 - 1) for level in range(4)]  # evenly spaced, ending at the last
+
+
+def _assemble(
+    size: EvaSize,
+    out_indices: list[int],
+    num_classes: int,
+    decoder: str,
+    sections: dict[str, Any],
+    **backbone_kw,
+) -> Segmenter:
+    backbone = EvaBackbone(size, out_indices or default_out_indices(size.depth), **backbone_kw)
+    if decoder == "upernet":
+        return EvaUperNet(backbone, num_classes, sections["upernet"])
+    return EvaMask2Former(backbone, num_classes, sections["mask2former"])
+
+
+def build_segmenter(cfg: ModelSection, num_classes: int, crop_size: int, seed: int = 0) -> Segmenter:
+    """A segmenter for `crop_size` inputs: EVA weights from `cfg.init` when given, else the release's init."""
+    check_model_section(cfg)
+    torch.manual_seed(seed)  # the same fresh decoder on every rank and every run
+    state = None
+    if cfg.init:
+        size, state = load_pretrained_encoder(cfg.init, cfg.patch_size, crop_size)
+    else:
+        base = get_size(cfg.size)
+        size = size_with(base, img_size=crop_size, patch_size=cfg.patch_size or base.patch_size)
+    sections = {"upernet": cfg.upernet, "mask2former": cfg.mask2former}
+    model = _assemble(
+        size,
+        list(cfg.out_indices),
+        num_classes,
+        cfg.decoder,
+        sections,
+        drop_path_rate=cfg.drop_path_rate,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    encoder = model.backbone.encoder
+    if state is None:
+        init_release_weights(encoder)
+    else:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{cfg.init} does not hold a complete EVA encoder (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); point model.init at a pretraining or encoder weights folder"
+            )
+    return model
+
+
+def segmenter_arch(model: Segmenter) -> dict[str, Any]:
+    """The `arch` of a `segmenter` weights folder (see flyeva.models.weights)."""
+    backbone = model.backbone
+    return {
+        "encoder": asdict(backbone.size),
+        "out_indices": backbone.out_indices,
+        "num_classes": model.num_classes,
+        **model.arch(),
+    }
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """The un-initialised segmenter a weights folder describes (the `segmenter` builder)."""
+    sections = {
+        "upernet": UperNetSection(**arch.get("upernet", {})),
+        "mask2former": Mask2FormerSection(**arch.get("mask2former", {})),
+    }
+    return _assemble(
+        EvaSize(**arch["encoder"]), list(arch["out_indices"]), arch["num_classes"], arch["decoder"], sections
+    )
+
+
+def segmenter_layer_id(name: str, num_layers: int) -> int:
+    """Encoder embeddings 0, block i -> i + 1; the neck and the whole decoder num_layers + 1 (full lr).
+
+    The release's builder puts Mask2Former's query and level embeddings at layer 0 (lr x 0.95^41);
+    here every decoder parameter gets the full lr (docs/segment.md).
+    """
+    if name.startswith(ENCODER_PREFIX):
+        return layer_id_for_vit(name.removeprefix(ENCODER_PREFIX), num_layers)
+    return num_layers + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with `lr_scale` = layer_decay ** (num_layers + 1 - layer) (paper section 4.2)."""
+    return param_groups(
+        model,
+        weight_decay,
+        layer_decay=layer_decay,
+        num_layers=model.backbone.num_layers,
+        layer_id_fn=segmenter_layer_id,
+    )

@@ -1,0 +1,192 @@
+"""`flyeva segment train|eval`: the recipe schema and the runs on the shared engine.
+
+Schema defaults are the release's EVA-g + Mask2Former ADE20K stage (paper section 4.2, release
+`EVA-01/seg`): crop 896, AdamW (0.9, 0.999) lr 2.5e-5, wd 0.05, layer decay 0.95, poly (power 1)
+to 0 after a 500-iteration warmup, 20k iterations at batch 64, drop path 0.5, slide inference
+896 / 512. Recipes in configs/segment/ change only what differs (docs/segment.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.config import ConfigError, to_yaml
+from flyeva.engine import distributed as D
+from flyeva.engine.checkpoint import full_model_state
+from flyeva.engine.loop import StepContext, TrainConfig, train
+from flyeva.engine.optim import OptimConfig, check_schedule
+from flyeva.tasks.segment.data import DataSection, check_data_section, ensure_shapeworld, open_split
+from flyeva.tasks.segment.evaluate import EvalSection, Evaluator, check_eval_section
+from flyeva.tasks.segment.model import (
+    ModelSection,
+    build_from_arch,
+    build_segmenter,
+    check_model_section,
+    layer_decay_groups,
+    segmenter_arch,
+)
+from flyeva.tasks.segment.stream import SegmentationBatchStream
+from flyeva.tasks.segment.transforms import AugSection, TrainTransform
+
+logger = logging.getLogger(__name__)
+
+
+def _segment_optim() -> OptimConfig:
+    # mmseg's AdamW and poly schedule: warmup from lr x 1e-6 (warmup_ratio), to min_lr 0, no clipping.
+    return OptimConfig(
+        lr=2.5e-5,
+        min_lr=0.0,
+        weight_decay=0.05,
+        betas=[0.9, 0.999],
+        eps=1e-8,
+        layer_decay=0.95,
+        warmup_steps=500,
+        warmup="factor",
+        warmup_factor=1e-6,
+        schedule="poly",
+        poly_power=1.0,
+        clip_grad=0.0,
+    )
+
+
+def _segment_train() -> TrainConfig:
+    # 20k iterations as 10 engine epochs of 2000 (evaluation after each); 64 = 8 GPUs x 8 images.
+    return TrainConfig(
+        output_dir="runs/segment",
+        epochs=10,
+        steps_per_epoch=2000,
+        batch_size=8,
+        precision="fp16",
+        strategy="ddp",
+        num_workers=4,
+        checkpoint_every=2000,
+    )
+
+
+@dataclass
+class SegmentConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    aug: AugSection = field(default_factory=AugSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    optim: OptimConfig = field(default_factory=_segment_optim)
+    train: TrainConfig = field(default_factory=_segment_train)
+    weights: str = ""  # eval / predict: a segmenter weights folder (OUTPUT/final of `segment train`)
+
+
+def resolve(cfg: SegmentConfig) -> SegmentConfig:
+    """Check every value before any work, and fill the eval defaults that follow the augmentation."""
+    try:
+        check_model_section(cfg.model)
+        check_data_section(cfg.data)
+        cfg.eval.crop_size = cfg.eval.crop_size or cfg.aug.crop_size
+        cfg.eval.scale = list(cfg.eval.scale or cfg.aug.scale)
+        check_eval_section(cfg.eval)
+        check_schedule(cfg.optim)
+        TrainTransform(cfg.aug)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return cfg
+
+
+class SegmentationObjective:
+    """Loss of a batch: the model's own (cross-entropy for UperNet, matched mask losses for Mask2Former)."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext):
+        return model(batch["images"], batch["labels"])
+
+
+def save_segmenter(model: torch.nn.Module, folder: Path, classes: list[str], source: dict[str, Any]) -> Path:
+    from flyeva.models.weights import save_weights
+
+    return save_weights(
+        model, folder, kind="segmenter", arch=segmenter_arch(model), source=source, extra={"classes": classes}
+    )
+
+
+def run_train(cfg: SegmentConfig) -> dict[str, Any]:
+    """Train on the shared engine; write OUTPUT/final (segmenter weights) and OUTPUT/eval.json."""
+    cfg = resolve(cfg)
+    D.init_distributed(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+    data = ensure_shapeworld(cfg.data, out)
+    train_pairs, val_pairs = open_split(data, "train"), open_split(data, "val")
+    model = build_segmenter(cfg.model, len(train_pairs.classes), cfg.aug.crop_size, cfg.train.seed)
+    if D.world_size() > 1 and cfg.train.strategy != "fsdp":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg trains with SyncBN
+    rank, world = D.rank(), D.world_size()
+    stream = SegmentationBatchStream(
+        train_pairs,
+        TrainTransform(cfg.aug),
+        cfg.train.batch_size,
+        rank,
+        world,
+        cfg.train.seed,
+        batches_per_epoch=cfg.train.steps_per_epoch * cfg.train.accum_steps,
+    )
+    evaluator = Evaluator(val_pairs, cfg.eval, rank, world, shard=cfg.train.strategy != "fsdp")
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    result = train(
+        model,
+        SegmentationObjective(),
+        stream,
+        cfg.train,
+        cfg.optim,
+        groups_fn=lambda m: layer_decay_groups(m, cfg.optim.weight_decay, cfg.optim.layer_decay),
+        evaluate=evaluator,
+    )
+    state = full_model_state(result.model)  # collective under FSDP2
+    if not D.is_main():
+        return {}
+    final = build_from_arch(segmenter_arch(D.unwrap(result.model)))
+    final.load_state_dict(state)
+    source = {"init": cfg.model.init, "recipe": "segment train", "steps": result.step}
+    save_segmenter(final, out / "final", train_pairs.classes, source)
+    metrics = evaluator.last or evaluator.run(final, torch.device("cpu"))
+    return write_eval(out, metrics, result.step)
+
+
+def write_eval(out: Path, metrics: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    summary = {"step": step, **metrics} if step is not None else dict(metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_segmenter(path: str) -> torch.nn.Module:
+    """A trained segmenter from its weights folder, with `classes` from its config."""
+    from flyeva.models.weights import load, read_config
+
+    if not path:
+        raise ConfigError("set weights=PATH to a segmenter folder (OUTPUT/final of `flyeva segment train`)")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"weights folder {path} does not exist")
+    kind = read_config(path)["kind"]
+    if kind != "segmenter":
+        raise ConfigError(f"{path} holds a {kind!r} model; segment eval/predict need a segmenter folder")
+    return load(path)
+
+
+def run_eval(cfg: SegmentConfig) -> dict[str, Any]:
+    """Evaluate `cfg.weights` on the validation split; write OUTPUT/eval.json."""
+    cfg = resolve(cfg)
+    device = D.init_distributed(cfg.train.device)
+    model = load_segmenter(cfg.weights).to(device)
+    out = Path(cfg.train.output_dir)
+    data = ensure_shapeworld(cfg.data, out)
+    val_pairs = open_split(data, "val")
+    if model.num_classes != len(val_pairs.classes):
+        raise ConfigError(
+            f"{cfg.weights} predicts {model.num_classes} classes but the data has {len(val_pairs.classes)}; "
+            "evaluate on the dataset it was trained for"
+        )
+    metrics = Evaluator(val_pairs, cfg.eval, D.rank(), D.world_size()).run(model, device)
+    return write_eval(out, metrics) if D.is_main() else {}

@@ -1,0 +1,85 @@
+"""EVA + UperNet: the light semantic-segmentation recipe (BEiT and EVA-02 mmseg configs).
+
+The heads are transformers' ports of mmseg's `UPerHead` (PPM 1, 2, 3, 6 + FPN) and `FCNHead`
+(one 3x3 conv on level 2, the auxiliary head, loss weight 0.4). transformers'
+`UperNetForSemanticSegmentation` itself is not used: it builds its backbone from an AutoBackbone
+config, so EVA would have to be swapped in after construction (docs/segment.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import UperNetConfig
+from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
+
+from flyeva.tasks.segment.backbone import EvaBackbone
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class UperNetSection:
+    """UperNet head sizes; defaults are EVA-L/g's (1024 channels, docs/segment.md)."""
+
+    channels: int = 1024  # 768 for eva_base (BEiT's config)
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    aux_channels: int = 256
+    aux_weight: float = 0.4  # mmseg FCNHead loss_weight
+
+
+class EvaUperNet(nn.Module):
+    """EVA backbone + neck + UperNet head + FCN auxiliary head.
+
+    `forward(images)` gives per-class logits at the input resolution; `forward(images, labels)`
+    gives (loss, metrics) with cross-entropy (ignore 255) on both heads, logits upsampled to the labels.
+    """
+
+    scores_are_probabilities = False  # logits: multi-scale averaging applies softmax first
+
+    def __init__(self, backbone: EvaBackbone, num_classes: int, cfg: UperNetSection) -> None:
+        super().__init__()
+        head_config = UperNetConfig(
+            num_labels=num_classes,
+            hidden_size=cfg.channels,
+            pool_scales=list(cfg.pool_scales),
+            auxiliary_channels=cfg.aux_channels,
+            auxiliary_num_convs=1,
+            auxiliary_concat_input=False,
+            backbone_config={"model_type": "resnet"},  # never built; only the head reads this config
+        )
+        self.num_classes = num_classes
+        self.cfg = cfg
+        self.backbone = backbone
+        self.decode_head = UperNetHead(head_config, in_channels=backbone.channels)
+        self.auxiliary_head = UperNetFCNHead(head_config, in_channels=backbone.channels, in_index=2)
+        for classifier in (self.decode_head.classifier, self.auxiliary_head.classifier):
+            nn.init.normal_(classifier.weight, std=0.01)  # mmseg BaseDecodeHead.init_weights
+            nn.init.zeros_(classifier.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.encoder.{name}" for name in self.backbone.encoder.no_weight_decay()}
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        features = self.backbone(images)
+        logits = _upsample(self.decode_head(features), images.shape[-2:])
+        if labels is None:
+            return logits
+        aux_logits = _upsample(self.auxiliary_head(features), images.shape[-2:])
+        decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE_INDEX)
+        loss = decode_loss + self.cfg.aux_weight * aux_loss
+        return loss, {"loss_decode": decode_loss.detach(), "loss_aux": aux_loss.detach()}
+
+    def arch(self) -> dict[str, Any]:
+        return {"decoder": "upernet", "upernet": asdict(self.cfg)}
+
+
+def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

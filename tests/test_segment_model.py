@@ -1,0 +1,231 @@
+"""Segmentation models: EVA backbone + neck, UperNet, Mask2Former, layer-decay groups, weights round trip."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw
+from flyeva.models.eva import EvaSize, build_encoder
+from flyeva.models.weights import load, save_weights
+from flyeva.tasks.segment.backbone import EvaBackbone, FeaturePyramidNeck
+from flyeva.tasks.segment.mask2former import (
+    EvaMask2Former,
+    Mask2FormerSection,
+    semantic_scores,
+    semantic_targets,
+)
+from flyeva.tasks.segment.model import (
+    ModelSection,
+    build_from_arch,
+    build_segmenter,
+    layer_decay_groups,
+    segmenter_arch,
+)
+from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
+
+TINY = EvaSize(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+TINY_P16 = EvaSize(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+SMALL_UPERNET = UperNetSection(channels=16, aux_channels=8)
+SMALL_M2F = Mask2FormerSection(
+    num_queries=6, hidden_dim=32, num_heads=4, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
+    train_num_points=64,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_neck_levels_have_strides_4_8_16_32_for_patch_16():
+    backbone = EvaBackbone(TINY_P16, [0, 1, 1, 1]).eval()
+    levels = backbone(torch.randn(2, 3, 64, 96))
+    assert [tuple(level.shape) for level in levels] == [
+        (2, 32, 16, 24),
+        (2, 32, 8, 12),
+        (2, 32, 4, 6),
+        (2, 32, 2, 3),
+    ]
+    assert [64 // level.shape[-2] for level in levels] == [4, 8, 16, 32]
+
+
+def _deconv_2x2_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # out[b, o, 2i + a, 2j + c] = sum_k x[b, k, i, j] * W[k, o, a, c] + bias[o]
+    out = torch.einsum("bkij,koac->boiajc", x, weight)
+    batch, channels, height, _, width, _ = out.shape
+    return out.reshape(batch, channels, 2 * height, 2 * width) + bias.view(1, -1, 1, 1)
+
+
+def test_neck_matches_a_hand_written_reference():
+    neck = FeaturePyramidNeck(8).eval()
+    with torch.no_grad():
+        norm = neck.up4[1]
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    maps = [torch.randn(2, 8, 3, 5) for _ in range(4)]
+    got = neck(maps)
+    first, _, _, second = neck.up4
+    hidden = _deconv_2x2_reference(maps[0], first.weight, first.bias)
+    hidden = (hidden - norm.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        norm.running_var.view(1, -1, 1, 1) + 1e-5
+    )
+    hidden = hidden * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    expected = [
+        _deconv_2x2_reference(hidden, second.weight, second.bias),
+        _deconv_2x2_reference(maps[1], neck.up2.weight, neck.up2.bias),
+        maps[2],
+        maps[3].unfold(2, 2, 2).unfold(3, 2, 2).amax((-1, -2)),  # 2x2 windows, the odd row dropped
+    ]
+    for level, reference in zip(got, expected):
+        torch.testing.assert_close(level, reference, atol=1e-5, rtol=1e-5)
+    assert [tuple(level.shape[-2:]) for level in got] == [(12, 20), (6, 10), (3, 5), (1, 2)]
+
+
+def test_backbone_returns_raw_block_outputs_at_out_indices():
+    backbone = EvaBackbone(TINY, [0, 1, 1, 0]).eval()
+    images = torch.randn(1, 3, 32, 32)
+    encoder = backbone.encoder
+    tokens = encoder.patch_embed(images).flatten(1, 2)  # dynamic size: NHWC patches
+    tokens = torch.cat([encoder.cls_token.expand(1, -1, -1), tokens], 1) + encoder.pos_embed
+    block_outputs = []
+    for block in encoder.blocks:
+        tokens = block(tokens)
+        block_outputs.append(tokens[:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2))
+    maps = encoder.forward_intermediates(images, indices=[0, 1], norm=False, intermediates_only=True)
+    torch.testing.assert_close(maps[0], block_outputs[0])
+    torch.testing.assert_close(maps[1], block_outputs[1])
+    levels = backbone(images)
+    torch.testing.assert_close(levels[2], block_outputs[1])  # the identity level is block 1's output
+    torch.testing.assert_close(levels[3], F.max_pool2d(block_outputs[0], 2))
+
+
+def test_pretrained_encoder_is_resized_to_patch_16_and_the_crop(tmp_path):
+    pretrained = build_encoder(
+        EvaSize(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+    )
+    save_weights(pretrained, tmp_path / "enc", kind="encoder", arch={"size": pretrained_size_dict()})
+    cfg = ModelSection(init=str(tmp_path / "enc"), patch_size=16, decoder="upernet", upernet=SMALL_UPERNET)
+    model = build_segmenter(cfg, num_classes=3, crop_size=64)
+    encoder = model.backbone.encoder
+    kernel = F.interpolate(
+        pretrained.patch_embed.proj.weight, size=(16, 16), mode="bicubic", align_corners=False
+    )
+    torch.testing.assert_close(encoder.patch_embed.proj.weight, kernel)
+    assert tuple(encoder.pos_embed.shape) == (1, 1 + 16, 32)  # CLS + 4 x 4 grid of the 64 px crop
+    torch.testing.assert_close(encoder.pos_embed[:, 0], pretrained.pos_embed[:, 0])
+    torch.testing.assert_close(encoder.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight)
+    assert model.backbone.out_indices == [0, 0, 0, 1]  # 2 blocks: evenly spaced, ending at the last
+    assert segmenter_arch(model)["encoder"]["patch_size"] == 16
+
+
+def pretrained_size_dict() -> dict:
+    return {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
+
+
+def test_upernet_logits_at_input_resolution_and_its_loss():
+    model = EvaUperNet(EvaBackbone(TINY, [0, 1, 1, 1]), 5, SMALL_UPERNET)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 32, 32))
+    labels[0, :10] = 255
+    loss, metrics = model(images, labels)
+    model.eval()
+    assert tuple(model(torch.randn(1, 3, 40, 24)).shape) == (1, 5, 40, 24)
+    model.train()
+    features = model.backbone(images)
+    decode = F.interpolate(model.decode_head(features), size=(32, 32), mode="bilinear", align_corners=False)
+    aux = F.interpolate(model.auxiliary_head(features), size=(32, 32), mode="bilinear", align_corners=False)
+    keep = labels != 255
+    nll = -decode.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].mean()
+    aux_nll = -aux.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].mean()
+    torch.testing.assert_close(loss, nll + 0.4 * aux_nll, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["loss_aux"], aux_nll.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_semantic_targets_one_mask_per_present_class_ignoring_255():
+    labels = torch.tensor([[[0, 2, 255], [2, 2, 7]]])  # 7 is outside 3 classes: in no mask
+    masks, classes = semantic_targets(labels, num_classes=3)
+    assert classes[0].tolist() == [0, 2]
+    assert masks[0].tolist() == [[[1, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 0]]]
+
+
+def test_semantic_scores_are_softmax_classes_times_sigmoid_masks():
+    class_logits, mask_logits = torch.randn(1, 3, 3), torch.randn(1, 3, 2, 2)  # 3 queries, 2 classes + void
+    scores = semantic_scores(class_logits, mask_logits)
+    probs, masks = class_logits.softmax(-1), mask_logits.sigmoid()
+    expected = sum(probs[0, q, 1] * masks[0, q, 1, 0] for q in range(3))
+    torch.testing.assert_close(scores[0, 1, 1, 0], expected)
+    assert tuple(scores.shape) == (1, 2, 2, 2)
+
+
+def test_mask2former_forward_backward_with_the_eva_backbone():
+    model = EvaMask2Former(EvaBackbone(TINY, [0, 1, 1, 1]), 4, SMALL_M2F)
+    assert len(model.decode_head.transformer_module.decoder.layers) == 2
+    labels = torch.randint(0, 4, (2, 32, 32))
+    labels[1, 5:9] = 255
+    loss, metrics = model(torch.randn(2, 3, 32, 32), labels)
+    # 3 losses for the final layer + 3 per auxiliary prediction (query-only + 1 intermediate layer)
+    assert set(metrics) == {"loss_cross_entropy", "loss_mask", "loss_dice"}
+    assert torch.isfinite(loss) and loss > sum(metrics.values())
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert model.backbone.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        scores = model(torch.randn(1, 3, 32, 48))
+    assert tuple(scores.shape) == (1, 4, 32, 48) and bool((scores >= 0).all())
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
+def test_layer_decay_groups_give_the_decoder_the_full_lr(decoder):
+    backbone = EvaBackbone(TINY, [0, 1, 1, 1])
+    model = (
+        EvaUperNet(backbone, 3, SMALL_UPERNET)
+        if decoder == "upernet"
+        else EvaMask2Former(backbone, 3, SMALL_M2F)
+    )
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9)
+    optimizer = build_adamw(groups, OptimConfig(lr=1e-3, implementation="for-loop"))
+    apply_lr(optimizer, 1e-3)
+    lr_of = {}
+    for group, optim_group in zip(groups, optimizer.param_groups):
+        for name in group["param_names"]:
+            lr_of[name] = (optim_group["lr"], optim_group["weight_decay"])
+    depth = 2  # scale = 0.9 ** (depth + 1 - layer): embeddings layer 0, block i layer i + 1
+    assert lr_of["backbone.encoder.pos_embed"] == (pytest.approx(1e-3 * 0.9**3), 0.0)
+    assert lr_of["backbone.encoder.patch_embed.proj.weight"] == (pytest.approx(1e-3 * 0.9**3), 0.05)
+    assert lr_of["backbone.encoder.blocks.0.attn.qkv.weight"][0] == pytest.approx(1e-3 * 0.9**depth)
+    assert lr_of["backbone.encoder.blocks.1.mlp.fc1.weight"][0] == pytest.approx(1e-3 * 0.9 ** (depth - 1))
+    assert lr_of["backbone.encoder.blocks.1.norm1.weight"][1] == 0.0
+    decoder_names = [name for name in lr_of if not name.startswith("backbone.encoder.")]
+    assert decoder_names and all(lr_of[name][0] == pytest.approx(1e-3) for name in decoder_names)
+    assert len(lr_of) == sum(1 for _ in model.parameters())
+    if decoder == "mask2former":  # the release puts these at layer 0 (lr x 0.9 ** 3 here): full lr instead
+        for name in (
+            "decode_head.transformer_module.queries_embedder.weight",
+            "decode_head.transformer_module.level_embed.weight",
+            "decode_head.pixel_decoder.level_embed",
+        ):
+            assert lr_of[name] == (pytest.approx(1e-3), 0.0)
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
+def test_segmenter_weights_round_trip(tmp_path, decoder):
+    cfg = ModelSection(
+        size="miniature", patch_size=4, decoder=decoder, upernet=SMALL_UPERNET, mask2former=SMALL_M2F
+    )
+    model = build_segmenter(cfg, num_classes=3, crop_size=32).eval()
+    save_weights(
+        model, tmp_path / "seg", kind="segmenter", arch=segmenter_arch(model), extra={"classes": list("abc")}
+    )
+    loaded = load(tmp_path / "seg").eval()
+    assert type(loaded) is type(model) and loaded.weights_config["classes"] == ["a", "b", "c"]
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert type(build_from_arch(segmenter_arch(model))) is type(model)
