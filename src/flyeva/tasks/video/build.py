@@ -1,0 +1,144 @@
+"""The video model a recipe asks for: from scratch, inflated from an image EVA, or from a video model.
+
+From a video model (a `flyeva video train` folder, or a release checkpoint) the classifier comes
+along: unchanged when the label sets agree, its rows picked by class name when the data's classes
+are a subset of the checkpoint's (K722 -> K400/600/700, release `EVA-01/video` configs
+`K722_CLASS_MAPPING`), new with `model.reset_head=true`. A model trained with 8 frames used with 16
+has its position table resized trilinearly (release `EVA-01/video`, 8 -> 16 frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.models.checkpoint import load_weights
+from flyeva.models.eva import EvaSize, get_size, size_with
+from flyeva.tasks.video.convert import load_init, map_classifier_rows, read_class_names
+from flyeva.tasks.video.model import FINAL_NORMS, HEAD_INIT_SCALE, VideoEva, build_video_model, init_head
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    """The video model; defaults are the release's K400 stage of EVA-g (paper section 4.2)."""
+
+    # "" = from scratch; an image encoder (MIM/encoder folder, release image checkpoint) is inflated;
+    # a video model (`flyeva video train` OUTPUT/final, release video checkpoint) continues.
+    init: str = ""
+    init_classes: str = ""  # class names of a release video checkpoint's head (flyeva folders carry theirs)
+    reset_head: bool = False  # a new head even when the init has one
+    # Rows of the init's head for each data class: a .npy index array (the release's
+    # k722_to_k400_mapping.npy) or one index per line; "" = by class name when the label sets differ.
+    class_mapping: str = ""
+    size: str = "eva_giant"  # only without init
+    img_size: int = 224
+    num_frames: int = 16
+    tubelet_size: int = 1  # the release's EVA video models use 1
+    final_norm: str = "fc_norm"  # image inits: fc_norm (the encoder's final norm) | drop (fresh fc_norm)
+    drop_path_rate: float = 0.2
+    head_init_scale: float = HEAD_INIT_SCALE
+    grad_checkpointing: bool = True  # the release trains EVA-g video models with it
+
+
+def check_model_section(cfg: ModelSection) -> None:
+    """Reject bad values before any work."""
+    if cfg.final_norm not in FINAL_NORMS:
+        raise ValueError(f"model.final_norm must be one of {', '.join(FINAL_NORMS)}, got {cfg.final_norm!r}")
+    if cfg.num_frames < 1 or cfg.tubelet_size < 1 or cfg.num_frames % cfg.tubelet_size:
+        raise ValueError(
+            f"model.num_frames={cfg.num_frames} must be a positive multiple of "
+            f"model.tubelet_size={cfg.tubelet_size}"
+        )
+    if not cfg.init:
+        get_size(cfg.size)
+
+
+def read_row_mapping(path: str, num_classes: int) -> list[int]:
+    """Head rows per data class from a .npy index array or a text file of indices (one per line)."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.class_mapping {path} does not exist")
+    if path.endswith(".npy"):
+        rows = np.load(path, allow_pickle=False).reshape(-1).tolist()
+    else:
+        rows = [int(line) for line in Path(path).read_text().split()]
+    if len(rows) != num_classes:
+        raise ValueError(f"model.class_mapping {path} has {len(rows)} rows for {num_classes} data classes")
+    return [int(row) for row in rows]
+
+
+def _head_for(
+    init_state: dict, init_classes: list[str] | None, classes: list[str], cfg: ModelSection
+) -> dict | None:
+    head = {k: init_state.pop(k) for k in ("head.weight", "head.bias") if k in init_state}
+    if not head:
+        return None
+    if cfg.class_mapping:
+        rows = torch.tensor(read_row_mapping(cfg.class_mapping, len(classes)))
+        if int(rows.max()) >= head["head.weight"].shape[0] or int(rows.min()) < 0:
+            raise ValueError(f"model.class_mapping {cfg.class_mapping} indexes rows outside the init's head")
+        return {k: v[rows] for k, v in head.items()}
+    if init_classes is not None and list(init_classes) != list(classes):
+        logger.info("picking %d classifier rows of %s by class name", len(classes), cfg.init)
+        return map_classifier_rows(head, init_classes, classes)
+    if head["head.weight"].shape[0] != len(classes):
+        raise ValueError(
+            f"{cfg.init} has a {head['head.weight'].shape[0]}-class head, the data {len(classes)} classes; "
+            "name its classes (model.init_classes) or give model.class_mapping to pick rows, "
+            "or set model.reset_head=true"
+        )
+    return head
+
+
+def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEva:
+    """The model of `cfg` for `classes`, loaded from `cfg.init` when given."""
+    check_model_section(cfg)
+    torch.manual_seed(seed)  # the same fresh head (and drop path) on every rank and every run
+    options: dict[str, Any] = dict(
+        tubelet_size=cfg.tubelet_size,
+        drop_path_rate=cfg.drop_path_rate,
+        head_init_scale=cfg.head_init_scale,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    if not cfg.init:
+        size = size_with(get_size(cfg.size), img_size=cfg.img_size)
+        return build_video_model(size, len(classes), num_frames=cfg.num_frames, **options)
+    state, arch, kind = load_init(cfg.init, cfg.img_size)
+    size = EvaSize(**arch["size"])
+    if kind == "image":
+        from flyeva.tasks.video.model import inflate_image_state
+
+        state = inflate_image_state(state, cfg.num_frames, cfg.tubelet_size, cfg.final_norm)
+        frames = cfg.num_frames
+    else:
+        if arch["tubelet_size"] != cfg.tubelet_size:
+            raise ValueError(
+                f"{cfg.init} has tubelet size {arch['tubelet_size']}; set model.tubelet_size to it"
+            )
+        frames = arch["num_frames"]
+    model = build_video_model(size, len(classes), num_frames=frames, **options)
+    init_classes = read_class_names(cfg.init_classes) if cfg.init_classes else arch.get("classes")
+    head = None if cfg.reset_head else _head_for(state, init_classes, classes, cfg)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    fresh = ("head.",) if head is None else ()
+    fresh += ("fc_norm.",) if kind == "image" and cfg.final_norm == "drop" else ()
+    load_weights(model, {**state, **(head or {})}, ignore_missing=fresh)
+    if head is None:
+        init_head(model.head, cfg.head_init_scale)
+    if (frames, size.img_size) != (cfg.num_frames, cfg.img_size):
+        logger.info(
+            "resizing the position table from %d x %d to %d x %d",
+            frames,
+            size.img_size,
+            cfg.num_frames,
+            cfg.img_size,
+        )
+        model.resize(cfg.num_frames, cfg.img_size)
+    return model

@@ -1,0 +1,117 @@
+"""The video objective (Mixup/CutMix over clips, label smoothing) and multi-view evaluation.
+
+Test (paper section 4.2; release `EVA-01/video` main.py `validate`): every video gives views x crops
+clips (4 x 3 for the recipes); the softmax of each is averaged and the average is ranked. Reported:
+top-1, top-5, mean class accuracy (the mean over classes of per-class top-1), and the NLL of the
+averaged probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flyeva.data.stream import mix_seed
+from flyeva.engine import distributed as D
+from flyeva.engine.loop import StepContext
+from flyeva.tasks.classify.objective import (
+    CONFUSION_MAX_CLASSES,
+    ClassificationObjective,
+    Evaluator,
+    seeded_host_rngs,
+)
+
+
+class VideoObjective(ClassificationObjective):
+    """`ClassificationObjective` on clips [B, T, C, H, W].
+
+    timm's Mixup/CutMix work on [B, C, H, W]; frames are folded into channels for the mix, so a clip
+    is blended with one weight and CutMix cuts the same box out of every frame (the release's
+    `CutmixMixupBlending` on videos).
+    """
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict]:
+        clips, labels = batch["clips"], batch["labels"]
+        if self.mixup is not None and len(clips) % 2:
+            clips, labels = clips[:-1], labels[:-1]  # timm mixes each sample with its mirror in the batch
+        targets: torch.Tensor = labels
+        if self.mixup is not None and len(clips):
+            with seeded_host_rngs(mix_seed(ctx.seed, ctx.rank, ctx.step, ctx.micro)):
+                folded, targets = self.mixup(clips.flatten(1, 2).clone(), labels)
+            clips = folded.view_as(clips)
+        logits = model(clips)
+        if len(clips) == 0:  # every video of the batch was unreadable: contribute nothing
+            return logits.sum() * 0.0, {}
+        loss = self.criterion(logits.float(), targets)
+        metrics = {}
+        if self.mixup is None:
+            metrics["train_top1"] = (logits.argmax(-1) == labels).float().mean().item() * 100
+        return loss, metrics
+
+
+def average_views(logits: torch.Tensor) -> torch.Tensor:
+    """[B, views, K] logits -> [B, K]: the mean of the per-view softmax (not of the logits)."""
+    return logits.float().softmax(dim=-1).mean(dim=1)
+
+
+class VideoEvaluator(Evaluator):
+    """Multi-view top-1/top-5/mean-class accuracy (percent) over all ranks; batches [B, V, T, C, H, W]."""
+
+    def __init__(self, stream: Any, num_classes: int, precision: str = "fp32", max_batches: int = 0):
+        super().__init__(stream, num_classes, precision, max_batches)
+        self.last: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        device, classes = ctx.device, self.num_classes
+        counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, nll sum, videos
+        per_class = torch.zeros(2, classes, dtype=torch.float64, device=device)  # hits, videos
+        confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
+        forwards, sample, skipped = 0, None, 0
+        for batch in self._batches():
+            skipped += batch["num_skipped"]
+            clips, labels = batch["clips"].to(device), batch["labels"].to(device)
+            if len(clips) == 0:
+                continue
+            views = clips.flatten(0, 1)
+            logits = self._forward(model, views, device).view(len(clips), clips.shape[1], -1)
+            forwards, sample = forwards + 1, views[:1]
+            probs = average_views(logits)
+            top = probs.topk(min(5, classes), dim=-1).indices
+            hits = top == labels[:, None]
+            counts += torch.stack(
+                [
+                    hits[:, 0].sum().double(),
+                    hits.any(-1).sum().double(),
+                    -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double(),
+                    torch.tensor(float(len(labels)), dtype=torch.float64, device=device),
+                ]
+            )
+            per_class[0].index_add_(0, labels, hits[:, 0].double())
+            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+            confusion.index_put_(
+                (labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64), accumulate=True
+            )
+        self._match_forward_count(model, forwards, sample, device)
+        top1, top5, nll, videos = D.all_reduce_sum(counts).tolist()
+        per_class = D.all_reduce_sum(per_class)
+        if videos == 0:
+            raise ValueError("the validation set yielded no readable videos; check data.val")
+        seen = per_class[1] > 0
+        mean_class = float((per_class[0][seen] / per_class[1][seen]).mean()) * 100
+        if classes <= CONFUSION_MAX_CLASSES:
+            self.confusion = D.all_reduce_sum(confusion).cpu()
+        self.last = {
+            "videos": int(videos),
+            "skipped_videos": int(D.all_reduce_sum(torch.tensor([float(skipped)], device=device)).item()),
+        }
+        return {
+            "top1": 100 * top1 / videos,
+            "top5": 100 * top5 / videos,
+            "mean_class_top1": mean_class,
+            "loss": nll / videos,
+        }

@@ -1,0 +1,161 @@
+"""`flyeva video`: multi-view evaluation numbers, the recipes, and train -> eval end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from flyeva.cli import main
+from flyeva.config import load_config, recipe_path
+from flyeva.engine.loop import StepContext
+from flyeva.models.weights import load
+from flyeva.tasks.video.evaluate import VideoEvaluator, VideoObjective, average_views
+from flyeva.tasks.video.recipe import VideoConfig
+
+RECIPES = (
+    "miniature",
+    "eva_giant_k722_8f",
+    "eva_giant_k400_16f",
+    "eva_giant_k600_16f",
+    "eva_giant_k700_16f",
+    "eva_base_k400",
+)
+
+
+def test_views_are_averaged_as_probabilities_not_logits():
+    logits = torch.tensor([[[10.0, 0.0], [0.0, 2.0], [0.0, 2.0]]])
+    probs = average_views(logits)
+    p_view = torch.tensor([1 / (1 + torch.e**-10), 1 / (1 + torch.e**2)])  # softmax class-0 of each view
+    expected0 = (p_view[0] + 2 * p_view[1]) / 3
+    assert torch.allclose(probs, torch.tensor([[expected0, 1 - expected0]]), atol=1e-6)
+    assert probs.argmax().item() == 1 and logits.mean(1).argmax().item() == 0  # the two rules disagree here
+
+
+class LogitsInPixels(nn.Module):
+    """A stand-in model whose clip [N, 1, 1, 1, K] holds its own logits."""
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return clips[:, 0, 0, 0]
+
+
+class ListStream:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch, skip=()):
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_evaluator_top1_top5_and_mean_class_accuracy_by_hand():
+    # 3 classes; video logits per view (2 views). Predictions (softmax-averaged): 0, 0, 2, 1.
+    views = torch.tensor(
+        [
+            [[5.0, 0.0, 0.0], [5.0, 0.0, 0.0]],
+            [[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]],
+            [[0.0, 0.0, 4.0], [0.0, 1.0, 4.0]],
+            [[0.0, 6.0, 0.0], [0.0, 6.0, 1.0]],
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 1])  # correct: videos 0, 2, 3 -> top-1 75 %; class 1: 1 of 2
+    batches = [
+        {"clips": views[:3].view(3, 2, 1, 1, 1, 3), "labels": labels[:3], "num_skipped": 0},
+        {"clips": views[3:].view(1, 2, 1, 1, 1, 3), "labels": labels[3:], "num_skipped": 1},
+    ]
+    evaluator = VideoEvaluator(ListStream(batches), num_classes=3)
+    metrics = evaluator(LogitsInPixels(), StepContext(0, 0, 0, 0, 0, torch.device("cpu")))
+    assert metrics["top1"] == pytest.approx(75.0)
+    assert metrics["top5"] == pytest.approx(100.0)
+    assert metrics["mean_class_top1"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
+    assert evaluator.last == {"videos": 4, "skipped_videos": 1}
+    probs = average_views(views)
+    assert metrics["loss"] == pytest.approx(float(-probs[torch.arange(4), labels].log().mean()), rel=1e-6)
+
+
+def test_cutmix_cuts_the_same_box_from_every_frame():
+    objective = VideoObjective(4, smoothing=0.0, mixup={"mixup_alpha": 0.0, "cutmix_alpha": 1.0, "prob": 1.0})
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, clips):
+            seen["clips"] = clips
+            return torch.zeros(len(clips), 4, requires_grad=True)
+
+    clips = torch.stack([torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)])  # [B=2, T=3, C, H, W]
+    batch = {"clips": clips, "labels": torch.tensor([0, 1])}
+    objective(Spy(), batch, StepContext(0, 0, 0, 0, 0, torch.device("cpu")))
+    mixed = seen["clips"][0]  # clip 0 with a box from clip 1
+    box = mixed[0, 0] == 1
+    assert 0 < box.sum() < 64
+    assert all(torch.equal(mixed[t, c] == 1, box) for t in range(3) for c in range(3))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_load(name):
+    cfg = load_config(VideoConfig, recipe_path("video", name))
+    assert cfg.model.num_frames in (8, 16)
+    assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.eps == 1e-6 and cfg.optim.weight_decay == 0.05
+
+
+def test_release_recipe_numbers():
+    k722 = load_config(VideoConfig, recipe_path("video", "eva_giant_k722_8f"))
+    assert (k722.model.num_frames, k722.train.epochs, k722.optim.warmup_epochs) == (8, 40, 5)
+    assert (k722.optim.lr, k722.optim.min_lr, k722.optim.schedule) == (8e-6, 8e-8, "cosine")
+    assert (k722.aug.mixup, k722.aug.cutmix, k722.model.drop_path_rate) == (0.8, 1.0, 0.3)
+    assert k722.optim.layer_decay == 1.0
+    for name, epochs in (("eva_giant_k400_16f", 1), ("eva_giant_k600_16f", 2), ("eva_giant_k700_16f", 2)):
+        kx = load_config(VideoConfig, recipe_path("video", name))
+        assert (kx.model.num_frames, kx.train.epochs, kx.optim.lr, kx.optim.schedule) == (
+            16,
+            epochs,
+            1e-6,
+            "constant",
+        )
+        assert (kx.optim.layer_decay, kx.model.drop_path_rate) == (0.95, 0.2)
+        assert (kx.aug.mixup, kx.aug.cutmix, kx.aug.smoothing) == (0.0, 0.0, 0.1)
+        assert (kx.data.test_clips, kx.data.test_crops, kx.train.batch_size * kx.train.accum_steps) == (
+            4,
+            3,
+            4,
+        )
+
+
+def test_bad_values_fail_before_any_work(tmp_path, capsys):
+    assert main(["video", "train", f"train.output_dir={tmp_path}", "data.decoder=decord"]) == 2
+    assert "data.decoder must be one of" in capsys.readouterr().err
+    assert main(["video", "train", f"train.output_dir={tmp_path}", "model.num_frame=8"]) == 2
+    assert "model.num_frames" in capsys.readouterr().err
+    assert main(["video", "eval", f"train.output_dir={tmp_path}"]) == 2
+    assert "no model to evaluate" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_train_then_eval_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    common = [
+        f"train.output_dir={out}",
+        "model.num_frames=2",
+        "data.train.num_samples=8",
+        "data.val.num_samples=6",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "train.num_workers=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+    assert main(["video", "train", *common]) == 0
+    model = load(out / "final")
+    assert model.weights_config["kind"] == "video" and len(model.weights_config["classes"]) == 8
+    assert model.pos_embed.shape == (1, 1 + 2 * 64, 96)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["step"] == 2  # 8 clips / batch 4
+    assert main(["video", "eval", *common, "data.test_clips=3", "data.test_crops=1"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert (report["videos"], report["views"], report["crops"], report["skipped_videos"]) == (6, 3, 1, 0)
+    assert 0 <= report["top1"] <= report["top5"] <= 100
