@@ -133,7 +133,7 @@ def test_every_group_gets_its_layer_decayed_lr_during_finetuning(tmp_path, monke
     depth = TINY.depth
     for step, groups in enumerate(seen):
         base = (
-            1e-3 * step / 4
+            1e-3 * step / 3  # the release's (BEiT) np.linspace(0, peak, 4) warmup
             if step < 4
             else 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (step - 4) / 4))
         )

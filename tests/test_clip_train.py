@@ -10,7 +10,7 @@ from PIL import Image
 from flyeva.cli import main
 from flyeva.data.transforms import EvalTransform
 from flyeva.engine import loop
-from flyeva.engine.optim import lr_at
+from flyeva.engine.optim import OptimConfig, lr_at
 from flyeva.models.checkpoint import load_any
 from flyeva.tasks.clip.model import load_clip
 from flyeva.tasks.clip.zeroshot import build_classifier
@@ -124,7 +124,8 @@ def test_optimizer_sees_each_towers_lr_at_every_step(trained):
     assert "logit_scale" in names and "text.token_embedding.weight" in names
     for step, lrs in enumerate(seen_lrs):
         assert sorted(lrs) == names  # every parameter is in exactly one group
-        base = lr_at(step, total, WARMUP_STEPS, PEAK_LR, MIN_LR)
+        schedule = OptimConfig(lr=PEAK_LR, min_lr=MIN_LR, warmup="linear_plus_one")
+        base = lr_at(step, total, WARMUP_STEPS, schedule)
         for name, lr in lrs.items():
             assert lr == pytest.approx(base * expected_scale(name), rel=1e-12, abs=0), (step, name)
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from flyeva.engine.checkpoint import assert_finite, list_checkpoints
-from flyeva.engine.loop import TrainConfig, train
+from flyeva.engine.loop import TrainConfig, TrainingDiverged, train
 from flyeva.engine.optim import OptimConfig, adamw_flags, lr_at, param_groups
 from flyeva.models.eva import build_mim_model
 
@@ -101,28 +101,57 @@ def test_every_group_gets_its_layer_decayed_lr_at_every_step(tmp_path, monkeypat
     depth = 4
     for step, groups_at_step in enumerate(seen):
         if step < 8:
-            base = 1e-3 * step / 8
+            base = 1e-3 * step / 7  # the release's np.linspace(0, peak, 8): the peak at step 7
         else:
             base = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (step - 8) / 4))
         layers = sorted({layer for layer, _, _ in groups_at_step})
         assert layers == list(range(depth + 2))  # embeddings 0, blocks 1..4, head 5
         for layer, _, lr in groups_at_step:
             assert lr == pytest.approx(base * 0.75 ** (depth + 1 - layer), rel=1e-12, abs=1e-15)
-    # Weight decay off exactly for 1-D params, biases, pos_embed, cls_token, mask_token.
+    # Weight decay off exactly for 1-D params, biases, pos_embed, cls_token; the release decays mask_token.
     for group in param_groups(model, 0.05, layer_decay=0.75):
         for name in group["param_names"]:
-            no_decay = (
-                name.endswith("bias") or "norm" in name or name in ("pos_embed", "cls_token", "mask_token")
-            )
+            no_decay = name.endswith("bias") or "norm" in name or name in ("pos_embed", "cls_token")
             assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
 
 
 def test_lr_schedule_hand_values():
-    assert lr_at(0, 100, 10, 1.0, 0.0) == 0.0
-    assert lr_at(5, 100, 10, 1.0, 0.0) == 0.5
-    assert lr_at(10, 100, 10, 1.0, 0.1) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    cosine = OptimConfig(lr=1.0, min_lr=0.1, warmup="linear")
+    assert lr_at(0, 100, 10, cosine) == 0.0
+    assert lr_at(5, 100, 10, cosine) == 0.5
+    assert lr_at(10, 100, 10, cosine) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, cosine) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, 10, cosine) == pytest.approx(0.1)
+
+
+def test_warmup_forms_hand_values():
+    """linspace = the release's np.linspace(0, peak, W); open_clip's (s + 1) / W; detectron2's factor."""
+    import numpy as np
+
+    linspace = OptimConfig(lr=2.0, min_lr=0.0)
+    assert linspace.warmup == "linspace"  # the default: the release's pretraining and fine-tuning
+    assert [lr_at(s, 100, 5, linspace) for s in range(5)] == pytest.approx(list(np.linspace(0, 2.0, 5)))
+    assert lr_at(3, 100, 5, linspace) == pytest.approx(2.0 * 3 / 4)
+    assert lr_at(4, 100, 5, linspace) == lr_at(5, 100, 5, linspace) == pytest.approx(2.0)  # peak twice
+    plus_one = OptimConfig(lr=2.0, min_lr=0.0, warmup="linear_plus_one")
+    assert [lr_at(s, 100, 4, plus_one) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    factor = OptimConfig(lr=1.0, warmup="factor", warmup_factor=0.001, schedule="step", decay_steps=[8])
+    assert lr_at(0, 10, 4, factor) == pytest.approx(0.001)
+    assert lr_at(2, 10, 4, factor) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert [lr_at(s, 10, 4, factor) for s in (4, 7, 8, 9)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+    # mmseg: the poly schedule runs over every step and the warmup factor multiplies it.
+    poly_factor = OptimConfig(lr=1.0, min_lr=0.0, schedule="poly", warmup="factor", warmup_factor=0.1)
+    assert lr_at(5, 20, 10, poly_factor) == pytest.approx((1 - 5 / 20) * (0.1 + 0.9 * 0.5))
+    assert lr_at(10, 20, 10, poly_factor) == pytest.approx(0.5)
+
+
+def test_poly_and_constant_schedules_hand_values():
+    poly = OptimConfig(lr=1.0, min_lr=0.0, schedule="poly", poly_power=1.0, warmup="linear")
+    assert [lr_at(s, 12, 2, poly) for s in (2, 7, 12)] == pytest.approx([1.0, 0.5, 0.0])
+    squared = OptimConfig(lr=1.0, min_lr=0.0, schedule="poly", poly_power=2.0, warmup="linear")
+    assert lr_at(7, 12, 2, squared) == pytest.approx(0.25)
+    constant = OptimConfig(lr=3e-4, schedule="constant", warmup="linear")
+    assert [lr_at(s, 100, 4, constant) for s in (2, 4, 99)] == pytest.approx([1.5e-4, 3e-4, 3e-4])
 
 
 def test_checkpoints_keep_last_k_load_weights_only_and_record_fp16_scaler(tmp_path):
@@ -182,16 +211,20 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path):
     assert_finite(model)  # the skipped steps never touched the weights
 
 
-def test_repeated_non_finite_rolls_back_to_the_last_checkpoint(tmp_path):
+def test_repeated_non_finite_rolls_back_to_the_last_healthy_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = build_mim_model("miniature", drop_path_rate=0.0)
-    cfg = config(tmp_path, checkpoint_every=2, keep_last=5, max_consecutive_nonfinite=2)
+    cfg = config(tmp_path, checkpoint_every=1, keep_last=5, max_consecutive_nonfinite=2)
     result = train(model, NaNAt({2, 3, 4, 5}), ListStream(make_batches(6)), cfg, OptimConfig())
-    # Steps 2-5 are all skipped (two rollbacks to step 2's weights), so the weights at the end equal
-    # step 2's checkpoint plus step 5's update; check the rollbacks happened and nothing is NaN.
+    # Checkpoint 2 holds the weights that met the first non-finite step: it is set aside, and both
+    # rollbacks restore checkpoint 1; no checkpoint is written during a streak.
     assert result.nonfinite_steps == 4
-    assert_finite(model)
-    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "checkpoint-000000002.pt.nonfinite" in names and "checkpoint-000000003.pt" not in names
+    step_one = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint-000000001.pt", weights_only=True)
+    final = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint-000000006.pt", weights_only=True)
+    assert all(torch.equal(step_one["model"][k], final["model"][k]) for k in final["model"])
+    with pytest.raises(TrainingDiverged, match="no checkpoint from before that"):
         train(
             build_mim_model("miniature"),
             NaNAt(set(range(10))),

@@ -71,8 +71,8 @@ def test_reference_run_moves_weights_with_warmup_and_clipping(runs):
     """The parity checks below are only meaningful if the reference run does real, varied updates."""
     history = [h for h in runs["single_b8"]["history"] if "loss" in h]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    # lr_at: 0 and peak/2 during the 2-step warmup, then cosine from 2e-3 to 1e-4 over 2 steps.
-    assert [h["lr"] for h in history] == pytest.approx([0.0, 1e-3, 2e-3, 1.05e-3])
+    # The release's linspace warmup over 2 steps: 0, then the peak (used twice); cosine to 1e-4 after.
+    assert [h["lr"] for h in history] == pytest.approx([0.0, 2e-3, 2e-3, 1.05e-3])
     grad_norms = [h["grad_norm"] for h in history]
     print(f"reference grad norms before clipping: {grad_norms}")
     assert max(grad_norms) > CLIP_GRAD  # clipping engaged at least once

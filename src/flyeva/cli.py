@@ -12,16 +12,28 @@ from flyeva.config import ConfigError
 
 DEFAULT_PRETRAIN_RECIPE = "miniature"  # the embedded default: runs on a 2-core laptop in minutes
 # Transfer stages add their own subcommands through `register(commands)` (cheap: no heavy imports).
-TASK_MODULES = ("flyeva.tasks.classify", "flyeva.tasks.clip", "flyeva.tasks.demo")
+TASK_MODULES = (
+    "flyeva.tasks.classify",
+    "flyeva.tasks.clip",
+    "flyeva.tasks.detect",
+    "flyeva.tasks.segment",
+    "flyeva.tasks.video",
+    "flyeva.tasks.demo",
+)
 
 
 def _pretrain(args: argparse.Namespace) -> None:
     from flyeva.config import load_config, recipe_path, to_yaml
-    from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
+    from flyeva.pretrain.recipe import PretrainConfig, run_pretrain, with_resolved_teacher_precision
 
     cfg = load_config(PretrainConfig, recipe_path("pretrain", args.config), args.overrides)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        resolved = with_resolved_teacher_precision(cfg)
+        print(to_yaml(resolved), end="")
+        if cfg.teacher.precision == "auto":
+            print(
+                f"# teacher.precision auto -> {resolved.teacher.precision} here (docs/recipes.md, section 3)"
+            )
         return
     if cfg.teacher.train_recipe and cfg.teacher.path and not Path(cfg.teacher.path).exists():
         _train_teacher(cfg.teacher.train_recipe, Path(cfg.teacher.path), cfg.train.device)
@@ -164,11 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    from flyeva.models.checkpoint import CheckpointError
+    from flyeva.engine.checkpoint import CheckpointWriteError
+    from flyeva.engine.loop import TrainingDiverged
+    from flyeva.engine.preemption import Interrupted
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except Interrupted as stop:  # SIGTERM / Ctrl-C: a checkpoint was written; the conventional 128 + N
+        print(f"flyeva: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except TrainingDiverged as error:
+        print(f"flyeva: training diverged: {error}", file=sys.stderr)
+        return 3
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteError) as error:
         if args.verbose:
             raise  # the full traceback, for bug reports
         print(f"flyeva: error: {error}", file=sys.stderr)

@@ -62,13 +62,27 @@ def _merge(schema: Any, other: Any, source: str) -> Any:
         ) from None
 
 
+def _read_yaml(file: str | Path) -> Any:
+    import yaml
+
+    try:
+        return OmegaConf.load(file)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file} is not valid YAML{line}: {problem}; fix the file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config {file}: {error.strerror}") from None
+
+
 def load_config(
     schema_cls: type[Schema], file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Schema:
     """Defaults from `schema_cls`, then the YAML `file`, then `key=value` overrides."""
     merged = OmegaConf.structured(schema_cls)
     if file is not None:
-        merged = _merge(merged, OmegaConf.load(file), str(file))
+        merged = _merge(merged, _read_yaml(file), str(file))
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must look like key=value")
@@ -82,4 +96,5 @@ def to_yaml(config: Any) -> str:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain dicts and lists (what the engine compares on resume)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -6,16 +6,18 @@ position and every rank's RNG states, so an interrupted run continues exactly.
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from flyeva.engine import distributed as D
@@ -54,10 +56,34 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write, fsync, rename, fsync the folder: power loss leaves the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    try:
+        torch.save(obj, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        no_space = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        reason = "the disk is full" if no_space else str(error).splitlines()[0]
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path.name} in {path.parent}: {reason}; the previous checkpoint is "
+            "kept. Free space there (or point train.output_dir elsewhere) and resume"
+        ) from None
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -114,6 +140,23 @@ def save_checkpoint(
     return path
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint cannot be read (truncated, corrupt, or pickled objects); the message names it."""
+
+
+def read_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A `.pt` training checkpoint as a dict, without executing code; one clear error otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointReadError(
+            f"{path} holds pickled Python objects, not a flyeva training checkpoint (loading it would run "
+            "code); pass a checkpoint-*.pt that flyeva wrote, or train.resume=auto"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise CheckpointReadError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]})") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model (and optimizer) in place; returns the rest (step, scaler, data position, rng)."""
     if path.is_dir():
@@ -125,8 +168,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    D.unwrap(model).load_state_dict(state.pop("model"))
+    state = read_training_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointReadError(f"{path} is not a flyeva training checkpoint (no model/step)")
+    try:
+        D.unwrap(model).load_state_dict(state.pop("model"))
+    except RuntimeError as error:
+        raise CheckpointReadError(
+            f"{path} does not fit this model ({str(error).splitlines()[0]}); it was written by a run with "
+            "another model: resume with that run's config or start a new train.output_dir"
+        ) from None
     optim_state = state.pop("optimizer")
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
@@ -149,7 +200,3 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu() for k, v in state.items()}
     return {k: v.detach().cpu() for k, v in D.unwrap(model).state_dict().items()}
-
-
-def is_dist() -> bool:
-    return dist.is_initialized()

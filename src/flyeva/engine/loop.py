@@ -1,18 +1,23 @@
 """The one training loop every stage uses. It knows models, objectives and batch streams, not EVA.
 
+Read it top to bottom: `train` = `setup_run` -> `resume_run` -> `train_one_epoch` (micro-steps,
+then `optimizer_step`) and `run_evaluation` per epoch -> `finish_run`, in the spirit of MAE's
+`train_one_epoch` and dinov2's `do_train`.
+
 An objective is `objective(model, batch, ctx) -> (loss, metrics)`; one that sets
 `handles_backward = True` calls `ctx.backward(loss)` itself (e.g. CLIP's cached-feature
-accumulation, several backwards per batch) and returns the loss for logging. A stream is an IterableDataset
-with `set_epoch(epoch, skip)` and `num_batches(num_workers)` whose batches are dicts carrying
-`worker` and `index` (their ordinal within the worker), which is what makes resume exact.
+accumulation, several backwards per batch) and returns the loss for logging. A stream is an
+IterableDataset with `set_epoch(epoch, skip)` and `num_batches(num_workers)` whose batches are
+dicts carrying `worker` and `index` (their ordinal within the worker), which makes resume exact.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +25,48 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flyeva.config import ConfigError
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import (
+    CheckpointReadError,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
+from flyeva.engine.memory import keep_freed_memory
 from flyeva.engine.metrics import MetricsLogger
-from flyeva.engine.optim import OptimConfig, adamw_flags, apply_lr, build_adamw, lr_at, param_groups
+from flyeva.engine.optim import (
+    OptimConfig,
+    adamw_flags,
+    apply_lr,
+    build_adamw,
+    check_schedule,
+    lr_at,
+    param_groups,
+    warmup_length,
+)
+from flyeva.engine.preemption import Interrupted, StopRequest, ignore_stop_signals
+from flyeva.engine.run import RunLock, claim_folder
 from flyeva.engine.scaler import HysteresisGradScaler, ShardedHysteresisGradScaler
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+__all__ = [
+    "PRECISIONS",
+    "StepContext",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "keep_freed_memory",
+    "train",
+]
+
 
 @dataclass
 class TrainConfig:
-    """How to run: batch, precision, distribution, checkpoints. Defaults follow EVA_SPEC section 3."""
+    """How to run: batch, precision, distribution, checkpoints. Defaults: docs/recipes.md section 3."""
 
     output_dir: str = "runs/pretrain"
     epochs: int = 150
@@ -46,27 +75,52 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "fp16"  # fp32 | bf16 | fp16 (dynamic loss scaling)
     strategy: str = "zero1"  # ddp | zero1 (optimizer state sharded) | fsdp (FSDP2)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 8
     seed: int = 0
     checkpoint_every: int = 1000  # optimizer steps
-    keep_last: int = 3
+    keep_last: int = 3  # >= 1; older checkpoints of this run are deleted
     resume: str = "auto"  # auto (latest in output_dir) | never | a checkpoint path
+    overwrite: bool = False  # with resume=never: delete another run's checkpoints in output_dir
     log_every: int = 10
     eval_every_epochs: int = 1
-    max_consecutive_nonfinite: int = 5  # then roll back to the last checkpoint
+    max_consecutive_nonfinite: int = 5  # then roll back to the last checkpoint from before the streak
     max_rollbacks: int = 3
     max_steps: int = 0  # stop early after this many optimizer steps (0 = the full schedule)
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
-    fp16_init_scale: float = 65536.0  # EVA_SPEC section 3: initial scale 2^16
-    fp16_growth_interval: int = 500  # EVA_SPEC section 3: loss-scale window 500
-    fp16_hysteresis: int = 2  # EVA_SPEC section 3: the 2nd overflow before the scale grows halves it
-    fp16_min_scale: float = 1.0  # EVA_SPEC section 3
+    fp16_init_scale: float = 65536.0  # docs/recipes.md section 3: initial scale 2^16
+    fp16_growth_interval: int = 500  # loss-scale window 500
+    fp16_hysteresis: int = 2  # the 2nd overflow before the scale grows halves it
+    fp16_min_scale: float = 1.0
     tensorboard: bool = True
     progress: bool = True
     # torch.compile (inductor) of the wrapped model, in place so names and checkpoints are unchanged;
     # fuses the elementwise work between GEMMs (docs/performance.md). The first steps compile.
     compile: bool = False
+    # glibc keeps freed blocks instead of re-faulting them in every step (CPU only; docs/performance.md).
+    cpu_malloc_tuning: bool = True
+
+    def check(self) -> None:
+        """Reject values that would fail later (or silently do something else), before any work."""
+        positive = ("epochs", "batch_size", "accum_steps", "checkpoint_every", "keep_last", "log_every")
+        for name in (*positive, "eval_every_epochs", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps_per_epoch < 0 or self.max_steps < 0 or self.num_workers < 0 or self.max_rollbacks < 0:
+            raise ConfigError("train.steps_per_epoch, max_steps, num_workers and max_rollbacks must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.strategy not in D.STRATEGIES:
+            raise ConfigError(f"train.strategy must be one of {list(D.STRATEGIES)}, got {self.strategy!r}")
+        device = self.device.split(":")[0]
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device={self.device} but this machine has no usable CUDA GPU; use auto or cpu"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -92,8 +146,49 @@ class TrainResult:
     ema_model: nn.Module | None = None
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stayed non-finite and rollbacks could not fix it; weights not written."""
+
+
+@dataclass
+class RunState:
+    """Everything `train` carries from step to step; one place to read what a run is."""
+
+    cfg: TrainConfig
+    optim_cfg: OptimConfig
+    model: nn.Module  # as wrapped for the strategy (DDP, FSDP2) and maybe compiled
+    base: nn.Module  # the plain module under the wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    ema: Any
+    device: torch.device
+    folder: Path
+    run_id: str
+    micro_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    stop_at: int
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    skip: list[int] = field(default_factory=list)
+    streak_start: int | None = None  # first step of the current run of non-finite steps
+    streak: int = 0
+    rollbacks: int = 0
+    log: MetricsLogger | None = None
+    result: TrainResult | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
+    last_checkpoint: Path | None = None
+    last_time: float = field(default_factory=time.time)
+    last_step: int = 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup: model placement, optimizer, scaler, EMA, schedule lengths, folder ownership.
 
 
 def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> torch.optim.Optimizer:
@@ -118,30 +213,6 @@ def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> tor
     return build_adamw(groups, cfg)
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed tensors for reuse instead of returning them to the kernel (CPU training).
-
-    A training step frees and reallocates the same activation sizes every step. By default glibc
-    maps every block over its mmap threshold (at most 32 MiB) afresh and trims the heap top on
-    free, so each step page-faults its activations in again (docs/performance.md: 69% -> 78% of
-    the matmul ceiling for an eva_base step). Here every block comes from the heap and the heap is
-    never trimmed, so the process keeps its peak memory. Returns False where libc is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    # mallopt takes a C int: a larger Python int wraps silently (2**34 became 0, i.e. trim on every free).
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_max = -1, -4
-    # man mallopt: a trim threshold of -1 disables trimming; an mmap maximum of 0 disables per-block mmap.
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
-
-
 def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
     kwargs = dict(
         init_scale=cfg.fp16_init_scale,
@@ -155,16 +226,388 @@ def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded
     return HysteresisGradScaler(device.type, **kwargs)
 
 
-def _resolve_resume(cfg: TrainConfig, folder: Path) -> Path | None:
+def _schedule_lengths(stream: Any, cfg: TrainConfig, optim_cfg: OptimConfig) -> tuple[int, int, int]:
+    """(micro-batches per epoch, total optimizer steps, warmup steps)."""
+    micro_per_epoch = cfg.steps_per_epoch * cfg.accum_steps
+    if not micro_per_epoch:
+        batches = stream.num_batches(cfg.num_workers)
+        if not batches:
+            raise ConfigError("the data stream has no fixed length; set train.steps_per_epoch in the config")
+        micro_per_epoch = batches // cfg.accum_steps * cfg.accum_steps
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"an epoch has fewer batches than train.accum_steps={cfg.accum_steps}; "
+            "use more data, a smaller batch or fewer accum_steps"
+        )
+    return micro_per_epoch, steps_per_epoch * cfg.epochs, warmup_length(optim_cfg, steps_per_epoch)
+
+
+def _claim(folder: Path, cfg: TrainConfig, run_config: dict[str, Any], schedule: dict[str, int]) -> str:
+    """This run's id; rank 0 takes the folder, the other ranks learn the id from it."""
+    manifest = None
+    if D.is_main():
+        config = {**run_config, "derived": schedule}  # a data set that changed size changes the run
+        manifest = claim_folder(
+            folder,
+            config,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            has_checkpoints=bool(list_checkpoints(folder / "checkpoints")),
+        )
+    return D.all_gather_objects(manifest["run_id"] if manifest else None)[0]
+
+
+def setup_run(
+    model: nn.Module,
+    objective: Any,
+    stream: Any,
+    cfg: TrainConfig,
+    optim_cfg: OptimConfig,
+    groups_fn: Callable[[nn.Module], list[dict]] | None,
+    optimizer_fn: Callable[[list[dict], OptimConfig], torch.optim.Optimizer] | None,
+    run_config: dict[str, Any] | None,
+) -> RunState:
+    """Place the model, build optimizer/scaler/EMA, and take the output folder for this run."""
+    cfg.check()
+    check_schedule(optim_cfg)
+    device = D.init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + D.rank())  # drop path differs per rank, reproducibly
+    folder = Path(cfg.output_dir)
+    micro_per_epoch, total_steps, warmup_steps = _schedule_lengths(stream, cfg, optim_cfg)
+    run_config = run_config or {"train": asdict(cfg), "optim": asdict(optim_cfg)}
+    run_id = _claim(
+        folder, cfg, run_config, {"micro_per_epoch": micro_per_epoch, "world_size": D.world_size()}
+    )
+
+    if device.type == "cpu" and cfg.cpu_malloc_tuning and keep_freed_memory():
+        logger.info("train.cpu_malloc_tuning: glibc keeps freed memory for reuse (docs/performance.md)")
+    wrapped = D.wrap_model(model, cfg.strategy, device)
+    if cfg.compile:
+        wrapped.compile()
+    if isinstance(objective, nn.Module):
+        objective.to(device)
+    base = D.unwrap(wrapped)
+    groups = (
+        groups_fn(base)
+        if groups_fn
+        else param_groups(base, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay)
+    )
+    world = D.world_size()
+    if optimizer_fn is None:
+        optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
+    elif cfg.strategy == "zero1" and world > 1:
+        raise ConfigError("a custom optimizer cannot be sharded by ZeRO-1 here; use train.strategy=ddp")
+    else:
+        optimizer = optimizer_fn(groups, optim_cfg)
+    ema = None
+    if cfg.ema_decay > 0:
+        if cfg.strategy == "fsdp" and world > 1:
+            raise ConfigError("train.ema_decay is not supported with strategy=fsdp; use ddp or zero1")
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(base, decay=cfg.ema_decay)
+    total = total_steps
+    return RunState(
+        cfg=cfg,
+        optim_cfg=optim_cfg,
+        model=wrapped,
+        base=base,
+        optimizer=optimizer,
+        scaler=_make_scaler(cfg.precision, device, cfg, cfg.strategy == "fsdp" and world > 1),
+        ema=ema,
+        device=device,
+        folder=folder,
+        run_id=run_id,
+        micro_per_epoch=micro_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup_steps,
+        stop_at=min(total, cfg.max_steps) if cfg.max_steps else total,
+        skip=[0] * max(1, cfg.num_workers),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: write, resume (falling back past a corrupt newest one), roll back.
+
+
+def checkpoint_now(state: RunState) -> None:
+    extra = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "micro_in_epoch": state.micro_in_epoch,
+        "skip": state.skip,
+        "scaler": state.scaler.state_dict(),
+        "run_id": state.run_id,
+    }
+    if state.ema is not None:
+        extra["ema"] = state.ema.module.state_dict()
+    state.last_checkpoint = save_checkpoint(
+        state.checkpoints, state.step, state.model, state.optimizer, extra, state.cfg.keep_last
+    )
+
+
+def _restore(state: RunState, path: Path) -> dict[str, Any]:
+    extra = load_checkpoint(path, state.model, state.optimizer)
+    state.scaler.load_state_dict(extra["scaler"])
+    if state.ema is not None:
+        state.ema.module.load_state_dict(extra["ema"])
+    return extra
+
+
+def resume_run(state: RunState) -> None:
+    """Continue from `train.resume` (a path) or this run's newest readable checkpoint (auto)."""
+    cfg = state.cfg
     if cfg.resume == "never":
-        return None
+        return
     if cfg.resume == "auto":
-        found = list_checkpoints(folder)
-        return found[-1] if found else None
-    path = Path(cfg.resume)
-    if not path.exists():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist; use resume=auto or a valid path")
-    return path
+        candidates = list_checkpoints(state.checkpoints)[::-1]
+    else:
+        candidates = [Path(cfg.resume)]
+        if not candidates[0].exists():
+            raise ConfigError(
+                f"train.resume={cfg.resume} does not exist; use resume=auto or a checkpoint path"
+            )
+    for path in candidates:
+        try:
+            extra = _restore(state, path)
+            break
+        except CheckpointReadError as error:
+            if cfg.resume != "auto":
+                raise
+            logger.warning("skipping unreadable checkpoint: %s; trying the previous one", error)
+    else:
+        return  # nothing readable: a fresh start
+    saved_workers = len(extra["skip"])
+    if saved_workers != len(state.skip) and extra["micro_in_epoch"] % state.micro_per_epoch:
+        raise ConfigError(
+            f"{path} was written mid-epoch with train.num_workers={saved_workers}; resume with the same "
+            "num_workers so the data continues exactly (it may change at an epoch boundary)"
+        )
+    state.step, state.epoch, state.micro_in_epoch = extra["step"], extra["epoch"], extra["micro_in_epoch"]
+    state.skip = list(extra["skip"]) if saved_workers == len(state.skip) else [0] * len(state.skip)
+    restore_rng(extra)
+    logger.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+
+
+def roll_back(state: RunState) -> None:
+    """Weights, optimizer and scaler from the newest checkpoint known healthy; the data position goes on.
+
+    No checkpoint is written during a streak. The one named `streak_start` (if any) holds the weights
+    that produced the first non-finite step: it is set aside as `*.nonfinite`, never restored.
+    """
+    state.rollbacks += 1
+    if state.rollbacks > state.cfg.max_rollbacks:
+        raise TrainingDiverged(
+            f"the loss went non-finite again after {state.cfg.max_rollbacks} rollbacks (from step "
+            f"{state.streak_start}); lower optim.lr, raise warmup, or train in bf16/fp32; the last good "
+            f"checkpoint is in {state.checkpoints}"
+        )
+    for suspect in list_checkpoints(state.checkpoints):
+        if _step_of(suspect) >= state.streak_start:  # its weights produced the first non-finite step
+            suspect.rename(suspect.with_name(suspect.name + ".nonfinite"))
+    healthy = list_checkpoints(state.checkpoints)
+    if not healthy:
+        raise TrainingDiverged(
+            f"the loss or gradients were non-finite for {state.streak} steps from step {state.streak_start} "
+            "and no checkpoint from before that exists to roll back to; lower optim.lr or raise the warmup"
+        )
+    _restore(state, healthy[-1])
+    state.log.line(f"step {state.step}: rolled back weights to {healthy[-1].name} ({state.rollbacks})")
+    state.streak, state.streak_start = 0, None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop: micro-steps, the optimizer step, an epoch, evaluation.
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _image_key(batch: dict[str, Any]) -> str:
+    return "images" if "images" in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
+
+
+def _grad_norm(state: RunState) -> torch.Tensor:
+    """The total gradient norm, clipped to optim.clip_grad when set (every precision checks it)."""
+    parameters = [p for p in state.model.parameters() if p.grad is not None]
+    if state.optim_cfg.clip_grad > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, state.optim_cfg.clip_grad)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str, Any]) -> None:
+    """Apply the accumulated gradients, unless the loss or the gradient norm is non-finite."""
+    cfg, log, result = state.cfg, state.log, state.result
+    loss_sum, nonfinite, stop = D.all_reduce_sum(accumulated).tolist()
+    accumulated.zero_()
+    apply_lr(state.optimizer, lr_at(state.step, state.total_steps, state.warmup_steps, state.optim_cfg))
+    grad_norm, skipped = None, None
+    if nonfinite:
+        skipped = f"non-finite loss on {int(nonfinite)} micro-batch(es)"
+    else:
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = float(_grad_norm(state))
+        if not math.isfinite(grad_norm) and cfg.precision != "fp16":
+            skipped = f"non-finite gradient norm ({grad_norm})"
+    if skipped:
+        result.nonfinite_steps += 1
+        state.streak += 1
+        state.streak_start = state.step if state.streak_start is None else state.streak_start
+        log.line(f"step {state.step}: {skipped}, update skipped")
+    else:
+        state.scaler.step(state.optimizer)  # fp16: skips by itself on overflow and lowers the scale
+        state.scaler.update()
+        if state.ema is not None:
+            state.ema.update(state.base)  # constant decay from step 1 (timm warms it up when given a step)
+        state.streak, state.streak_start = 0, None
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.streak >= cfg.max_consecutive_nonfinite:
+        roll_back(state)
+    state.step += 1
+    _log_step(state, loss_sum, nonfinite, grad_norm, metrics, skipped is not None)
+    if stop:
+        state.stop.signum = state.stop.signum or 15  # another rank was signalled: stop here too
+    due = state.step % cfg.checkpoint_every == 0 or state.step == state.stop_at or state.stop.requested
+    if due and state.streak == 0:  # never checkpoint weights that just produced a non-finite step
+        checkpoint_now(state)
+
+
+def _log_step(state: RunState, loss_sum: float, nonfinite: float, grad_norm, metrics, skipped: bool) -> None:
+    cfg, step = state.cfg, state.step
+    values: dict[str, Any] = {
+        # A skipped step has no loss: null in metrics.jsonl, never 0.0.
+        "loss": None if skipped else loss_sum / (D.world_size() * cfg.accum_steps),
+        "lr": state.optimizer.param_groups[0]["lr"] / state.optimizer.param_groups[0].get("lr_scale", 1.0),
+        "epoch": state.epoch,
+    }
+    if skipped:
+        values["skipped"] = True
+    if cfg.precision == "fp16":
+        values["loss_scale"] = state.scaler.get_scale()
+    if step % cfg.log_every == 0 or step == state.stop_at:
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm
+        now = time.time()
+        values["steps_per_s"] = (step - state.last_step) / max(1e-9, now - state.last_time)
+        values.update({k: float(v) for k, v in metrics.items()})
+        state.last_time, state.last_step = now, step
+        state.log.log(step, values)
+        state.result.history.append({"step": step, **values})
+    state.log.progress(step, values)
+
+
+def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tensor:
+    """Micro-steps until the epoch ends, the run ends, or a stop is requested; (seen, skipped) images."""
+    cfg = state.cfg
+    stream.set_epoch(state.epoch, state.skip)
+    # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=ignore_stop_signals,
+    )
+    images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
+    accumulated = torch.zeros(3, dtype=torch.float64, device=state.device)  # loss sum, non-finite, stop
+    handles_backward = getattr(objective, "handles_backward", False)
+
+    def backward(loss: torch.Tensor) -> None:
+        state.scaler.scale(loss / cfg.accum_steps).backward()
+
+    for batch in loader:
+        state.skip[batch["worker"]] = batch["index"] + 1
+        images += torch.tensor([len(batch[_image_key(batch)]), batch.get("num_skipped", 0)])
+        batch = _to_device(batch, state.device)
+        micro = state.micro_in_epoch % cfg.accum_steps
+        ctx = StepContext(state.epoch, state.step, micro, D.rank(), cfg.seed, state.device, backward)
+        last_micro = micro == cfg.accum_steps - 1
+        with D.grad_sync_context(state.model, last_micro):
+            autocast = PRECISIONS[cfg.precision]
+            with torch.autocast(state.device.type, dtype=autocast, enabled=autocast is not None):
+                loss, metrics = objective(state.model, batch, ctx)
+            if not handles_backward:
+                backward(loss)
+        # Kept on the device: no host sync per micro-step, one all-reduce per optimizer step.
+        detached = loss.detach().double()
+        finite = torch.isfinite(detached)
+        accumulated += torch.stack(
+            [torch.where(finite, detached, 0.0), (~finite).double(), detached.new_zeros(())]
+        )
+        state.micro_in_epoch += 1
+        if not last_micro:
+            continue
+        accumulated[2] = float(state.stop.requested)
+        optimizer_step(state, accumulated, metrics)
+        if (
+            state.step >= state.stop_at
+            or state.micro_in_epoch >= state.micro_per_epoch
+            or state.stop.requested
+        ):
+            break
+    del loader  # shuts the workers down now, not at garbage collection
+    return images
+
+
+def run_evaluation(state: RunState, evaluate: Callable) -> None:
+    state.model.eval()
+    with torch.no_grad():
+        ctx = StepContext(state.epoch, state.step, 0, D.rank(), state.cfg.seed, state.device)
+        metrics = evaluate(state.model, ctx)
+        if state.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in evaluate(state.ema.module, ctx).items()})
+    state.model.train()
+    state.log.log(state.step, metrics, kind="eval")
+    state.log.line(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    state.result.history.append({"step": state.step, "eval": metrics})
+
+
+def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evaluate: Callable | None) -> None:
+    cfg = state.cfg
+    if state.micro_in_epoch == micro_at_start:
+        raise ConfigError(
+            f"the data stream yielded no batches in epoch {state.epoch} after {state.micro_in_epoch} of "
+            f"{state.micro_per_epoch}; steps_per_epoch is larger than the data provides: lower it"
+        )
+    if state.step < state.stop_at and state.micro_in_epoch < state.micro_per_epoch:
+        logger.warning(
+            "epoch %d ended after %d of %d batches", state.epoch, state.micro_in_epoch, state.micro_per_epoch
+        )
+        state.micro_in_epoch = (
+            state.micro_per_epoch
+        )  # a short stream ends the epoch; the schedule keeps its length
+    seen, skipped = D.all_reduce_sum(images).tolist()
+    state.result.skipped_images += int(skipped)
+    if state.micro_in_epoch >= state.micro_per_epoch:
+        state.log.line(f"epoch {state.epoch}: {int(seen)} images, {int(skipped)} unreadable images skipped")
+        state.log.log(state.step, {"images": int(seen), "skipped_images": int(skipped)}, kind="epoch")
+        last = (state.epoch + 1) % cfg.eval_every_epochs == 0 or state.step >= state.stop_at
+        if evaluate is not None and last:
+            run_evaluation(state, evaluate)
+
+
+def finish_run(state: RunState) -> None:
+    """Refuse to hand back weights that a non-finite step left behind (final/ is never written then)."""
+    if state.streak:
+        raise TrainingDiverged(
+            f"the run ended inside {state.streak} non-finite steps (from step {state.streak_start}); its "
+            "weights are not trustworthy. Lower optim.lr, or resume from the last checkpoint with other "
+            "settings"
+        )
+    for name, param in state.model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not bool(torch.isfinite(local).all()):
+            raise TrainingDiverged(
+                f"parameter {name} is not finite at the end of training; weights not written"
+            )
 
 
 def train(
@@ -177,238 +620,57 @@ def train(
     groups_fn: Callable[[nn.Module], list[dict]] | None = None,
     evaluate: Callable[[nn.Module, StepContext], dict[str, float]] | None = None,
     optimizer_fn: Callable[[list[dict], OptimConfig], torch.optim.Optimizer] | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `stream` with `objective`; resumable, distributed, mixed precision.
 
     `optimizer_fn(groups, optim_cfg)` replaces AdamW (e.g. LARS for linear probes); the engine still
-    sets every group's lr (times its `lr_scale`) at every step.
+    sets every group's lr (times its `lr_scale`) at every step. `run_config` is the stage's whole
+    resolved config: a resume refuses when a run-defining key of it changed (docs/reliability.md).
     """
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
-    device = D.init_distributed(cfg.device)
-    rank, world = D.rank(), D.world_size()
-    torch.manual_seed(cfg.seed + rank)  # drop path differs per rank, reproducibly
-    folder = Path(cfg.output_dir)
-    ckpt_folder = folder / "checkpoints"
-
-    if device.type == "cpu":
-        keep_freed_memory()
-    wrapped = D.wrap_model(model, cfg.strategy, device)
-    if cfg.compile:
-        wrapped.compile()
-    if isinstance(objective, nn.Module):
-        objective.to(device)
-    base = D.unwrap(wrapped)
-    if groups_fn is None:
-        groups = param_groups(base, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay)
-    else:
-        groups = groups_fn(base)
-    if optimizer_fn is None:
-        optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
-    elif cfg.strategy == "zero1" and world > 1:
-        raise ValueError("a custom optimizer cannot be sharded by ZeRO-1 here; use strategy=ddp")
-    else:
-        optimizer = optimizer_fn(groups, optim_cfg)
-    sharded = cfg.strategy == "fsdp" and world > 1
-    scaler = _make_scaler(cfg.precision, device, cfg, sharded)
-    autocast_dtype = PRECISIONS[cfg.precision]
-    ema = None
-    if cfg.ema_decay > 0:
-        if cfg.strategy == "fsdp" and world > 1:
-            raise ValueError("ema_decay is not supported with strategy=fsdp; use ddp or zero1")
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(base, decay=cfg.ema_decay)
-
-    micro_per_epoch = cfg.steps_per_epoch * cfg.accum_steps
-    if not micro_per_epoch:
-        batches = stream.num_batches(cfg.num_workers)
-        if not batches:
-            raise ValueError("the data stream has no fixed length; set steps_per_epoch in the config")
-        micro_per_epoch = batches // cfg.accum_steps * cfg.accum_steps
-    steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"an epoch has fewer batches than accum_steps={cfg.accum_steps}; "
-            "use more data or fewer accum_steps"
+    lock = RunLock(Path(cfg.output_dir)) if D.is_main() else None
+    try:
+        state = setup_run(model, objective, stream, cfg, optim_cfg, groups_fn, optimizer_fn, run_config)
+        resume_run(state)
+        state.log = MetricsLogger(
+            state.folder,
+            enabled=D.is_main(),
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+            total_steps=state.stop_at,
+            start_step=state.step,
+            log_every=cfg.log_every,
+            images_per_step=cfg.batch_size * cfg.accum_steps * D.world_size(),
         )
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(optim_cfg.warmup_epochs * steps_per_epoch)
-
-    step, epoch, micro_in_epoch, skip = 0, 0, 0, [0] * max(1, cfg.num_workers)
-    resume_from = _resolve_resume(cfg, ckpt_folder)
-    if resume_from is not None:
-        extra = load_checkpoint(resume_from, wrapped, optimizer)
-        scaler.load_state_dict(extra["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(extra["ema"])
-        step, epoch, micro_in_epoch = extra["step"], extra["epoch"], extra["micro_in_epoch"]
-        skip = list(extra["skip"])
-        if len(skip) != max(1, cfg.num_workers):
-            raise ValueError(
-                f"{resume_from} was written with num_workers={len(skip)}; resume with the same num_workers "
-                "so the data continues exactly"
+        state.result = TrainResult(
+            model=state.model, step=state.step, ema_model=state.ema and state.ema.module
+        )
+        state.last_step = state.step
+        state.model.train()
+        with state.stop:
+            while state.step < state.stop_at and not state.stop.requested:
+                if state.micro_in_epoch >= state.micro_per_epoch:
+                    state.epoch, state.micro_in_epoch, state.skip = state.epoch + 1, 0, [0] * len(state.skip)
+                micro_at_start = state.micro_in_epoch
+                images = train_one_epoch(state, objective, stream)
+                if state.stop.requested:
+                    break
+                _end_epoch(state, images, micro_at_start, evaluate)
+        state.log.close()
+        if state.stop.requested:
+            raise Interrupted(
+                state.stop.signum,
+                f"stopped by a signal at step {state.step}; "
+                + (
+                    f"checkpoint {state.last_checkpoint} written"
+                    if state.last_checkpoint
+                    else "no checkpoint"
+                )
+                + "; run the same command again to resume",
             )
-        restore_rng(extra)
-        logger.info("resumed from %s at step %d (epoch %d)", resume_from, step, epoch)
-
-    log = MetricsLogger(
-        folder,
-        enabled=D.is_main(),
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
-        total_steps=cfg.max_steps or total_steps,
-        start_step=step,
-    )
-    result = TrainResult(model=wrapped, step=step, ema_model=ema.module if ema is not None else None)
-
-    def backward(loss: torch.Tensor) -> None:
-        scaler.scale(loss / cfg.accum_steps).backward()
-
-    handles_backward = getattr(objective, "handles_backward", False)
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    consecutive_nonfinite, rollbacks = 0, 0
-    last_time, last_step = time.time(), step
-
-    def checkpoint_now() -> None:
-        extra = {
-            "step": step,
-            "epoch": epoch,
-            "micro_in_epoch": micro_in_epoch,
-            "skip": skip,
-            "scaler": scaler.state_dict(),
-        }
-        if ema is not None:
-            extra["ema"] = ema.module.state_dict()
-        save_checkpoint(ckpt_folder, step, wrapped, optimizer, extra, cfg.keep_last)
-
-    wrapped.train()
-    while step < stop_at:
-        if micro_in_epoch >= micro_per_epoch:
-            epoch, micro_in_epoch, skip = epoch + 1, 0, [0] * len(skip)
-        stream.set_epoch(epoch, skip)
-        # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        epoch_images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
-        micro_at_start = micro_in_epoch
-        accumulated = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, non-finite count)
-        for batch in loader:
-            skip[batch["worker"]] = batch["index"] + 1
-            epoch_images += torch.tensor([len(batch[_image_key(batch)]), batch.get("num_skipped", 0)])
-            batch = _to_device(batch, device)
-            micro = micro_in_epoch % cfg.accum_steps
-            ctx = StepContext(epoch, step, micro, rank, cfg.seed, device, backward)
-            last_micro = micro == cfg.accum_steps - 1
-            with D.grad_sync_context(wrapped, last_micro):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, metrics = objective(wrapped, batch, ctx)
-                if not handles_backward:
-                    backward(loss)
-            # Kept on the device: no host sync per micro-step, one all-reduce per optimizer step.
-            detached = loss.detach().double()
-            finite = torch.isfinite(detached)
-            accumulated += torch.stack([torch.where(finite, detached, 0.0), (~finite).double()])
-            micro_in_epoch += 1
-            if not last_micro:
-                continue
-
-            loss_sum, nonfinite = D.all_reduce_sum(accumulated).tolist()
-            accumulated.zero_()
-            apply_lr(optimizer, lr_at(step, total_steps, warmup_steps, optim_cfg.lr, optim_cfg.min_lr))
-            grad_norm = None
-            if nonfinite:
-                # Skip the update on every rank together; roll back after too many in a row.
-                optimizer.zero_grad(set_to_none=True)
-                result.nonfinite_steps += 1
-                consecutive_nonfinite += 1
-                log.line(f"step {step}: non-finite loss on {int(nonfinite)} micro-batch(es), update skipped")
-                if consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-                    rollbacks += 1
-                    _roll_back(ckpt_folder, wrapped, optimizer, scaler, rollbacks, cfg.max_rollbacks)
-                    log.line(f"step {step}: rolled back weights to the last checkpoint ({rollbacks})")
-                    consecutive_nonfinite = 0
-            else:
-                consecutive_nonfinite = 0
-                if optim_cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), optim_cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(base)  # constant decay from step 1 (timm warms it up when given a step)
-            step += 1
-
-            values = {
-                "loss": loss_sum / max(1.0, world * cfg.accum_steps - nonfinite),
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
-                "epoch": epoch,
-            }
-            if cfg.precision == "fp16":
-                values["loss_scale"] = scaler.get_scale()
-            if step % cfg.log_every == 0 or step == stop_at:
-                if grad_norm is not None:
-                    values["grad_norm"] = float(
-                        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                    )
-                now = time.time()
-                values["steps_per_s"] = (step - last_step) / max(1e-9, now - last_time)
-                values.update({k: float(v) for k, v in metrics.items()})
-                last_time, last_step = now, step
-                log.log(step, values)
-                result.history.append({"step": step, **values})
-            log.progress(step, {"loss": values["loss"], "lr": values["lr"]})
-            if step % cfg.checkpoint_every == 0 or step == stop_at:
-                checkpoint_now()
-            if step >= stop_at or micro_in_epoch >= micro_per_epoch:
-                break
-
-        if micro_in_epoch == micro_at_start:
-            raise RuntimeError(
-                f"the data stream yielded no batches in epoch {epoch} after {micro_in_epoch} of "
-                f"{micro_per_epoch}; steps_per_epoch is larger than the data provides: lower it"
-            )
-        if step < stop_at and micro_in_epoch < micro_per_epoch:
-            logger.warning("epoch %d ended after %d of %d batches", epoch, micro_in_epoch, micro_per_epoch)
-            micro_in_epoch = micro_per_epoch  # a short stream ends the epoch; the schedule keeps its length
-        seen, skipped = D.all_reduce_sum(epoch_images).tolist()
-        result.skipped_images += int(skipped)
-        if micro_in_epoch >= micro_per_epoch:
-            log.line(f"epoch {epoch}: {int(seen)} images, {int(skipped)} unreadable images skipped")
-            log.log(step, {"images": int(seen), "skipped_images": int(skipped)}, kind="epoch")
-            if evaluate is not None and ((epoch + 1) % cfg.eval_every_epochs == 0 or step >= stop_at):
-                wrapped.eval()
-                with torch.no_grad():
-                    eval_ctx = StepContext(epoch, step, 0, rank, cfg.seed, device)
-                    eval_metrics = evaluate(wrapped, eval_ctx)
-                    if ema is not None:
-                        ema_metrics = evaluate(ema.module, eval_ctx)
-                        eval_metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-                wrapped.train()
-                log.log(step, eval_metrics, kind="eval")
-                log.line(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                result.history.append({"step": step, "eval": eval_metrics})
-    log.close()
-    result.step = step
-    return result
-
-
-def _image_key(batch: dict[str, Any]) -> str:
-    return "images" if "images" in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
-
-
-def _roll_back(folder: Path, model: nn.Module, optimizer, scaler, rollbacks: int, limit: int) -> None:
-    found = list_checkpoints(folder)
-    if not found:
-        raise FloatingPointError("the loss keeps going non-finite and there is no checkpoint to roll back to")
-    if rollbacks > limit:
-        raise FloatingPointError(
-            f"rolled back {limit} times and the loss still goes non-finite; lower the lr or use bf16/fp32"
-        )
-    extra = load_checkpoint(found[-1], model, optimizer)
-    scaler.load_state_dict(extra["scaler"])
+        finish_run(state)
+        state.result.step = state.step
+        return state.result
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,4 +1,4 @@
-"""Rank-0 reporting: a progress bar, TensorBoard scalars and a JSONL metrics file."""
+"""Rank-0 reporting: progress (a bar on a terminal, plain lines in a log file), TensorBoard, JSONL."""
 
 from __future__ import annotations
 
@@ -23,10 +23,15 @@ class MetricsLogger:
         progress: bool,
         total_steps: int,
         start_step: int,
+        log_every: int = 10,
+        images_per_step: int = 0,
     ):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.plain = False
+        self.total_steps, self.log_every, self.images_per_step = total_steps, log_every, images_per_step
+        self.start_step, self.start_time = start_step, time.time()
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -36,17 +41,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(folder / "tensorboard"))
-        if progress:
-            # Off a terminal (CI logs, nohup) refresh rarely so the log stays readable.
-            interval = 0.1 if sys.stderr.isatty() else 30.0
+        if progress and sys.stderr.isatty():
             self.bar = tqdm(
-                total=total_steps,
-                initial=start_step,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                unit="step",
-                mininterval=interval,
+                total=total_steps, initial=start_step, dynamic_ncols=True, smoothing=0.1, unit="step"
             )
+        # Off a terminal (CI, nohup, SLURM logs): one plain line every log_every steps, no carriage returns.
+        self.plain = progress and self.bar is None
 
     def log(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -55,13 +55,28 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def progress(self, step: int, values: dict[str, float]) -> None:
+    def progress(self, step: int, values: dict[str, Any]) -> None:
+        shown = {k: values.get(k) for k in ("loss", "lr")}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self.bar.set_postfix(
+                {k: "skipped" if v is None else f"{v:.4g}" for k, v in shown.items()}, refresh=False
+            )
+        elif self.plain and (step % self.log_every == 0 or step == self.total_steps):
+            print(self.plain_line(step, shown), file=sys.stderr, flush=True)
+
+    def plain_line(self, step: int, values: dict[str, Any]) -> str:
+        """`step 120/400 loss 0.1234 lr 1.20e-03 12.3 img/s eta 0:01:23`."""
+        elapsed = max(1e-9, time.time() - self.start_time)
+        done = step - self.start_step
+        loss = "skipped" if values["loss"] is None else f"{values['loss']:.4f}"
+        eta = int(elapsed / max(1, done) * (self.total_steps - step))
+        rate = f" {done * self.images_per_step / elapsed:.1f} img/s" if self.images_per_step else ""
+        eta_text = f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        return f"step {step}/{self.total_steps} loss {loss} lr {values['lr']:.2e}{rate} eta {eta_text}"
 
     def line(self, text: str) -> None:
         """A summary line that survives the progress bar."""

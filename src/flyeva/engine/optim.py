@@ -21,6 +21,18 @@ class OptimConfig:
     eps: float = 1e-6
     layer_decay: float = 1.0  # 1.0 = off; transfer recipes use 0.85-0.95 (EVA_SPEC section 4)
     warmup_epochs: float = 2.0
+    warmup_steps: int = 0  # > 0: warmup length in optimizer steps (iteration-based recipes), not epochs
+    # linspace: lr = peak * s / (W - 1), the release's np.linspace(0, peak, W) (BEiT/EVA pretraining and
+    # fine-tuning); linear: peak * s / W; linear_plus_one: peak * (s + 1) / W (open_clip, EVA-CLIP);
+    # factor: peak * (f + (1 - f) * s / W) with f = warmup_factor (detectron2, mmseg). docs/recipes.md.
+    warmup: str = "linspace"
+    warmup_factor: float = 0.001
+    # cosine (to min_lr) | poly (power poly_power, to min_lr) | step (x decay_factor at each of
+    # decay_steps) | constant; all per optimizer step after warmup.
+    schedule: str = "cosine"
+    poly_power: float = 1.0
+    decay_steps: list[int] = field(default_factory=list)
+    decay_factor: float = 0.1
     clip_grad: float = 3.0  # 0 = off
     # fused: one kernel per step for every parameter (CPU and CUDA), 5x faster than foreach on CPU
     # (docs/performance.md); foreach | for-loop are torch's other implementations, same math.
@@ -102,12 +114,56 @@ def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **flags)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
-    """Linear warmup from 0, then per-step cosine to `min_lr` (EVA_SPEC section 3)."""
+WARMUPS = ("linspace", "linear", "linear_plus_one", "factor")
+SCHEDULES = ("cosine", "poly", "step", "constant")
+
+
+def check_schedule(cfg: OptimConfig) -> None:
+    """Reject unknown schedule names before any work starts."""
+    if cfg.warmup not in WARMUPS:
+        raise ValueError(f"optim.warmup={cfg.warmup!r} is not one of {list(WARMUPS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of {list(SCHEDULES)}")
+
+
+def _warmup_lr(step: int, warmup_steps: int, total_steps: int, cfg: OptimConfig) -> float:
+    if cfg.warmup == "linspace":  # np.linspace(0, peak, W): the peak is reached at s = W - 1
+        return cfg.lr * step / max(1, warmup_steps - 1)
+    if cfg.warmup == "linear":
+        return cfg.lr * step / warmup_steps
+    if cfg.warmup == "linear_plus_one":
+        return cfg.lr * (step + 1) / warmup_steps
+    factor = cfg.warmup_factor
+    return _main_lr(step, 0, total_steps, cfg) * (factor + (1 - factor) * step / warmup_steps)
+
+
+def _main_lr(step: int, warmup_steps: int, total_steps: int, cfg: OptimConfig) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.decay_factor ** sum(step >= milestone for milestone in cfg.decay_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if cfg.schedule == "poly":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress) ** cfg.poly_power
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
+    """The base lr of optimizer step `step`: warmup from 0 (docs/recipes.md), then `cfg.schedule`.
+
+    Cosine and poly run over the steps after warmup (the release's per-iteration cosine); `step`
+    milestones count from step 0 as detectron2's do. The factor warmup multiplies the schedule.
+    """
     if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return _warmup_lr(step, warmup_steps, total_steps, cfg)
+    if cfg.warmup == "factor":  # detectron2 and mmseg: the schedule runs over all steps
+        return _main_lr(step, 0, total_steps, cfg)
+    return _main_lr(step, warmup_steps, total_steps, cfg)
+
+
+def warmup_length(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """Warmup in optimizer steps: `warmup_steps` when set, else `warmup_epochs` epochs."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_epochs * steps_per_epoch)
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:

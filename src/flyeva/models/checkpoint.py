@@ -272,6 +272,21 @@ def load_flyeva(path: str | Path, *, kind: str | None = None) -> nn.Module:
     return model
 
 
+def read_encoder_state(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Weights of a flyeva folder or a release checkpoint under flyeva's encoder/MIM names.
+
+    `mask_token` and `lm_head.*` are kept when the file has them; classifier heads and CLIP
+    projections are dropped (the conversion of `release_to_flyeva`).
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
+        state = read_checkpoint(folder / FLYEVA_WEIGHTS)
+    else:
+        state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
+    return release_to_flyeva(state)[0]
+
+
 def load_any(path: str | Path, *, kind: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """A flyeva folder, or a release checkpoint file (converted on the fly)."""
     path = Path(path)

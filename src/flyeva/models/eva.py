@@ -131,9 +131,11 @@ class EvaForMIM(Eva):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.lm_head = nn.Linear(self.embed_dim, teacher_dim)
         self.teacher_dim = teacher_dim
+        # The release decays mask_token (its no_weight_decay is {pos_embed, cls_token}); docs/recipes.md.
+        self.decay_mask_token = True
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        return super().no_weight_decay() | (set() if self.decay_mask_token else {"mask_token"})
 
     def _blend_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[0] != x.shape[0] or mask[0].numel() != math.prod(x.shape[1:-1]):
@@ -209,8 +211,29 @@ def size_with(size: str | EvaSize, **changes: int) -> EvaSize:
     return replace(size, **changes)
 
 
-def size_to_dict(size: EvaSize) -> dict[str, int]:
-    return asdict(size)
+def size_arch(model: Eva) -> dict[str, Any]:
+    """The `arch` of a weights folder for an encoder or MIM model (see models/weights.py)."""
+    size = EvaSize(
+        img_size=model.patch_embed.img_size[0],
+        patch_size=model.patch_embed.patch_size[0],
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=model.blocks[0].attn.num_heads,
+        mlp_dim=model.blocks[0].mlp.fc1.out_features,
+    )
+    arch: dict[str, Any] = {"size": asdict(size)}
+    if isinstance(model, EvaForMIM):
+        arch["teacher_dim"] = model.teacher_dim
+    return arch
+
+
+def mim_from_arch(arch: dict[str, Any]) -> EvaForMIM:
+    teacher_dim = arch.get("teacher_dim", TEACHER_DIM)
+    return build_mim_model(EvaSize(**arch["size"]), teacher_dim=teacher_dim, release_init=False)
+
+
+def encoder_from_arch(arch: dict[str, Any]) -> Eva:
+    return build_encoder(EvaSize(**arch["size"]), release_init=False)
 
 
 @torch.no_grad()

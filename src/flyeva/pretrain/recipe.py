@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import to_yaml
+from flyeva.config import to_dict, to_yaml
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.data.sources import build_source
 from flyeva.data.stream import ImageBatchStream
@@ -19,10 +19,11 @@ from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import TrainConfig, TrainResult, train
 from flyeva.engine.optim import OptimConfig
-from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_any, load_weights, save_flyeva
-from flyeva.models.eva import build_mim_model, get_size, size_with
+from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_weights, read_encoder_state, save_flyeva
+from flyeva.models.eva import EvaForMIM, build_mim_model, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.teachers import (
+    TEACHER_PRECISIONS,
     build_clip_teacher,
     check_token_grid,
     load_clip_teacher,
@@ -40,6 +41,8 @@ class ModelSection:
     drop_path_rate: float = 0.1  # EVA_SPEC section 2
     grad_checkpointing: bool = False
     init: str = ""  # start from these weights (flyeva folder or release checkpoint)
+    # The release decays mask_token like every other weight matrix (docs/recipes.md section 3).
+    decay_mask_token: bool = True
 
 
 @dataclass
@@ -104,6 +107,19 @@ def _source(sections: list[SourceSection], samples_per_epoch: int) -> Any:
     return build_source({"type": "mixture", "sources": specs, "samples_per_epoch": samples_per_epoch})
 
 
+def with_resolved_teacher_precision(
+    cfg: PretrainConfig, device: torch.device | None = None
+) -> PretrainConfig:
+    """`cfg` with `teacher.precision: auto` replaced by what runs on `device` (default: train.device)."""
+    if device is None:
+        use_cuda = cfg.train.device.startswith("cuda") or (
+            cfg.train.device == "auto" and torch.cuda.is_available()
+        )
+        device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = resolve_teacher_dtype(cfg.teacher.precision, cfg.train.precision, device)
+    return replace(cfg, teacher=replace(cfg.teacher, precision=precision_name(dtype)))
+
+
 def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
     if cfg.path:
         return load_clip_teacher(cfg.path, cfg.model_name or None)
@@ -112,6 +128,35 @@ def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
     raise ValueError(
         "no teacher: set teacher.path to local CLIP weights (e.g. teacher.path=ViT-L-14.safetensors), "
         "or mask.target=pixels for the pixel baseline"
+    )
+
+
+def load_init(model: EvaForMIM, path: str) -> None:
+    """Encoder weights from `path`; its mask_token and lm_head too when it has them and they fit.
+
+    Continuing a release MIM checkpoint needs all three; a fine-tuned or CLIP checkpoint has no MIM
+    head, and a head for another teacher has the wrong width: those parts start fresh (logged).
+    """
+    state = read_encoder_state(path)
+    expected = model.state_dict()
+    fitting = [k for k in MIM_ONLY_KEYS if k in state and state[k].shape == expected[k].shape]
+    fresh = [k for k in MIM_ONLY_KEYS if k not in fitting]
+    for key in fresh:
+        if key in state:
+            logger.warning(
+                "%s in %s has shape %s, this run needs %s: it starts fresh",
+                key,
+                path,
+                tuple(state[key].shape),
+                tuple(expected[key].shape),
+            )
+    kept = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS or k in fitting}
+    load_weights(model, kept, ignore_missing=tuple(fresh))
+    logger.info(
+        "model.init %s: loaded the encoder%s; started fresh: %s",
+        path,
+        f" and {', '.join(fitting)}" if fitting else "",
+        ", ".join(fresh) or "nothing",
     )
 
 
@@ -127,9 +172,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if teacher is not None:
         check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
         teacher_dim = teacher.embed_dim
-        teacher.to(resolve_teacher_dtype(cfg.teacher.precision, cfg.train.precision, device))
-        # config.yaml records the precision that ran (the caller's cfg is left as it was).
-        cfg = replace(cfg, teacher=replace(cfg.teacher, precision=precision_name(teacher.dtype)))
+        cfg = with_resolved_teacher_precision(cfg, device)  # config.yaml records what ran
+        teacher.to(TEACHER_PRECISIONS[cfg.teacher.precision])
         logger.info("teacher %s runs in %s", teacher.name, cfg.teacher.precision)
     else:
         teacher_dim = 3 * size.patch_size**2
@@ -141,9 +185,9 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     model = make_model(
         drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing
     )
-    if cfg.model.init:  # encoder weights only: the head is sized for this run's teacher
-        encoder = load_any(cfg.model.init, kind="encoder")
-        load_weights(model, encoder.state_dict(), ignore_missing=MIM_ONLY_KEYS)
+    model.decay_mask_token = cfg.model.decay_mask_token
+    if cfg.model.init:
+        load_init(model, cfg.model.init)
 
     masking = BlockMaskGenerator(
         grid=(size.grid_size, size.grid_size),
@@ -172,7 +216,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate)
+    result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate, run_config=to_dict(cfg))
 
     state = full_model_state(result.model)  # collective under FSDP2
     if D.is_main():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from timm.models.eva import Eva
 
-from flyeva.config import to_yaml
+from flyeva.config import to_dict, to_yaml
 from flyeva.data.stream import ImageBatchStream
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
@@ -154,6 +154,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg.optim,
         groups_fn=lambda m: layer_decay_groups(m, cfg.optim),
         evaluate=evaluator,
+        run_config=to_dict(cfg),
     )
     state = full_model_state(result.model)  # collective under FSDP2
     summary: dict[str, Any] = {}

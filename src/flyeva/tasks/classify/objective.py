@@ -14,10 +14,9 @@ from torch import nn
 
 from flyeva.data.stream import mix_seed
 from flyeva.engine import distributed as D
-from flyeva.engine.loop import StepContext
+from flyeva.engine.loop import PRECISIONS, StepContext
 
 CONFUSION_MAX_CLASSES = 50  # a confusion summary is readable (and cheap) up to this many classes
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextmanager

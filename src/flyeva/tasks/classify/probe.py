@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flyeva.config import ConfigError, to_yaml
+from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.data.stream import ImageBatchStream
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import TrainConfig, TrainResult, train
@@ -149,7 +149,9 @@ def train_probe(
 ) -> TrainResult:
     """The shared engine, with the probe's optimizer."""
     kwargs: dict[str, Any] = dict(
-        groups_fn=lambda m: param_groups(m, cfg.optim.weight_decay), evaluate=evaluate
+        groups_fn=lambda m: param_groups(m, cfg.optim.weight_decay),
+        evaluate=evaluate,
+        run_config=to_dict(cfg),
     )
     if cfg.probe.optimizer != "adamw":  # the engine builds AdamW itself
         kwargs["optimizer_fn"] = checked_optimizer_fn(cfg.probe)

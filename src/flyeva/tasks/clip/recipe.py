@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_yaml
+from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.engine.loop import TrainConfig, TrainResult
 from flyeva.engine.optim import OptimConfig
 from flyeva.tasks.clip.model import ClipModelSection, build_clip, build_clip_from_config
@@ -63,8 +63,9 @@ class ClipConfig:
     loss: LossSection = field(default_factory=LossSection)
     zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     optim: OptimConfig = field(
+        # open_clip's schedule (EVA-CLIP trains with it): warmup lr = peak * (s + 1) / W.
         default_factory=lambda: OptimConfig(
-            lr=5e-4, min_lr=0.0, weight_decay=0.05, warmup_epochs=1.0, clip_grad=0.0
+            lr=5e-4, min_lr=0.0, weight_decay=0.05, warmup_epochs=1.0, clip_grad=0.0, warmup="linear_plus_one"
         )
     )
     train: TrainConfig = field(
@@ -163,7 +164,16 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    result = train(model, objective, stream, cfg.train, cfg.optim, groups_fn=groups_fn, evaluate=evaluate)
+    result = train(
+        model,
+        objective,
+        stream,
+        cfg.train,
+        cfg.optim,
+        groups_fn=groups_fn,
+        evaluate=evaluate,
+        run_config=to_dict(cfg),
+    )
 
     state = full_model_state(result.model)  # collective under FSDP2
     if D.is_main():

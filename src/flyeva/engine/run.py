@@ -1,0 +1,144 @@
+"""Run ownership: one output folder belongs to one run (docs/reliability.md).
+
+`run.json` names the run (an id and the config that defines it). A second process on the same
+folder is refused by an exclusive lock the OS releases when the holder dies (kill -9 included);
+a new run on a folder that holds another run's checkpoints is refused unless `train.overwrite`;
+a resume whose run-defining config differs is refused with every differing key listed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flyeva.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "run.json"
+LOCK = ".lock"
+# Keys that may change between an interruption and its resume: how the run is watched and saved, not
+# what it computes.
+MAY_CHANGE_ON_RESUME = (
+    "train.output_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.num_workers",
+    "train.device",
+    "train.cpu_malloc_tuning",
+    "train.compile",
+    "train.max_steps",
+    "train.eval_every_epochs",
+)
+
+
+class RunLock:
+    """An exclusive `flock` on OUTPUT/.lock holding the owner's PID; released on close or death."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / LOCK
+        self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the whole run)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise ConfigError(
+                f"{folder} is in use by another flyeva run (PID {holder}); wait for it to finish, stop it, "
+                "or set train.output_dir to another folder"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(run-defining differences, allowed differences) as 'key: saved -> current' lines."""
+    old, new = flatten(saved), flatten(current)
+    defining, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") == new.get(key, "<absent>"):
+            continue
+        line = f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        (allowed if key in MAY_CHANGE_ON_RESUME else defining).append(line)
+    return defining, allowed
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is corrupt ({error}); delete it or use another train.output_dir") from None
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def claim_folder(
+    folder: Path, config: dict[str, Any], *, resume: str, overwrite: bool, has_checkpoints: bool
+) -> dict[str, Any]:
+    """The manifest of the run this process continues or starts in `folder` (rank 0 only)."""
+    manifest = read_manifest(folder)
+    if resume == "never" or manifest is None:
+        if has_checkpoints and resume == "never":
+            if not overwrite:
+                owner = f"run {manifest['run_id']}" if manifest else "another run"
+                raise ConfigError(
+                    f"{folder} holds checkpoints of {owner}; train.resume=never would mix two runs in one "
+                    "folder. Use another train.output_dir, or train.overwrite=true to delete them and start "
+                    "over"
+                )
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # retention must never mix runs
+            logger.warning("train.overwrite=true: deleted the checkpoints of the previous run in %s", folder)
+        elif has_checkpoints:
+            logger.warning("%s has checkpoints but no %s (flyeva 0.1.0): continuing them", folder, MANIFEST)
+        manifest = {"run_id": uuid.uuid4().hex[:12], "config": config}
+        write_manifest(folder, manifest)
+        return manifest
+    defining, allowed = config_differences(manifest.get("config", {}), config)
+    if defining and has_checkpoints:
+        raise ConfigError(
+            f"{folder} holds run {manifest['run_id']} with another config ({'; '.join(defining[:12])}); "
+            "resume with the same settings, or start a new run with another train.output_dir (or "
+            "train.resume=never train.overwrite=true to replace it)"
+        )
+    for line in allowed:
+        logger.info("changed on resume: %s", line)
+    manifest["config"] = config
+    write_manifest(folder, manifest)
+    return manifest
