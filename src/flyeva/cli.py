@@ -24,7 +24,12 @@ TASK_MODULES = (
 
 def _pretrain(args: argparse.Namespace) -> None:
     from flyeva.config import load_config, recipe_path, to_yaml
-    from flyeva.pretrain.recipe import PretrainConfig, run_pretrain, with_resolved_teacher_precision
+    from flyeva.pretrain.recipe import (
+        PretrainConfig,
+        check_pretrain_config,
+        run_pretrain,
+        with_resolved_teacher_precision,
+    )
 
     cfg = load_config(PretrainConfig, recipe_path("pretrain", args.config), args.overrides)
     if args.print_config:
@@ -35,6 +40,7 @@ def _pretrain(args: argparse.Namespace) -> None:
                 f"# teacher.precision auto -> {resolved.teacher.precision} here (docs/recipes.md, section 3)"
             )
         return
+    check_pretrain_config(cfg)  # before the teacher trains for a minute
     if cfg.teacher.train_recipe and cfg.teacher.path and not Path(cfg.teacher.path).exists():
         _train_teacher(cfg.teacher.train_recipe, Path(cfg.teacher.path), cfg.train.device)
     result = run_pretrain(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,12 +31,17 @@ def recipe_path(stage: str, name_or_path: str) -> Path:
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a structured config, with `N` for list items of dataclass type (data.sources.N.type)."""
     keys = []
     if OmegaConf.is_dict(node):
         for key in node:
             full = f"{prefix}{key}"
             keys.append(full)
-            keys += _all_keys(node[key], f"{full}.") if OmegaConf.is_dict(node[key]) else []
+            child = node._get_node(key)
+            if OmegaConf.is_dict(child):
+                keys += _all_keys(child, f"{full}.")
+            elif OmegaConf.is_list(child) and is_dataclass(child._metadata.element_type):
+                keys += _all_keys(OmegaConf.structured(child._metadata.element_type), f"{full}.N.")
     return keys
 
 

@@ -42,8 +42,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 # webdataset target members: "cls" holds an integer class label, "txt" a caption (webdataset's conventions).
 WDS_TARGET_TYPES: dict[str, type] = {"cls": int, "txt": str}
-# PIL raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS (89,478,485); use the same bound.
-DEFAULT_MAX_PIXELS = 178_956_970
+# Training images above this are decoded smaller (JPEG draft mode) or skipped and counted: 40 MP is
+# far above any training set's images, while PIL's own bomb limit (179 MP) allows 1.3 GB per image.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class UnreadableImageError(Exception):
@@ -80,6 +81,11 @@ def decode_rgb(data: bytes | str | os.PathLike, max_pixels: int | None = DEFAULT
     except Exception as error:  # untrusted bytes: PIL plugins raise many exception types
         raise UnreadableImageError(f"not a readable image ({type(error).__name__}: {error})") from error
     width, height = image.size
+    if max_pixels is not None and width * height > max_pixels and image.format == "JPEG":
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: the full-size pixels never exist.
+        scale = next((s for s in (2, 4, 8) if width * height <= max_pixels * s * s), 8)
+        image.draft("RGB", (-(-width // scale), -(-height // scale)))
+        width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         image.close()
         raise UnreadableImageError(

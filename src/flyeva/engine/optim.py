@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from flyeva.config import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -121,9 +123,9 @@ SCHEDULES = ("cosine", "poly", "step", "constant")
 def check_schedule(cfg: OptimConfig) -> None:
     """Reject unknown schedule names before any work starts."""
     if cfg.warmup not in WARMUPS:
-        raise ValueError(f"optim.warmup={cfg.warmup!r} is not one of {list(WARMUPS)}")
+        raise ConfigError(f"optim.warmup={cfg.warmup!r} is not one of {list(WARMUPS)}")
     if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of {list(SCHEDULES)}")
+        raise ConfigError(f"optim.schedule={cfg.schedule!r} is not one of {list(SCHEDULES)}")
 
 
 def _warmup_lr(step: int, warmup_steps: int, total_steps: int, cfg: OptimConfig) -> float:

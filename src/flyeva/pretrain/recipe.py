@@ -10,15 +10,15 @@ from typing import Any
 
 import torch
 
-from flyeva.config import to_dict, to_yaml
+from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.data.masking import BlockMaskGenerator
-from flyeva.data.sources import build_source
+from flyeva.data.sources import DEFAULT_MAX_PIXELS, build_source
 from flyeva.data.stream import ImageBatchStream
 from flyeva.data.transforms import EvalTransform, PretrainTransform
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import TrainConfig, TrainResult, train
-from flyeva.engine.optim import OptimConfig
+from flyeva.engine.optim import OptimConfig, check_schedule
 from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_weights, read_encoder_state, save_flyeva
 from flyeva.models.eva import EvaForMIM, build_mim_model, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
@@ -85,6 +85,9 @@ class DataSection:
     val: list[SourceSection] = field(default_factory=list)
     samples_per_epoch: int = 0  # required for mixtures and webdataset shards
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # EVA_SPEC section 3
+    # Images with more pixels are decoded at 1/2-1/8 size (JPEG) or skipped and counted: a small
+    # crafted file cannot take gigabytes per worker (docs/reliability.md).
+    max_pixels: int = DEFAULT_MAX_PIXELS
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
     max_val_batches: int = 50
@@ -120,6 +123,31 @@ def with_resolved_teacher_precision(
     return replace(cfg, teacher=replace(cfg.teacher, precision=precision_name(dtype)))
 
 
+MASK_TARGETS = ("clip", "pixels")
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Every value checked before any work (teacher training, data scans) starts."""
+    cfg.train.check()
+    check_schedule(cfg.optim)
+    if cfg.mask.target not in MASK_TARGETS:
+        raise ConfigError(f"mask.target must be one of {list(MASK_TARGETS)}, got {cfg.mask.target!r}")
+    if cfg.mask.num_masking_patches < 1 or cfg.mask.min_num_patches < 1:
+        raise ConfigError("mask.num_masking_patches and mask.min_num_patches must be at least 1")
+    low, high = cfg.data.scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"data.scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.data.scale)}")
+    if not 0 < cfg.data.ratio[0] <= cfg.data.ratio[1]:
+        raise ConfigError(f"data.ratio must be [low, high] with 0 < low <= high, got {list(cfg.data.ratio)}")
+    if not cfg.data.sources:
+        raise ConfigError("no training data: set data.sources (a folder, list file or webdataset shards)")
+    for section in (*cfg.data.sources, *cfg.data.val):
+        if section.type in ("folder", "list") and not Path(section.path).exists():
+            raise ConfigError(f"data source {section.type} {section.path!r} does not exist; check the path")
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise ConfigError(f"model.init {cfg.model.init} does not exist; check the path")
+
+
 def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
     if cfg.path:
         return load_clip_teacher(cfg.path, cfg.model_name or None)
@@ -138,6 +166,10 @@ def load_init(model: EvaForMIM, path: str) -> None:
     head, and a head for another teacher has the wrong width: those parts start fresh (logged).
     """
     state = read_encoder_state(path)
+    for key, value in state.items():
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            problem = f"{value.dtype} values" if not value.is_floating_point() else "non-finite values"
+            raise ConfigError(f"model.init {path}: {key} holds {problem}; these are not trained weights")
     expected = model.state_dict()
     fitting = [k for k in MIM_ONLY_KEYS if k in state and state[k].shape == expected[k].shape]
     fresh = [k for k in MIM_ONLY_KEYS if k not in fitting]
@@ -162,8 +194,7 @@ def load_init(model: EvaForMIM, path: str) -> None:
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Build everything from `cfg`, train with the shared engine, write flyeva weights at the end."""
-    if not cfg.data.sources:
-        raise ValueError("no training data: set data.sources (a folder, list file or webdataset shards)")
+    check_pretrain_config(cfg)
     device = D.init_distributed(cfg.train.device)  # the stream below shards by rank: join the group first
     size = get_size(cfg.model.size)
     if cfg.model.img_size:
@@ -209,6 +240,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         rank=D.rank(),
         world_size=D.world_size(),
         seed=cfg.train.seed,
+        max_pixels=cfg.data.max_pixels,
     )
     evaluate = _validation(cfg, objective, size.img_size) if cfg.data.val else None
 

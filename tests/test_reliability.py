@@ -1,0 +1,352 @@
+"""A run never ends "successfully" with wrong weights (docs/reliability.md): one test per fault.
+
+Engine faults run `train()` in-process on the miniature MIM model and fixed batches; CLI faults run
+`flyeva pretrain` on a tiny config (a 1-layer random teacher, synthetic images).
+"""
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_engine import ListStream, make_batches, regression_objective
+
+from flyeva.cli import main as cli
+from flyeva.config import ConfigError
+from flyeva.engine import checkpoint as engine_checkpoint
+from flyeva.engine.checkpoint import CheckpointWriteError, list_checkpoints
+from flyeva.engine.loop import TrainConfig, TrainingDiverged, train
+from flyeva.engine.optim import OptimConfig
+from flyeva.models.eva import build_mim_model
+
+TINY_PRETRAIN = """
+model: {size: miniature, drop_path_rate: 0.0}
+teacher:
+  random_init: {image_size: 32, patch_size: 4, width: 32, layers: 1, heads: 2, mlp_ratio: 2.0, output_dim: 16}
+mask: {num_masking_patches: 26, min_num_patches: 4}
+data:
+  sources: [{type: synthetic, num_samples: 96}]
+optim: {lr: 1.0e-3, warmup_epochs: 0.5}
+train: {epochs: 2, batch_size: 16, precision: fp32, strategy: ddp, device: cpu, num_workers: 1,
+        checkpoint_every: 2, keep_last: 3, log_every: 1, tensorboard: false, progress: false}
+"""
+
+
+def config(out: Path, **changes) -> TrainConfig:
+    base = dict(
+        output_dir=str(out),
+        epochs=1,
+        batch_size=4,
+        precision="fp32",
+        strategy="ddp",
+        device="cpu",
+        num_workers=0,
+        checkpoint_every=2,
+        keep_last=5,
+        resume="auto",
+        tensorboard=False,
+        progress=False,
+        log_every=1,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def run(
+    out: Path, steps: int = 4, seed: int = 0, optim: OptimConfig | None = None, objective=None, **changes
+):
+    torch.manual_seed(seed)
+    model = build_mim_model("miniature", drop_path_rate=0.0)
+    return train(
+        model,
+        objective or regression_objective,
+        ListStream(make_batches(steps, seed=seed)),
+        config(out, seed=seed, **changes),
+        optim or OptimConfig(lr=1e-3, warmup_epochs=0),
+    )
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return [int(p.name.split("-")[1].split(".")[0]) for p in list_checkpoints(out / "checkpoints")]
+
+
+# ----- A. one run per folder ---------------------------------------------------------------------
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run(out, steps=8)
+    first_id = json.loads((out / "run.json").read_text())["run_id"]
+    with pytest.raises(ConfigError, match=r"train\.overwrite=true"):
+        run(out, steps=4, seed=1, resume="never")
+    assert checkpoint_steps(out) == [2, 4, 6, 8]  # nothing of run 1 was touched
+    result = run(out, steps=4, seed=1, resume="never", overwrite=True)
+    assert result.step == 4 and checkpoint_steps(out) == [2, 4]  # only run 2's checkpoints remain
+    assert json.loads((out / "run.json").read_text())["run_id"] != first_id
+
+
+# ----- B. two processes on one folder -------------------------------------------------------------
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from flyeva.engine.run import RunLock
+lock = RunLock(pathlib.Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_locked_folder_names_the_holder_and_kill_9_frees_it(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"in use by another flyeva run \\(PID {holder.pid}\\)"):
+            run(out)
+    finally:
+        holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left
+        holder.wait()
+    assert run(out).step == 4
+
+
+# ----- C. non-finite steps are never applied ----------------------------------------------------
+
+
+class NaNGradientAt:
+    """A finite loss whose gradient is NaN at the given steps (fp32 has no loss scaler to notice)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, model, batch, ctx):
+        loss, metrics = regression_objective(model, batch, ctx)
+        if ctx.step in self.steps:
+            handles = []
+
+            def poison_once(grad):
+                handles.pop().remove()
+                return grad * float("nan")
+
+            handles.append(model.pos_embed.register_hook(poison_once))
+        return loss, metrics
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_in_fp32_and_logged_as_skipped(tmp_path):
+    out = tmp_path / "run"
+    result = run(
+        out, steps=4, objective=NaNGradientAt({2}), checkpoint_every=1, optim=OptimConfig(clip_grad=0.0)
+    )
+    assert result.nonfinite_steps == 1 and result.step == 4
+    before = torch.load(out / "checkpoints" / "checkpoint-000000002.pt", weights_only=True)["model"]
+    after = torch.load(out / "checkpoints" / "checkpoint-000000004.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(before["pos_embed"], after["pos_embed"])  # step 4 applied, step 3 did not
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3] and skipped[0]["loss"] is None  # null, never 0.0
+    assert all(isinstance(r["loss"], float) for r in records if r["kind"] == "train" and not r.get("skipped"))
+
+
+def test_a_run_ending_in_non_finite_steps_raises_instead_of_returning_weights(tmp_path):
+    from test_engine import NaNAt
+
+    with pytest.raises(TrainingDiverged, match="ended inside 2 non-finite steps"):
+        run(tmp_path / "run", steps=4, objective=NaNAt({2, 3}), checkpoint_every=1)
+
+
+@pytest.mark.slow
+def test_diverging_pretraining_exits_3_with_one_line_and_writes_no_final(tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_PRETRAIN)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "flyeva.cli", "pretrain", "--config", str(config_file)]
+    overrides = [
+        f"train.output_dir={out}",
+        "optim.lr=1e30",
+        "train.checkpoint_every=1",
+        "train.max_consecutive_nonfinite=2",
+    ]
+    done = subprocess.run(command + overrides, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("flyeva:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "optim.lr" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (out / "final").exists()
+
+
+# ----- D. SIGTERM: finish the step, checkpoint, exit 143; the resume is bit-identical ----------
+
+
+def _pretrain(config_file: Path, out: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "flyeva.cli",
+        "pretrain",
+        "--config",
+        str(config_file),
+        f"train.output_dir={out}",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_the_resume_is_bit_identical(tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_PRETRAIN.replace("checkpoint_every: 2", "checkpoint_every: 100"))
+    reference = _pretrain(config_file, tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    interrupted = _pretrain(config_file, tmp_path / "interrupted")
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+        assert interrupted.poll() is None, interrupted.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGTERM)
+    assert interrupted.wait(timeout=120) == 128 + signal.SIGTERM
+    stderr = interrupted.stderr.read()
+    assert "SIGTERM received" in stderr and "run the same command again to resume" in stderr
+    steps = checkpoint_steps(tmp_path / "interrupted")
+    assert len(steps) == 1 and 3 <= steps[0] < 12  # written at the stop, not at checkpoint_every
+    resumed = _pretrain(config_file, tmp_path / "interrupted")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+# ----- E. resume with a changed config; a corrupt newest checkpoint ---------------------------
+
+
+def test_resume_refuses_a_changed_lr_listing_both_values_and_allows_log_every(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(out, steps=6, max_steps=2)
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.002"):
+        run(out, steps=6, optim=OptimConfig(lr=2e-3, warmup_epochs=0))
+    with pytest.raises(ConfigError, match=r"train.batch_size: 4 -> 8"):
+        run(out, steps=6, batch_size=8)
+    with caplog.at_level("INFO"):
+        result = run(out, steps=6, log_every=3)
+    assert result.step == 6
+    assert "changed on resume: train.log_every: 1 -> 3" in caplog.text
+    assert "resumed from" in caplog.text
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    out = tmp_path / "run"
+    reference = run(tmp_path / "reference", steps=6, checkpoint_every=1)
+    run(out, steps=6, checkpoint_every=1, max_steps=4)
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # cut mid-write by a crash of the filesystem
+    with caplog.at_level("INFO"):
+        result = run(out, steps=6, checkpoint_every=1)
+    assert "checkpoint-000000004.pt is truncated or corrupt" in caplog.text
+    assert "resumed from" in caplog.text and "checkpoint-000000003.pt" in caplog.text
+    for name, param in reference.model.named_parameters():
+        assert torch.equal(param, dict(result.model.named_parameters())[name]), name
+
+
+# ----- G. one clear line instead of a traceback ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.accum_steps=0", "train.accum_steps must be at least 1"),
+        ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1"),
+        ("train.log_every=0", "train.log_every must be at least 1"),
+        ("train.eval_every_epochs=0", "train.eval_every_epochs must be at least 1"),
+        ("train.keep_last=0", "train.keep_last must be at least 1"),
+        ("train.epochs=0", "train.epochs must be at least 1"),
+        ("data.scale=[1.0,0.2]", "data.scale must be [low, high]"),
+        ("train.device=cuda", "no usable CUDA GPU"),
+        ("train.device=foo", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("mask.target=foo", "mask.target must be one of ['clip', 'pixels']"),
+        ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
+    ],
+)
+def test_bad_values_fail_before_any_work_with_one_line(tmp_path, capsys, monkeypatch, override, message):
+    if override == "train.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(
+        tmp_path
+    )  # the default recipe trains its teacher into runs/ first: not before the check
+    assert cli(["pretrain", override]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and message in error, error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: 3\n   batch_size: [1, 2\n")
+    assert cli(["pretrain", "--config", str(broken)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{broken} is not valid YAML at line" in error and "\n" not in error
+
+
+def test_a_misspelled_source_key_gets_the_source_keys_hint(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("data:\n  sources:\n    - {typ: folder, path: /data}\n")
+    assert cli(["pretrain", "--config", str(recipe)]) == 2
+    assert "did you mean 'data.sources.N.type'?" in capsys.readouterr().err
+
+
+def test_resume_from_a_pickle_is_refused_with_one_line(tmp_path):
+    pickle_file = tmp_path / "evil.pt"
+    torch.save({"model": {}, "step": 1, "payload": Path("/etc")}, pickle_file)  # a class, not plain data
+    with pytest.raises(ValueError, match="holds pickled Python objects"):
+        run(tmp_path / "run", resume=str(pickle_file))
+
+
+def test_disk_full_during_a_save_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(out, steps=4, max_steps=2)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # a partial file exists when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine_checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=f"in {out / 'checkpoints'}: the disk is full"):
+        run(out, steps=4)
+    monkeypatch.setattr(engine_checkpoint.torch, "save", real_save)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["checkpoint-000000002.pt"]  # the .tmp is gone, the previous checkpoint stays
+
+
+# ----- H. bad values that used to be accepted silently ---------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["nan", "int"])
+def test_model_init_with_nan_or_integer_weights_is_refused(tmp_path, bad):
+    from flyeva.models.checkpoint import save_flyeva
+    from flyeva.pretrain.recipe import load_init
+
+    model = build_mim_model("miniature")
+    folder = save_flyeva(model, tmp_path / "init")
+    state = load_file(folder / "model.safetensors")
+    state["pos_embed"] = state["pos_embed"] * float("nan") if bad == "nan" else state["pos_embed"].long()
+    save_file(state, str(folder / "model.safetensors"))
+    expected = "non-finite values" if bad == "nan" else "torch.int64 values"
+    with pytest.raises(ConfigError, match=f"pos_embed holds {expected}"):
+        load_init(build_mim_model("miniature"), str(folder))
+
+
+def test_worker_ignores_stop_signals_so_the_main_process_decides(tmp_path):
+    from flyeva.engine.preemption import ignore_stop_signals
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ignore_stop_signals()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
