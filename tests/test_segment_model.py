@@ -229,3 +229,23 @@ def test_segmenter_weights_round_trip(tmp_path, decoder):
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
     assert type(build_from_arch(segmenter_arch(model))) is type(model)
+
+
+def test_init_from_a_segmenter_keeps_all_but_the_class_dependent_weights(tmp_path):
+    # The release's ADE20K stage (150 classes) starts from its COCO-Stuff model (171 classes).
+    cfg = ModelSection(size="miniature", patch_size=4, decoder="mask2former", mask2former=SMALL_M2F)
+    source = build_segmenter(cfg, num_classes=5, crop_size=32)
+    save_weights(source, tmp_path / "seg", kind="segmenter", arch=segmenter_arch(source))
+    cfg.init = str(tmp_path / "seg")
+    model = build_segmenter(cfg, num_classes=3, crop_size=48)
+    before, after = source.state_dict(), model.state_dict()
+    different = sorted(
+        k for k in after if after[k].shape != before[k].shape or not torch.equal(after[k], before[k])
+    )
+    assert different == [
+        "backbone.encoder.pos_embed",  # resized from the 8 x 8 grid to 12 x 12
+        "decode_head.class_predictor.bias",
+        "decode_head.class_predictor.weight",
+        "decode_head.criterion.empty_weight",
+    ]
+    assert tuple(after["backbone.encoder.pos_embed"].shape) == (1, 1 + 144, 96)

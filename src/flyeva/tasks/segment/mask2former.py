@@ -10,7 +10,7 @@ The paper's ViT-Adapter between encoder and decoder is not built (docs/segment.m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -26,29 +26,9 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from flyeva.tasks.segment.backbone import EvaBackbone
+from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 
 IGNORE_INDEX = 255
-
-
-@dataclass
-class Mask2FormerSection:
-    """Decoder sizes and loss weights; defaults are the release's EVA-g recipe (docs/segment.md)."""
-
-    num_queries: int = 200
-    hidden_dim: int = 1024  # pixel-decoder, mask-feature and query width
-    num_heads: int = 32
-    dim_feedforward: int = 4096
-    encoder_layers: int = 6  # deformable pixel decoder
-    decoder_layers: int = (
-        8  # masked-attention layers (transformers counts one more: the query-only prediction)
-    )
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    train_num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
 
 
 def transformers_config(cfg: Mask2FormerSection, num_classes: int) -> Mask2FormerConfig:

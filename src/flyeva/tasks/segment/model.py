@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,9 +13,13 @@ from torch import nn
 from flyeva.engine.optim import layer_id_for_vit, param_groups
 from flyeva.models.eva import EvaSize, get_size, init_release_weights, size_with
 from flyeva.tasks.segment.backbone import EvaBackbone, load_pretrained_encoder
-from flyeva.tasks.segment.mask2former import EvaMask2Former, Mask2FormerSection
+from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
 
+if TYPE_CHECKING:
+    from flyeva.tasks.segment.mask2former import EvaMask2Former
+
+logger = logging.getLogger(__name__)
 DECODERS = ("upernet", "mask2former")
 # Default `out_indices` by encoder depth (BEiT/EVA-02 mmseg configs; EVA-g: the release's adapter
 # interaction ends [9, 19, 29, 39]).
@@ -40,9 +45,6 @@ class ModelSection:
     mask2former: Mask2FormerSection = field(default_factory=Mask2FormerSection)
 
 
-Segmenter = EvaUperNet | EvaMask2Former
-
-
 def check_model_section(cfg: ModelSection) -> None:
     """Reject bad values before any weights are read."""
     if cfg.decoder not in DECODERS:
@@ -66,17 +68,23 @@ def _assemble(
     decoder: str,
     sections: dict[str, Any],
     **backbone_kw,
-) -> Segmenter:
+) -> EvaUperNet | EvaMask2Former:
     backbone = EvaBackbone(size, out_indices or default_out_indices(size.depth), **backbone_kw)
     if decoder == "upernet":
         return EvaUperNet(backbone, num_classes, sections["upernet"])
+    from flyeva.tasks.segment.mask2former import EvaMask2Former  # transformers' Mask2Former: a slow import
+
     return EvaMask2Former(backbone, num_classes, sections["mask2former"])
 
 
-def build_segmenter(cfg: ModelSection, num_classes: int, crop_size: int, seed: int = 0) -> Segmenter:
+def build_segmenter(
+    cfg: ModelSection, num_classes: int, crop_size: int, seed: int = 0
+) -> EvaUperNet | EvaMask2Former:
     """A segmenter for `crop_size` inputs: EVA weights from `cfg.init` when given, else the release's init."""
     check_model_section(cfg)
     torch.manual_seed(seed)  # the same fresh decoder on every rank and every run
+    if cfg.init and _is_segmenter_folder(cfg.init):
+        return _from_segmenter(cfg, num_classes, crop_size)
     state = None
     if cfg.init:
         size, state = load_pretrained_encoder(cfg.init, cfg.patch_size, crop_size)
@@ -106,7 +114,54 @@ def build_segmenter(cfg: ModelSection, num_classes: int, crop_size: int, seed: i
     return model
 
 
-def segmenter_arch(model: Segmenter) -> dict[str, Any]:
+def _is_segmenter_folder(path: str) -> bool:
+    from flyeva.models.weights import is_weights_folder, read_config
+
+    return is_weights_folder(path) and read_config(path).get("kind") == "segmenter"
+
+
+def _from_segmenter(cfg: ModelSection, num_classes: int, crop_size: int) -> EvaUperNet | EvaMask2Former:
+    """Start from a trained segmenter (the release's ADE20K stage starts from its COCO-Stuff model):
+    every weight whose shape fits is kept; the class-dependent ones (class predictor, no-object
+    weight, classifiers) start fresh when the class count differs."""
+    from flyeva.models.weights import load, read_config
+
+    arch = read_config(cfg.init)["arch"]
+    if arch["decoder"] != cfg.decoder:
+        raise ValueError(
+            f"model.init={cfg.init} is a {arch['decoder']} segmenter but model.decoder={cfg.decoder}"
+        )
+    trained = load(cfg.init)
+    size = size_with(EvaSize(**arch["encoder"]), img_size=crop_size)
+    sections = {"upernet": cfg.upernet, "mask2former": cfg.mask2former}
+    model = _assemble(
+        size,
+        list(cfg.out_indices) or list(arch["out_indices"]),
+        num_classes,
+        cfg.decoder,
+        sections,
+        drop_path_rate=cfg.drop_path_rate,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    target = model.state_dict()
+    state = trained.state_dict()
+    if "backbone.encoder.pos_embed" in state:  # the table follows the new crop (bicubic, as timm resizes)
+        from timm.layers import resample_abs_pos_embed
+
+        grid = crop_size // size.patch_size
+        state["backbone.encoder.pos_embed"] = resample_abs_pos_embed(
+            state["backbone.encoder.pos_embed"], (grid, grid)
+        )
+    kept = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
+    fresh = sorted(set(target) - set(kept))
+    model.load_state_dict(kept, strict=False)
+    logger.info(
+        "model.init=%s: %d tensors loaded, %d start fresh (%s)", cfg.init, len(kept), len(fresh), fresh[:4]
+    )
+    return model
+
+
+def segmenter_arch(model: EvaUperNet | EvaMask2Former) -> dict[str, Any]:
     """The `arch` of a `segmenter` weights folder (see flyeva.models.weights)."""
     backbone = model.backbone
     return {
