@@ -170,7 +170,9 @@ class EvaViTDet(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))  # CLS row unused
         self.global_blocks = list(global_blocks if global_blocks is not None else global_block_indices(depth))
         grid = (img_size // patch_size, img_size // patch_size)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [
+            drop_path_rate * i / max(1, depth - 1) for i in range(depth)
+        ]  # linear from 0 (works on meta)
         self.blocks = nn.ModuleList(
             WindowBlock(
                 embed_dim, num_heads, mlp_dim, 0 if i in self.global_blocks else window, grid, rates[i]

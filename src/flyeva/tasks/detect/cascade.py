@@ -76,6 +76,7 @@ class RoIHeadsConfig:
     score_threshold: float = 0.05
     nms: str = "hard"  # hard | soft
     nms_threshold: float = 0.5
+    soft_min_score: float = 1e-3
     detections_per_image: int = 100
     maskness: bool = False
 
@@ -198,7 +199,9 @@ class CascadeRoIHeads(nn.Module):
                 gt = target["masks"][:, None].to(boxes.dtype)
                 mask_targets.append(roi_align(gt, rois, (28, 28), 1.0, 0, aligned=True)[:, 0])
         if not mask_targets:
-            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+            # no foreground RoI: a zero that still reaches every mask parameter (DDP expects gradients)
+            params = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
+            return sum(p.sum() for p in params) * 0.0
         logits = self.mask_logits(features, fg_boxes)
         cls = torch.cat(fg_classes)
         chosen = logits[torch.arange(len(cls), device=cls.device), cls]
@@ -244,6 +247,7 @@ class CascadeRoIHeads(nn.Module):
                 cfg.nms_threshold,
                 cfg.detections_per_image,
                 cfg.nms,
+                cfg.soft_min_score,
             )
             results.append({"boxes": kept_boxes, "scores": scores, "labels": labels})
         if self.mask_head is None:

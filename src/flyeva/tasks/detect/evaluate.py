@@ -8,6 +8,7 @@ contiguous share of the images; rank 0 gathers the results and evaluates.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from typing import Any
@@ -95,8 +96,9 @@ def coco_evaluate(
         if not chosen:
             out[iou_type] = {name: 0.0 for name in (LVIS_NAMES if lvis else COCO_NAMES).values()}
             continue
+        # loadRes rewrites segmentations in place (bytes counts): it gets a copy
         evaluator = COCOeval_faster(
-            gt, gt.loadRes(chosen), iou_type, lvis_style=lvis, print_function=logger.debug
+            gt, gt.loadRes(copy.deepcopy(chosen)), iou_type, lvis_style=lvis, print_function=logger.debug
         )
         if lvis:
             evaluator.params.maxDets = [max_per_image]

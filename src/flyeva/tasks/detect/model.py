@@ -161,7 +161,9 @@ def set_training_options(
     from timm.layers import DropPath
 
     net = detector.backbone.net
-    for block, rate in zip(net.blocks, torch.linspace(0, drop_path_rate, len(net.blocks)).tolist()):
+    depth = len(net.blocks)
+    for index, block in enumerate(net.blocks):
+        rate = drop_path_rate * index / max(1, depth - 1)
         block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
     net.grad_checkpointing = grad_checkpointing
     for param in net.patch_embed.parameters():

@@ -1,0 +1,88 @@
+"""Import the release's detection checkpoints (detectron2 layout under `model`, release `EVA-01/det`).
+
+The backbone and pyramid already carry detectron2's names; the RPN and heads differ because flyeva
+builds them from torchvision's parts. Buffers detectron2 stores (pixel statistics, anchors) are
+dropped; anything else unknown is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+DROPPED = ("pixel_mean", "pixel_std", "proposal_generator.anchor_generator.")
+
+# (detectron2 pattern, flyeva replacement); `{fc}` is filled with the box head's Linear index
+_RULES = [
+    (r"^proposal_generator\.rpn_head\.conv\.conv(\d+)\.", r"proposal_generator.head.conv.\1.0."),
+    (r"^proposal_generator\.rpn_head\.objectness_logits\.", "proposal_generator.head.cls_logits."),
+    (r"^proposal_generator\.rpn_head\.anchor_deltas\.", "proposal_generator.head.bbox_pred."),
+    (r"^roi_heads\.mask_head\.deconv\.", "roi_heads.mask_predictor.conv5_mask."),
+    (r"^roi_heads\.mask_head\.predictor\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+]
+
+
+def _shift(match: re.Match, template: str) -> str:
+    """conv1 -> 0 (torchvision's Sequential counts from 0, detectron2's names from 1)."""
+    return template.format(stage=match.group(1), index=int(match.group(2)) - 1)
+
+
+def release_key(key: str, num_box_convs: int) -> str | None:
+    """The flyeva name of one detectron2 key; None for buffers flyeva does not keep."""
+    if key.startswith(DROPPED):
+        return None
+    if key.startswith(("backbone.", "roi_heads.box_predictor.")):
+        return key  # same module tree
+    for pattern, replacement in _RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.conv(\d+)\.norm\.(weight|bias)$", key):
+        return _shift(match, "roi_heads.box_head.{stage}.{index}.1.") + match.group(3)
+    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.conv(\d+)\.weight$", key):
+        return _shift(match, "roi_heads.box_head.{stage}.{index}.0.weight")
+    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.fc1\.(weight|bias)$", key):
+        # torchvision's FastRCNNConvFCHead: convs, Flatten, then the Linear
+        return f"roi_heads.box_head.{match.group(1)}.{num_box_convs + 1}.{match.group(2)}"
+    if match := re.match(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(weight|bias)$", key):
+        return f"roi_heads.mask_head.{int(match.group(1)) - 1}.1.{match.group(2)}"
+    if match := re.match(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.weight$", key):
+        return f"roi_heads.mask_head.{int(match.group(1)) - 1}.0.weight"
+    raise ValueError(
+        f"release detection checkpoint key {key!r} has no flyeva counterpart; is this an EVA-01/det file?"
+    )
+
+
+def is_release_detector(state: dict[str, Any]) -> bool:
+    return any(k.startswith("backbone.net.blocks.") for k in state) and any(
+        k.startswith("roi_heads.") for k in state
+    )
+
+
+def detector_state_from_release(
+    state: dict[str, torch.Tensor], num_box_convs: int = 4
+) -> dict[str, torch.Tensor]:
+    """A detectron2 EVA Cascade Mask R-CNN state dict renamed to flyeva's `EvaDetector`."""
+    renamed = {}
+    for key, value in state.items():
+        new_key = release_key(key, num_box_convs)
+        if new_key is not None:
+            renamed[new_key] = value
+    return renamed
+
+
+def release_arch_changes(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Backbone and head sizes read off a release state dict (for `default_arch` overrides)."""
+    embed_dim = state["backbone.net.patch_embed.proj.weight"].shape[0]
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("backbone.net.blocks."))
+    pos_tokens = state["backbone.net.pos_embed"].shape[1] - 1
+    num_classes = state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1
+    return {
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "mlp_dim": state["backbone.net.blocks.0.mlp.fc1.weight"].shape[0],
+        "patch_size": state["backbone.net.patch_embed.proj.weight"].shape[-1],
+        "pos_grid": round(pos_tokens**0.5),
+        "num_classes": num_classes,
+    }

@@ -1,0 +1,177 @@
+"""Detection end to end: release key map, weights format, layer decay, config checks, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from flyeva.cli import main
+from flyeva.config import ConfigError, load_config, recipe_path
+from flyeva.engine.optim import OptimConfig
+from flyeva.models.weights import load
+from flyeva.tasks.detect.build import build_detector, release_param_groups
+from flyeva.tasks.detect.model import EvaDetector, default_arch
+from flyeva.tasks.detect.recipe import DetectConfig, validate
+from flyeva.tasks.detect.release import detector_state_from_release
+
+torch.set_num_threads(1)
+DIM, C, FC, K = 32, 16, 32, 3
+
+
+def tiny_arch() -> dict:
+    arch = default_arch(K)
+    arch["backbone"].update(img_size=64, patch_size=16, embed_dim=DIM, depth=2, num_heads=2, mlp_dim=64,
+                            pos_grid=4, window=2, global_blocks=[1], out_channels=C)  # fmt: skip
+    arch["roi_heads"].update(conv_dims=[C] * 4, fc_dims=[FC], mask_dims=[C] * 4)
+    arch["square_size"] = 64
+    return arch
+
+
+def release_state_dict() -> dict[str, torch.Tensor]:
+    """Key names and shapes of the release's detectron2 EVA Cascade Mask R-CNN (tiny sizes)."""
+    shapes: dict[str, tuple] = {}
+
+    def add(prefix: str, **named: tuple) -> None:
+        shapes.update({f"{prefix}{name.replace('__', '.')}": shape for name, shape in named.items()})
+
+    def conv_ln(prefix: str, shape: tuple) -> None:  # detectron2 Conv2d with LN: no bias, a `.norm` child
+        add(prefix, weight=shape, norm__weight=(shape[0],), norm__bias=(shape[0],))
+
+    add("", pixel_mean=(3, 1, 1), pixel_std=(3, 1, 1))
+    add("backbone.net.", pos_embed=(1, 17, DIM), patch_embed__proj__weight=(DIM, 3, 16, 16),
+        patch_embed__proj__bias=(DIM,))  # fmt: skip
+    for block, window in ((0, 2), (1, 4)):
+        add(f"backbone.net.blocks.{block}.", norm1__weight=(DIM,), norm1__bias=(DIM,),
+            attn__qkv__weight=(3 * DIM, DIM), attn__q_bias=(DIM,), attn__v_bias=(DIM,),
+            attn__rel_pos_h=(2 * window - 1, 16), attn__rel_pos_w=(2 * window - 1, 16),
+            attn__proj__weight=(DIM, DIM), attn__proj__bias=(DIM,), norm2__weight=(DIM,),
+            norm2__bias=(DIM,), mlp__fc1__weight=(64, DIM), mlp__fc1__bias=(64,),
+            mlp__fc2__weight=(DIM, 64), mlp__fc2__bias=(DIM,))  # fmt: skip
+    half, quarter = DIM // 2, DIM // 4
+    simfp_2 = {"0__weight": (DIM, half, 2, 2), "0__bias": (half,), "1__weight": (half,), "1__bias": (half,),
+               "3__weight": (half, quarter, 2, 2), "3__bias": (quarter,)}  # fmt: skip
+    add("backbone.simfp_2.", **simfp_2)
+    conv_ln("backbone.simfp_2.4.", (C, quarter, 1, 1))
+    conv_ln("backbone.simfp_2.5.", (C, C, 3, 3))
+    add("backbone.simfp_3.", **{"0__weight": (DIM, half, 2, 2), "0__bias": (half,)})
+    conv_ln("backbone.simfp_3.1.", (C, half, 1, 1))
+    conv_ln("backbone.simfp_3.2.", (C, C, 3, 3))
+    for level, first in ((4, 0), (5, 1)):  # simfp_5.0 is the max pool
+        conv_ln(f"backbone.simfp_{level}.{first}.", (C, DIM, 1, 1))
+        conv_ln(f"backbone.simfp_{level}.{first + 1}.", (C, C, 3, 3))
+    rpn = "proposal_generator.rpn_head."
+    for k in (0, 1):
+        add(f"{rpn}conv.conv{k}.", weight=(C, C, 3, 3), bias=(C,))
+    add(rpn, objectness_logits__weight=(3, C, 1, 1), objectness_logits__bias=(3,),
+        anchor_deltas__weight=(12, C, 1, 1), anchor_deltas__bias=(12,))  # fmt: skip
+    for stage in range(3):
+        for conv in range(1, 5):
+            conv_ln(f"roi_heads.box_head.{stage}.conv{conv}.", (C, C, 3, 3))
+        add(f"roi_heads.box_head.{stage}.", fc1__weight=(FC, C * 49), fc1__bias=(FC,))
+        add(f"roi_heads.box_predictor.{stage}.", cls_score__weight=(K + 1, FC), cls_score__bias=(K + 1,),
+            bbox_pred__weight=(4, FC), bbox_pred__bias=(4,))  # fmt: skip
+    for conv in range(1, 5):
+        conv_ln(f"roi_heads.mask_head.mask_fcn{conv}.", (C, C, 3, 3))
+    add("roi_heads.mask_head.", deconv__weight=(C, C, 2, 2), deconv__bias=(C,),
+        predictor__weight=(K, C, 1, 1), predictor__bias=(K,))  # fmt: skip
+    return {key: torch.full(shape, float(i)) for i, (key, shape) in enumerate(shapes.items())}
+
+
+def test_release_detection_checkpoint_imports_by_key_map():
+    release = release_state_dict()
+    renamed = detector_state_from_release(release)
+    detector = EvaDetector(tiny_arch())
+    detector.load_state_dict(renamed, strict=True)  # every key present, every shape right
+    state = detector.state_dict()
+    pairs = {
+        "roi_heads.mask_head.deconv.weight": "roi_heads.mask_predictor.conv5_mask.weight",
+        "roi_heads.box_head.2.fc1.weight": "roi_heads.box_head.2.5.weight",
+        "roi_heads.box_head.1.conv3.norm.bias": "roi_heads.box_head.1.2.1.bias",
+        "proposal_generator.rpn_head.conv.conv1.weight": "proposal_generator.head.conv.1.0.weight",
+        "backbone.simfp_2.4.norm.weight": "backbone.simfp_2.4.norm.weight",
+    }
+    for release_key, ours in pairs.items():  # each tensor holds its own index: it landed in the right place
+        torch.testing.assert_close(state[ours], release[release_key])
+    with pytest.raises(ValueError, match="no flyeva counterpart"):
+        detector_state_from_release({"roi_heads.keypoint_head.x": torch.zeros(1)})
+
+
+def test_release_file_builds_a_detector(tmp_path):
+    path = tmp_path / "eva_coco_det.pth"
+    release = release_state_dict()
+    torch.save({"model": release, "iteration": 35000}, path)
+    overrides = [f"model.init={path}", "model.window=2", "model.img_size=64", "model.box_fc_dims=[32]",
+                 "model.out_channels=16", "model.box_conv_dims=[16,16,16,16]",
+                 "model.mask_dims=[16,16,16,16]", "model.global_blocks=[1]"]  # fmt: skip
+    cfg = load_config(DetectConfig, None, overrides)
+    detector = build_detector(cfg, num_classes=K)
+    torch.testing.assert_close(detector.state_dict()["roi_heads.box_predictor.0.cls_score.bias"],
+                               release["roi_heads.box_predictor.0.cls_score.bias"])  # fmt: skip
+    assert detector.backbone.net.pos_embed.shape == (1, 17, DIM)
+
+
+def test_release_layer_decay_and_weight_decay_on_every_parameter():
+    detector = EvaDetector(tiny_arch())
+    optim = OptimConfig(weight_decay=0.1, layer_decay=0.9)
+    groups = release_param_groups(detector, optim)
+    scale = {name: g["lr_scale"] for g in groups for name in g["param_names"]}
+    assert scale["backbone.net.pos_embed"] == pytest.approx(0.9**3)  # layer 0 of 2 blocks
+    assert scale["backbone.net.blocks.0.norm1.weight"] == pytest.approx(0.9**2)
+    assert scale["backbone.net.blocks.1.attn.rel_pos_h"] == pytest.approx(0.9)
+    assert scale["backbone.simfp_2.0.weight"] == scale["roi_heads.box_predictor.0.cls_score.weight"] == 1.0
+    assert {g["weight_decay"] for g in groups} == {0.1}  # norms, biases and pos_embed too (the release)
+    exempt = release_param_groups(detector, optim, decay_all=False)
+    decay = {name: g["weight_decay"] for g in exempt for name in g["param_names"]}
+    assert (
+        decay["backbone.net.blocks.0.norm1.weight"] == 0.0
+        and decay["backbone.net.blocks.0.mlp.fc1.weight"] == 0.1
+    )
+
+
+def test_recipes_load_and_bad_values_are_rejected():
+    for name in ("eva_giant_coco", "eva_giant_lvis", "eva_base_coco", "miniature"):
+        load_config(DetectConfig, recipe_path("detect", name), [])
+    lvis = load_config(DetectConfig, recipe_path("detect", "eva_giant_lvis"), [])
+    assert (lvis.model.classifier, lvis.data.repeat_threshold, lvis.optim.lr) == ("sigmoid_fed", 0.001, 2e-4)
+    with pytest.raises(ConfigError, match=r"data\.train_json"):
+        validate(load_config(DetectConfig, recipe_path("detect", "eva_giant_coco"), []))
+    with pytest.raises(ConfigError, match=r"model\.classifier"):
+        validate(load_config(DetectConfig, None, ["model.classifier=focal", "data.train_json=x"]))
+    with pytest.raises(ConfigError, match="anchor_sizes"):
+        validate(load_config(DetectConfig, None, ["model.anchor_sizes=[32]", "data.train_json=x"]))
+
+
+TINY_RUN = [
+    "data.shapeworld_train=8", "data.shapeworld_val=4", "data.shapeworld_size=32", "model.img_size=32",
+    "model.window=4", "model.anchor_sizes=[8,16,32,64]", "test.size=32", "train.batch_size=4",
+    "train.max_steps=3", "train.num_workers=0", "train.progress=false", "train.tensorboard=false",
+    "test.score_threshold=0.0", "model.mask_dims=[16]", "model.box_fc_dims=[32]", "model.out_channels=16",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_train_eval_predict_and_weights_round_trip(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["detect", "train", f"train.output_dir={out}", *TINY_RUN])
+    trained = json.loads((out / "eval.json").read_text())
+    assert set(trained["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+    assert "segm" in trained and isinstance(json.loads((out / "detections.json").read_text()), list)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["kind"] == "detector" and config["classes"] == [
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+    ]
+    detector = load(out / "final")  # the shared weights format rebuilds it from `arch`
+    assert isinstance(detector, EvaDetector)
+    evaluated = tmp_path / "eval"
+    main(["detect", "eval", f"model.init={out / 'final'}", f"train.output_dir={evaluated}", *TINY_RUN])
+    again = json.loads((evaluated / "eval.json").read_text())
+    assert again["bbox"] == pytest.approx(trained["bbox"]) and again["segm"] == pytest.approx(trained["segm"])
+    images = out / "shapeworld" / "val" / "coco" / "images"
+    main(["detect", "predict", str(images), f"model.init={out / 'final'}", *TINY_RUN,
+          "--out", str(tmp_path / "drawn"), "--threshold", "0.0"])  # fmt: skip
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == 4
+    assert "wrote 4 images" in capsys.readouterr().out
