@@ -1,28 +1,34 @@
 """EVA-CLIP's model: tower initialisation from EVA / open_clip files, optimiser groups, save/load."""
 
+import json
 import logging
 
 import open_clip
 import pytest
 import torch
 from clip_dist_worker import tiny_clip
+from safetensors.torch import save_file
 
 from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw
+from flyeva.models import weights
 from flyeva.models.checkpoint import CheckpointError, save_flyeva
 from flyeva.models.eva import EvaSize, build_mim_model
+from flyeva.tasks.clip.init_weights import load_text_init, load_vision_init
 from flyeva.tasks.clip.model import (
     ClipModelSection,
+    EvaClip,
     TextSection,
     VisionSection,
+    arch_dict,
     clip_param_groups,
+    is_clip_folder,
     load_clip,
-    load_text_init,
-    load_vision_init,
     save_clip,
 )
 from flyeva.tasks.clip.recipe import ClipConfig, check_config
 from flyeva.tasks.clip.zeroshot import tokenizer_for
+from flyeva.teachers.eva_tower import is_eva_clip_folder, load_eva_clip_teacher
 
 TINY_TEXT = dict(width=32, heads=2, layers=2, context_length=16, quick_gelu=True)
 
@@ -42,7 +48,7 @@ def test_mim_checkpoint_fills_every_encoder_weight_and_drops_mim_parts(tmp_path,
     save_flyeva(mim, tmp_path / "mim")
     fresh = tiny_clip().visual.state_dict()
     model = tiny_clip()
-    with caplog.at_level(logging.INFO, logger="flyeva.tasks.clip.model"):
+    with caplog.at_level(logging.INFO, logger="flyeva.tasks.clip.init_weights"):
         load_vision_init(model.visual, tmp_path / "mim")
     loaded = model.visual.state_dict()
     saved = mim.state_dict()
@@ -86,7 +92,7 @@ def test_text_projection_of_another_width_starts_fresh(tmp_path, caplog):
     torch.save(open_clip_model(embed_dim=16).state_dict(), tmp_path / "clip.pt")  # CLIP-L: 768 -> 768
     model = tiny_clip()  # EVA-CLIP-g: 768 -> 1024
     before = model.text.text_projection.detach().clone()
-    with caplog.at_level(logging.INFO, logger="flyeva.tasks.clip.model"):
+    with caplog.at_level(logging.INFO, logger="flyeva.tasks.clip.init_weights"):
         load_text_init(model.text, tmp_path / "clip.pt")
     assert torch.equal(model.text.text_projection, before)
     assert "text_projection (32, 16) does not fit (32, 24)" in caplog.text
@@ -135,15 +141,73 @@ def test_every_group_gets_its_tower_lr_layer_decay_and_weight_decay():
     assert seen == set(names.values())
 
 
-def test_save_and_load_round_trip(tmp_path):
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight moved off its init value, so a load that skips a tensor shows."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(torch.randn_like(tensor) * 0.02)
+    return model.eval()
+
+
+def write_legacy_clip_folder(model, section, folder):
+    """The layout flyeva 0.1.0's `save_clip` wrote: clip.safetensors + clip.json (format flyeva-clip-v1)."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "clip.safetensors"))
+    config = {"format": "flyeva-clip-v1", "arch": arch_dict(section), "step": 8}
+    (folder / "clip.json").write_text(json.dumps(config))
+
+
+def test_save_writes_one_weights_folder_and_load_is_bit_identical(tmp_path):
     section = tiny_section()
-    model = tiny_clip().eval()
-    save_clip(model, section, tmp_path / "final")
+    model = randomised(tiny_clip())
+    save_clip(model, section, tmp_path / "final", extra={"step": 3})
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert (config["kind"], config["step"], config["arch"]) == ("clip", 3, arch_dict(section))
     loaded, loaded_section = load_clip(tmp_path / "final")
     assert loaded_section.embed_dim == 24 and loaded_section.text.quick_gelu
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    generic = weights.load(tmp_path / "final")  # the one reader every kind goes through
+    assert isinstance(generic, EvaClip) and torch.equal(generic.logit_scale, model.logit_scale)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16))
+    with torch.no_grad():
+        for got, want in zip(loaded.eval()(images, tokens), model(images, tokens), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_a_flyeva_0_1_0_clip_folder_still_loads(tmp_path):
+    section = tiny_section()
+    model = randomised(tiny_clip())
+    write_legacy_clip_folder(model, section, tmp_path / "old")
+    loaded, loaded_section = load_clip(tmp_path / "old")
+    assert loaded_section.vision.size == "miniature" and loaded_section.text.layers == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("layout", ["current", "flyeva_0_1_0"])
+def test_eva_tower_teacher_reads_both_folder_layouts(tmp_path, layout):
+    section = tiny_section()
+    model = randomised(tiny_clip())
+    if layout == "current":
+        save_clip(model, section, tmp_path / "final")
+    else:
+        write_legacy_clip_folder(model, section, tmp_path / "final")
+    assert is_eva_clip_folder(tmp_path / "final") and is_clip_folder(tmp_path / "final")
+    teacher = load_eva_clip_teacher(tmp_path / "final")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval().encode_image(images), model.encode_image(images))
+        expected = model.visual.head(model.visual.forward_features(images)[:, 1:])
+        assert teacher(images).shape == (2, 64, 24)
+        assert torch.equal(teacher(images), expected)
+
+
+def test_a_folder_of_another_kind_is_not_a_clip(tmp_path):
+    save_flyeva(build_mim_model("miniature", teacher_dim=48), tmp_path / "mim")
+    assert not is_clip_folder(tmp_path / "mim") and not is_eva_clip_folder(tmp_path / "mim")
+    with pytest.raises(CheckpointError, match=r"not a flyeva CLIP folder.*flyeva clip convert"):
+        load_clip(tmp_path / "mim")
 
 
 def test_accum_steps_is_refused_in_favour_of_micro_batches():
@@ -156,7 +220,7 @@ def test_accum_steps_is_refused_in_favour_of_micro_batches():
 def test_recipes_load(recipe):
     cfg = load_config(ClipConfig, recipe_path("clip", recipe), [])
     check_config(cfg)
-    if recipe == "eva_clip_giant":  # EVA_SPEC section 4
+    if recipe == "eva_clip_giant":  # docs/recipes.md section 5
         assert (cfg.model.vision.size, cfg.model.embed_dim) == ("eva_giant", 1024)
         assert (cfg.model.text.layers, cfg.model.text.width, cfg.model.text.heads) == (12, 768, 12)
         assert (cfg.model.text.context_length, cfg.model.text.vocab_size) == (77, 49408)

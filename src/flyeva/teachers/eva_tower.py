@@ -1,7 +1,7 @@
 """A flyeva EVA-CLIP's vision tower as MIM teacher (the miniature world trains its own CLIP).
 
 Target = the tower's projection head on its final-norm patch tokens, the analogue of OpenAI
-CLIP's `ln_post` + `proj` (EVA_SPEC section 3).
+CLIP's `ln_post` + `proj` (docs/recipes.md section 3).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from timm.models.eva import Eva
 from torch import Tensor
 
 from flyeva.models.checkpoint import load_weights, read_checkpoint
-from flyeva.models.eva import build_encoder, get_size, size_with
+from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
+from flyeva.models.weights import CONFIG_FILE, WEIGHTS_FILE, read_config
 from flyeva.teachers.frozen import FrozenTeacher
 
-# The folder `flyeva clip train` writes (flyeva.tasks.clip.model.save_clip).
-CLIP_CONFIG, CLIP_WEIGHTS = "clip.json", "clip.safetensors"
+# flyeva 0.1.0's CLIP folder; newer folders are flyeva weights folders of kind "clip".
+LEGACY_CLIP_CONFIG, LEGACY_CLIP_WEIGHTS = "clip.json", "clip.safetensors"
 
 
 class EvaTowerTeacher(FrozenTeacher):
@@ -39,14 +40,36 @@ class EvaTowerTeacher(FrozenTeacher):
         return self.visual.head(tokens)
 
 
+def is_eva_clip_folder(path: str | Path) -> bool:
+    """A folder `flyeva clip train` or `flyeva clip convert` wrote (either layout)."""
+    folder = Path(path)
+    if (folder / LEGACY_CLIP_CONFIG).is_file():
+        return True
+    return (folder / CONFIG_FILE).is_file() and json.loads((folder / CONFIG_FILE).read_text()).get(
+        "kind"
+    ) == "clip"
+
+
+def _clip_arch_and_weights(folder: Path) -> tuple[dict, Path]:
+    if (folder / LEGACY_CLIP_CONFIG).is_file():
+        return json.loads((folder / LEGACY_CLIP_CONFIG).read_text())["arch"], folder / LEGACY_CLIP_WEIGHTS
+    config = read_config(folder)
+    if config["kind"] != "clip":
+        raise ValueError(
+            f"{folder} holds a flyeva {config['kind']!r} model, not an EVA-CLIP; pass a CLIP folder"
+        )
+    return config["arch"], folder / WEIGHTS_FILE
+
+
 def load_eva_clip_teacher(folder: str | Path) -> EvaTowerTeacher:
-    """The vision tower of a folder written by `flyeva clip train` (OUTPUT/final)."""
+    """The vision tower of a flyeva EVA-CLIP folder (`flyeva clip train`'s OUTPUT/final)."""
     folder = Path(folder)
-    arch = json.loads((folder / CLIP_CONFIG).read_text())["arch"]
-    size = get_size(arch["vision"]["size"])
-    if arch["vision"].get("img_size"):
-        size = size_with(size, img_size=arch["vision"]["img_size"])
+    arch, weights = _clip_arch_and_weights(folder)
+    vision = arch["vision"]
+    size = EvaSize(**vision["size"]) if isinstance(vision["size"], dict) else get_size(vision["size"])
+    if vision.get("img_size"):
+        size = size_with(size, img_size=vision["img_size"])
     visual = build_encoder(size, num_classes=arch["embed_dim"], release_init=False)
-    state = read_checkpoint(folder / CLIP_WEIGHTS)
+    state = read_checkpoint(weights)
     load_weights(visual, {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")})
     return EvaTowerTeacher(visual, name=f"flyeva-clip:{folder.name}")

@@ -1,4 +1,4 @@
-"""EVA-CLIP: an EVA vision tower and open_clip's text tower (EVA_SPEC section 4, "EVA-CLIP").
+"""EVA-CLIP: an EVA vision tower and open_clip's text tower (docs/recipes.md section 5, "EVA-CLIP").
 
 The vision tower is timm's `Eva` (the flyeva encoder) with `num_classes=embed_dim`, so its CLS
 token after the final norm goes through `head` (Linear D -> embed_dim) and its keys are exactly
@@ -18,56 +18,44 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from flyeva.engine.optim import param_groups
 from flyeva.models.checkpoint import (
-    FLYEVA_CONFIG,
-    FLYEVA_WEIGHTS,
-    MIM_ONLY_KEYS,
     CheckpointError,
-    extract_state_dict,
     load_weights,
-    read_checkpoint,
-    release_to_flyeva,
 )
-from flyeva.models.eva import build_encoder, get_size, size_with
+from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
+from flyeva.models.weights import CONFIG_FILE, WeightsError, load, read_config, save_weights
 
 logger = logging.getLogger(__name__)
 
-CLIP_WEIGHTS = "clip.safetensors"
-CLIP_CONFIG = "clip.json"
-CLIP_FORMAT = "flyeva-clip-v1"
+# flyeva 0.1.0 wrote its own CLIP folder layout; `load_clip` still reads it.
+LEGACY_CLIP_WEIGHTS = "clip.safetensors"
+LEGACY_CLIP_CONFIG = "clip.json"
+LEGACY_CLIP_FORMAT = "flyeva-clip-v1"
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
-# Keys of an open_clip CLIP state dict that belong to the text tower (they sit at the top level).
-TEXT_KEY_PREFIXES = (
-    "token_embedding.",
-    "positional_embedding",
-    "transformer.",
-    "ln_final.",
-    "text_projection",
-)
 
 
 @dataclass
 class VisionSection:
     """The EVA vision tower and its optimiser settings."""
 
-    size: str = "eva_giant"  # EVA_SPEC section 4: EVA-CLIP's vision tower is EVA-g
+    size: str = "eva_giant"  # docs/recipes.md section 5: EVA-CLIP's vision tower is EVA-g
     img_size: int = 0  # 0 = the size's own (224)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     init: str = ""  # flyeva MIM/encoder folder or release checkpoint; "" = random (release init)
     lr: float | None = None  # None = optim.lr
     weight_decay: float | None = None  # None = optim.weight_decay
-    layer_decay: float = 1.0  # lr x decay^(depth + 1 - layer), as in EVA_SPEC section 4
+    layer_decay: float = 1.0  # lr x decay^(depth + 1 - layer), as in docs/recipes.md section 4
 
 
 @dataclass
 class TextSection:
-    """open_clip's text transformer; defaults are OpenAI CLIP-L's (EVA_SPEC section 4)."""
+    """open_clip's text transformer; defaults are OpenAI CLIP-L's (docs/recipes.md section 5)."""
 
     width: int = 768
     heads: int = 12
@@ -75,7 +63,7 @@ class TextSection:
     context_length: int = 77
     vocab_size: int = 49408  # open_clip's bundled BPE vocabulary
     mlp_ratio: float = 4.0
-    quick_gelu: bool = True  # OpenAI CLIP weights need QuickGELU (EVA_SPEC section 5)
+    quick_gelu: bool = True  # OpenAI CLIP weights need QuickGELU (docs/recipes.md section 9)
     grad_checkpointing: bool = False
     init: str = ""  # open_clip CLIP state dict (.pt/.bin/.safetensors) holding the text keys
     lr: float | None = None  # None = optim.lr
@@ -85,7 +73,7 @@ class TextSection:
 
 @dataclass
 class ClipModelSection:
-    embed_dim: int = 1024  # EVA_SPEC section 4: Linear D -> 1024
+    embed_dim: int = 1024  # docs/recipes.md section 5: Linear D -> 1024
     vision: VisionSection = field(default_factory=VisionSection)
     text: TextSection = field(default_factory=TextSection)
     init_logit_scale: float = INIT_LOGIT_SCALE
@@ -159,147 +147,25 @@ def build_text_tower(cfg: TextSection, embed_dim: int) -> nn.Module:
     return text
 
 
+def vision_size(vision: VisionSection) -> EvaSize:
+    """The vision tower's architecture: a named size (or, for converted towers, a dict of its fields)."""
+    size = EvaSize(**vision.size) if isinstance(vision.size, dict) else get_size(vision.size)
+    return size_with(size, img_size=vision.img_size) if vision.img_size else size
+
+
 def build_clip(cfg: ClipModelSection, *, release_init: bool = True) -> EvaClip:
     """A randomly initialised EvaClip (vision: EVA's release init, or timm's, which is much faster, when
     `release_init=False` because weights are loaded next; text: open_clip's init)."""
-    size = get_size(cfg.vision.size)
-    if cfg.vision.img_size:
-        size = size_with(size, img_size=cfg.vision.img_size)
     visual = build_encoder(
-        size,
+        vision_size(cfg.vision),
         drop_path_rate=cfg.vision.drop_path_rate,
         grad_checkpointing=cfg.vision.grad_checkpointing,
         release_init=release_init,
-        num_classes=cfg.embed_dim,  # `head`: CLS token -> embed_dim (EVA_SPEC section 4)
+        num_classes=cfg.embed_dim,  # `head`: CLS token -> embed_dim (docs/recipes.md section 5)
     )
     return EvaClip(
         visual, build_text_tower(cfg.text, cfg.embed_dim), cfg.init_logit_scale, cfg.max_logit_scale
     )
-
-
-def build_clip_from_config(cfg: ClipModelSection) -> EvaClip:
-    """`build_clip`, then the towers' initial weights from `vision.init` / `text.init` when given."""
-    model = build_clip(cfg)
-    if cfg.vision.init:
-        load_vision_init(model.visual, cfg.vision.init)
-    else:
-        logger.warning(
-            "model.vision.init is empty: the vision tower starts from random weights; EVA-CLIP starts "
-            "from EVA's MIM weights (set model.vision.init to a `flyeva pretrain` OUTPUT/final folder)"
-        )
-    if cfg.text.init:
-        load_text_init(model.text, cfg.text.init)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# Initial weights.
-
-
-def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
-    """Encoder-named tensors of a flyeva folder or a release checkpoint (as `load_any` reads them)."""
-    folder = path if path.is_dir() else path.parent
-    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
-        return read_checkpoint(folder / FLYEVA_WEIGHTS)
-    state, notes = release_to_flyeva(extract_state_dict(read_checkpoint(path)))
-    if notes.dropped:
-        logger.info("vision init %s: not used from the release file: %s", path, ", ".join(notes.dropped[:8]))
-    return state
-
-
-def load_vision_init(visual: nn.Module, path: str | Path) -> None:
-    """Copy a pretrained EVA encoder into the vision tower; only `head` (the CLIP projection) stays fresh.
-
-    Accepts what `flyeva.models.checkpoint.load_any` accepts (a flyeva folder written by `flyeva
-    pretrain`, or a release checkpoint). MIM-only weights (`mask_token`, `lm_head`) are dropped with
-    a logged note; a position embedding for another grid is resized bicubically.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"vision init {path} does not exist; set model.vision.init to a flyeva folder"
-        )
-    state = _read_encoder_state(path)
-    dropped = sorted(k for k in state if k in MIM_ONLY_KEYS)
-    if dropped:
-        logger.info(
-            "vision init %s: dropped the MIM-only weights %s (a CLIP vision tower has no [MASK] token "
-            "or lm_head)",
-            path,
-            ", ".join(dropped),
-        )
-    state = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS}
-    expected = visual.pos_embed.shape
-    if "pos_embed" in state and state["pos_embed"].shape != expected:
-        from timm.layers import resample_abs_pos_embed
-
-        old_grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-        new_grid = tuple(visual.patch_embed.grid_size)
-        logger.info(
-            "vision init %s: position embedding resized from %dx%d to %s", path, old_grid, old_grid, new_grid
-        )
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"].float(), new_grid, num_prefix_tokens=1)
-    load_weights(visual, state, ignore_missing=("head.",))
-    logger.info(
-        "vision tower: %d tensors from %s; head (CLIP projection) newly initialised", len(state), path
-    )
-
-
-def text_state_from_clip(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """The text tower's keys of an open_clip CLIP state dict (top level, or under `text.`)."""
-    if any(k.startswith("text.") for k in state):  # open_clip CustomTextCLIP / flyeva EvaClip
-        return {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
-    text = {k: v for k, v in state.items() if k.startswith(TEXT_KEY_PREFIXES)}
-    if not text:
-        raise CheckpointError(
-            f"{source} holds no CLIP text tower (expected keys like 'token_embedding.weight' or "
-            f"'text.token_embedding.weight'); first keys: {sorted(state)[:5]}"
-        )
-    return text
-
-
-def load_text_init(text: nn.Module, path: str | Path) -> None:
-    """Copy the text tower of a local open_clip CLIP state dict (e.g. OpenAI CLIP-L's) into `text`.
-
-    `text_projection` is kept only when its shape fits (CLIP-L projects 768 -> 768, EVA-CLIP-g
-    needs 768 -> 1024: then it starts fresh, with a logged note); a longer position table is cut to
-    the context length. Everything else must match exactly.
-    """
-    path = Path(path)
-    try:
-        raw = extract_state_dict(read_checkpoint(path))
-    except CheckpointError as error:
-        if "TorchScript" not in str(error):
-            raise
-        raise CheckpointError(
-            f"{path} is OpenAI's TorchScript archive, which flyeva does not load (it runs code). Re-save it "
-            "once as an open_clip state dict: `m = open_clip.create_model('ViT-L-14-quickgelu', "
-            f"pretrained='{path}'); torch.save(m.state_dict(), 'ViT-L-14-openai.pt')`"
-        ) from error
-    state = text_state_from_clip(raw, str(path))
-    expected = text.state_dict()
-    fresh = []
-    projection = state.get("text_projection")
-    if projection is not None and projection.shape != expected["text_projection"].shape:
-        fresh.append("text_projection")
-        logger.info(
-            "text init %s: text_projection %s does not fit %s (embed_dim differs); it starts fresh",
-            path,
-            tuple(projection.shape),
-            tuple(expected["text_projection"].shape),
-        )
-        del state["text_projection"]
-    positions = state.get("positional_embedding")
-    if positions is not None and positions.shape[0] > expected["positional_embedding"].shape[0]:
-        logger.info(
-            "text init %s: position table cut from %d to the context length %d",
-            path,
-            positions.shape[0],
-            expected["positional_embedding"].shape[0],
-        )
-        state["positional_embedding"] = positions[: expected["positional_embedding"].shape[0]]
-    load_weights(text, state, ignore_missing=tuple(fresh))
-    logger.info("text tower: %d tensors from %s", len(state), path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +220,7 @@ def clip_param_groups(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Saving and loading a trained EvaClip.
+# Saving and loading a trained EvaClip: one flyeva weights folder of kind "clip".
 
 
 def arch_dict(cfg: ClipModelSection) -> dict[str, Any]:
@@ -373,41 +239,70 @@ def arch_dict(cfg: ClipModelSection) -> dict[str, Any]:
 
 
 def section_from_arch(arch: dict[str, Any]) -> ClipModelSection:
+    """The model section an `arch` dict describes; a converted tower of no named size keeps its
+    `size` as a dict of `EvaSize` fields, and `img_size` is then always set."""
+    vision = dict(arch["vision"])
+    if isinstance(vision["size"], dict) and not vision.get("img_size"):
+        vision["img_size"] = vision["size"]["img_size"]
     return ClipModelSection(
         embed_dim=arch["embed_dim"],
-        vision=VisionSection(**arch["vision"]),
+        vision=VisionSection(**vision),
         text=TextSection(**arch["text"]),
         max_logit_scale=arch.get("max_logit_scale", MAX_LOGIT_SCALE),
     )
 
 
+def build_from_arch(arch: dict[str, Any]) -> EvaClip:
+    """An EvaClip of the architecture `arch` at timm/open_clip init (the builder `weights.load` uses)."""
+    return build_clip(section_from_arch(arch), release_init=False)
+
+
 def save_clip(model: EvaClip, cfg: ClipModelSection, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write `clip.safetensors` + `clip.json` into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / CLIP_WEIGHTS))
-    config = {"format": CLIP_FORMAT, "arch": arch_dict(cfg), **(extra or {})}
-    (out_dir / CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    return out_dir
+    """Write `model` as a flyeva weights folder of kind "clip" (`model.safetensors` + `config.json`)."""
+    extra = dict(extra or {})
+    source = extra.pop("source", None)
+    return save_weights(model, out_dir, kind="clip", arch=arch_dict(cfg), source=source, extra=extra)
 
 
-def load_clip(path: str | Path) -> tuple[EvaClip, ClipModelSection]:
-    """Load a folder written by `save_clip` (e.g. `flyeva clip train`'s OUTPUT/final)."""
-    folder = Path(path)
-    if not (folder / CLIP_CONFIG).is_file():
+def _load_legacy_clip(folder: Path) -> tuple[EvaClip, ClipModelSection]:
+    """A folder written by flyeva 0.1.0 (`clip.json` + `clip.safetensors`)."""
+    config = json.loads((folder / LEGACY_CLIP_CONFIG).read_text())
+    if config.get("format") != LEGACY_CLIP_FORMAT:
         raise CheckpointError(
-            f"{folder} has no {CLIP_CONFIG}; pass the folder `flyeva clip train` wrote (OUTPUT/final)"
-        )
-    config = json.loads((folder / CLIP_CONFIG).read_text())
-    if config.get("format") != CLIP_FORMAT:
-        raise CheckpointError(
-            f"{folder / CLIP_CONFIG} is not a flyeva CLIP config (format {config.get('format')!r})"
+            f"{folder / LEGACY_CLIP_CONFIG} is not a flyeva CLIP config (format {config.get('format')!r})"
         )
     cfg = section_from_arch(config["arch"])
     model = build_clip(cfg, release_init=False)
-    load_weights(model, load_file(str(folder / CLIP_WEIGHTS)))
+    load_weights(model, load_file(str(folder / LEGACY_CLIP_WEIGHTS)))
     return model, cfg
+
+
+def is_clip_folder(path: str | Path) -> bool:
+    """A flyeva EVA-CLIP folder: kind "clip" in `config.json`, or flyeva 0.1.0's `clip.json`."""
+    folder = Path(path)
+    if (folder / LEGACY_CLIP_CONFIG).is_file():
+        return True
+    if not (folder / CONFIG_FILE).is_file():
+        return False
+    try:
+        return read_config(folder).get("kind") == "clip"
+    except WeightsError:
+        return False
+
+
+def load_clip(path: str | Path) -> tuple[EvaClip, ClipModelSection]:
+    """Load a flyeva EVA-CLIP folder (`flyeva clip train`'s OUTPUT/final, `flyeva clip convert`'s --out),
+    also one written by flyeva 0.1.0."""
+    folder = Path(path)
+    if (folder / LEGACY_CLIP_CONFIG).is_file():
+        return _load_legacy_clip(folder)
+    if not is_clip_folder(folder):
+        raise CheckpointError(
+            f"{folder} is not a flyeva CLIP folder (no config.json of kind 'clip'); pass `flyeva clip "
+            "train`'s OUTPUT/final, or convert a release file with `flyeva clip convert FILE --out DIR`"
+        )
+    model = load(folder, kind="clip")
+    return model, section_from_arch(model.weights_config["arch"])
 
 
 def vision_encoder_state(model: EvaClip) -> dict[str, torch.Tensor]:

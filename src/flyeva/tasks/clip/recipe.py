@@ -19,7 +19,8 @@ import torch
 from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.engine.loop import TrainConfig, TrainResult
 from flyeva.engine.optim import OptimConfig
-from flyeva.tasks.clip.model import ClipModelSection, build_clip, build_clip_from_config
+from flyeva.tasks.clip.init_weights import build_clip_from_config
+from flyeva.tasks.clip.model import ClipModelSection, build_clip
 from flyeva.tasks.clip.zeroshot import ZeroShotSection
 
 logger = logging.getLogger(__name__)

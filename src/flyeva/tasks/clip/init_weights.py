@@ -1,0 +1,157 @@
+"""Initial weights of the EvaClip towers: an EVA encoder (`visual`), an open_clip text tower (`text`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flyeva.models.checkpoint import (
+    FLYEVA_CONFIG,
+    FLYEVA_WEIGHTS,
+    MIM_ONLY_KEYS,
+    CheckpointError,
+    extract_state_dict,
+    load_weights,
+    read_checkpoint,
+    release_to_flyeva,
+)
+from flyeva.tasks.clip.model import ClipModelSection, EvaClip, build_clip
+
+logger = logging.getLogger(__name__)
+
+# Keys of an open_clip CLIP state dict that belong to the text tower (they sit at the top level).
+TEXT_KEY_PREFIXES = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+)
+
+
+def build_clip_from_config(cfg: ClipModelSection) -> EvaClip:
+    """`build_clip`, then the towers' initial weights from `vision.init` / `text.init` when given."""
+    model = build_clip(cfg)
+    if cfg.vision.init:
+        load_vision_init(model.visual, cfg.vision.init)
+    else:
+        logger.warning(
+            "model.vision.init is empty: the vision tower starts from random weights; EVA-CLIP starts "
+            "from EVA's MIM weights (set model.vision.init to a `flyeva pretrain` OUTPUT/final folder)"
+        )
+    if cfg.text.init:
+        load_text_init(model.text, cfg.text.init)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initial weights.
+
+
+def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    """Encoder-named tensors of a flyeva folder or a release checkpoint (as `load_any` reads them)."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
+        return read_checkpoint(folder / FLYEVA_WEIGHTS)
+    state, notes = release_to_flyeva(extract_state_dict(read_checkpoint(path)))
+    if notes.dropped:
+        logger.info("vision init %s: not used from the release file: %s", path, ", ".join(notes.dropped[:8]))
+    return state
+
+
+def load_vision_init(visual: nn.Module, path: str | Path) -> None:
+    """Copy a pretrained EVA encoder into the vision tower; only `head` (the CLIP projection) stays fresh.
+
+    Accepts what `flyeva.models.checkpoint.load_any` accepts (a flyeva folder written by `flyeva
+    pretrain`, or a release checkpoint). MIM-only weights (`mask_token`, `lm_head`) are dropped with
+    a logged note; a position embedding for another grid is resized bicubically.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"vision init {path} does not exist; set model.vision.init to a flyeva folder"
+        )
+    state = _read_encoder_state(path)
+    dropped = sorted(k for k in state if k in MIM_ONLY_KEYS)
+    if dropped:
+        logger.info(
+            "vision init %s: dropped the MIM-only weights %s (a CLIP vision tower has no [MASK] token "
+            "or lm_head)",
+            path,
+            ", ".join(dropped),
+        )
+    state = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS}
+    expected = visual.pos_embed.shape
+    if "pos_embed" in state and state["pos_embed"].shape != expected:
+        from timm.layers import resample_abs_pos_embed
+
+        old_grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+        new_grid = tuple(visual.patch_embed.grid_size)
+        logger.info(
+            "vision init %s: position embedding resized from %dx%d to %s", path, old_grid, old_grid, new_grid
+        )
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"].float(), new_grid, num_prefix_tokens=1)
+    load_weights(visual, state, ignore_missing=("head.",))
+    logger.info(
+        "vision tower: %d tensors from %s; head (CLIP projection) newly initialised", len(state), path
+    )
+
+
+def text_state_from_clip(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The text tower's keys of an open_clip CLIP state dict (top level, or under `text.`)."""
+    if any(k.startswith("text.") for k in state):  # open_clip CustomTextCLIP / flyeva EvaClip
+        return {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+    text = {k: v for k, v in state.items() if k.startswith(TEXT_KEY_PREFIXES)}
+    if not text:
+        raise CheckpointError(
+            f"{source} holds no CLIP text tower (expected keys like 'token_embedding.weight' or "
+            f"'text.token_embedding.weight'); first keys: {sorted(state)[:5]}"
+        )
+    return text
+
+
+def load_text_init(text: nn.Module, path: str | Path) -> None:
+    """Copy the text tower of a local open_clip CLIP state dict (e.g. OpenAI CLIP-L's) into `text`.
+
+    `text_projection` is kept only when its shape fits (CLIP-L projects 768 -> 768, EVA-CLIP-g
+    needs 768 -> 1024: then it starts fresh, with a logged note); a longer position table is cut to
+    the context length. Everything else must match exactly.
+    """
+    path = Path(path)
+    try:
+        raw = extract_state_dict(read_checkpoint(path))
+    except CheckpointError as error:
+        if "TorchScript" not in str(error):
+            raise
+        raise CheckpointError(
+            f"{path} is OpenAI's TorchScript archive, which flyeva does not load (it runs code). Re-save it "
+            "once as an open_clip state dict: `m = open_clip.create_model('ViT-L-14-quickgelu', "
+            f"pretrained='{path}'); torch.save(m.state_dict(), 'ViT-L-14-openai.pt')`"
+        ) from error
+    state = text_state_from_clip(raw, str(path))
+    expected = text.state_dict()
+    fresh = []
+    projection = state.get("text_projection")
+    if projection is not None and projection.shape != expected["text_projection"].shape:
+        fresh.append("text_projection")
+        logger.info(
+            "text init %s: text_projection %s does not fit %s (embed_dim differs); it starts fresh",
+            path,
+            tuple(projection.shape),
+            tuple(expected["text_projection"].shape),
+        )
+        del state["text_projection"]
+    positions = state.get("positional_embedding")
+    if positions is not None and positions.shape[0] > expected["positional_embedding"].shape[0]:
+        logger.info(
+            "text init %s: position table cut from %d to the context length %d",
+            path,
+            positions.shape[0],
+            expected["positional_embedding"].shape[0],
+        )
+        state["positional_embedding"] = positions[: expected["positional_embedding"].shape[0]]
+    load_weights(text, state, ignore_missing=tuple(fresh))
+    logger.info("text tower: %d tensors from %s", len(state), path)
