@@ -2,7 +2,7 @@
 
 One step = CutMix (timm `Mixup`, the IN-21K recipe's) + classifier forward (mean-pooled patch tokens ->
 fc_norm -> head) + soft-target cross-entropy + backward + AdamW over layer-decayed groups, built from
-flyeva's own pieces (EVA_SPEC section 4). The table sits next to the machine's matmul ceiling.
+flyeva's own pieces (docs/recipes.md §4). The table sits next to the machine's matmul ceiling.
 
     python benchmarks/finetune_step.py                                  # eva_tiny,eva_base @224, batch 8, CPU
     python benchmarks/finetune_step.py --sizes eva_base --img-size 336 --threads 2

@@ -10,7 +10,7 @@ epoch streams the cached features into the probe, in the same batch order. Both 
     python benchmarks/linprobe_cache.py --device cuda --size eva_large --images 8192 --batch 256 --workers 8
 
 The data are ShapeWorld scenes rendered at the encoder's resolution (rendering stands in for JPEG
-decoding). The projection uses the release's 90 probe epochs (EVA_SPEC section 4).
+decoding). The projection uses the release's 90 probe epochs (docs/recipes.md §4).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from flyeva.tasks.classify.features import extract_features
 from flyeva.tasks.classify.objective import ClassificationObjective
 from flyeva.tasks.classify.probe import FrozenEncoderProbe, LinearProbeHead
 
-RELEASE_EPOCHS = 90  # EVA_SPEC section 4: the EVA-CLIP linear probe
+RELEASE_EPOCHS = 90  # docs/recipes.md §4: the EVA-CLIP linear probe
 
 
 def sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from flyeva.data.masking import BlockMaskGenerator
 
-# (grid, budget, min_num_patches): EVA's 224/14 grid first (EVA_SPEC section 3).
+# (grid, budget, min_num_patches): EVA's 224/14 grid first (docs/recipes.md §3).
 CASES = [((16, 16), 105, 16), ((14, 14), 78, 16), ((8, 8), 25, 4), ((12, 20), 96, 16), ((32, 32), 420, 16)]
 
 

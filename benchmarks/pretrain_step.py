@@ -1,7 +1,7 @@
 """Images/s, achieved GFLOP/s and peak memory of one full EVA MIM pretraining step.
 
 One step = block masks + student forward/backward + frozen CLIP teacher forward + negative-cosine
-loss + gradient clipping + AdamW step, built from the library's own pieces (EVA_SPEC section 3).
+loss + gradient clipping + AdamW step, built from the library's own pieces (docs/recipes.md §3).
 The teacher runs in `teacher.precision` as `flyeva pretrain` resolves it (`--teacher-precision`;
 auto = bf16 on a CPU with AMX/AVX512-BF16, the training precision on a GPU). The table sits next
 to the machine's measured fp32 matmul ceiling (all threads and one thread).
@@ -57,7 +57,7 @@ from flyeva.teachers import (
     resolve_teacher_dtype,
 )
 
-MASK_RATIO = 105 / 256  # EVA_SPEC section 3: 105 of 256 patches (~40%), block-wise
+MASK_RATIO = 105 / 256  # docs/recipes.md §3: 105 of 256 patches (~40%), block-wise
 
 
 def build_teacher(spec: str, device: torch.device) -> torch.nn.Module:
@@ -99,7 +99,7 @@ class LabelledTeacher(torch.nn.Module):
 
 
 def build_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
-    """The library's AdamW (EVA_SPEC section 3 groups and betas) with `optim.implementation=impl`."""
+    """The library's AdamW (docs/recipes.md §3 groups and betas) with `optim.implementation=impl`."""
     cfg = OptimConfig(implementation=impl)
     return build_adamw(param_groups(model, cfg.weight_decay), cfg)
 
@@ -150,7 +150,7 @@ def measure_size(size_name: str, args: argparse.Namespace) -> dict:
             scaler.scale(loss).backward()
         with record_function("phase: gradient clipping"):
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # EVA_SPEC section 3: clip 3.0
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # docs/recipes.md §3: clip 3.0
         with record_function("phase: optimizer step"):
             scaler.step(optimizer)
             scaler.update()

@@ -184,6 +184,6 @@ def test_wrong_size_lists_missing_unexpected_and_misshaped_keys(tiny, tmp_path):
     message = str(error.value)
     assert "missing: blocks.3.mlp.fc1.bias" in message
     assert "unexpected: extra.weight" in message
-    assert "mis-shaped: pos_embed: checkpoint (1, 257, 192) vs model (1, 257, 384)" in message
+    assert "mis-shaped: pos_embed: file (1, 257, 192) vs model (1, 257, 384)" in message
     counts = collections.Counter(line.split(":")[0].strip() for line in message.splitlines()[1:-1])
     assert counts == {"missing": 1, "unexpected": 1, "mis-shaped": counts["mis-shaped"]}

@@ -140,7 +140,7 @@ def test_every_group_gets_its_layer_decayed_lr_during_finetuning(tmp_path, monke
         for lr, group_names in groups:
             for name in group_names:
                 if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-                    layer = 0  # EVA_SPEC section 4: embeddings are layer 0
+                    layer = 0  # docs/recipes.md §4: embeddings are layer 0
                 elif name.startswith("blocks."):
                     layer = int(name.split(".")[1]) + 1
                 else:
@@ -503,7 +503,7 @@ def test_finetune_learns_a_separable_folder_through_the_cli(pattern_folder, tmp_
     timm_model.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
     # Its encoder serves the frozen-feature evaluations too.
     knn = ["classify", "knn", f"model.init={out / 'final'}", f"data.root={pattern_folder}", "knn.k=5"]
-    assert main([*knn, f"run.output_dir={tmp_path / 'knn'}", "run.num_workers=0"]) == 0
+    assert main([*knn, f"train.output_dir={tmp_path / 'knn'}", "train.num_workers=0"]) == 0
     assert json.loads((tmp_path / "knn" / "summary.json").read_text())["top1"] >= 90.0
     # Its 4-class head cannot silently start a 3-class run.
     three = tmp_path / "three"

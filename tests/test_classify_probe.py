@@ -44,7 +44,7 @@ def test_probe_on_cached_features_equals_probe_on_live_features(small_folder, tm
             == 0
         )
         runs[cache] = (
-            load_file(str(out / "final" / "probe.safetensors")),
+            load_file(str(out / "final" / "model.safetensors")),
             json.loads((out / "summary.json").read_text()),
         )
     cached, live = runs["true"][0], runs["false"][0]
@@ -85,8 +85,8 @@ def test_knn_command_matches_knn_on_its_cached_features(small_folder, tmp_path):
         "classify",
         "knn",
         f"data.root={small_folder}",
-        f"run.output_dir={out}",
-        "run.num_workers=0",
+        f"train.output_dir={out}",
+        "train.num_workers=0",
         "knn.k=5",
     ]
     assert main(args) == 0

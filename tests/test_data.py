@@ -1,4 +1,4 @@
-"""Pretraining data pipeline (EVA_SPEC section 3): sources, transforms, sharded/resumable batches."""
+"""Pretraining data pipeline (docs/recipes.md §3): sources, transforms, sharded/resumable batches."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Images with targets for the transfer stages (EVA_SPEC section 4): class labels and captions."""
+"""Images with targets for the transfer stages (docs/recipes.md §4): class labels and captions."""
 
 from __future__ import annotations
 

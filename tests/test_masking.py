@@ -1,4 +1,4 @@
-"""Block-wise mask generator (EVA_SPEC section 3) against a straight port of the release."""
+"""Block-wise mask generator (docs/recipes.md §3) against a straight port of the release."""
 
 from __future__ import annotations
 

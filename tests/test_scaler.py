@@ -1,4 +1,4 @@
-"""The release's fp16 loss scaling: hysteresis 2 and minimum scale 1 (EVA_SPEC section 3)."""
+"""The release's fp16 loss scaling: hysteresis 2 and minimum scale 1 (docs/recipes.md §3)."""
 
 import pytest
 import torch

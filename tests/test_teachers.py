@@ -1,4 +1,4 @@
-"""CLIP teacher: every weight format gives the same MIM targets as the source model (EVA_SPEC section 3)."""
+"""CLIP teacher: every weight format gives the same MIM targets as the source model (docs/recipes.md §3)."""
 
 import json
 import logging

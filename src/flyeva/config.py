@@ -68,11 +68,14 @@ def _merge(schema: Any, other: Any, source: str) -> Any:
         ) from None
 
 
-def _read_yaml(file: str | Path) -> Any:
+def _read_yaml(file: str | Path, keep_base: bool = False) -> Any:
     import yaml
 
     try:
-        return OmegaConf.load(file)
+        loaded = OmegaConf.load(file)
+        if not keep_base and OmegaConf.is_dict(loaded) and "base" in loaded:
+            loaded.pop("base")
+        return loaded
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -82,13 +85,35 @@ def _read_yaml(file: str | Path) -> Any:
         raise ConfigError(f"cannot read config {file}: {error.strerror}") from None
 
 
+def _recipe_chain(file: Path) -> list[Path]:
+    """`file` and the recipes it builds on, base first: a recipe may start with `base: NAME`
+    (a recipe in the same folder, or a path relative to it) and hold only what differs."""
+    chain = [file]
+    while True:
+        raw = _read_yaml(chain[0], keep_base=True)
+        base = raw.get("base") if OmegaConf.is_dict(raw) else None
+        if base is None:
+            return chain
+        candidates = [chain[0].parent / f"{base}.yaml", chain[0].parent / str(base)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"{chain[0]}: base {base!r} is neither a recipe in {chain[0].parent} nor a file"
+            )
+        if found in chain:
+            raise ConfigError(
+                f"{chain[0]}: base {base!r} makes a cycle ({' -> '.join(p.stem for p in chain)})"
+            )
+        chain.insert(0, found)
+
+
 def load_config(
     schema_cls: type[Schema], file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Schema:
     """Defaults from `schema_cls`, then the YAML `file`, then `key=value` overrides."""
     merged = OmegaConf.structured(schema_cls)
-    if file is not None:
-        merged = _merge(merged, _read_yaml(file), str(file))
+    for recipe in _recipe_chain(Path(file)) if file is not None else ():
+        merged = _merge(merged, _read_yaml(recipe), str(recipe))
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must look like key=value")

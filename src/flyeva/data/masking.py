@@ -1,4 +1,4 @@
-"""Block-wise mask generator for MIM pretraining: BEiT's, as used by EVA (EVA_SPEC section 3).
+"""Block-wise mask generator for MIM pretraining: BEiT's, as used by EVA (docs/recipes.md §3).
 
 The algorithm is the release's `masking_generator.py`, line for line, with three changes that do
 not alter what it samples: the caller passes a `numpy.random.Generator` (no global RNG state), a
@@ -6,7 +6,7 @@ block is filled with one slice assignment instead of a per-pixel loop, and the r
 array. `random.uniform(a, b)` is `a + (b - a) * u` and `random.randint(0, n)` is
 `int(u * (n + 1))`, with `u` a uniform float, the same laws as Python's `random`.
 
-Minimum block size. EVA_SPEC says "blocks of at least 16 patches", but the release only draws
+Minimum block size. The paper speaks of blocks of at least 16 patches, but the release only draws
 the *target* area from U(16, budget) and rounds the sides, so a placed rectangle can be smaller:
 area 16 with aspect 0.39 gives 2 x 6 = 12 cells; and once the remaining budget is under 16 the
 area is drawn from U(budget, 16). By default we keep the release's behaviour exactly (the
@@ -56,7 +56,7 @@ class BlockMaskGenerator:
 
     Masks are drawn block by block until `num_masking_patches` cells are masked or a round of
     `attempts` tries adds nothing, so a mask never has more than `num_masking_patches` cells.
-    Defaults are EVA's (EVA_SPEC section 3): 16x16 grid, 105 masked (~40%), blocks from 16
+    Defaults are EVA's (docs/recipes.md §3): 16x16 grid, 105 masked (~40%), blocks from 16
     patches, aspect ratio log-uniform in [0.3, 1/0.3], 10 attempts per block.
     Use `BlockMaskGenerator.from_ratio(grid, 0.4)` to give the budget as a fraction.
     """
@@ -181,7 +181,7 @@ def generate_masks(
 
 
 def fixed_validation_mask(grid: tuple[int, int]) -> torch.Tensor:
-    """The validation mask "every other token" (EVA_SPEC section 3): bool [height * width].
+    """The validation mask "every other token" (docs/recipes.md §3): bool [height * width].
 
     Tokens are numbered row-major and even indices (0, 2, 4, ...) are masked, so exactly half of
     an even-sized grid is masked (on an even-width grid that is every other column).

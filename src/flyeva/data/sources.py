@@ -1,6 +1,6 @@
 """Image sources, with optional targets: class labels (fine-tuning) or captions (EVA-CLIP).
 
-MIM pretraining ignores labels and captions (EVA_SPEC section 3, "Data"); the transfer stages
+MIM pretraining ignores labels and captions (docs/recipes.md §3, "Data"); the transfer stages
 (section 4) read them. Two kinds of source feed `flyeva.data.stream.ImageBatchStream`:
 
 - indexable (`ImageFolderSource`, `FileListSource`, `CaptionTableSource`, `CaptionFolderSource`,

@@ -3,7 +3,7 @@
 Each scene holds 1-4 flat shapes (circle, square, triangle, star, cross) in named colours, with
 solid/striped/checkered fills, on a plain/gradient/checkered/noisy grey background; later shapes
 may occlude earlier ones. A scene is a pure function of (seed, index), built on the fly, and
-carries the labels of every task in EVA_SPEC section 4:
+carries the labels of every task in docs/recipes.md §4:
 
 - MIM / CLIP pretraining: the image and a caption ("a large red star in the top left, a small
   blue circle right of the star, on a noisy background").

@@ -1,6 +1,6 @@
 """Image transforms: EVA's MIM pretraining augmentation and a resize/centre-crop for evaluation.
 
-Pretraining (EVA_SPEC section 3, "Augmentation"): flip, RandomResizedCrop(224, scale (0.2, 1),
+Pretraining (docs/recipes.md §3, "Augmentation"): flip, RandomResizedCrop(224, scale (0.2, 1),
 ratio (3/4, 4/3), bicubic), no colour jitter, CLIP normalisation. One output tensor feeds both
 the student and the CLIP teacher, so they see the same crop. Randomness comes from torch's global
 RNG (torchvision's own transforms), so seeding torch reproduces a crop exactly;
@@ -16,10 +16,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-# OpenAI CLIP's normalisation, used by pretraining, classification and CLIP (EVA_SPEC section 3).
+# OpenAI CLIP's normalisation, used by pretraining, classification and CLIP (docs/recipes.md §3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# ImageNet's, used by detection and segmentation (EVA_SPEC section 5, pitfalls).
+# ImageNet's, used by detection and segmentation (docs/recipes.md §9, pitfalls).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -91,7 +91,7 @@ def _is_sharded(model: nn.Module) -> bool:
 
 
 def assert_finite(model: nn.Module) -> None:
-    """Refuse to write NaN/Inf weights (EVA_SPEC section 3, robustness)."""
+    """Refuse to write NaN/Inf weights (docs/recipes.md §3, robustness)."""
     for name, param in model.named_parameters():
         local = param.to_local() if hasattr(param, "to_local") else param
         if not torch.isfinite(local).all():

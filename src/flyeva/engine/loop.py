@@ -66,7 +66,7 @@ __all__ = [
 
 @dataclass
 class TrainConfig:
-    """How to run: batch, precision, distribution, checkpoints. Defaults: docs/recipes.md section 3."""
+    """How to run: batch, precision, distribution, checkpoints. Defaults: docs/recipes.md §3."""
 
     output_dir: str = "runs/pretrain"
     epochs: int = 150
@@ -88,7 +88,7 @@ class TrainConfig:
     max_rollbacks: int = 3
     max_steps: int = 0  # stop early after this many optimizer steps (0 = the full schedule)
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
-    fp16_init_scale: float = 65536.0  # docs/recipes.md section 3: initial scale 2^16
+    fp16_init_scale: float = 65536.0  # docs/recipes.md §3: initial scale 2^16
     fp16_growth_interval: int = 500  # loss-scale window 500
     fp16_hysteresis: int = 2  # the 2nd overflow before the scale grows halves it
     fp16_min_scale: float = 1.0

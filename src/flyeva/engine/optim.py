@@ -14,14 +14,14 @@ from flyeva.config import ConfigError
 
 @dataclass
 class OptimConfig:
-    """AdamW and schedule; defaults are EVA's pretraining recipe (EVA_SPEC section 3)."""
+    """AdamW and schedule; defaults are EVA's pretraining recipe (docs/recipes.md §3)."""
 
     lr: float = 1e-3  # peak lr at global batch 4096
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    layer_decay: float = 1.0  # 1.0 = off; transfer recipes use 0.85-0.95 (EVA_SPEC section 4)
+    layer_decay: float = 1.0  # 1.0 = off; transfer recipes use 0.85-0.95 (docs/recipes.md §4)
     warmup_epochs: float = 2.0
     warmup_steps: int = 0  # > 0: warmup length in optimizer steps (iteration-based recipes), not epochs
     # linspace: lr = peak * s / (W - 1), the release's np.linspace(0, peak, W) (BEiT/EVA pretraining and
@@ -80,7 +80,7 @@ def param_groups(
     """Groups keyed by (layer, decay): no decay on 1-D params, biases and `no_weight_decay` names.
 
     Each group carries `lr_scale` = lr_scale * layer_decay ** (num_layers + 1 - layer), which
-    `apply_lr` multiplies in at every step (EVA_SPEC section 4, layer decay).
+    `apply_lr` multiplies in at every step (docs/recipes.md §4, layer decay).
     """
     skip = set(no_weight_decay)
     if hasattr(model, "no_weight_decay"):

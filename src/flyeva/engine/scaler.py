@@ -1,4 +1,4 @@
-"""fp16 dynamic loss scaling with the release's hysteresis and minimum scale (EVA_SPEC section 3).
+"""fp16 dynamic loss scaling with the release's hysteresis and minimum scale (docs/recipes.md §3).
 
 torch's GradScaler halves the scale at every overflow. The release (DeepSpeed's dynamic loss
 scaler) first spends one of `hysteresis` lives: with hysteresis 2 a single overflow only skips the

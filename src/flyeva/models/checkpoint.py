@@ -6,7 +6,6 @@ Nothing here executes code from a file: safetensors or `torch.load(weights_only=
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pickle
 import re
@@ -28,17 +27,25 @@ from flyeva.models.eva import (
     EvaSize,
     build_encoder,
     build_mim_model,
+    size_arch,
+)
+from flyeva.models.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WeightsError,
+    is_weights_folder,
+    load,
+    read_config,
+    save_weights,
 )
 
 logger = logging.getLogger(__name__)
 
-FLYEVA_WEIGHTS = "model.safetensors"
-FLYEVA_CONFIG = "config.json"
+FLYEVA_WEIGHTS, FLYEVA_CONFIG = WEIGHTS_FILE, CONFIG_FILE
 MIM_ONLY_KEYS = ("mask_token", "lm_head.weight", "lm_head.bias")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the problem and the fix."""
+CheckpointError = WeightsError  # one error type for every weights file that cannot be used
 
 
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, pickle_fix: str = "") -> dict[str, Any]:
@@ -223,53 +230,25 @@ def load_release_checkpoint(
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """The small JSON config saved next to flyeva weights."""
-    patch = model.patch_embed.patch_size[0]
-    size = EvaSize(
-        img_size=model.patch_embed.img_size[0],
-        patch_size=patch,
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=model.blocks[0].attn.num_heads,
-        mlp_dim=model.blocks[0].mlp.fc1.out_features,
-    )
-    config: dict[str, Any] = {"format": "flyeva", "kind": "encoder", "size": size.__dict__}
-    if isinstance(model, EvaForMIM):
-        config.update(kind="mim", teacher_dim=model.teacher_dim)
-    return config
+    """Kind and architecture of an encoder or MIM model (what its weights folder records)."""
+    return {"kind": "mim" if isinstance(model, EvaForMIM) else "encoder", **size_arch(model)}
 
 
 def save_flyeva(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / FLYEVA_WEIGHTS))
-    (out_dir / FLYEVA_CONFIG).write_text(json.dumps({**model_config(model), **(extra or {})}, indent=2))
-    return out_dir
+    """Write an encoder or MIM model as a flyeva weights folder (models/weights.py)."""
+    config = model_config(model)
+    kind = config.pop("kind")
+    return save_weights(model, out_dir, kind=kind, arch=config, extra=extra)
 
 
 def load_flyeva(path: str | Path, *, kind: str | None = None) -> nn.Module:
-    """Load a flyeva weights directory (or its `model.safetensors`) written by `save_flyeva`."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    config_file = folder / FLYEVA_CONFIG
-    if not config_file.is_file():
-        raise CheckpointError(
-            f"{folder} has no {FLYEVA_CONFIG}; flyeva weights are a folder with {FLYEVA_WEIGHTS} and "
-            f"{FLYEVA_CONFIG}. For a release checkpoint run `flyeva convert release FILE --out DIR` first"
-        )
-    config = json.loads(config_file.read_text())
-    size = EvaSize(**config["size"])
-    state_dict = read_checkpoint(folder / FLYEVA_WEIGHTS)
-    kind = kind or config["kind"]
-    if kind == "mim":
-        model = build_mim_model(size, teacher_dim=config.get("teacher_dim", TEACHER_DIM), release_init=False)
-        load_weights(model, state_dict, ignore_missing=MIM_ONLY_KEYS if config["kind"] != "mim" else ())
-    else:
-        model = build_encoder(size, release_init=False)
-        load_weights(model, {k: v for k, v in state_dict.items() if k not in MIM_ONLY_KEYS})
-    return model
+    """An encoder or MIM model from a flyeva weights folder (or its `model.safetensors`)."""
+    if kind not in (None, "mim", "encoder"):
+        raise ValueError(f"kind must be 'mim' or 'encoder', got {kind!r}")
+    stored = read_config(path)["kind"]
+    if stored not in ("mim", "encoder"):
+        raise CheckpointError(f"{path} holds a {stored}, not an EVA encoder; pass a `flyeva pretrain` folder")
+    return load(path, kind=kind)
 
 
 def read_encoder_state(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -280,7 +259,7 @@ def read_encoder_state(path: str | Path, *, trust_pickle: bool = False) -> dict[
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
+    if is_weights_folder(path):
         state = read_checkpoint(folder / FLYEVA_WEIGHTS)
     else:
         state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
@@ -289,9 +268,7 @@ def read_encoder_state(path: str | Path, *, trust_pickle: bool = False) -> dict[
 
 def load_any(path: str | Path, *, kind: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """A flyeva folder, or a release checkpoint file (converted on the fly)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
+    if is_weights_folder(path):
         return load_flyeva(path, kind=kind)
     return load_release_checkpoint(path, kind=kind or "mim", trust_pickle=trust_pickle)
 
@@ -323,7 +300,7 @@ def export_timm(model: nn.Module, path: str | Path) -> Path:
 
 def named_size(model: nn.Module) -> str | None:
     """The registry name of the model's architecture, if it has one."""
-    size = model_config(model)["size"]
+    size = size_arch(model)["size"]
     return next((name for name, known in EVA_SIZES.items() if known.__dict__ == size), None)
 
 

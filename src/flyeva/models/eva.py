@@ -2,7 +2,7 @@
 
 timm already implements EVA-01's blocks (BEiT-style q/v bias, fused SDPA attention, drop path,
 gradient checkpointing, position-embedding interpolation); `EvaForMIM` only adds the [MASK]
-token and the regression head, under the release's parameter names (EVA_SPEC section 2), so a
+token and the regression head, under the release's parameter names (docs/recipes.md §2), so a
 flyeva checkpoint loads into timm's `Eva` directly.
 """
 
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class EvaSize:
-    """Architecture of one named encoder size (EVA_SPEC section 2)."""
+    """Architecture of one named encoder size (docs/recipes.md §2)."""
 
     img_size: int
     patch_size: int
@@ -35,7 +35,7 @@ class EvaSize:
         return self.img_size // self.patch_size
 
 
-# EVA_SPEC section 2: EVA-g (paper), EVA-L (release), Ti/S/B for experiments; `miniature` for CPU runs.
+# docs/recipes.md §2: EVA-g (paper), EVA-L (release), Ti/S/B for experiments; `miniature` for CPU runs.
 EVA_SIZES: dict[str, EvaSize] = {
     "miniature": EvaSize(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_dim=384),
     "eva_tiny": EvaSize(img_size=224, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_dim=768),
@@ -48,8 +48,8 @@ EVA_SIZES: dict[str, EvaSize] = {
 # timm model names with the same architecture (EVA-01 in timm exists only at giant size).
 TIMM_EQUIVALENTS: dict[str, str] = {"eva_giant": "eva_giant_patch14_224"}
 
-INIT_STD = 0.015  # EVA_SPEC section 2: truncated normal std 0.015, truncated at +-1 std
-TEACHER_DIM = 768  # EVA_SPEC section 3: CLIP ViT-L/14 features after `proj`
+INIT_STD = 0.015  # docs/recipes.md §2: truncated normal std 0.015, truncated at +-1 std
+TEACHER_DIM = 768  # docs/recipes.md §3: CLIP ViT-L/14 features after `proj`
 
 
 def get_size(name: str) -> EvaSize:
@@ -96,7 +96,7 @@ def trunc_normal_release_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.
 
 @torch.no_grad()
 def init_release_weights(model: Eva, std: float = INIT_STD) -> None:
-    """Initialise like the EVA release (EVA_SPEC section 2), then rescale residual outputs."""
+    """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             trunc_normal_release_(module.weight, std)
@@ -123,7 +123,7 @@ class EvaForMIM(Eva):
     """EVA encoder with a [MASK] token and an `lm_head` regressing teacher features.
 
     The mask blends the token in after patch embedding and before the CLS token and position
-    embedding, so masked positions still get their position (EVA_SPEC section 3).
+    embedding, so masked positions still get their position (docs/recipes.md §3).
     """
 
     def __init__(self, teacher_dim: int = TEACHER_DIM, **timm_kwargs: Any) -> None:
@@ -185,7 +185,7 @@ def build_mim_model(
 ) -> EvaForMIM:
     """An `EvaForMIM` of a named size; `overrides` go to timm's `Eva` (e.g. img_size)."""
     size = get_size(size) if isinstance(size, str) else size
-    # EVA_SPEC section 2: drop path 0.1, linear from 0 over depth.
+    # docs/recipes.md §2: drop path 0.1, linear from 0 over depth.
     kwargs = eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides)
     model = EvaForMIM(teacher_dim=teacher_dim, **kwargs)
     return _apply_options(model, release_init=release_init, grad_checkpointing=grad_checkpointing)

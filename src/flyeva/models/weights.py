@@ -28,6 +28,9 @@ FORMAT_VERSION = 2  # 1 = flyeva 0.1.0 (no `arch`, kind-specific keys); still re
 BUILDERS: dict[str, str] = {
     "mim": "flyeva.models.eva:mim_from_arch",
     "encoder": "flyeva.models.eva:encoder_from_arch",
+    "classifier": "flyeva.tasks.classify.model:build_from_arch",
+    "probe": "flyeva.tasks.classify.probe:build_from_arch",
+    "clip": "flyeva.tasks.clip.model:build_from_arch",
     "detector": "flyeva.tasks.detect.model:build_from_arch",
     "segmenter": "flyeva.tasks.segment.model:build_from_arch",
     "video": "flyeva.tasks.video.model:build_from_arch",

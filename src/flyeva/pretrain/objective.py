@@ -1,4 +1,4 @@
-"""EVA's MIM objective: regress frozen CLIP patch features at masked positions (EVA_SPEC section 3)."""
+"""EVA's MIM objective: regress frozen CLIP patch features at masked positions (docs/recipes.md §3)."""
 
 from __future__ import annotations
 

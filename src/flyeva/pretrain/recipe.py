@@ -1,4 +1,4 @@
-"""`flyeva pretrain`: the config schema (defaults = EVA-g's recipe, EVA_SPEC section 3) and the run."""
+"""`flyeva pretrain`: the config schema (defaults = EVA-g's recipe, docs/recipes.md §3) and the run."""
 
 from __future__ import annotations
 
@@ -38,31 +38,34 @@ logger = logging.getLogger(__name__)
 class ModelSection:
     size: str = "eva_giant"
     img_size: int = 0  # 0 = the size's own (224 for the paper's sizes)
-    drop_path_rate: float = 0.1  # EVA_SPEC section 2
+    drop_path_rate: float = 0.1  # docs/recipes.md §2
     grad_checkpointing: bool = False
     init: str = ""  # start from these weights (flyeva folder or release checkpoint)
-    # The release decays mask_token like every other weight matrix (docs/recipes.md section 3).
+    # The release decays mask_token like every other weight matrix (docs/recipes.md §3).
     decay_mask_token: bool = True
 
 
 @dataclass
 class TeacherSection:
     path: str = ""  # local CLIP weights: open_clip file, HF folder, or converted OpenAI safetensors
-    model_name: str = "ViT-L-14-quickgelu"  # OpenAI weights need QuickGELU (EVA_SPEC section 5)
+    model_name: str = "ViT-L-14-quickgelu"  # OpenAI weights need QuickGELU (docs/recipes.md §9)
     # A `flyeva clip train` recipe that writes `path` (its OUTPUT/final) first when it does not exist:
     # the miniature world trains its own CLIP teacher once and reuses it.
     train_recipe: str = ""
     # A randomly initialised stand-in tower (open_clip vision_cfg) when no weights are given.
     random_init: dict[str, Any] = field(default_factory=dict)
     random_seed: int = 0
-    # auto | fp32 | bf16 | fp16. The release runs the teacher under autocast (EVA_SPEC section 3);
+    # auto | fp32 | bf16 | fp16. The release runs the teacher under autocast (docs/recipes.md §3);
     # auto = the training precision if reduced, else bf16 where the device has it natively, else fp32.
     precision: str = "auto"
 
 
 @dataclass
 class MaskSection:
-    num_masking_patches: int = 105  # of 256 (~40%), EVA_SPEC section 3
+    num_masking_patches: int = 105  # of 256 (~40%), docs/recipes.md §3
+    # > 0: the fraction of the model's grid to mask (0.41 = 105 of 256), resolved against the grid;
+    # it replaces num_masking_patches so one recipe fits any image or patch size.
+    ratio: float = 0.0
     min_num_patches: int = 16
     min_aspect: float = 0.3
     target: str = "clip"  # clip | pixels (normalised-pixel baseline)
@@ -84,7 +87,7 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=list)
     val: list[SourceSection] = field(default_factory=list)
     samples_per_epoch: int = 0  # required for mixtures and webdataset shards
-    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # EVA_SPEC section 3
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # docs/recipes.md §3
     # Images with more pixels are decoded at 1/2-1/8 size (JPEG) or skipped and counted: a small
     # crafted file cannot take gigabytes per worker (docs/reliability.md).
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -132,11 +135,17 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     check_schedule(cfg.optim)
     if cfg.mask.target not in MASK_TARGETS:
         raise ConfigError(f"mask.target must be one of {list(MASK_TARGETS)}, got {cfg.mask.target!r}")
+    if not 0 <= cfg.mask.ratio < 1:
+        raise ConfigError(
+            f"mask.ratio must be in [0, 1) (0 = use mask.num_masking_patches), got {cfg.mask.ratio}"
+        )
     if cfg.mask.num_masking_patches < 1 or cfg.mask.min_num_patches < 1:
         raise ConfigError("mask.num_masking_patches and mask.min_num_patches must be at least 1")
     low, high = cfg.data.scale
     if not 0 < low <= high <= 1:
-        raise ConfigError(f"data.scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.data.scale)}")
+        raise ConfigError(
+            f"data.scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.data.scale)}"
+        )
     if not 0 < cfg.data.ratio[0] <= cfg.data.ratio[1]:
         raise ConfigError(f"data.ratio must be [low, high] with 0 < low <= high, got {list(cfg.data.ratio)}")
     if not cfg.data.sources:
@@ -146,6 +155,11 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
             raise ConfigError(f"data source {section.type} {section.path!r} does not exist; check the path")
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init {cfg.model.init} does not exist; check the path")
+
+
+def masked_patches(mask: MaskSection, grid_size: int) -> int:
+    """How many patches a mask covers: `mask.ratio` of the grid when set, else the absolute count."""
+    return max(1, round(mask.ratio * grid_size**2)) if mask.ratio > 0 else mask.num_masking_patches
 
 
 def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
@@ -222,7 +236,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
 
     masking = BlockMaskGenerator(
         grid=(size.grid_size, size.grid_size),
-        num_masking_patches=cfg.mask.num_masking_patches,
+        num_masking_patches=masked_patches(cfg.mask, size.grid_size),
         min_num_patches=cfg.mask.min_num_patches,
         min_aspect=cfg.mask.min_aspect,
     )

@@ -1,4 +1,4 @@
-"""Frozen feature teachers for MIM pretraining (EVA_SPEC section 3)."""
+"""Frozen feature teachers for MIM pretraining (docs/recipes.md §3)."""
 
 from flyeva.teachers.clip import (
     CONVERT_COMMAND,

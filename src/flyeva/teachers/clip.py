@@ -1,4 +1,4 @@
-"""Frozen CLIP vision tower that produces EVA's MIM targets (EVA_SPEC section 3).
+"""Frozen CLIP vision tower that produces EVA's MIM targets (docs/recipes.md §3).
 
 Target = every patch token of the tower's last block after `ln_post`, CLS dropped, times `proj`
 (1024 -> 768 for OpenAI ViT-L/14), computed under `torch.inference_mode()` on the unmasked crop.
@@ -12,7 +12,7 @@ Weights load from local files only, in three layouts:
 3. OpenAI's TorchScript archive (`ViT-L-14.pt`) only through the one-time, explicit
    `flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors` (`convert_openai_torchscript`).
 
-QuickGELU: OpenAI weights need it and GELU gives silently wrong features (EVA_SPEC section 5). It is
+QuickGELU: OpenAI weights need it and GELU gives silently wrong features (docs/recipes.md §9). It is
 decided by the model name (`-quickgelu`), HF `hidden_act`, or the sidecar; a GELU name logs a warning.
 """
 
@@ -37,7 +37,7 @@ from flyeva.teachers.frozen import FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEACHER = "ViT-L-14-quickgelu"  # OpenAI CLIP ViT-L/14 @224 with QuickGELU (EVA_SPEC section 3)
+DEFAULT_TEACHER = "ViT-L-14-quickgelu"  # OpenAI CLIP ViT-L/14 @224 with QuickGELU (docs/recipes.md §3)
 CONVERT_COMMAND = "flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors"
 SIDECAR_FORMAT = "flyeva-clip-teacher-v1"
 OPENAI_HEAD_WIDTH = 64  # every OpenAI CLIP ViT uses 64-wide attention heads (B/32: 12, L/14: 16 heads)
@@ -113,7 +113,7 @@ class ClipTeacher(FrozenTeacher):
         cls_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls_token, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)
         tokens = visual.transformer(visual.ln_pre(tokens))
-        # ln_post on every token, CLS dropped, then proj: projected targets (EVA_SPEC section 3).
+        # ln_post on every token, CLS dropped, then proj: projected targets (docs/recipes.md §3).
         return visual.ln_post(tokens)[:, 1:] @ visual.proj
 
 
@@ -174,7 +174,7 @@ def arch_from_model_name(model_name: str) -> TeacherArch:
     if not quick_gelu:
         logger.warning(
             "open_clip model '%s' uses GELU. OpenAI CLIP weights need QuickGELU ('%s-quickgelu'), otherwise "
-            "the targets are silently wrong (EVA_SPEC section 5); keep '%s' only for GELU-trained weights.",
+            "the targets are silently wrong (docs/recipes.md §9); keep '%s' only for GELU-trained weights.",
             model_name,
             model_name,
             model_name,
@@ -268,7 +268,7 @@ def arch_from_openai_state(visual_state: dict[str, Tensor], name: str) -> Teache
             heads=width // OPENAI_HEAD_WIDTH,
             mlp_ratio=mlp_width / width,
             output_dim=visual_state["proj"].shape[1],
-            act="quick_gelu",  # OpenAI CLIP was trained with QuickGELU (EVA_SPEC section 5)
+            act="quick_gelu",  # OpenAI CLIP was trained with QuickGELU (docs/recipes.md §9)
             name=name,
         )
     )
@@ -346,7 +346,7 @@ def hf_to_open_clip_visual(hf_state: dict[str, Tensor], source: str) -> dict[str
     if "visual_projection.weight" not in hf_state:
         raise TeacherLoadError(
             f"{source} has no visual_projection.weight (a CLIPVisionModel without projection); save it as "
-            "CLIPVisionModelWithProjection or CLIPModel: EVA's targets are projected (EVA_SPEC section 3)"
+            "CLIPVisionModelWithProjection or CLIPModel: EVA's targets are projected (docs/recipes.md §3)"
         )
     visual = {"proj": hf_state["visual_projection.weight"].t().contiguous()}
     qkv_parts: dict[tuple[str, str], dict[str, Tensor]] = {}
@@ -528,7 +528,7 @@ def load_clip_teacher(
 
 def check_token_grid(teacher: FrozenTeacher, student_grid: tuple[int, int], student_image_size: int) -> None:
     """Raise ValueError unless teacher and student tokenise the same crop into the same grid, so that
-    each student token has a target token (EVA_SPEC section 3: 224 px / patch 14 -> 16x16 on both)."""
+    each student token has a target token (docs/recipes.md §3: 224 px / patch 14 -> 16x16 on both)."""
     student_grid = tuple(student_grid)
     if teacher.grid_size == student_grid:
         return

@@ -1,6 +1,6 @@
 """What every MIM teacher shares: frozen weights, eval mode, targets in the teacher's own precision.
 
-The release runs its CLIP teacher under autocast (EVA_SPEC section 3), so its targets are computed
+The release runs its CLIP teacher under autocast (docs/recipes.md §3), so its targets are computed
 in reduced precision. flyeva casts the frozen teacher once instead (`teacher.precision`): no
 per-step weight casts, and a CPU that trains in fp32 still runs the teacher on its bf16 units
 (4x faster for CLIP-B/16 on AMX, docs/performance.md).
@@ -81,7 +81,7 @@ class FrozenTeacher(nn.Module):
             raise ValueError(
                 f"teacher '{self.name}' expects images [B, {', '.join(map(str, expected))}], got "
                 f"{list(images.shape)}; feed it the student's crop at {self.image_size} px "
-                "(EVA_SPEC section 3)"
+                "(docs/recipes.md §3)"
             )
         with torch.inference_mode(), torch.autocast(images.device.type, enabled=False):
             targets = self.patch_targets(images.to(self.dtype))

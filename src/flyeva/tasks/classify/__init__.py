@@ -1,4 +1,4 @@
-"""Image classification transfer (EVA_SPEC section 4): `flyeva classify finetune|linprobe|knn|export-timm`.
+"""Image classification transfer (docs/recipes.md §4): `flyeva classify finetune|linprobe|knn|export-timm`.
 
 Import-light on purpose: the CLI imports this package to register its commands; torch and timm are
 imported inside the handlers.

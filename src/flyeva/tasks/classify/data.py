@@ -44,7 +44,7 @@ class DataSection:
 
 @dataclass
 class AugSection:
-    """Training augmentation; defaults are the release's IN-1K fine-tuning (EVA_SPEC section 4)."""
+    """Training augmentation; defaults are the release's IN-1K fine-tuning (docs/recipes.md §4)."""
 
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])

@@ -29,7 +29,7 @@ class EncoderSection:
     init: str = ""  # the frozen encoder: flyeva folder, release MIM or EVA-CLIP checkpoint
     size: str = ""  # without init: a randomly initialised encoder of this size (a baseline)
     img_size: int = 0  # 0 = the checkpoint's resolution
-    pool: str = "cls"  # cls | avg; EVA_SPEC section 4: the CLS token for EVA-CLIP's linear probe
+    pool: str = "cls"  # cls | avg; docs/recipes.md §4: the CLS token for EVA-CLIP's linear probe
 
 
 def load_frozen_encoder(section: EncoderSection, seed: int = 0) -> Eva:

@@ -1,4 +1,4 @@
-"""`flyeva classify finetune`: fine-tune a pretrained encoder with layer-wise lr decay (EVA_SPEC section 4).
+"""`flyeva classify finetune`: fine-tune a pretrained encoder with layer-wise lr decay (docs/recipes.md §4).
 
 Schema defaults are the release's IN-1K fine-tuning of EVA-g (336 px): batch 512 (16 x 32 GPUs),
 lr 3e-5, layer decay 0.95, 10 epochs with 2 warmup, drop path 0.4, smoothing 0.3, RandAugment m9,
@@ -43,17 +43,17 @@ class ModelSection:
     init: str = ""  # pretrained weights: flyeva folder (MIM/encoder/classifier) or release checkpoint
     size: str = "eva_giant"  # only used without init (training from scratch)
     img_size: int = 336  # 0 = the checkpoint's; else position embeddings are interpolated (336/560)
-    pool: str = "avg"  # avg (mean patch tokens -> fc_norm) | cls, EVA_SPEC section 4
+    pool: str = "avg"  # avg (mean patch tokens -> fc_norm) | cls, docs/recipes.md §4
     final_norm: str = "fc_norm"  # fc_norm | drop (the release) | keep; see docs/classify.md
-    freeze_patch_embed: bool = False  # the release freezes it silently (EVA_SPEC section 5)
+    freeze_patch_embed: bool = False  # the release freezes it silently (docs/recipes.md §9)
     reset_head: bool = False  # true: a new head even when the checkpoint has one (IN-21K -> IN-1K)
-    drop_path_rate: float = 0.4  # EVA_SPEC section 4
+    drop_path_rate: float = 0.4  # docs/recipes.md §4
     head_init_scale: float = HEAD_INIT_SCALE
     grad_checkpointing: bool = False
 
 
 def _finetune_optim() -> OptimConfig:
-    # EVA_SPEC section 4, IN-1K: lr 3e-5 at batch 512, layer decay 0.95, 2 warmup epochs, min lr 0;
+    # docs/recipes.md §4, IN-1K: lr 3e-5 at batch 512, layer decay 0.95, 2 warmup epochs, min lr 0;
     # the release's AdamW defaults (betas 0.9/0.999, eps 1e-8), weight decay 0.05, no clipping.
     return OptimConfig(
         lr=3e-5,
@@ -108,7 +108,7 @@ def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
 
 
 def layer_decay_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
-    """EVA_SPEC section 4: embeddings layer 0, block i -> i + 1, fc_norm and head L + 1."""
+    """docs/recipes.md §4: embeddings layer 0, block i -> i + 1, fc_norm and head L + 1."""
     return param_groups(
         model, optim.weight_decay, layer_decay=optim.layer_decay, num_layers=len(model.blocks)
     )

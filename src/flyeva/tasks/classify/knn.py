@@ -79,21 +79,21 @@ class KnnConfig:
     model: EncoderSection = field(default_factory=EncoderSection)
     data: DataSection = field(default_factory=DataSection)
     knn: KnnSection = field(default_factory=KnnSection)
-    run: RunSection = field(default_factory=RunSection)
+    train: RunSection = field(default_factory=RunSection)
 
 
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     """Extract (or reuse) train and val features, classify val by weighted kNN, write summary.json."""
-    device = D.init_distributed(cfg.run.device)
+    device = D.init_distributed(cfg.train.device)
     data = prepare_data(cfg.data, need_val=True)
-    encoder = load_frozen_encoder(cfg.model, cfg.run.seed).to(device)
+    encoder = load_frozen_encoder(cfg.model, cfg.train.seed).to(device)
     image_size = encoder.patch_embed.img_size[0]
-    out = Path(cfg.run.output_dir)
+    out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     extract, key = frozen_feature_settings(
-        cfg.model, cfg.data, cfg.run, image_size, cfg.run.batch_size, device
+        cfg.model, cfg.data, cfg.run, image_size, cfg.train.batch_size, device
     )
     cache_dir = cfg.knn.cache_dir or out / "features"
     train_features, train_labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)

@@ -1,4 +1,4 @@
-"""LARS, as MAE's `util/lars.py` (from MoCo v3) has it: the linear probe's optimizer (EVA_SPEC section 4)."""
+"""LARS, as MAE's `util/lars.py` (from MoCo v3) has it: the linear probe's optimizer (docs/recipes.md §4)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The image classifier: timm's `Eva` with a pooled head, initialised from pretrained encoder weights.
 
-Pooling (EVA_SPEC section 4): `avg` = mean of the patch tokens (CLS excluded) -> `fc_norm` -> head,
+Pooling (docs/recipes.md §4): `avg` = mean of the patch tokens (CLS excluded) -> `fc_norm` -> head,
 the release's fine-tuning head; `cls` = the CLS token -> head.
 
-What happens to the checkpoint's final `norm` (EVA_SPEC section 5), `final_norm`:
+What happens to the checkpoint's final `norm` (docs/recipes.md §9), `final_norm`:
 - `fc_norm` (default): the model has no per-token norm; the pooled vector goes through `fc_norm`,
   initialised from the checkpoint's `norm` (timm's `checkpoint_filter_fn`). No pretrained weight is
   thrown away, and the release's own IN-21K -> IN-1K stage does the same (its 21K checkpoint carries
@@ -16,7 +16,6 @@ What happens to the checkpoint's final `norm` (EVA_SPEC section 5), `final_norm`
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,26 +27,24 @@ from timm.models.eva import Eva
 from torch import nn
 
 from flyeva.models.checkpoint import (
-    FLYEVA_CONFIG,
-    FLYEVA_WEIGHTS,
     MIM_ONLY_KEYS,
     CheckpointError,
     extract_state_dict,
     infer_size,
     load_any,
     load_weights,
-    model_config,
     read_checkpoint,
     release_to_flyeva,
 )
-from flyeva.models.eva import EvaSize, build_encoder, set_image_size
+from flyeva.models.eva import EvaSize, build_encoder, set_image_size, size_arch
+from flyeva.models.weights import is_weights_folder, load, read_config, save_weights
 
 logger = logging.getLogger(__name__)
 
 POOLS = ("avg", "cls")
 FINAL_NORMS = ("fc_norm", "drop", "keep")
 HEAD_KEYS = ("head.weight", "head.bias")
-HEAD_INIT_SCALE = 0.001  # EVA_SPEC section 4: head init scale 0.001 (timm's head_init_scale)
+HEAD_INIT_SCALE = 0.001  # docs/recipes.md §4: head init scale 0.001 (timm's head_init_scale)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -69,7 +66,7 @@ def classifier_kwargs(num_classes: int, pool: str = "avg", final_norm: str = "fc
 
 @torch.no_grad()
 def init_head(head: nn.Linear, scale: float = HEAD_INIT_SCALE) -> None:
-    """The release's head init: trunc_normal(std 0.02) times `scale`, zero bias (EVA_SPEC section 4)."""
+    """The release's head init: trunc_normal(std 0.02) times `scale`, zero bias (docs/recipes.md §4)."""
     nn.init.trunc_normal_(head.weight, std=0.02)
     head.weight.mul_(scale)
     nn.init.zeros_(head.bias)
@@ -111,11 +108,6 @@ class PretrainedWeights:
     source: str = ""
 
 
-def _is_flyeva_folder(path: Path) -> bool:
-    folder = path if path.is_dir() else path.parent
-    return (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS)
-
-
 def load_pretrained(path: str | Path) -> PretrainedWeights:
     """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint."""
     path = Path(path)
@@ -123,21 +115,19 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
         raise CheckpointError(
             f"model.init {path} does not exist; pass a flyeva weights folder or a checkpoint file"
         )
-    if _is_flyeva_folder(path):
-        folder = path if path.is_dir() else path.parent
-        config = json.loads((folder / FLYEVA_CONFIG).read_text())
-        if config.get("kind") != "classifier":
+    if is_weights_folder(path):
+        config = read_config(path)
+        if config["kind"] != "classifier":
             encoder = load_any(path, kind="encoder")
             return PretrainedWeights(
-                encoder.state_dict(), EvaSize(**model_config(encoder)["size"]), source=str(path)
+                encoder.state_dict(), EvaSize(**size_arch(encoder)["size"]), source=str(path)
             )
-        state = read_checkpoint(folder / FLYEVA_WEIGHTS)
+        state = load(path).state_dict()
         head = {k: state.pop(k) for k in HEAD_KEYS if k in state}
         if "fc_norm.weight" in state:  # the final norm, wherever the classifier kept it, becomes `norm`
             state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
-        return PretrainedWeights(
-            state, EvaSize(**config["size"]), head or None, config.get("classes"), str(path)
-        )
+        size = EvaSize(**config.get("arch", config)["size"])  # 0.1.0 kept `size` at the top level
+        return PretrainedWeights(state, size, head or None, config.get("classes"), str(path))
     raw = extract_state_dict(read_checkpoint(path))
     head = {k: raw.pop(k) for k in HEAD_KEYS if k in raw}  # a release fine-tuned head (e.g. IN-21K)
     state, notes = release_to_flyeva(raw)
@@ -206,7 +196,7 @@ def freeze_patch_embed(model: Eva) -> None:
 
 def timm_kwargs(model: Eva) -> dict[str, Any]:
     """Everything `timm.models.eva.Eva(**kwargs)` needs to rebuild `model`'s architecture."""
-    size = model_config(model)["size"]
+    size = size_arch(model)["size"]
     kwargs: dict[str, Any] = dict(
         img_size=size["img_size"],
         patch_size=size["patch_size"],
@@ -224,28 +214,24 @@ def timm_kwargs(model: Eva) -> dict[str, Any]:
 
 
 def save_classifier(model: Eva, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """`model.safetensors` (timm's names) + `config.json` (kind "classifier", the timm kwargs)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / FLYEVA_WEIGHTS))
-    config = {**model_config(model), "kind": "classifier", "timm_kwargs": timm_kwargs(model), **(extra or {})}
-    (out_dir / FLYEVA_CONFIG).write_text(json.dumps(config, indent=2))
-    return out_dir
+    """A flyeva weights folder of kind "classifier": timm's names, rebuilt from timm's kwargs."""
+    arch = {"timm_kwargs": timm_kwargs(model), **size_arch(model)}
+    return save_weights(model, out_dir, kind="classifier", arch=arch, extra=extra)
+
+
+def build_from_arch(arch: dict[str, Any]) -> Eva:
+    """The classifier a weights folder describes (the `classifier` kind of models/weights.py)."""
+    return Eva(**arch["timm_kwargs"], qkv_bias=True)
 
 
 def load_classifier(path: str | Path) -> tuple[Eva, dict[str, Any]]:
-    """A classifier written by `save_classifier`, and its config."""
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    config_file = folder / FLYEVA_CONFIG
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    """A classifier written by `save_classifier` (or flyeva 0.1.0), and its config."""
+    config = read_config(path)
     if config.get("kind") != "classifier":
         raise CheckpointError(
-            f"{folder} holds no flyeva classifier; pass the `final` folder of `flyeva classify finetune`"
+            f"{path} holds no flyeva classifier; pass the `final` folder of `flyeva classify finetune`"
         )
-    model = Eva(**config["timm_kwargs"], qkv_bias=True)
-    load_weights(model, read_checkpoint(folder / FLYEVA_WEIGHTS))
-    return model, config
+    return load(path), config
 
 
 def export_timm_classifier(model: Eva, path: str | Path) -> tuple[Path, str]:

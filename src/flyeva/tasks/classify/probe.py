@@ -2,7 +2,7 @@
 
 Head: BatchNorm1d without affine + Linear (MAE's `main_linprobe`), on the CLS token or the mean of the
 patch tokens; LARS (or SGD/AdamW); lr 1.0 at batch 16000, no weight decay, 90 epochs with 10 warmup
-(EVA_SPEC section 4). By default the encoder's features are computed once and cached, and the probe
+(docs/recipes.md §4). By default the encoder's features are computed once and cached, and the probe
 trains on the cache through the same engine and the same batch order it would see with live
 images; `probe.cache=false` runs the encoder on every batch instead (needed for augmentation).
 """
@@ -10,7 +10,6 @@ images; `probe.cache=false` runs the encoder on every batch instead (needed for 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from flyeva.config import ConfigError, to_dict, to_yaml
@@ -26,6 +24,7 @@ from flyeva.data.stream import ImageBatchStream
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import TrainConfig, TrainResult, train
 from flyeva.engine.optim import OptimConfig, build_adamw, param_groups
+from flyeva.models.weights import save_weights
 from flyeva.tasks.classify.data import (
     AugSection,
     DataSection,
@@ -63,6 +62,11 @@ class LinearProbeHead(nn.Module):
         return self.linear(self.norm(features.float()))
 
 
+def build_from_arch(arch: dict[str, Any]) -> LinearProbeHead:
+    """The probe head a weights folder describes (the `probe` kind of models/weights.py)."""
+    return LinearProbeHead(arch["dim"], arch["num_classes"])
+
+
 class FrozenEncoderProbe(nn.Module):
     """A frozen encoder (always in eval mode, no gradients) feeding a `LinearProbeHead`."""
 
@@ -83,7 +87,7 @@ class FrozenEncoderProbe(nn.Module):
 
 @dataclass
 class ProbeSection:
-    optimizer: str = "lars"  # lars | sgd | adamw; EVA_SPEC section 4: LARS
+    optimizer: str = "lars"  # lars | sgd | adamw; docs/recipes.md §4: LARS
     momentum: float = 0.9  # lars and sgd
     cache: bool = True  # features once, then train on the cache (no augmentation)
     cache_dir: str = ""  # "" = <output_dir>/features; reused when encoder and data match
@@ -91,7 +95,7 @@ class ProbeSection:
 
 
 def _probe_optim() -> OptimConfig:
-    # EVA_SPEC section 4 / the release's EVA-CLIP probe: lr 1.0 at batch 16000, wd 0, 10 warmup epochs.
+    # docs/recipes.md §4 / the release's EVA-CLIP probe: lr 1.0 at batch 16000, wd 0, 10 warmup epochs.
     return OptimConfig(lr=1.0, min_lr=0.0, weight_decay=0.0, warmup_epochs=10, clip_grad=0.0)
 
 
@@ -161,6 +165,12 @@ def train_probe(
 def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Train a linear probe on a frozen encoder; write the probe, metrics and summary.json."""
     checked_optimizer_fn(cfg.probe)  # fail before the features are extracted
+    cfg.train.check()
+    if cfg.optim.layer_decay != 1.0:
+        raise ConfigError(
+            f"optim.layer_decay={cfg.optim.layer_decay} does not apply to a linear probe (the encoder is "
+            "frozen, the head is one layer); remove it, or use `flyeva classify finetune`"
+        )
     if cfg.probe.augment and cfg.probe.cache:
         raise ConfigError("probe.augment=true needs probe.cache=false (a cache holds one view of each image)")
     device = D.init_distributed(cfg.train.device)
@@ -207,11 +217,10 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     result = train_probe(model, ClassificationObjective(data.num_classes), stream, cfg, train_cfg, evaluator)
     summary: dict[str, Any] = {}
     if D.is_main():
-        state = {k: v.detach().contiguous().cpu() for k, v in _head_of(result.model).state_dict().items()}
-        (out / "final").mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / "final" / "probe.safetensors"))
+        head = _head_of(result.model)
+        arch = {"dim": head.linear.in_features, "num_classes": head.linear.out_features}
         meta = dict(encoder=cfg.model.init, pool=cfg.model.pool, image_size=image_size, classes=data.classes)
-        (out / "final" / "probe.json").write_text(json.dumps(meta, indent=2))
+        save_weights(head, out / "final", kind="probe", arch=arch, extra=meta)
         summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
     return summary
 
