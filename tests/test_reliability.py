@@ -350,3 +350,40 @@ def test_worker_ignores_stop_signals_so_the_main_process_decides(tmp_path):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# ----- I. captions ---------------------------------------------------------------------------
+
+
+def test_invalid_utf8_in_a_caption_table_skips_that_pair_naming_file_and_line(tmp_path):
+    from PIL import Image
+
+    from flyeva.data.sources import CaptionTableSource, UnreadableTargetError
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    table = tmp_path / "pairs.tsv"
+    table.write_bytes(b"filepath\ttitle\na.png\ta red disc\nb.png\ta \xff\xfe disc\nc.png\ta blue star\n")
+    source = CaptionTableSource(table)
+    assert len(source) == 3 and source.target(0) == "a red disc" and source.target(2) == "a blue star"
+    with pytest.raises(UnreadableTargetError, match=f"{table} line 3 is not valid UTF-8"):
+        source.target(1)
+
+
+# ----- F. decoded pixels are capped ---------------------------------------------------------------
+
+
+def test_a_large_jpeg_decodes_at_reduced_size_and_a_large_png_is_skipped(tmp_path):
+    from PIL import Image
+
+    from flyeva.data.sources import UnreadableImageError, decode_rgb
+
+    Image.new("RGB", (3000, 2000), (200, 10, 10)).save(tmp_path / "big.jpg", quality=70)
+    Image.new("RGB", (3000, 2000), (200, 10, 10)).save(tmp_path / "big.png")
+    image = decode_rgb(tmp_path / "big.jpg", max_pixels=2_000_000)  # 6 MP: libjpeg decodes at 1/2
+    assert image.size == (1500, 1000) and image.getpixel((10, 10))[0] > 150
+    assert decode_rgb(tmp_path / "big.jpg", max_pixels=400_000).size == (750, 500)  # 1/4
+    with pytest.raises(
+        UnreadableImageError, match="3000x2000 = 6000000 pixels, more than max_pixels=2000000"
+    ):
+        decode_rgb(tmp_path / "big.png", max_pixels=2_000_000)  # no draft mode for PNG: skipped

@@ -41,24 +41,12 @@ def _pretrain(args: argparse.Namespace) -> None:
             )
         return
     check_pretrain_config(cfg)  # before the teacher trains for a minute
-    if cfg.teacher.train_recipe and cfg.teacher.path and not Path(cfg.teacher.path).exists():
-        _train_teacher(cfg.teacher.train_recipe, Path(cfg.teacher.path), cfg.train.device)
+    if cfg.teacher.train_recipe and cfg.teacher.path:
+        from flyeva.tasks.demo.teacher import ensure_teacher
+
+        ensure_teacher(Path(cfg.teacher.path), cfg.teacher.train_recipe, [f"train.device={cfg.train.device}"])
     result = run_pretrain(cfg)
     print(f"pretraining finished at step {result.step}; weights in {Path(cfg.train.output_dir) / 'final'}")
-
-
-def _train_teacher(recipe: str, final: Path, device: str) -> None:
-    """Train the CLIP teacher a recipe names, once; it is cached at `final` (OUTPUT/final)."""
-    from flyeva.config import load_config, recipe_path
-    from flyeva.engine import distributed as D
-    from flyeva.tasks.clip.recipe import ClipConfig, run_clip_train
-
-    if final.name != "final":
-        raise ConfigError(f"teacher.path {final} must be the `final` folder that `flyeva clip train` writes")
-    print(f"no teacher at {final}: training it once with the clip recipe {recipe!r}")
-    overrides = [f"train.output_dir={final.parent}", f"train.device={device}"]
-    run_clip_train(load_config(ClipConfig, recipe_path("clip", recipe), overrides))
-    D.barrier()  # under torchrun rank 0 writes the teacher; the other ranks load it next
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -269,6 +269,15 @@ class FileListSource(LocalImageFiles):
         return label
 
 
+def _is_clean_utf8(text: str) -> bool:
+    """False when the text came from invalid UTF-8 bytes (decoded with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clean_caption(text: str, where: str) -> str:
     caption = text.strip()
     if not caption:
@@ -311,7 +320,9 @@ class CaptionTableSource(LocalImageFiles):
         base = Path(root) if root is not None else self.table.parent
         self.paths: list[Path] = []
         self.captions: list[str] = []
-        with open(self.table, newline="", encoding="utf-8") as file:
+        self.bad_lines: dict[int, int] = {}  # row index -> line of the table that is not valid UTF-8
+        # surrogateescape: one row with invalid UTF-8 is skipped and counted at read time, not fatal.
+        with open(self.table, newline="", encoding="utf-8", errors="surrogateescape") as file:
             reader = csv.reader(file, delimiter=sep)
             header = [name.strip() for name in next(reader, [])]
             missing = [name for name in (path_column, caption_column) if name not in header]
@@ -329,6 +340,8 @@ class CaptionTableSource(LocalImageFiles):
                         f"caption table {self.table} line {reader.line_num} has no {path_column!r} value "
                         f"or too few columns ({len(row)} of {len(header)}); fix or remove that row"
                     )
+                if not _is_clean_utf8(row[path_at]) or not _is_clean_utf8(row[caption_at]):
+                    self.bad_lines[len(self.paths)] = reader.line_num
                 image_path = Path(row[path_at].strip())
                 self.paths.append(image_path if image_path.is_absolute() else base / image_path)
                 self.captions.append(row[caption_at])
@@ -336,6 +349,8 @@ class CaptionTableSource(LocalImageFiles):
             raise ValueError(f"caption table {self.table} has no rows; add an image path and caption per row")
 
     def target(self, index: int) -> str:
+        if index in self.bad_lines:
+            raise UnreadableTargetError(f"{self.table} line {self.bad_lines[index]} is not valid UTF-8")
         return _clean_caption(self.captions[index], f"row {index + 1} of {self.table.name}")
 
 

@@ -84,20 +84,18 @@ def _stage(folder: Path, run: Callable[..., dict[str, Any]], *args: Any) -> dict
 
 
 def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.tasks.clip.recipe import ClipConfig, run_clip_train
+    from flyeva.tasks.demo.teacher import ensure_teacher
 
     overrides = [
         *COMMON,
-        f"train.output_dir={out}",
         f"train.epochs={budget.teacher_epochs}",
         "train.seed=0",
         f"data.sources=[{_world(budget.teacher_samples, 0)}]",
         "model.vision.init=''",
         "zeroshot.during_training=true",
     ]
-    cfg = load_config(ClipConfig, recipe_path("clip", "miniature"), overrides)
-    result = run_clip_train(cfg)
-    return {"final": str(out / "final"), "zeroshot": _last_eval(result.history)}
+    result = ensure_teacher(out / "final", "miniature", overrides)
+    return {"final": str(out / "final"), "zeroshot": _last_eval(result.history) if result else {}}
 
 
 def pretrain(out: Path, teacher: str, seed: int, budget: DemoBudget, target: str) -> dict[str, Any]:
