@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flyeva.cli import main
@@ -129,3 +130,22 @@ def test_recipes_load(recipe):
     assert cfg.model.decoder == expected[0]
     if expected[1]:
         assert iterations == expected[1]
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    common = [*TINY, "train.epochs=2", "data.shapeworld_val=2", "model.drop_path_rate=0.0"]
+    assert main(["segment", "train", f"train.output_dir={tmp_path / 'whole'}", *common]) in (0, None)
+    assert main(
+        ["segment", "train", f"train.output_dir={tmp_path / 'cut'}", *common, "train.max_steps=3"]
+    ) in (0, None)
+    assert main(["segment", "train", f"train.output_dir={tmp_path / 'cut'}", *common]) in (0, None)
+    whole, resumed = (
+        load_file(tmp_path / "whole/final/model.safetensors"),
+        load_file(tmp_path / "cut/final/model.safetensors"),
+    )
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key

@@ -113,13 +113,13 @@ def save_segmenter(model: torch.nn.Module, folder: Path, classes: list[str], sou
 def run_train(cfg: SegmentConfig) -> dict[str, Any]:
     """Train on the shared engine; write OUTPUT/final (segmenter weights) and OUTPUT/eval.json."""
     cfg = resolve(cfg)
-    D.init_distributed(cfg.train.device)
+    device = D.init_distributed(cfg.train.device)
     out = Path(cfg.train.output_dir)
     data = ensure_shapeworld(cfg.data, out)
     train_pairs, val_pairs = open_split(data, "train"), open_split(data, "val")
     model = build_segmenter(cfg.model, len(train_pairs.classes), cfg.aug.crop_size, cfg.train.seed)
-    if D.world_size() > 1 and cfg.train.strategy != "fsdp":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg trains with SyncBN
+    if D.world_size() > 1 and device.type == "cuda" and cfg.train.strategy != "fsdp":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg trains with SyncBN (CUDA only)
     rank, world = D.rank(), D.world_size()
     stream = SegmentationBatchStream(
         train_pairs,
@@ -143,6 +143,8 @@ def run_train(cfg: SegmentConfig) -> dict[str, Any]:
         groups_fn=lambda m: layer_decay_groups(m, cfg.optim.weight_decay, cfg.optim.layer_decay),
         evaluate=evaluator,
     )
+    if not evaluator.last:  # stopped by max_steps inside an epoch: evaluate the final weights (every rank)
+        evaluator.run(result.model, device)
     state = full_model_state(result.model)  # collective under FSDP2
     if not D.is_main():
         return {}
@@ -150,8 +152,7 @@ def run_train(cfg: SegmentConfig) -> dict[str, Any]:
     final.load_state_dict(state)
     source = {"init": cfg.model.init, "recipe": "segment train", "steps": result.step}
     save_segmenter(final, out / "final", train_pairs.classes, source)
-    metrics = evaluator.last or evaluator.run(final, torch.device("cpu"))
-    return write_eval(out, metrics, result.step)
+    return write_eval(out, evaluator.last, result.step)
 
 
 def write_eval(out: Path, metrics: dict[str, Any], step: int | None = None) -> dict[str, Any]:
