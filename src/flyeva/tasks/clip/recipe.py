@@ -1,6 +1,6 @@
 """`flyeva clip train` / `flyeva clip zeroshot`: the config schema and the runs.
 
-Defaults are EVA-CLIP-g's recipe where EVA_SPEC section 4 gives it (EVA-g vision, CLIP-L text,
+Defaults are EVA-CLIP-g's recipe where docs/recipes.md section 5 gives it (EVA-g vision, CLIP-L text,
 embed 1024, fp16, ZeRO-1, global batch ~41k); the rest follows open_clip's large-batch recipes.
 Training goes through the shared engine (`flyeva.engine.loop.train`); this file only builds the
 model, the data stream, the objective and the optimiser groups.
@@ -121,8 +121,8 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
     from flyeva.engine import distributed as D
     from flyeva.engine.checkpoint import full_model_state
     from flyeva.engine.loop import train
-    from flyeva.models.checkpoint import save_flyeva
-    from flyeva.models.eva import build_encoder
+    from flyeva.models.eva import build_encoder, size_arch
+    from flyeva.models.weights import save_weights
     from flyeva.tasks.clip.loss import ClipObjective
     from flyeva.tasks.clip.model import clip_param_groups, save_clip, vision_encoder_state
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
@@ -184,7 +184,10 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
         save_clip(final, cfg.model, out / "final", extra={"step": result.step})
         encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
         encoder.load_state_dict(vision_encoder_state(final))
-        save_flyeva(encoder, out / "final" / "visual", extra={"source": "eva-clip vision tower"})
+        source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
+        save_weights(
+            encoder, out / "final" / "visual", kind="encoder", arch=size_arch(encoder), source=source
+        )
         summary = {
             "step": result.step,
             "skipped_pairs": result.skipped_images,
@@ -196,9 +199,13 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
     return result
 
 
-def run_zeroshot(cfg: ClipConfig) -> dict[str, Any]:
-    """Evaluate `zeroshot.checkpoint` (or the recipe's initial model) on the configured sets."""
-    from flyeva.tasks.clip.model import load_clip
+def run_zeroshot(cfg: ClipConfig, **reading: Any) -> dict[str, Any]:
+    """Evaluate `zeroshot.checkpoint` (or the recipe's initial model) on the configured sets.
+
+    The checkpoint is a flyeva CLIP folder or a file `load_any_clip` reads; `reading` holds its
+    options (text_act, num_heads, text_heads) for files that cannot say everything.
+    """
+    from flyeva.tasks.clip.convert import load_any_clip
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, format_table, resolve_device, write_results
 
     zs = cfg.zeroshot
@@ -208,8 +215,11 @@ def run_zeroshot(cfg: ClipConfig) -> dict[str, Any]:
         )
     device = resolve_device(zs.device)
     if zs.checkpoint:
-        model, _ = load_clip(zs.checkpoint)
-        default_output = Path(zs.checkpoint) / "zeroshot.json"
+        model, _, _ = load_any_clip(zs.checkpoint, **reading)
+        checkpoint = Path(zs.checkpoint)
+        default_output = (
+            checkpoint / "zeroshot.json" if checkpoint.is_dir() else checkpoint.with_suffix(".zeroshot.json")
+        )
     else:
         logger.info("no zeroshot.checkpoint: evaluating the recipe's initial model (vision/text init)")
         model = build_clip_from_config(cfg.model)

@@ -80,7 +80,7 @@ class RetrievalSection:
 
 @dataclass
 class ZeroShotSection:
-    checkpoint: str = ""  # a `flyeva clip train` OUTPUT/final folder ("" = the recipe's model and inits)
+    checkpoint: str = ""  # flyeva CLIP folder, EVA-CLIP release or open_clip EVA01 file ("" = recipe model)
     datasets: list[EvalDatasetSection] = field(default_factory=list)
     retrieval: list[RetrievalSection] = field(default_factory=list)
     # Prompts with {} for the class name; none = OpenAI's 80 ImageNet templates (EVA_SPEC section 4).

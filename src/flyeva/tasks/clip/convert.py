@@ -1,0 +1,243 @@
+"""Foreign EVA-CLIP checkpoints -> flyeva's EvaClip: the release's files and open_clip's EVA01 files.
+
+Layouts read (after `extract_state_dict` unwraps `model` / `module` / `state_dict`):
+- the EVA-CLIP release (`EVA-CLIP/rei/eva_clip/model.py`, `eva_vit_model.py`): vision tower under
+  `visual.` with timm's EVA names and `visual.head` (Linear with bias, width -> embed_dim); text tower
+  under `text.` (CustomCLIP) or at the top level (CLIP); `logit_scale` at the top level and/or as
+  `text.logit_scale`, which the release's `load_checkpoint` copies over the top-level one;
+- open_clip's EVA01-g-14 (`open_clip/model_configs/EVA01-g-14.json`): timm's Eva under
+  `visual.trunk.` with its `head` as the projection, text under `text.`, `logit_scale`.
+
+Shapes give every size except the numbers of heads: vision heads come from a named size (or
+`num_heads`), text heads from width / 64 (every OpenAI and open_clip text tower; or `text_heads`).
+The text activation cannot be read off the weights, so it comes from a flag or from provenance;
+see `resolve_text_activation`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyeva.models.checkpoint import (
+    extract_state_dict,
+    infer_size,
+    load_weights,
+    read_checkpoint,
+    release_to_flyeva,
+)
+from flyeva.models.eva import EVA_SIZES
+from flyeva.tasks.clip.model import (
+    ClipModelSection,
+    EvaClip,
+    TextSection,
+    VisionSection,
+    build_clip,
+    load_clip,
+)
+
+logger = logging.getLogger(__name__)
+
+TEXT_ACTIVATIONS = {"gelu": False, "quickgelu": True}  # --text-act value -> TextSection.quick_gelu
+OPENAI_TEXT_HEAD_WIDTH = 64  # OpenAI CLIP and open_clip text towers: heads = width / 64
+# Keys of an open_clip / release CLIP text tower kept at the top level of the state dict.
+TOP_LEVEL_TEXT_KEYS = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+)
+EVA_CLIP_RELEASE, OPEN_CLIP = "eva-clip-release", "open_clip"
+
+
+@dataclass
+class ClipParts:
+    """A CLIP state dict split into flyeva's pieces."""
+
+    layout: str
+    visual: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor]
+    logit_scale: torch.Tensor | None
+
+
+def split_clip_state(state: dict[str, torch.Tensor], source: str) -> ClipParts:
+    """Vision (flyeva `visual.*` names, head included), text (open_clip names) and logit_scale."""
+    if any(k.startswith("visual.trunk.") for k in state):
+        layout, prefix = OPEN_CLIP, "visual.trunk."
+        extra = sorted(k for k in state if k.startswith("visual.") and not k.startswith(prefix))
+        if extra:  # a separate projection (timm_proj linear/mlp) is not EvaClip's head
+            raise ValueError(
+                f"{source}: open_clip vision keys {extra[:3]} are not EVA-CLIP's; use a timm_proj null model"
+            )
+    elif "visual.patch_embed.proj.weight" in state:
+        layout, prefix = EVA_CLIP_RELEASE, "visual."
+    else:
+        raise ValueError(
+            f"{source} holds no EVA vision tower (no visual.patch_embed / visual.trunk keys); flyeva reads "
+            "EVA-CLIP release and open_clip EVA01 checkpoints, not OpenAI-style ViT CLIPs"
+        )
+    if any(".rope." in k or k.endswith("rope.freqs_cos") for k in state):
+        raise ValueError(f"{source} is an EVA-02 CLIP (rotary embeddings); flyeva implements EVA-01 towers")
+    visual = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if "text.token_embedding.weight" in state:
+        text = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+    elif "token_embedding.weight" in state:
+        text = {k: v for k, v in state.items() if k.startswith(TOP_LEVEL_TEXT_KEYS)}
+    else:
+        raise ValueError(
+            f"{source} holds no CLIP text tower (no token_embedding.weight under text. or top level)"
+        )
+    # The release's loader moves `text.logit_scale` over the top-level one; do the same.
+    logit_scale = state.get("text.logit_scale", state.get("logit_scale"))
+    text.pop("logit_scale", None)
+    text.pop("attn_mask", None)  # a buffer older open_clip versions saved; rebuilt from the context length
+    return ClipParts(layout, visual, text, logit_scale)
+
+
+def resolve_text_activation(
+    text_act: str | None, layout: str, sidecar: dict[str, Any] | None
+) -> tuple[bool, str]:
+    """(quick_gelu, why). A flag wins; otherwise what the file's provenance says; otherwise an error.
+
+    - the open_clip model config next to the file (`flyeva clip export-open-clip` writes it): `quick_gelu`;
+    - the EVA-CLIP release layout: GELU, the release builds every EVA-CLIP text tower with nn.GELU;
+    - an open_clip file without its config: unknown (OpenAI-initialised towers may use QuickGELU).
+    """
+    told = None if sidecar is None else bool(sidecar.get("quick_gelu", False))
+    if text_act is not None:
+        if text_act not in TEXT_ACTIVATIONS:
+            raise ValueError(f"--text-act {text_act!r} is not one of {sorted(TEXT_ACTIVATIONS)}")
+        if told is not None and told != TEXT_ACTIVATIONS[text_act]:
+            raise ValueError(f"--text-act {text_act} contradicts the file's open_clip config; drop the flag")
+        return TEXT_ACTIVATIONS[text_act], f"--text-act {text_act}"
+    if told is not None:
+        return told, "the open_clip model config next to the file"
+    if layout == EVA_CLIP_RELEASE:
+        return False, "EVA-CLIP release layout: its text towers use GELU (pass --text-act quickgelu if not)"
+    raise ValueError(
+        "the checkpoint does not say its text activation: pass --text-act gelu (EVA-CLIP, open_clip "
+        "EVA01-g-14) or --text-act quickgelu (OpenAI CLIP-L text weights); a wrong one gives wrong features"
+    )
+
+
+def text_arch(text: dict[str, torch.Tensor], quick_gelu: bool, heads: int | None) -> TextSection:
+    vocab_size, width = text["token_embedding.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in text if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
+    mlp_dim = text["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return TextSection(
+        width=width,
+        heads=heads or max(1, width // OPENAI_TEXT_HEAD_WIDTH),
+        layers=layers,
+        context_length=text["positional_embedding"].shape[0],
+        vocab_size=vocab_size,
+        mlp_ratio=mlp_dim / width,
+        quick_gelu=quick_gelu,
+    )
+
+
+def vision_arch(visual: dict[str, torch.Tensor], num_heads: int | None) -> VisionSection:
+    size = infer_size(visual, num_heads)
+    named = next((name for name, known in EVA_SIZES.items() if known == size), None)
+    return VisionSection(size=named) if named else VisionSection(size=asdict(size), img_size=size.img_size)
+
+
+def clip_from_state_dict(
+    state: dict[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    text_act: str | None = None,
+    num_heads: int | None = None,
+    text_heads: int | None = None,
+    sidecar: dict[str, Any] | None = None,
+) -> tuple[EvaClip, ClipModelSection, dict[str, Any]]:
+    """An EvaClip holding a foreign CLIP state dict exactly; returns (model, its section, provenance)."""
+    parts = split_clip_state(state, source)
+    head = {
+        k.removeprefix("head."): parts.visual.pop(k)
+        for k in ("head.weight", "head.bias")
+        if k in parts.visual
+    }
+    if "weight" not in head:
+        raise ValueError(
+            f"{source}: the vision tower has no head (visual.head.weight), the CLIP image projection"
+        )
+    encoder, notes = release_to_flyeva(parts.visual)
+    if notes.dropped:  # e.g. fc_norm of a mean-pooled tower: EvaClip pools the CLS token
+        raise ValueError(f"{source}: vision weights EvaClip has no place for: {', '.join(notes.dropped[:5])}")
+    quick_gelu, why = resolve_text_activation(text_act, parts.layout, sidecar)
+    section = ClipModelSection(
+        embed_dim=head["weight"].shape[0],
+        vision=vision_arch(encoder, num_heads),
+        text=text_arch(parts.text, quick_gelu, text_heads),
+    )
+    model = build_clip(section, release_init=False)
+    if "bias" not in head:
+        head["bias"] = torch.zeros(section.embed_dim)  # open_clip-style bias-free projection
+    visual_state = {**encoder, **{f"head.{k}": v for k, v in head.items()}}
+    load_weights(model.visual, visual_state)
+    load_weights(model.text, parts.text)
+    if parts.logit_scale is None:
+        logger.warning(
+            "%s has no logit_scale: logits use CLIP's initial 1/0.07 (embeddings are unaffected)", source
+        )
+    else:
+        model.logit_scale.data.copy_(parts.logit_scale.reshape(()).float())
+    provenance = {
+        "file": source,
+        "layout": parts.layout,
+        "text_activation": "QuickGELU" if quick_gelu else "GELU",
+    }
+    provenance["text_activation_from"] = why
+    return model.eval(), section, provenance
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The open_clip model config written next to an exported file (`NAME.json` beside `NAME.safetensors`)."""
+    sidecar = path.with_suffix(".json")
+    if path.suffix == ".json" or not sidecar.is_file():
+        return None
+    config = json.loads(sidecar.read_text())
+    return config if isinstance(config, dict) and "text_cfg" in config else None
+
+
+def load_any_clip(
+    path: str | Path,
+    *,
+    text_act: str | None = None,
+    num_heads: int | None = None,
+    text_heads: int | None = None,
+    trust_pickle: bool = False,
+) -> tuple[EvaClip, ClipModelSection, dict[str, Any]]:
+    """A flyeva CLIP folder, an EVA-CLIP release checkpoint, or an open_clip EVA01 checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        model, section = load_clip(path)
+        return model, section, {"file": str(path), "layout": "flyeva"}
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP checkpoint {path} does not exist; pass a flyeva folder or a checkpoint file"
+        )
+    state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
+    model, section, provenance = clip_from_state_dict(
+        state,
+        source=str(path),
+        text_act=text_act,
+        num_heads=num_heads,
+        text_heads=text_heads,
+        sidecar=read_sidecar(path),
+    )
+    logger.info(
+        "%s: %s layout, text activation %s (%s)",
+        path,
+        provenance["layout"],
+        provenance["text_activation"],
+        provenance["text_activation_from"],
+    )
+    return model, section, provenance
