@@ -224,5 +224,6 @@ def test_recipes_load(recipe):
         assert (cfg.model.vision.size, cfg.model.embed_dim) == ("eva_giant", 1024)
         assert (cfg.model.text.layers, cfg.model.text.width, cfg.model.text.heads) == (12, 768, 12)
         assert (cfg.model.text.context_length, cfg.model.text.vocab_size) == (77, 49408)
+        assert not cfg.model.text.quick_gelu  # the release's EVA-CLIP-g text tower is GELU
         assert (cfg.train.precision, cfg.train.strategy) == ("fp16", "zero1")
         assert cfg.train.batch_size * 256 == 40960  # ~41k global on 256 GPUs

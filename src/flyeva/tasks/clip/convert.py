@@ -207,6 +207,16 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) and "text_cfg" in config else None
 
 
+def heads_from_sidecar(sidecar: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(vision heads, text heads) from an open_clip model config and its timm `local-dir:` folder."""
+    text_heads = sidecar["text_cfg"].get("heads")
+    timm_name = str(sidecar.get("vision_cfg", {}).get("timm_model_name", ""))
+    timm_config = Path(timm_name.removeprefix("local-dir:")) / "config.json"
+    if not timm_name.startswith("local-dir:") or not timm_config.is_file():
+        return None, text_heads
+    return json.loads(timm_config.read_text()).get("model_args", {}).get("num_heads"), text_heads
+
+
 def load_any_clip(
     path: str | Path,
     *,
@@ -225,13 +235,18 @@ def load_any_clip(
             f"CLIP checkpoint {path} does not exist; pass a flyeva folder or a checkpoint file"
         )
     state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
+    sidecar = read_sidecar(path)
+    if sidecar is not None:  # the numbers of heads the shapes cannot give
+        sidecar_vision_heads, sidecar_text_heads = heads_from_sidecar(sidecar)
+        num_heads = num_heads or sidecar_vision_heads
+        text_heads = text_heads or sidecar_text_heads
     model, section, provenance = clip_from_state_dict(
         state,
         source=str(path),
         text_act=text_act,
         num_heads=num_heads,
         text_heads=text_heads,
-        sidecar=read_sidecar(path),
+        sidecar=sidecar,
     )
     logger.info(
         "%s: %s layout, text activation %s (%s)",

@@ -1,4 +1,4 @@
-"""Local evaluation sets for zero-shot classification and retrieval (EVA_SPEC section 4, "Zero-shot").
+"""Local evaluation sets for zero-shot classification and retrieval (docs/recipes.md section 5, "Zero-shot").
 
 - `folder`: ImageFolder layout (root/<class>/<image>); class names from a file (one per line, in
   sorted folder order) or from the folder names.

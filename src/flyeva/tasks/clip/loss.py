@@ -1,7 +1,7 @@
 """The contrastive objective over the global batch, with exact micro-batch accumulation.
 
 Loss: open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`: each rank scores its own
-rows against the features of every rank (EVA_SPEC section 4: "all-gathered features"), so the
+rows against the features of every rank (docs/recipes.md section 5: "all-gathered features"), so the
 effective contrastive batch is the global one and DDP's gradient average is the global loss's.
 
 Accumulation (open_clip's train.py): a no-grad pass over all micro-batches caches their features;

@@ -1,4 +1,4 @@
-"""`flyeva clip zeroshot`: zero-shot classification and image-text retrieval (EVA_SPEC section 4).
+"""`flyeva clip zeroshot`: zero-shot classification and image-text retrieval (docs/recipes.md section 5).
 
 Classifier: for every class, the prompts of every template (OpenAI's 80 ImageNet templates by
 default) go through the text tower; the per-class mean of the L2-normalised embeddings,
@@ -35,7 +35,7 @@ from flyeva.tasks.clip.datasets import (
 logger = logging.getLogger(__name__)
 
 ROLES = ("in1k", "shift", "other")
-# Default roles by dataset name: EVA_SPEC section 4 lists these as ImageNet and its shifted variants.
+# Default roles by dataset name: docs/recipes.md section 5 lists these as ImageNet and its shifted variants.
 DEFAULT_ROLES = {
     "imagenet": "in1k",
     "imagenet_1k": "in1k",
@@ -83,7 +83,7 @@ class ZeroShotSection:
     checkpoint: str = ""  # flyeva CLIP folder, EVA-CLIP release or open_clip EVA01 file ("" = recipe model)
     datasets: list[EvalDatasetSection] = field(default_factory=list)
     retrieval: list[RetrievalSection] = field(default_factory=list)
-    # Prompts with {} for the class name; none = OpenAI's 80 ImageNet templates (EVA_SPEC section 4).
+    # Prompts with {} for the class name; none = OpenAI's 80 ImageNet templates (docs/recipes.md section 5).
     templates: list[str] = field(default_factory=list)
     templates_file: str = ""  # or a file of them, one per line
     crop_pct: float = 1.0
@@ -100,7 +100,7 @@ class ZeroShotSection:
 
 
 def default_templates() -> list[Callable[[str], str]]:
-    """OpenAI's 80 ImageNet prompt templates (EVA_SPEC section 4), as open_clip ships them."""
+    """OpenAI's 80 ImageNet prompt templates (docs/recipes.md section 5), as open_clip ships them."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return list(OPENAI_IMAGENET_TEMPLATES)
@@ -208,7 +208,7 @@ def role_of(section: EvalDatasetSection) -> str:
 
 def summarize(top1: dict[str, float], roles: dict[str, str]) -> dict[str, float]:
     """Average top-1 over all sets; with IN-1K and shift sets, the shift average and the robustness gap
-    (shift average minus IN-1K; EVA_SPEC section 4)."""
+    (shift average minus IN-1K; docs/recipes.md section 5)."""
     summary = {"average_top1": sum(top1.values()) / len(top1)} if top1 else {}
     reference = [top1[name] for name in top1 if roles[name] == "in1k"]
     shifts = [top1[name] for name in top1 if roles[name] == "shift"]
