@@ -208,6 +208,12 @@ def test_a_folder_of_another_kind_is_not_a_clip(tmp_path):
     assert not is_clip_folder(tmp_path / "mim") and not is_eva_clip_folder(tmp_path / "mim")
     with pytest.raises(CheckpointError, match=r"not a flyeva CLIP folder.*flyeva clip convert"):
         load_clip(tmp_path / "mim")
+    (tmp_path / "hf").mkdir()  # a Hugging Face CLIP folder: config.json without a flyeva kind
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text('{"kind": "cl')
+    for folder in ("hf", "torn"):
+        assert not is_clip_folder(tmp_path / folder) and not is_eva_clip_folder(tmp_path / folder)
 
 
 def test_accum_steps_is_refused_in_favour_of_micro_batches():

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from flyeva.models.checkpoint import load_weights, read_checkpoint
 from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
-from flyeva.models.weights import CONFIG_FILE, WEIGHTS_FILE, read_config
+from flyeva.models.weights import CONFIG_FILE, WEIGHTS_FILE, WeightsError, read_config
 from flyeva.teachers.frozen import FrozenTeacher
 
 # flyeva 0.1.0's CLIP folder; newer folders are flyeva weights folders of kind "clip".
@@ -45,9 +45,12 @@ def is_eva_clip_folder(path: str | Path) -> bool:
     folder = Path(path)
     if (folder / LEGACY_CLIP_CONFIG).is_file():
         return True
-    return (folder / CONFIG_FILE).is_file() and json.loads((folder / CONFIG_FILE).read_text()).get(
-        "kind"
-    ) == "clip"
+    if not (folder / CONFIG_FILE).is_file():
+        return False
+    try:
+        return read_config(folder)["kind"] == "clip"
+    except WeightsError:  # unreadable, or not a flyeva config (e.g. a Hugging Face CLIP folder)
+        return False
 
 
 def _clip_arch_and_weights(folder: Path) -> tuple[dict, Path]:
