@@ -189,13 +189,9 @@ def clip_from_state_dict(
         )
     else:
         model.logit_scale.data.copy_(parts.logit_scale.reshape(()).float())
-    provenance = {
-        "file": source,
-        "layout": parts.layout,
-        "text_activation": "QuickGELU" if quick_gelu else "GELU",
-    }
-    provenance["text_activation_from"] = why
-    return model.eval(), section, provenance
+    activation = "QuickGELU" if quick_gelu else "GELU"
+    provenance = {"file": source, "layout": parts.layout, "text_activation": activation}
+    return model.eval(), section, {**provenance, "text_activation_from": why}
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
