@@ -175,3 +175,20 @@ def test_cli_train_eval_predict_and_weights_round_trip(tmp_path, capsys):
           "--out", str(tmp_path / "drawn"), "--threshold", "0.0"])  # fmt: skip
     assert len(list((tmp_path / "drawn").glob("*.png"))) == 4
     assert "wrote 4 images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_stage_from_an_encoder_folder(tmp_path):
+    from flyeva.models.eva import build_encoder, size_arch
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.detect.demo import run_demo_stage
+
+    encoder = build_encoder("miniature")
+    save_weights(encoder, tmp_path / "encoder", kind="encoder", arch=size_arch(encoder))
+    result = run_demo_stage(
+        tmp_path / "run", str(tmp_path / "encoder"), seed=0, steps=2, train_images=8, val_images=4
+    )
+    assert set(result) == {"box_AP", "box_AP50", "mask_AP", "mask_AP50"}
+    assert all(0.0 <= value <= 1.0 for value in result.values())
+    weights = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert weights["arch"]["backbone"]["pos_grid"] == 8  # the miniature encoder's 32 / 4 table
