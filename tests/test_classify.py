@@ -499,7 +499,7 @@ def test_finetune_learns_a_separable_folder_through_the_cli(pattern_folder, tmp_
         main(["classify", "export-timm", str(out / "final"), "--out", str(tmp_path / "timm.safetensors")])
         == 0
     )
-    timm_model = Eva(**config["timm_kwargs"])
+    timm_model = Eva(**config["arch"]["timm_kwargs"])
     timm_model.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
     # Its encoder serves the frozen-feature evaluations too.
     knn = ["classify", "knn", f"model.init={out / 'final'}", f"data.root={pattern_folder}", "knn.k=5"]

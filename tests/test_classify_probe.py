@@ -73,7 +73,10 @@ def test_probe_reuses_its_cache_and_refuses_augmentation_with_it(small_folder, t
     assert main(probe_args(small_folder, out, "train.epochs=1")) == 0
     cache = out / "features" / "train.safetensors"
     written = cache.stat().st_mtime_ns
-    assert main(probe_args(small_folder, out, "train.epochs=1", "train.resume=never")) == 0
+    assert (
+        main(probe_args(small_folder, out, "train.epochs=1", "train.resume=never", "train.overwrite=true"))
+        == 0
+    )
     assert cache.stat().st_mtime_ns == written  # same encoder and data: not extracted again
     assert main(probe_args(small_folder, out, "probe.augment=true")) == 2
     assert "probe.cache=false" in capsys.readouterr().err

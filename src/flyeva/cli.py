@@ -19,6 +19,7 @@ TASK_MODULES = (
     "flyeva.tasks.segment",
     "flyeva.tasks.video",
     "flyeva.tasks.demo",
+    "flyeva.tasks.report",
 )
 
 

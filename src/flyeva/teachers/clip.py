@@ -479,14 +479,14 @@ def load_clip_teacher(
     - any other state dict (.pt/.pth/.bin/.safetensors): needs an open_clip `model_name`, for the
       OpenAI ViT-L/14 weights 'ViT-L-14-quickgelu' (plain 'ViT-L-14' builds GELU and warns);
     - a TorchScript archive: error naming the one-time `flyeva convert teacher` command;
-    - a folder written by `flyeva clip train` (clip.json): its EVA vision tower (`EvaTowerTeacher`).
+    - a folder of `flyeva clip train` / `flyeva clip convert`: its EVA vision tower (`EvaTowerTeacher`).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")
-    if path.is_dir() and (path / "clip.json").is_file():  # a flyeva EVA-CLIP (`flyeva clip train`)
-        from flyeva.teachers.eva_tower import load_eva_clip_teacher
+    from flyeva.teachers.eva_tower import is_eva_clip_folder, load_eva_clip_teacher
 
+    if path.is_dir() and is_eva_clip_folder(path):  # a flyeva EVA-CLIP (`clip train`, `clip convert`)
         return load_eva_clip_teacher(path)
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -93,7 +93,7 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     extract, key = frozen_feature_settings(
-        cfg.model, cfg.data, cfg.run, image_size, cfg.train.batch_size, device
+        cfg.model, cfg.data, cfg.train, image_size, cfg.train.batch_size, device
     )
     cache_dir = cfg.knn.cache_dir or out / "features"
     train_features, train_labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
