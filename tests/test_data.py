@@ -26,7 +26,7 @@ from flyeva.data.sources import (
     build_source,
     decode_rgb,
 )
-from flyeva.data.stream import ImageBatchStream, build_pretrain_loader
+from flyeva.data.stream import ImageBatchStream, build_loader
 from flyeva.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -60,7 +60,7 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 def run(stream: ImageBatchStream, num_workers: int, epoch: int = 0, skip=()) -> list[dict]:
     stream.set_epoch(epoch, skip)
-    return list(build_pretrain_loader(stream, num_workers))
+    return list(build_loader(stream, num_workers))
 
 
 def all_ids(batches: list[dict]) -> list[int]:
@@ -266,7 +266,7 @@ def test_resume_continues_bit_identically(num_workers):
     for take in [3, 2]:
         resumed = stream()
         resumed.set_epoch(2, skip)
-        loader = iter(build_pretrain_loader(resumed, num_workers))
+        loader = iter(build_loader(resumed, num_workers))
         for _ in range(take):
             batch = next(loader)
             skip[batch["worker"]] = batch["index"] + 1

@@ -22,7 +22,7 @@ from flyeva.data.sources import (
     WebDatasetSource,
     build_source,
 )
-from flyeva.data.stream import ImageBatchStream, build_pretrain_loader
+from flyeva.data.stream import ImageBatchStream, build_loader
 from flyeva.data.transforms import PretrainTransform
 
 TINY = PretrainTransform(image_size=8)
@@ -51,7 +51,7 @@ def write_class_folders(root: Path, counts: dict[str, int]) -> None:
 
 def run(stream: ImageBatchStream, num_workers: int, epoch: int = 0, skip=()) -> list[dict]:
     stream.set_epoch(epoch, skip)
-    return list(build_pretrain_loader(stream, num_workers))
+    return list(build_loader(stream, num_workers))
 
 
 def keys_and_labels(batches: list[dict]) -> list[tuple[str, int]]:
@@ -151,7 +151,7 @@ def test_resume_with_labels_is_bit_identical(tmp_path, num_workers):
     assert len(reference) == 5
     resumed = stream()
     resumed.set_epoch(2)
-    loader = iter(build_pretrain_loader(resumed, num_workers))
+    loader = iter(build_loader(resumed, num_workers))
     skip = [0] * max(num_workers, 1)
     for _ in range(2):
         batch = next(loader)

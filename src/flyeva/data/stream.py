@@ -1,7 +1,7 @@
 """Batches of pretraining images with exact sharding across ranks/workers and exact resume.
 
 `ImageBatchStream` is an IterableDataset that forms whole batches inside each DataLoader worker;
-use it as `DataLoader(stream, batch_size=None, num_workers=N)` (see `build_pretrain_loader`).
+use it as `DataLoader(stream, batch_size=None, num_workers=N)` (see `build_loader`).
 Each item is `{"images": [b, 3, H, W], "num_skipped": int, "worker": int, "index": int}`, plus
 "keys", "ids" and "sources" with `return_ids=True`.
 
@@ -266,12 +266,8 @@ class ImageBatchStream(IterableDataset):
     def _indexable_batches(
         self, worker: int, num_workers: int, first_index: int
     ) -> Iterator[tuple[int, list[_PendingSample]]]:
-        samples = self.samples_per_rank()
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        rank_start = self.rank * samples
-        # Keep only this rank's slice of the permutation (the tail N % world_size is dropped).
-        rank_order = torch.randperm(len(self.source), generator=generator)[rank_start : rank_start + samples]
-        rank_order = rank_order.clone()
+        rank_start = self.rank * self.samples_per_rank()
+        rank_order = rank_permutation(len(self.source), self.seed, self.epoch, self.rank, self.world_size)
         batch_sizes = self._batch_sizes(worker, num_workers)
         for index, size in enumerate(itertools.islice(batch_sizes, first_index, None), start=first_index):
             start = (worker + index * num_workers) * self.batch_size
@@ -439,12 +435,29 @@ class ImageBatchStream(IterableDataset):
         return torch.empty(0, 3, size, size) if isinstance(size, int) else torch.empty(0)
 
 
-def build_pretrain_loader(stream: ImageBatchStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over whole batches from `stream`.
+def rank_permutation(length: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's slice of the epoch's permutation of an indexable source (the N % world tail dropped).
+
+    The one definition of the order `ImageBatchStream` (and the cached-feature stream) visit samples in.
+    """
+    samples = length // world_size
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    return torch.randperm(length, generator=generator)[rank * samples : (rank + 1) * samples].clone()
+
+
+def build_loader(
+    stream: Any,
+    num_workers: int,
+    *,
+    seed: int | None = None,
+    worker_init_fn: Any = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The one DataLoader over whole batches from a stream (training, features, evaluation).
 
     in_order=True is what makes the loader yield batch 0, 1, 2, ... (round-robin over workers) and
-    resume exact. The loader draws its workers' base seed from a private generator, so creating it
-    leaves the training loop's global RNG alone; the stream seeds every sample itself.
+    resume exact. The loader draws its workers' base seed from a private generator (`seed`, else the
+    stream's), so creating it leaves the training loop's global RNG alone.
     """
     return DataLoader(
         stream,
@@ -454,5 +467,6 @@ def build_pretrain_loader(stream: ImageBatchStream, num_workers: int, pin_memory
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         in_order=True,
-        generator=torch.Generator().manual_seed(stream.seed),
+        generator=torch.Generator().manual_seed(stream.seed if seed is None else seed),
+        worker_init_fn=worker_init_fn,
     )

@@ -9,8 +9,11 @@ RNG (torchvision's own transforms), so seeding torch reproduces a crop exactly;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -86,3 +89,17 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"EvalTransform({self.pipeline})"
+
+
+@contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's and NumPy's global RNGs (timm's augmentations and Mixup draw from them), then
+    restore them, so a seeded draw leaves every other user of those RNGs where it was."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from flyeva.config import ConfigError
+from flyeva.data.stream import build_loader
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import (
     CheckpointReadError,
@@ -45,6 +45,7 @@ from flyeva.engine.optim import (
     lr_at,
     param_groups,
     warmup_length,
+    without_names,
 )
 from flyeva.engine.preemption import Interrupted, StopRequest, ignore_stop_signals
 from flyeva.engine.run import RunLock, claim_folder
@@ -195,8 +196,7 @@ def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> tor
     if strategy == "zero1" and D.world_size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-        first, rest = clean[0], clean[1:]
+        first, *rest = without_names(groups)
         zero = ZeroRedundancyOptimizer(
             first["params"],
             optimizer_class=torch.optim.AdamW,
@@ -509,13 +509,7 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
     cfg = state.cfg
     stream.set_epoch(state.epoch, state.skip)
     # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=ignore_stop_signals,
-    )
+    loader = build_loader(stream, cfg.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
     images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
     accumulated = torch.zeros(3, dtype=torch.float64, device=state.device)  # loss sum, non-finite, stop
     handles_backward = getattr(objective, "handles_backward", False)

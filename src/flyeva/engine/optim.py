@@ -109,9 +109,13 @@ def param_groups(
     return list(groups.values())
 
 
+def without_names(groups: list[dict]) -> list[dict]:
+    """Groups for an optimizer: `param_names` stay out so its state dict is plain tensors and numbers."""
+    return [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+
+
 def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    # `param_names` stay out of the optimizer so its state dict is plain tensors and numbers.
-    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    clean = without_names(groups)
     flags = adamw_flags(cfg.implementation)
     return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **flags)
 

@@ -6,20 +6,18 @@ webdataset shards whose samples carry a `.cls` member, or the synthetic ShapeWor
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flyeva.data.sources import build_source
-from flyeva.data.stream import ImageBatchStream, mix_seed
-from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+from flyeva.data.stream import ImageBatchStream, rank_permutation
+from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_host_rngs
 
 
 @dataclass
@@ -90,15 +88,8 @@ class TrainTransform:
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed)
-        try:
+        with seeded_host_rngs(int(torch.randint(0, 2**31 - 1, (1,)))):
             return self.pipeline(image)
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
     def __repr__(self) -> str:
         return f"TrainTransform({self.pipeline})"
@@ -208,18 +199,15 @@ def is_indexable(source: Any) -> bool:
 
 def eval_stream(source: Any, image_size: int, crop_pct: float, batch_size: int, rank: int, world: int, **kw):
     """This rank's share of an evaluation set, each sample exactly once over all ranks when indexable."""
-    transform = EvalTransform(image_size, crop_pct, CLIP_MEAN, CLIP_STD)
+    transform = EvalTransform(image_size, crop_pct)  # CLIP mean/std, as pretraining
     if is_indexable(source):
         return ImageBatchStream(RankShard(source, rank, world), transform, batch_size, 0, 1, **kw)
     return ImageBatchStream(source, transform, batch_size, rank, world, **kw)
 
 
 class FeatureBatchStream(IterableDataset):
-    """Cached features and labels, batched in exactly the order `ImageBatchStream` batches images.
-
-    That order is `ImageBatchStream`'s documented one for an indexable source of the same length:
-    one permutation seeded by (seed, epoch), its first N - N % world_size entries cut into equal
-    contiguous rank parts, then into batches. Whole batches are sliced from the tensors (no
+    """Cached features and labels, batched in exactly the order `ImageBatchStream` batches images:
+    its `rank_permutation`, cut into batches. Whole batches are sliced from the tensors (no
     per-sample work), in one process: use it with num_workers=0.
     """
 
@@ -257,9 +245,7 @@ class FeatureBatchStream(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
             raise ValueError("FeatureBatchStream runs in one process; use num_workers=0 or 1")
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        start = self.rank * self.samples
-        order = torch.randperm(len(self.labels), generator=generator)[start : start + self.samples]
+        order = rank_permutation(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
         for index in range(self.skip, self.num_batches()):
             chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
             yield {

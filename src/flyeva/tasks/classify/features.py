@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.eva import Eva
 from torch import nn
 
-from flyeva.data.stream import build_pretrain_loader
+from flyeva.data.stream import build_loader
 from flyeva.engine import distributed as D
 from flyeva.models.checkpoint import load_weights
 from flyeva.models.eva import build_encoder, get_size, set_image_size
@@ -75,7 +75,7 @@ def extract_features(
     stream = eval_stream(source, image_size, crop_pct, batch_size, rank, world, return_ids=True)
     dtype = PRECISIONS[precision]
     features, labels, ids = [], [], []
-    for batch in build_pretrain_loader(stream, num_workers):
+    for batch in build_loader(stream, num_workers):
         if len(batch["images"]) == 0:
             continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

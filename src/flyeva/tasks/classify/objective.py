@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flyeva.data.stream import mix_seed
+from flyeva.data.transforms import seeded_host_rngs
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import PRECISIONS, StepContext
 
 CONFUSION_MAX_CLASSES = 50  # a confusion summary is readable (and cheap) up to this many classes
-
-
-@contextmanager
-def seeded_host_rngs(seed: int) -> Iterator[None]:
-    """Seed Python's and NumPy's global RNGs (timm's Mixup draws from NumPy), then restore them."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 class ClassificationObjective:

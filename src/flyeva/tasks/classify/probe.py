@@ -21,9 +21,10 @@ from torch import nn
 
 from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.data.stream import ImageBatchStream
+from flyeva.data.transforms import EvalTransform
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import TrainConfig, TrainResult, train
-from flyeva.engine.optim import OptimConfig, build_adamw, param_groups
+from flyeva.engine.optim import OptimConfig, build_adamw, param_groups, without_names
 from flyeva.models.weights import save_weights
 from flyeva.tasks.classify.data import (
     AugSection,
@@ -127,7 +128,7 @@ def probe_optimizer_fn(
         raise ConfigError(f"probe.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
     def build(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-        clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+        clean = without_names(groups)
         if name == "lars":
             return LARS(clean, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=momentum)
         if name == "sgd":
@@ -203,7 +204,9 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         model, train_cfg = FrozenEncoderProbe(encoder, head, cfg.model.pool), cfg.train
         aug = AugSection(auto_augment="", reprob=0.0, smoothing=0.0)  # RandomResizedCrop(0.08, 1) + flip
         transform = (
-            TrainTransform(image_size, aug) if cfg.probe.augment else _eval_transform(image_size, cfg.data)
+            TrainTransform(image_size, aug)
+            if cfg.probe.augment
+            else EvalTransform(image_size, cfg.data.crop_pct)
         )
         stream = ImageBatchStream(
             data.train, transform, batch_size, rank, world, cfg.train.seed, drop_last=True
@@ -223,12 +226,6 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         save_weights(head, out / "final", kind="probe", arch=arch, extra=meta)
         summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
     return summary
-
-
-def _eval_transform(image_size: int, data: DataSection) -> Any:
-    from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
-
-    return EvalTransform(image_size, data.crop_pct, CLIP_MEAN, CLIP_STD)
 
 
 def _head_of(model: nn.Module) -> LinearProbeHead:
