@@ -24,6 +24,7 @@ from flyeva.data.sources import (
     UnreadableImageError,
     WebDatasetSource,
     build_source,
+    build_sources,
     decode_rgb,
 )
 from flyeva.data.stream import ImageBatchStream, build_loader
@@ -360,15 +361,12 @@ def test_mixture_follows_the_weights_deterministically():
 
 def test_mixture_with_webdataset_child_resumes_with_workers(tmp_path):
     write_shards(tmp_path, num_shards=2, per_shard=4)
-    mixture = build_source(
-        {
-            "type": "mixture",
-            "samples_per_epoch": 27,
-            "sources": [
-                {"type": "synthetic", "num_samples": 9, "image_size": 12, "weight": 1},
-                {"type": "wds", "path": str(tmp_path / "shard-{000..001}.tar"), "weight": 1},
-            ],
-        }
+    mixture = build_sources(
+        [
+            {"type": "synthetic", "num_samples": 9, "image_size": 12, "weight": 1},
+            {"type": "wds", "path": str(tmp_path / "shard-{000..001}.tar"), "weight": 1},
+        ],
+        samples_per_epoch=27,
     )
     assert mixture.weights == [0.5, 0.5]
 
@@ -409,9 +407,9 @@ def test_clear_errors_for_bad_paths(tmp_path):
     listing.write_text("gone.png 1\n")
     with pytest.raises(FileNotFoundError, match=r"1 of 1 paths .* \(first: .*gone.png\).*pass root="):
         FileListSource(listing)
-    with pytest.raises(ValueError, match="unknown key 'pth' for a 'folder' source; did you mean 'path'"):
+    with pytest.raises(ValueError, match="unknown data source key 'pth'; did you mean 'path'"):
         build_source({"type": "folder", "pth": str(tmp_path)})
-    with pytest.raises(ValueError, match="unknown source type 'imagenet'"):
+    with pytest.raises(ValueError, match="unknown data source type 'imagenet'"):
         build_source({"type": "imagenet"})
     write_shards(tmp_path, num_shards=1, per_shard=2)
     one_shard = WebDatasetSource(str(tmp_path / "shard-000.tar"), num_samples=4)

@@ -77,7 +77,7 @@ def keys_and_texts(batches: list[dict]) -> list[tuple[str, str]]:
 def test_image_folder_labels_are_class_folder_indices_across_ranks_and_workers(tmp_path):
     write_class_folders(tmp_path, {"emu": 3, "cat": 5, "dog": 5})
     write_images(tmp_path, ["dog/puppies/deep.png"], seed=50)  # nested: still class "dog"
-    source = build_source({"type": "folder", "path": str(tmp_path), "labels": True})
+    source = build_source({"type": "folder", "path": str(tmp_path)}, target="label")
     assert source.classes == ["cat", "dog", "emu"]
     assert source.class_to_idx == {"cat": 0, "dog": 1, "emu": 2}
     folder_label = {str(p): source.class_to_idx[p.relative_to(tmp_path).parts[0]] for p in source.paths}
@@ -334,7 +334,11 @@ def test_clear_errors_for_bad_targets(tmp_path):
 
     with pytest.raises(ValueError, match="target_key must be one of \\['cls', 'txt'\\] or None, got 'json'"):
         WebDatasetSource(str(tmp_path / "x.tar"), target_key="json")
-    with pytest.raises(ValueError, match="source key 'labels' must be true or false, got 'yes'"):
-        build_source({"type": "folder", "path": str(tmp_path), "labels": "yes"})
-    with pytest.raises(ValueError, match="unknown key 'caption_col' for a 'captions' source; did you mean"):
+    with pytest.raises(ValueError, match="source key 'root' does not apply to a 'folder' source"):
+        build_source({"type": "folder", "path": str(tmp_path), "root": "x"})
+    with pytest.raises(ValueError, match="a 'captions' source has no labels"):
+        build_source({"type": "captions", "path": str(table)}, target="label")
+    with pytest.raises(
+        ValueError, match="unknown data source key 'caption_col'; did you mean 'caption_column'"
+    ):
         build_source({"type": "captions", "path": str(table), "caption_col": "caption"})

@@ -387,3 +387,29 @@ def test_a_large_jpeg_decodes_at_reduced_size_and_a_large_png_is_skipped(tmp_pat
         UnreadableImageError, match="3000x2000 = 6000000 pixels, more than max_pixels=2000000"
     ):
         decode_rgb(tmp_path / "big.png", max_pixels=2_000_000)  # no draft mode for PNG: skipped
+
+
+def test_retrieval_sets_follow_the_caption_convention_and_skip_invalid_utf8(tmp_path, caplog):
+    from PIL import Image
+
+    from flyeva.tasks.clip.datasets import captioned_set
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a red disc\non grass\n")  # one caption: the whole file
+    (folder / "b.txt").write_bytes(b"a \xff disc")
+    (folder / "c.txt").write_text("a blue star")
+    with caplog.at_level("WARNING"):
+        images, captions, owners = captioned_set(folder)
+    assert [p.name for p in images] == ["a.png", "c.png"] and owners == [0, 1]
+    assert captions == ["a red disc\non grass", "a blue star"]
+    assert f"{folder / 'b.txt'} is not valid UTF-8" in caplog.text
+    table = tmp_path / "pairs.csv"
+    table.write_bytes(
+        b"filepath,title\nfolder/a.png,one\nfolder/a.png,two\nfolder/b.png,\xfe\nfolder/c.png,three\n"
+    )
+    images, captions, owners = captioned_set(table)
+    assert captions == ["one", "two", "three"] and owners == [0, 0, 1]
+    assert f"{table} line 4 is not valid UTF-8" in caplog.text

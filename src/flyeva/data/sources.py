@@ -30,6 +30,7 @@ import random
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,7 @@ class FileListSource(LocalImageFiles):
         return label
 
 
-def _is_clean_utf8(text: str) -> bool:
+def is_clean_utf8(text: str) -> bool:
     """False when the text came from invalid UTF-8 bytes (decoded with surrogateescape)."""
     try:
         text.encode("utf-8")
@@ -340,7 +341,7 @@ class CaptionTableSource(LocalImageFiles):
                         f"caption table {self.table} line {reader.line_num} has no {path_column!r} value "
                         f"or too few columns ({len(row)} of {len(header)}); fix or remove that row"
                     )
-                if not _is_clean_utf8(row[path_at]) or not _is_clean_utf8(row[caption_at]):
+                if not is_clean_utf8(row[path_at]) or not is_clean_utf8(row[caption_at]):
                     self.bad_lines[len(self.paths)] = reader.line_num
                 image_path = Path(row[path_at].strip())
                 self.paths.append(image_path if image_path.is_absolute() else base / image_path)
@@ -547,88 +548,127 @@ class MixtureSource:
         self.samples_per_epoch = samples_per_epoch
 
 
-REQUIRED_KEYS = {
-    "folder": {"path"},
-    "list": {"path"},
-    "wds": {"path"},
-    "captions": {"path"},
-    "caption_folder": {"path"},
-    "synthetic": {"num_samples"},
-    "shapeworld": {"num_samples"},
-    "mixture": {"sources", "samples_per_epoch"},
-}
-SOURCE_KEYS = {
-    "folder": {"path", "labels"},
-    "list": {"path", "root", "check_files", "labels"},
-    "wds": {"path", "num_samples", "target"},
-    "captions": {"path", "root", "path_column", "caption_column", "sep"},
-    "caption_folder": {"path"},
-    "synthetic": {"num_samples", "image_size", "seed"},
-    "shapeworld": {"num_samples", "image_size", "seed", "target"},
-    "mixture": {"sources", "samples_per_epoch"},
-}
+@dataclass
+class SourceConfig:
+    """One data source, as every stage's config lists them (`data.sources: [...]`, docs/data.md).
 
-
-def _flag(spec: dict[str, Any], name: str) -> bool:
-    value = spec.get(name, False)
-    if not isinstance(value, bool):  # bool("false") is True: refuse strings rather than guess
-        raise ValueError(f"source key {name!r} must be true or false, got {value!r}")
-    return value
-
-
-def build_source(spec: dict[str, Any]) -> Any:
-    """Build a source from a config dict, e.g. {"type": "folder", "path": "/data/in21k"}.
-
-    Targets: {"type": "folder", "labels": true}, {"type": "list", "labels": true},
-    {"type": "wds", "target": "cls" or "txt"}, {"type": "captions", "path": "train.csv"} and
-    {"type": "caption_folder", "path": ...}. A mixture is {"type": "mixture", "samples_per_epoch": N,
-    "sources": [{..., "weight": w}, ...]}; each child's "weight" defaults to 1.
+    What a sample's target is (nothing, a class label or a caption) is decided by the stage that
+    reads the source, not by the config: pretraining reads images only, classification labels,
+    CLIP captions. A caption is one file's whole text (caption folders: `image.txt` beside
+    `image.jpg`) or one table cell (caption tables); never one line of a longer file.
     """
-    spec = dict(spec)
-    spec.pop("weight", None)  # a child's mixture weight is read by its parent
-    kind = spec.pop("type", None)
-    if kind not in SOURCE_KEYS:
-        raise ValueError(f"unknown source type {kind!r}; use one of {sorted(SOURCE_KEYS)}")
+
+    type: str = "folder"  # folder | list | wds | captions | caption_folder | synthetic | shapeworld
+    path: str = ""  # folder, list file, webdataset shard pattern, or caption table
+    weight: float = 1.0  # relative sampling weight inside a mixture
+    num_samples: int = 0  # wds: samples per epoch (optional); synthetic / shapeworld: the data set size
+    seed: int = 0  # synthetic / shapeworld
+    image_size: int = 0  # synthetic / shapeworld (0 = 64)
+    root: str = ""  # list / captions: the folder relative paths start from
+    target: str = ""  # wds: the member holding the target ("" = cls for labels, txt for captions)
+    check_files: bool = True  # list: check every listed file exists up front
+    path_column: str = ""  # captions ("" = open_clip's "filepath")
+    caption_column: str = ""  # captions ("" = open_clip's "title")
+    sep: str = ""  # captions ("" = from the extension: .tsv tab, .csv comma)
+
+
+# The keys each source type reads (besides type and weight); another non-default key is an error.
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "folder": ("path",),
+    "list": ("path", "root", "check_files"),
+    "wds": ("path", "num_samples", "target"),
+    "captions": ("path", "root", "path_column", "caption_column", "sep"),
+    "caption_folder": ("path",),
+    "synthetic": ("num_samples", "image_size", "seed"),
+    "shapeworld": ("num_samples", "image_size", "seed"),
+}
+REQUIRED_KEYS = {"synthetic": "num_samples", "shapeworld": "num_samples"}  # every other type: path
+TARGETS = ("label", "caption")  # what a stage may ask a source for (None: images only)
+_TARGET_TYPES = {
+    "label": ("folder", "list", "wds", "shapeworld"),
+    "caption": ("wds", "captions", "caption_folder", "shapeworld"),
+}
+
+
+def source_config(spec: SourceConfig | dict[str, Any]) -> SourceConfig:
+    """A `SourceConfig` from itself or a plain dict (Python callers), unknown keys named with a hint."""
+    if isinstance(spec, SourceConfig):
+        return spec
+    known = [f.name for f in fields(SourceConfig)]
     for name in spec:
-        if name not in SOURCE_KEYS[kind]:
-            close = difflib.get_close_matches(name, SOURCE_KEYS[kind], n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {sorted(SOURCE_KEYS[kind])}"
-            raise ValueError(f"unknown key {name!r} for a {kind!r} source; {hint}")
-    missing = sorted(REQUIRED_KEYS[kind] - spec.keys())
-    if missing:
-        raise ValueError(f"a {kind!r} source needs the key(s) {missing}; add them to its config")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {known}"
+            raise ValueError(f"unknown data source key {name!r}; {hint}")
+    return SourceConfig(**spec)
+
+
+def check_source(config: SourceConfig, target: str | None = None) -> None:
+    """Reject a source the stage cannot read, and keys its type would ignore, before any work."""
+    if config.type not in SOURCE_KEYS:
+        raise ValueError(f"unknown data source type {config.type!r}; use one of {sorted(SOURCE_KEYS)}")
+    if target is not None and config.type not in _TARGET_TYPES[target]:
+        raise ValueError(
+            f"a {config.type!r} source has no {target}s; this stage reads {list(_TARGET_TYPES[target])}"
+        )
+    defaults = SourceConfig()
+    reads = SOURCE_KEYS[config.type]
+    for key in (f.name for f in fields(SourceConfig)):
+        if key not in (*reads, "type", "weight") and getattr(config, key) != getattr(defaults, key):
+            raise ValueError(
+                f"data source key {key!r} does not apply to a {config.type!r} source (it reads {reads})"
+            )
+    required = REQUIRED_KEYS.get(config.type, "path")
+    if not getattr(config, required):
+        raise ValueError(f"a {config.type!r} data source needs {required!r}; add it to its config")
+
+
+def build_source(spec: SourceConfig | dict[str, Any], target: str | None = None) -> Any:
+    """The source a `SourceConfig` describes, whose samples carry `target` (None, "label", "caption")."""
+    config = source_config(spec)
+    check_source(config, target)
+    kind, labels = config.type, target == "label"
     if kind == "folder":
-        return ImageFolderSource(spec["path"], with_labels=_flag(spec, "labels"))
+        return ImageFolderSource(config.path, with_labels=labels)
     if kind == "list":
         return FileListSource(
-            spec["path"],
-            root=spec.get("root"),
-            check_files=spec.get("check_files", True),
-            with_labels=_flag(spec, "labels"),
+            config.path, root=config.root or None, check_files=config.check_files, with_labels=labels
         )
     if kind == "wds":
-        target_key = spec.get("target")
-        return WebDatasetSource(spec["path"], num_samples=spec.get("num_samples"), target_key=target_key)
+        member = config.target or {"label": "cls", "caption": "txt"}.get(target or "")
+        return WebDatasetSource(config.path, num_samples=config.num_samples or None, target_key=member)
     if kind == "captions":
         return CaptionTableSource(
-            spec["path"],
-            root=spec.get("root"),
-            path_column=spec.get("path_column", "filepath"),
-            caption_column=spec.get("caption_column", "title"),
-            sep=spec.get("sep"),
+            config.path,
+            root=config.root or None,
+            path_column=config.path_column or "filepath",
+            caption_column=config.caption_column or "title",
+            sep=config.sep or None,
         )
     if kind == "caption_folder":
-        return CaptionFolderSource(spec["path"])
+        return CaptionFolderSource(config.path)
     if kind == "synthetic":
-        return SyntheticShapesSource(spec["num_samples"], spec.get("image_size", 64), spec.get("seed", 0))
-    if kind == "shapeworld":  # the miniature world, generated on the fly (flyeva.data.synthetic)
-        from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
+        return SyntheticShapesSource(config.num_samples, config.image_size or 64, config.seed)
+    from flyeva.data.synthetic import (  # the miniature world, generated on the fly
+        ShapeWorld,
+        ShapeWorldSource,
+    )
 
-        world = ShapeWorld(image_size=spec.get("image_size", 64), seed=spec.get("seed", 0))
-        return ShapeWorldSource(world, spec["num_samples"], target=spec.get("target"))
-    children = spec["sources"]
+    world = ShapeWorld(image_size=config.image_size or 64, seed=config.seed)
+    return ShapeWorldSource(world, config.num_samples, target=target)
+
+
+def build_sources(
+    specs: list[SourceConfig] | list[dict[str, Any]], samples_per_epoch: int = 0, target: str | None = None
+) -> Any:
+    """One source, or a weighted mixture of several (which needs `samples_per_epoch`)."""
+    configs = [source_config(spec) for spec in specs]
+    if not configs:
+        raise ValueError("no data sources: list at least one under data.sources")
+    if len(configs) == 1:
+        return build_source(configs[0], target)
+    if samples_per_epoch <= 0:
+        raise ValueError("a mixture of data sources needs data.samples_per_epoch")
     return MixtureSource(
-        [build_source(child) for child in children],
-        [float(child.get("weight", 1.0)) for child in children],
-        spec["samples_per_epoch"],
+        [build_source(config, target) for config in configs], [c.weight for c in configs], samples_per_epoch
     )

@@ -12,7 +12,7 @@ import torch
 
 from flyeva.config import ConfigError, to_dict, to_yaml
 from flyeva.data.masking import BlockMaskGenerator
-from flyeva.data.sources import DEFAULT_MAX_PIXELS, build_source
+from flyeva.data.sources import DEFAULT_MAX_PIXELS, SourceConfig, build_sources, check_source
 from flyeva.data.stream import ImageBatchStream
 from flyeva.data.transforms import EvalTransform, PretrainTransform
 from flyeva.engine import distributed as D
@@ -72,20 +72,9 @@ class MaskSection:
 
 
 @dataclass
-class SourceSection:
-    type: str = "folder"  # folder | list | wds | synthetic | shapeworld
-    path: str = ""
-    weight: float = 1.0  # relative sampling weight inside a mixture
-    num_samples: int = 0  # synthetic: dataset size; wds: samples per epoch
-    seed: int = 0  # synthetic / shapeworld only
-    image_size: int = 0  # synthetic / shapeworld only (0 = 64)
-    root: str = ""  # list only: folder that relative paths start from
-
-
-@dataclass
 class DataSection:
-    sources: list[SourceSection] = field(default_factory=list)
-    val: list[SourceSection] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
     samples_per_epoch: int = 0  # required for mixtures and webdataset shards
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # docs/recipes.md §3
     # Images with more pixels are decoded at 1/2-1/8 size (JPEG) or skipped and counted: a small
@@ -104,13 +93,6 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def _source(sections: list[SourceSection], samples_per_epoch: int) -> Any:
-    specs = [{k: v for k, v in vars(s).items() if v not in ("", 0)} for s in sections]
-    if len(specs) == 1:
-        return build_source(specs[0])
-    return build_source({"type": "mixture", "sources": specs, "samples_per_epoch": samples_per_epoch})
 
 
 def with_resolved_teacher_precision(
@@ -151,7 +133,11 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     if not cfg.data.sources:
         raise ConfigError("no training data: set data.sources (a folder, list file or webdataset shards)")
     for section in (*cfg.data.sources, *cfg.data.val):
-        if section.type in ("folder", "list") and not Path(section.path).exists():
+        try:
+            check_source(section)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if section.type in ("folder", "list", "captions") and not Path(section.path).exists():
             raise ConfigError(f"data source {section.type} {section.path!r} does not exist; check the path")
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init {cfg.model.init} does not exist; check the path")
@@ -248,7 +234,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         hflip=cfg.data.hflip,
     )
     stream = ImageBatchStream(
-        _source(cfg.data.sources, cfg.data.samples_per_epoch),
+        build_sources(cfg.data.sources, cfg.data.samples_per_epoch),
         transform,
         batch_size=cfg.train.batch_size,
         rank=D.rank(),
@@ -281,7 +267,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
 
 def _validation(cfg: PretrainConfig, objective: MIMObjective, image_size: int):
     stream = ImageBatchStream(
-        _source(cfg.data.val, cfg.data.samples_per_epoch),
+        build_sources(cfg.data.val, cfg.data.samples_per_epoch),
         EvalTransform(image_size),
         batch_size=cfg.train.batch_size,
         rank=0,

@@ -7,7 +7,7 @@ webdataset shards whose samples carry a `.cls` member, or the synthetic ShapeWor
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,16 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flyeva.data.sources import build_source
+from flyeva.data.sources import SourceConfig, build_source
 from flyeva.data.stream import ImageBatchStream, rank_permutation
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_host_rngs
 
 
 @dataclass
-class SourceSection:
-    type: str = "folder"  # folder | list | wds | shapeworld | none (no evaluation)
-    path: str = ""
-    root: str = ""  # list only: folder that relative paths start from
-    num_samples: int = 0  # wds: samples per epoch; shapeworld: dataset size
-    seed: int = 0  # shapeworld only
-    image_size: int = 0  # shapeworld only (0 = its default)
-
-
-@dataclass
 class DataSection:
     root: str = ""  # ImageFolder layout: root/train/<class>/*, root/val/<class>/* (or set train/val)
-    train: SourceSection = field(default_factory=SourceSection)
-    val: SourceSection = field(default_factory=SourceSection)
+    train: SourceConfig = field(default_factory=SourceConfig)
+    val: SourceConfig = field(default_factory=SourceConfig)  # type: none = train without evaluation
     num_classes: int = 0  # 0 = from the data; required for webdataset shards
     crop_pct: float = 1.0  # evaluation: Resize(size / crop_pct, bicubic) + CenterCrop, the release's 1.0
     max_val_batches: int = 0  # 0 = the whole validation set
@@ -95,33 +85,19 @@ class TrainTransform:
         return f"TrainTransform({self.pipeline})"
 
 
-def _shapeworld(section: SourceSection) -> Any:
-    from flyeva.data.sources import build_source
-
-    spec = {"type": "shapeworld", "num_samples": section.num_samples or 1024, "seed": section.seed}
-    if section.image_size:
-        spec["image_size"] = section.image_size
-    return build_source({**spec, "target": "label"})
-
-
-def build_labeled_source(section: SourceSection, role: str) -> Any:
-    """A source whose samples carry integer class labels."""
-    if section.type == "shapeworld":
-        return _shapeworld(section)
-    if not section.path:
+def build_labeled_source(section: SourceConfig, role: str) -> Any:
+    """A source whose samples carry integer class labels (a ShapeWorld split defaults to 1024 scenes)."""
+    if section.type == "shapeworld" and not section.num_samples:
+        section = replace(section, num_samples=1024)
+    if section.type != "shapeworld" and not section.path:
         raise ValueError(f"no {role} data: set data.root (ImageFolder layout) or data.{role}.path")
-    if section.type == "folder":
-        return build_source({"type": "folder", "path": section.path, "labels": True})
-    if section.type == "list":
-        spec = {"type": "list", "path": section.path, "labels": True}
-        return build_source({**spec, "root": section.root} if section.root else spec)
-    if section.type == "wds":
-        spec = {"type": "wds", "path": section.path, "target": "cls"}
-        return build_source({**spec, "num_samples": section.num_samples} if section.num_samples else spec)
-    raise ValueError(f"data.{role}.type must be folder, list, wds or shapeworld, got {section.type!r}")
+    try:
+        return build_source(section, target="label")
+    except ValueError as error:
+        raise ValueError(f"data.{role}: {error}") from None
 
 
-def resolve_sections(data: DataSection) -> tuple[SourceSection, SourceSection | None]:
+def resolve_sections(data: DataSection) -> tuple[SourceConfig, SourceConfig | None]:
     """Train and validation sources; `data.root` means the ImageFolder train/val layout."""
     train, val = data.train, data.val
     if data.root:
@@ -130,14 +106,14 @@ def resolve_sections(data: DataSection) -> tuple[SourceSection, SourceSection | 
             raise FileNotFoundError(
                 f"no training folder {root / 'train'}; data.root needs root/train/<class>/, root/val/<class>/"
             )
-        train = SourceSection(type="folder", path=str(root / "train"))
+        train = SourceConfig(type="folder", path=str(root / "train"))
         if val.type != "none" and not val.path:
             if not (root / "val").is_dir():
                 raise FileNotFoundError(
                     f"no validation folder {root / 'val'}; add root/val/<class>/ images, "
                     "set data.val.path, or data.val.type=none to train without evaluation"
                 )
-            val = SourceSection(type="folder", path=str(root / "val"))
+            val = SourceConfig(type="folder", path=str(root / "val"))
     return train, (None if val.type == "none" else val)
 
 

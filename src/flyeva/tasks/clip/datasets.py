@@ -11,12 +11,13 @@
 
 Retrieval sets are captioned images: a CSV/TSV table (a path column and a caption column; an
 image on several rows has several captions) or a folder of images with same-stem .txt sidecars
-(one caption per non-empty line).
+(the whole file is one caption, as in training: docs/data.md).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import pickle
 import re
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from flyeva.data.sources import IMAGE_EXTENSIONS, UnreadableImageError, decode_rgb
+from flyeva.data.sources import IMAGE_EXTENSIONS, UnreadableImageError, decode_rgb, is_clean_utf8
 
 WNID = re.compile(r"n\d{8}")
 CIFAR_FILES = {
@@ -41,6 +42,8 @@ CIFAR_FILES = {
     "cifar100": {"train": ["train"], "test": ["test"], "meta": "meta"},
 }
 CIFAR_KEYS = {"cifar10": ("labels", "label_names"), "cifar100": ("fine_labels", "fine_label_names")}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -254,17 +257,27 @@ def shapeworld_set(name: str, num_samples: int, seed: int, image_size: int, role
 def captioned_set(
     path: str | Path, path_column: str = "filepath", caption_column: str = "title"
 ) -> tuple[list[Path], list[str], list[int]]:
-    """(images, captions, image index of each caption) from a CSV/TSV table or a caption folder."""
+    """(images, captions, image index of each caption) from a CSV/TSV table or a caption folder.
+
+    The caption convention of docs/data.md: a caption file holds one caption (its whole text); an
+    image with several captions has several table rows. A pair that is not valid UTF-8 is skipped,
+    named in the log and counted.
+    """
     path = Path(path)
     groups: dict[Path, list[str]] = {}
+    skipped: list[str] = []
     if path.is_dir():
         for image in _images_in(path):
             sidecar = image.with_suffix(".txt")
-            if sidecar.is_file():
-                groups[image] = [line.strip() for line in sidecar.read_text().splitlines() if line.strip()]
+            if not sidecar.is_file():
+                continue
+            try:
+                groups[image] = [sidecar.read_text(encoding="utf-8").strip()]
+            except UnicodeDecodeError:
+                skipped.append(f"{sidecar} is not valid UTF-8")
     elif path.is_file():
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="") as file:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
             reader = csv.DictReader(file, delimiter=delimiter)
             missing = {path_column, caption_column} - set(reader.fieldnames or [])
             if missing:
@@ -272,12 +285,17 @@ def captioned_set(
                     f"{path} has no column(s) {sorted(missing)}; its columns are {reader.fieldnames}"
                 )
             for row in reader:
+                if not (is_clean_utf8(row[path_column]) and is_clean_utf8(row[caption_column])):
+                    skipped.append(f"{path} line {reader.line_num} is not valid UTF-8")
+                    continue
                 image = Path(row[path_column])
                 image = image if image.is_absolute() else path.parent / image
-                if row[caption_column].strip():
-                    groups.setdefault(image, []).append(row[caption_column].strip())
+                groups.setdefault(image, []).append(row[caption_column].strip())
     else:
         raise FileNotFoundError(f"retrieval set {path} does not exist; pass a caption table or folder")
+    for reason in skipped:
+        logger.warning("retrieval set: skipped a pair: %s", reason)
+    groups = {image: [c for c in captions if c] for image, captions in groups.items()}
     groups = {image: captions for image, captions in groups.items() if captions}
     if not groups:
         raise ValueError(f"{path} has no captioned images")

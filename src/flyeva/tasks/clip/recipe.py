@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flyeva.config import ConfigError, to_dict, to_yaml
+from flyeva.data.sources import SourceConfig, build_sources
 from flyeva.engine.loop import TrainConfig, TrainResult
 from flyeva.engine.optim import OptimConfig
 from flyeva.tasks.clip.init_weights import build_clip_from_config
@@ -27,24 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipSourceSection:
-    """One image-text source: wds (target txt), captions (CSV/TSV), caption_folder, or shapeworld."""
-
-    type: str = "wds"
-    path: str = ""
-    weight: float = 1.0  # relative sampling weight inside a mixture
-    num_samples: int = 0  # wds: samples per epoch; shapeworld: dataset size
-    target: str = "txt"  # wds only: the caption member
-    root: str = ""  # captions only: folder that relative paths start from
-    path_column: str = ""  # captions only ("" = open_clip's "filepath")
-    caption_column: str = ""  # captions only ("" = open_clip's "title")
-    seed: int = 0  # shapeworld only
-    image_size: int = 0  # shapeworld only (0 = 64)
-
-
-@dataclass
 class ClipDataSection:
-    sources: list[ClipSourceSection] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # each with captions: docs/clip.md
     samples_per_epoch: int = 0  # required for mixtures
     # open_clip's CLIP training crop: RandomResizedCrop(scale (0.9, 1)), no flip, CLIP normalisation.
     scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -74,34 +59,17 @@ class ClipConfig:
     )
 
 
-def _source(sections: list[ClipSourceSection], samples_per_epoch: int) -> Any:
-    from flyeva.data.sources import build_source
-
-    def one(section: ClipSourceSection) -> Any:
-        if section.type == "shapeworld":
-            spec = {"num_samples": section.num_samples or 4096, "image_size": section.image_size or 64}
-            return build_source({"type": "shapeworld", **spec, "seed": section.seed, "target": "caption"})
-        keys = {
-            "wds": ("path", "num_samples", "target"),
-            "captions": ("path", "root", "path_column", "caption_column"),
-            "caption_folder": ("path",),
-        }
-        if section.type not in keys:
-            raise ConfigError(
-                f"data source type {section.type!r} gives no captions; use one of {[*keys, 'shapeworld']}"
-            )
-        spec = {k: getattr(section, k) for k in keys[section.type] if getattr(section, k) not in ("", 0)}
-        return build_source({"type": section.type, **spec})
-
+def _source(sections: list[SourceConfig], samples_per_epoch: int) -> Any:
+    """Image-caption pairs (a ShapeWorld source defaults to 4096 scenes)."""
     if not sections:
         raise ConfigError("no training data: set data.sources (webdataset shards, a caption table or folder)")
-    if len(sections) == 1:
-        return one(sections[0])
-    if not samples_per_epoch:
-        raise ConfigError("a mixture of sources needs data.samples_per_epoch")
-    from flyeva.data.sources import MixtureSource
-
-    return MixtureSource([one(s) for s in sections], [s.weight for s in sections], samples_per_epoch)
+    sections = [
+        replace(s, num_samples=4096) if s.type == "shapeworld" and not s.num_samples else s for s in sections
+    ]
+    try:
+        return build_sources(sections, samples_per_epoch, target="caption")
+    except ValueError as error:
+        raise ConfigError(f"data.sources: {error}") from None
 
 
 def check_config(cfg: ClipConfig) -> None:
