@@ -223,4 +223,4 @@ def test_pixel_target_baseline_trains_without_a_teacher(tmp_path):
     result = run_pretrain(load_config(PretrainConfig, None, overrides))
     assert result.step == 2
     config = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert config["teacher_dim"] == 3 * 4 * 4  # normalised pixels of a 4x4 patch
+    assert config["arch"]["teacher_dim"] == 3 * 4 * 4  # normalised pixels of a 4x4 patch

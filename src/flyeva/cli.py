@@ -48,6 +48,9 @@ def _pretrain(args: argparse.Namespace) -> None:
         ensure_teacher(Path(cfg.teacher.path), cfg.teacher.train_recipe, [f"train.device={cfg.train.device}"])
     result = run_pretrain(cfg)
     print(f"pretraining finished at step {result.step}; weights in {Path(cfg.train.output_dir) / 'final'}")
+    from flyeva.tasks.report import report_hint
+
+    print(report_hint(cfg.train.output_dir))
 
 
 def _models(args: argparse.Namespace) -> None:

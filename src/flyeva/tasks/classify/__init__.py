@@ -42,6 +42,9 @@ def _run(args: argparse.Namespace) -> None:
     summary = runner(cfg)
     if not summary:  # ranks other than 0
         return
+    from flyeva.tasks.report import report_hint
+
+    print(report_hint(cfg.train.output_dir))
     if "best" in summary:
         best, final = summary["best"], summary["final"]
         print(
