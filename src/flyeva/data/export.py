@@ -19,6 +19,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset
@@ -65,6 +66,104 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _write_imagefolder(world: ShapeWorld, root: Path, names: dict[int, str]) -> Path:
+    folder = root / "imagefolder"
+    class_dirs = [folder / class_folder_name(k, name) for k, name in enumerate(world.class_names)]
+    for class_dir in class_dirs:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    for index, name in names.items():
+        world.render(index).save(class_dirs[world.label(index)] / f"{name}.png")
+    return folder
+
+
+def _write_wds(world: ShapeWorld, root: Path, names: dict[int, str], shard_size: int) -> Path:
+    folder = root / "wds"
+    folder.mkdir(parents=True, exist_ok=True)
+    indices = list(names)
+    for shard in range(math.ceil(len(indices) / shard_size)):
+        # A fixed mtime makes shards byte-identical across runs.
+        with webdataset.TarWriter(str(folder / f"shard-{shard:06d}.tar"), mtime=0) as sink:
+            for index in indices[shard * shard_size : (shard + 1) * shard_size]:
+                scene = world.sample(index)
+                sink.write(
+                    {
+                        "__key__": names[index],
+                        "jpg": _jpeg_bytes(scene.image),
+                        "txt": scene.caption,
+                        "cls": scene.label,
+                    }
+                )
+    return folder
+
+
+def _coco_annotations(scene: Any, image_id: int, first_id: int) -> list[dict[str, Any]]:
+    annotations = []
+    for box, mask, category in zip(scene.boxes, scene.masks, scene.categories):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        annotations.append(
+            {
+                "id": first_id + len(annotations),
+                "image_id": image_id,
+                "category_id": int(category),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": float(mask.sum()),
+                "iscrowd": 0,
+                "segmentation": encode_rle(mask),
+            }
+        )
+    return annotations
+
+
+def _write_scenes(
+    world: ShapeWorld, root: Path, names: dict[int, str], coco: bool, semantic: bool
+) -> dict[str, Path]:
+    """COCO instances (images + instances.json) and/or semantic maps, from one pass over the scenes."""
+    images, annotations = [], []
+    coco_dir, semantic_dir = root / "coco", root / "semantic"
+    for folder in ([coco_dir / "images"] if coco else []) + (
+        [semantic_dir / "images", semantic_dir / "labels"] if semantic else []
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+    for index, name in names.items():
+        scene, file_name = world.sample(index), f"{name}.png"
+        if semantic:
+            scene.image.save(semantic_dir / "images" / file_name)
+            # Masks are exact, so no pixel needs 255 (ignore); 0 is background.
+            Image.fromarray(scene.semantic).save(semantic_dir / "labels" / file_name)
+        if coco:
+            scene.image.save(coco_dir / "images" / file_name)
+            side = world.image_size
+            images.append({"id": index + 1, "file_name": file_name, "width": side, "height": side})
+            annotations += _coco_annotations(scene, index + 1, len(annotations) + 1)
+    outputs: dict[str, Path] = {}
+    if coco:
+        outputs["coco"] = coco_dir / "instances.json"
+        document = {
+            "info": {"description": f"ShapeWorld {world}", "version": "1.0"},
+            "images": images,
+            "annotations": annotations,
+            "categories": world.categories,
+        }
+        outputs["coco"].write_text(json.dumps(document))
+    if semantic:
+        outputs["semantic"] = semantic_dir
+    return outputs
+
+
+def _write_video(world: ShapeWorld, root: Path, names: dict[int, str]) -> Path:
+    folder = root / "video"
+    lines = []
+    for index, name in names.items():
+        clip = world.clip(index)
+        clip_dir = folder / name
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        for step, frame in enumerate(clip.frames):
+            frame.save(clip_dir / f"frame_{step:02d}.png")
+        lines.append(f"{name} {clip.action}")
+    (folder / "list.txt").write_text("\n".join(lines) + "\n")
+    return folder / "list.txt"
+
+
 def export_split(
     world: ShapeWorld,
     out_dir: str | Path,
@@ -87,92 +186,14 @@ def export_split(
             f"got {num_samples}, {start_index}, {shard_size}"
         )
     root = Path(out_dir)
-    indices = range(start_index, start_index + num_samples)
-    names = {index: f"{index:08d}" for index in indices}
+    names = {index: f"{index:08d}" for index in range(start_index, start_index + num_samples)}
     outputs: dict[str, Path] = {}
-
     if "imagefolder" in formats:
-        outputs["imagefolder"] = folder = root / "imagefolder"
-        class_dirs = [folder / class_folder_name(k, name) for k, name in enumerate(world.class_names)]
-        for class_dir in class_dirs:
-            class_dir.mkdir(parents=True, exist_ok=True)
-        for index in indices:
-            world.render(index).save(class_dirs[world.label(index)] / f"{names[index]}.png")
-
+        outputs["imagefolder"] = _write_imagefolder(world, root, names)
     if "wds" in formats:
-        outputs["wds"] = folder = root / "wds"
-        folder.mkdir(parents=True, exist_ok=True)
-        for shard in range(math.ceil(num_samples / shard_size)):
-            chunk = indices[shard * shard_size : (shard + 1) * shard_size]
-            # A fixed mtime makes shards byte-identical across runs.
-            with webdataset.TarWriter(str(folder / f"shard-{shard:06d}.tar"), mtime=0) as sink:
-                for index in chunk:
-                    scene = world.sample(index)
-                    sink.write(
-                        {
-                            "__key__": names[index],
-                            "jpg": _jpeg_bytes(scene.image),
-                            "txt": scene.caption,
-                            "cls": scene.label,
-                        }
-                    )
-
+        outputs["wds"] = _write_wds(world, root, names, shard_size)
     if "coco" in formats or "semantic" in formats:
-        images, annotations = [], []
-        coco_dir, semantic_dir = root / "coco", root / "semantic"
-        if "coco" in formats:
-            (coco_dir / "images").mkdir(parents=True, exist_ok=True)
-        if "semantic" in formats:
-            (semantic_dir / "images").mkdir(parents=True, exist_ok=True)
-            (semantic_dir / "labels").mkdir(parents=True, exist_ok=True)
-        for index in indices:
-            scene = world.sample(index)
-            file_name = f"{names[index]}.png"
-            if "semantic" in formats:
-                scene.image.save(semantic_dir / "images" / file_name)
-                # Masks are exact, so no pixel needs 255 (ignore); 0 is background.
-                Image.fromarray(scene.semantic).save(semantic_dir / "labels" / file_name)
-            if "coco" not in formats:
-                continue
-            scene.image.save(coco_dir / "images" / file_name)
-            image_id = index + 1
-            side = world.image_size
-            images.append({"id": image_id, "file_name": file_name, "width": side, "height": side})
-            for box, mask, category in zip(scene.boxes, scene.masks, scene.categories):
-                x0, y0, x1, y1 = (float(v) for v in box)
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": int(category),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": float(mask.sum()),
-                        "iscrowd": 0,
-                        "segmentation": encode_rle(mask),
-                    }
-                )
-        if "coco" in formats:
-            outputs["coco"] = coco_dir / "instances.json"
-            document = {
-                "info": {"description": f"ShapeWorld {world}", "version": "1.0"},
-                "images": images,
-                "annotations": annotations,
-                "categories": world.categories,
-            }
-            outputs["coco"].write_text(json.dumps(document))
-        if "semantic" in formats:
-            outputs["semantic"] = semantic_dir
-
+        outputs.update(_write_scenes(world, root, names, "coco" in formats, "semantic" in formats))
     if "video" in formats:
-        folder = root / "video"
-        lines = []
-        for index in indices:
-            clip = world.clip(index)
-            clip_dir = folder / names[index]
-            clip_dir.mkdir(parents=True, exist_ok=True)
-            for step, frame in enumerate(clip.frames):
-                frame.save(clip_dir / f"frame_{step:02d}.png")
-            lines.append(f"{names[index]} {clip.action}")
-        outputs["video"] = folder / "list.txt"
-        outputs["video"].write_text("\n".join(lines) + "\n")
+        outputs["video"] = _write_video(world, root, names)
     return outputs

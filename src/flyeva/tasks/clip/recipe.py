@@ -82,17 +82,44 @@ def check_config(cfg: ClipConfig) -> None:
         raise ConfigError("loss.micro_batch_size must be >= 0 (0 = no accumulation)")
 
 
+def _save_final(cfg: ClipConfig, result: TrainResult, out: Path, image_size: int) -> None:
+    """OUTPUT/final (the CLIP), OUTPUT/final/visual (its vision encoder) and summary.json."""
+    from flyeva.engine import distributed as D
+    from flyeva.engine.checkpoint import full_model_state
+    from flyeva.models.eva import build_encoder, size_arch
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.clip.model import save_clip, vision_encoder_state
+
+    state = full_model_state(result.model)  # collective under FSDP2
+    if D.is_main():
+        final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
+        final.load_state_dict(state)
+        final.clamp_logit_scale()
+        save_clip(final, cfg.model, out / "final", extra={"step": result.step})
+        encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
+        encoder.load_state_dict(vision_encoder_state(final))
+        source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
+        save_weights(
+            encoder, out / "final" / "visual", kind="encoder", arch=size_arch(encoder), source=source
+        )
+        summary = {
+            "step": result.step,
+            "skipped_pairs": result.skipped_images,
+            "nonfinite_steps": result.nonfinite_steps,
+            "logit_scale": float(final.logit_scale.detach().exp()),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("wrote %s (CLIP) and %s (vision encoder)", out / "final", out / "final" / "visual")
+
+
 def run_clip_train(cfg: ClipConfig) -> TrainResult:
     """Build the model, data and objective from `cfg`; train with the shared engine; save OUTPUT/final."""
     from flyeva.data.stream import ImageBatchStream
     from flyeva.data.transforms import PretrainTransform
     from flyeva.engine import distributed as D
-    from flyeva.engine.checkpoint import full_model_state
     from flyeva.engine.loop import train
-    from flyeva.models.eva import build_encoder, size_arch
-    from flyeva.models.weights import save_weights
     from flyeva.tasks.clip.loss import ClipObjective
-    from flyeva.tasks.clip.model import clip_param_groups, save_clip, vision_encoder_state
+    from flyeva.tasks.clip.model import clip_param_groups
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
 
     check_config(cfg)
@@ -144,26 +171,7 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
         run_config=to_dict(cfg),
     )
 
-    state = full_model_state(result.model)  # collective under FSDP2
-    if D.is_main():
-        final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
-        final.load_state_dict(state)
-        final.clamp_logit_scale()
-        save_clip(final, cfg.model, out / "final", extra={"step": result.step})
-        encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
-        encoder.load_state_dict(vision_encoder_state(final))
-        source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
-        save_weights(
-            encoder, out / "final" / "visual", kind="encoder", arch=size_arch(encoder), source=source
-        )
-        summary = {
-            "step": result.step,
-            "skipped_pairs": result.skipped_images,
-            "nonfinite_steps": result.nonfinite_steps,
-            "logit_scale": float(final.logit_scale.detach().exp()),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("wrote %s (CLIP) and %s (vision encoder)", out / "final", out / "final" / "visual")
+    _save_final(cfg, result, out, image_size)
     return result
 
 

@@ -120,6 +120,33 @@ def verdict(claim: str, better: Sequence[float], worse: Sequence[float]) -> str:
     )
 
 
+def _verdicts(transfer: Rows, clip: Rows) -> list[str]:
+    """One line per claim of the paper the demo tests."""
+    probe = {name: scores["linear probe"] for name, scores in transfer.items()}
+    clip_top1 = {name: scores.get("zero-shot top-1", []) for name, scores in clip.items()}
+    verdicts = [
+        verdict(
+            "CLIP-feature MIM beats random init on linear probe",
+            probe["EVA (CLIP-feature MIM)"],
+            probe["random init"],
+        ),
+        verdict(
+            "CLIP-feature MIM beats pixel MIM on linear probe",
+            probe["EVA (CLIP-feature MIM)"],
+            probe["pixel MIM"],
+        ),
+    ]
+    if all(clip_top1.values()):
+        verdicts.append(
+            verdict(
+                "EVA-initialised CLIP beats from-scratch CLIP at equal samples",
+                clip_top1["EVA-initialised CLIP"],
+                clip_top1["from-scratch CLIP"],
+            )
+        )
+    return verdicts
+
+
 def write_report(
     out: Path,
     teacher: Mapping,
@@ -162,28 +189,7 @@ def write_report(
         for group in (by_seed["pretrain"], by_seed["clip"])
         for run in group.values()
     )
-    probe = {name: scores["linear probe"] for name, scores in transfer.items()}
-    clip_top1 = {name: scores.get("zero-shot top-1", []) for name, scores in clip.items()}
-    verdicts = [
-        verdict(
-            "CLIP-feature MIM beats random init on linear probe",
-            probe["EVA (CLIP-feature MIM)"],
-            probe["random init"],
-        ),
-        verdict(
-            "CLIP-feature MIM beats pixel MIM on linear probe",
-            probe["EVA (CLIP-feature MIM)"],
-            probe["pixel MIM"],
-        ),
-    ]
-    if all(clip_top1.values()):
-        verdicts.append(
-            verdict(
-                "EVA-initialised CLIP beats from-scratch CLIP at equal samples",
-                clip_top1["EVA-initialised CLIP"],
-                clip_top1["from-scratch CLIP"],
-            )
-        )
+    verdicts = _verdicts(transfer, clip)
     teacher_top1 = _zeroshot_top1(teacher.get("zeroshot", {}))
     lines = [
         "# flyeva miniature world: EVA's pipeline on ShapeWorld" + (" (quick smoke run)" if quick else ""),
