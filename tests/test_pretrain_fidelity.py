@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import IterableDataset
+from test_engine import ListStream
 
 from flyeva.data.masking import BlockMaskGenerator, generate_masks
 from flyeva.engine.loop import TrainConfig, train
@@ -37,21 +37,6 @@ class PatchTeacher(torch.nn.Module):
 
     def forward(self, images):
         return self.proj(F.unfold(images, 4, stride=4).transpose(1, 2))
-
-
-class FixedStream(IterableDataset):
-    def __init__(self, batches):
-        self.batches, self.skip = batches, 0
-
-    def set_epoch(self, epoch, skip=()):
-        self.skip = skip[0] if skip else 0
-
-    def num_batches(self, num_workers):
-        return len(self.batches)
-
-    def __iter__(self):
-        for index in range(self.skip, len(self.batches)):
-            yield {"images": self.batches[index], "worker": 0, "index": index, "num_skipped": 0}
 
 
 def release_lr_schedule() -> np.ndarray:
@@ -121,7 +106,7 @@ def test_ten_engine_steps_match_the_release_formulas(tmp_path):
         progress=False,
     )
     optim = OptimConfig(lr=PEAK_LR, min_lr=MIN_LR, warmup_epochs=WARMUP / STEPS)  # the recipe defaults
-    result = train(model, MIMObjective(teacher, masking, 4), FixedStream(batches), cfg, optim)
+    result = train(model, MIMObjective(teacher, masking, 4), ListStream(batches), cfg, optim)
     assert result.step == STEPS
     expected = reference_run(reference, batches, masks, teacher)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from flyeva.engine import distributed as D
+from flyeva.models.weights import fsync_path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{9})(\.pt)?$")
 
@@ -60,22 +61,14 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     """Write, fsync, rename, fsync the folder: power loss leaves the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except (OSError, RuntimeError) as error:
         tmp.unlink(missing_ok=True)
         no_space = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)

@@ -50,8 +50,9 @@ def builder_for(kind: str) -> Callable[[dict[str, Any]], nn.Module]:
     return getattr(importlib.import_module(module_name), function)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename) to the disk, so power loss cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -88,11 +89,10 @@ def save_weights(
         save_file(state, str(weights_tmp), metadata={"format": "flyeva", "kind": kind})
         config_tmp.write_text(json.dumps(config, indent=2) + "\n")
         for tmp in (weights_tmp, config_tmp):
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(tmp)
         os.replace(weights_tmp, folder / WEIGHTS_FILE)
         os.replace(config_tmp, folder / CONFIG_FILE)
-        _fsync_folder(folder)
+        fsync_path(folder)
     except OSError as error:
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)

@@ -27,7 +27,8 @@ from flyeva.models.checkpoint import (
     load_weights,
 )
 from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
-from flyeva.models.weights import CONFIG_FILE, WeightsError, load, read_config, save_weights
+from flyeva.models.weights import load, save_weights
+from flyeva.teachers.eva_tower import is_eva_clip_folder
 
 logger = logging.getLogger(__name__)
 
@@ -277,17 +278,7 @@ def _load_legacy_clip(folder: Path) -> tuple[EvaClip, ClipModelSection]:
     return model, cfg
 
 
-def is_clip_folder(path: str | Path) -> bool:
-    """A flyeva EVA-CLIP folder: kind "clip" in `config.json`, or flyeva 0.1.0's `clip.json`."""
-    folder = Path(path)
-    if (folder / LEGACY_CLIP_CONFIG).is_file():
-        return True
-    if not (folder / CONFIG_FILE).is_file():
-        return False
-    try:
-        return read_config(folder).get("kind") == "clip"
-    except WeightsError:
-        return False
+is_clip_folder = is_eva_clip_folder  # one definition, in teachers/eva_tower.py
 
 
 def load_clip(path: str | Path) -> tuple[EvaClip, ClipModelSection]:

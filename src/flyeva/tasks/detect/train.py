@@ -134,8 +134,8 @@ def run_train(cfg: DetectConfig) -> dict[str, Any]:
     factors = None
     if cfg.data.repeat_threshold > 0:
         factors = repeat_factors(dataset.image_categories(), cfg.data.repeat_threshold)
+    torch.manual_seed(cfg.train.seed)  # the same fresh weights on every rank and in every run
     model = build_detector(cfg, dataset.num_classes, _fed_weights(cfg, dataset))
-    torch.manual_seed(cfg.train.seed)
     d = cfg.data
     transform = LargeScaleJitter(cfg.model.img_size, d.lsj_min_scale, d.lsj_max_scale, d.flip)
     stream = DetectionBatchStream(

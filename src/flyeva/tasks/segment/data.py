@@ -47,6 +47,7 @@ class DataSection:
     shapeworld_val: int = 256
     shapeworld_size: int = 64
     shapeworld_seed: int = 0
+    shapeworld_objects: list[int] = field(default_factory=lambda: [1, 4])  # min, max shapes per scene
 
 
 def label_lookup(num_classes: int, reduce_zero_label: bool, raw_cocostuff: bool = False) -> np.ndarray:
@@ -171,6 +172,13 @@ def open_split(cfg: DataSection, split: str) -> SegmentationPairs:
 def check_data_section(cfg: DataSection) -> None:
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format={cfg.format!r} is not one of {list(FORMATS)}")
+    if (
+        len(cfg.shapeworld_objects) != 2
+        or not 1 <= cfg.shapeworld_objects[0] <= cfg.shapeworld_objects[1] <= 8
+    ):
+        raise ValueError(
+            f"data.shapeworld_objects must be [min, max], 1 <= min <= max <= 8; got {cfg.shapeworld_objects}"
+        )
     if cfg.format in ("ade20k", "cocostuff") and not cfg.root:
         raise ValueError(f"data.format={cfg.format} needs data.root=/path/to/the/dataset")
     if cfg.format == "folder" and not (cfg.root or (cfg.train and cfg.val)):
@@ -189,14 +197,17 @@ def ensure_shapeworld(cfg: DataSection, output_dir: Path) -> DataSection:
     from flyeva.data.synthetic import ShapeWorld
     from flyeva.engine import distributed as D
 
-    root = output_dir / "data" / f"shapeworld_{cfg.shapeworld_size}px_seed{cfg.shapeworld_seed}"
+    fewest, most = cfg.shapeworld_objects
+    name = f"shapeworld_{cfg.shapeworld_size}px_seed{cfg.shapeworld_seed}_objects{fewest}-{most}"
+    root = output_dir / "data" / name
     splits = {"train": (cfg.shapeworld_train, 0), "val": (cfg.shapeworld_val, 1)}
     if D.is_main():
         for split, (count, offset) in splits.items():
             done = root / split / "semantic" / "DONE"
             if done.is_file() and done.read_text() == str(count):
                 continue
-            world = ShapeWorld(image_size=cfg.shapeworld_size, seed=2 * cfg.shapeworld_seed + offset)
+            seed = 2 * cfg.shapeworld_seed + offset
+            world = ShapeWorld(cfg.shapeworld_size, seed, min_objects=fewest, max_objects=most)
             export_split(world, root / split, count, formats=["semantic"])
             done.write_text(str(count))
     D.barrier()

@@ -22,7 +22,7 @@ def _run(
     settings = [
         f"train.output_dir={out_dir}",
         f"train.seed={seed}",
-        f"model.init={init}",
+        f"model.init='{init}'",
         f"data.train.path={data['train']}",
         f"data.val.path={data['val']}",
         f"data.classes={data['classes']}",
