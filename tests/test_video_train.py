@@ -159,3 +159,26 @@ def test_train_then_eval_end_to_end(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert (report["videos"], report["views"], report["crops"], report["skipped_videos"]) == (6, 3, 1, 0)
     assert 0 <= report["top1"] <= report["top5"] <= 100
+
+
+@pytest.mark.slow
+def test_demo_stage_trains_random_and_eva_inits_on_the_same_clips(tmp_path, monkeypatch):
+    from flyeva.models.eva import build_encoder, get_size
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.video import demo
+
+    tiny = ["data.train.num_samples=8", "data.val.num_samples=6", "train.epochs=1", "train.batch_size=4"]
+    monkeypatch.setattr(demo, "QUICK_OVERRIDES", [*tiny, "model.num_frames=2"])
+    encoder = build_encoder(get_size("miniature"))
+    save_weights(encoder, tmp_path / "mim", kind="encoder", arch={"size": get_size("miniature").__dict__})
+    result = demo.run_demo_stage(tmp_path / "demo", str(tmp_path / "mim"), seed=0, quick=True)
+    assert set(result) == {
+        "chance_top1",
+        "random_top1",
+        "random_mean_class_top1",
+        "eva_top1",
+        "eva_mean_class_top1",
+    }
+    assert result["chance_top1"] == 12.5  # 8 motions
+    assert all(0 <= value <= 100 for value in result.values())
+    assert (tmp_path / "demo" / "eva" / "final" / "model.safetensors").is_file()
