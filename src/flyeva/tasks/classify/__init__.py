@@ -55,6 +55,21 @@ def _run(args: argparse.Namespace) -> None:
         print(f"knn: top-1 {summary['top1']:.2f} top-5 {summary['top5']:.2f} (k={summary['k']})")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from flyeva.config import load_config, recipe_path
+    from flyeva.tasks.classify.evaluate import ClassifyEvalConfig, run_classify_eval
+
+    overrides = [f"model.checkpoint={args.checkpoint}", *args.overrides]
+    if args.num_heads:
+        overrides.append(f"model.num_heads={args.num_heads}")
+    result = run_classify_eval(
+        load_config(ClassifyEvalConfig, recipe_path("classify", args.config), overrides)
+    )
+    print(json.dumps({k: v for k, v in result.items() if k in ("top1", "top5", "loss", "num_classes")}))
+
+
 def _export(args: argparse.Namespace) -> None:
     from flyeva.tasks.classify.model import export_timm_classifier, load_classifier
 
@@ -66,7 +81,7 @@ def _export(args: argparse.Namespace) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `flyeva classify ...` to the CLI."""
     classify = commands.add_parser(
-        "classify", help="image classification: finetune, linprobe, knn, export-timm"
+        "classify", help="image classification: finetune, linprobe, knn, eval, export-timm"
     )
     tasks = classify.add_subparsers(dest="classify_command", required=True)
     for task, default in DEFAULT_RECIPES.items():
@@ -75,6 +90,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/in1k")
         sub.set_defaults(func=_run, classify_task=task)
+    evaluate = tasks.add_parser(
+        "eval", help="top-1/top-5 of a classifier folder or release fine-tuned checkpoint"
+    )
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="flyeva classifier folder or release checkpoint"
+    )
+    evaluate.add_argument("--num-heads", type=int, default=0, help="only for sizes not in `flyeva models`")
+    evaluate.add_argument(
+        "--config", default="miniature_eval", help="recipe name in configs/classify/ or a YAML"
+    )
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/in1k")
+    evaluate.set_defaults(func=_eval)
     export = tasks.add_parser(
         "export-timm", help="a fine-tuned classifier folder -> a timm-loadable safetensors"
     )

@@ -30,13 +30,14 @@ class EncoderSection:
     size: str = ""  # without init: a randomly initialised encoder of this size (a baseline)
     img_size: int = 0  # 0 = the checkpoint's resolution
     pool: str = "cls"  # cls | avg; docs/recipes.md §4: the CLS token for EVA-CLIP's linear probe
+    num_heads: int = 0  # only for a release checkpoint of a size `flyeva models` does not name
 
 
 def load_frozen_encoder(section: EncoderSection, seed: int = 0) -> Eva:
     """The encoder exactly as pretrained (final norm on every token), frozen, in eval mode."""
     check_choice("model.pool", section.pool, POOLS)
     if section.init:  # any starting point fine-tuning accepts, fine-tuned classifiers included
-        weights = load_pretrained(section.init)
+        weights = load_pretrained(section.init, section.num_heads)
         encoder = build_encoder(weights.size, release_init=False)
         load_weights(encoder, weights.encoder_state)
     elif section.size:

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 class ModelSection:
     init: str = ""  # pretrained weights: flyeva folder (MIM/encoder/classifier) or release checkpoint
     size: str = "eva_giant"  # only used without init (training from scratch)
+    num_heads: int = 0  # only for a release checkpoint of a size `flyeva models` does not name
     img_size: int = 336  # 0 = the checkpoint's; else position embeddings are interpolated (336/560)
     pool: str = "avg"  # avg (mean patch tokens -> fc_norm) | cls, docs/recipes.md §4
     final_norm: str = "fc_norm"  # fc_norm | drop (the release) | keep; see docs/classify.md
@@ -93,7 +94,7 @@ def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
         grad_checkpointing=cfg.grad_checkpointing,
     )
     if cfg.init:
-        weights = load_pretrained(cfg.init)
+        weights = load_pretrained(cfg.init, cfg.num_heads)
         model = classifier_from_pretrained(
             weights, num_classes, reset_head=cfg.reset_head, img_size=cfg.img_size, **kwargs
         )

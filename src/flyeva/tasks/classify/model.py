@@ -108,8 +108,11 @@ class PretrainedWeights:
     source: str = ""
 
 
-def load_pretrained(path: str | Path) -> PretrainedWeights:
-    """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint."""
+def load_pretrained(path: str | Path, num_heads: int = 0) -> PretrainedWeights:
+    """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint.
+
+    `num_heads` is needed only for a release checkpoint of a size `flyeva models` does not name.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
@@ -134,7 +137,7 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     if notes.dropped:
         logger.info("dropped %d checkpoint keys: %s", len(notes.dropped), ", ".join(notes.dropped[:8]))
     state = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS}
-    return PretrainedWeights(state, infer_size(state), head or None, source=str(path))
+    return PretrainedWeights(state, infer_size(state, num_heads or None), head or None, source=str(path))
 
 
 def classifier_state(encoder_state: dict[str, torch.Tensor], final_norm: str) -> dict[str, torch.Tensor]:
