@@ -153,14 +153,14 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path):
+def test_a_pickle_that_runs_code_is_refused_with_one_line(tmp_path):
     marker = tmp_path / "was_run"
     (tmp_path / "evil").write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=3))
-    with pytest.raises(pickle.UnpicklingError, match=r"asks to load (posix|os)\.system"):
+    with pytest.raises(ValueError, match=r"asks to load (posix|os)\.system"):
         read_cifar_pickle(tmp_path / "evil")
     assert not marker.exists()
     (tmp_path / "eval").write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")
-    with pytest.raises(pickle.UnpicklingError, match=r"builtins\.eval"):
+    with pytest.raises(ValueError, match=r"builtins\.eval"):
         read_cifar_pickle(tmp_path / "eval")
 
 

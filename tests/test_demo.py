@@ -41,3 +41,18 @@ def test_verdicts_read_the_spread_and_the_chance_level():
     line = verdict("c", [0.048, 0.053, 0.058], [0.022, 0.041, 0.060])
     assert "inconclusive" in line and "at chance level" in line and "holds" not in line
     assert "one seed" in verdict("c", [0.5], [0.1])
+
+
+@pytest.mark.slow
+def test_demo_stages_run_a_subset_and_report_each_task_from_eva_and_random_init(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--quick", "--stages", "segment", "--out", str(out)]) == 0
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert set(tasks) == {"segment"} and set(tasks["segment"]) == {"EVA init", "random init"}
+    for scores in tasks["segment"].values():
+        assert 0.0 <= scores["mIoU"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "### segment" in report and "| EVA init |" in report and "| random init |" in report
+    assert not (out / "seed0" / "pixel").exists()  # core's comparisons were not run
+    assert cli(["demo", "--stages", "nope", "--out", str(out)]) == 2
+    assert "unknown demo stage(s) ['nope']" in capsys.readouterr().err

@@ -413,3 +413,13 @@ def test_retrieval_sets_follow_the_caption_convention_and_skip_invalid_utf8(tmp_
     images, captions, owners = captioned_set(table)
     assert captions == ["one", "two", "three"] and owners == [0, 0, 1]
     assert f"{table} line 4 is not valid UTF-8" in caplog.text
+
+
+def test_a_corrupt_clip_folder_is_one_clear_error(tmp_path):
+    from flyeva.models.weights import WeightsError, save_weights
+    from flyeva.tasks.clip.model import load_clip
+
+    folder = save_weights(torch.nn.Linear(4, 4), tmp_path / "clip", kind="clip", arch={})
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:40])
+    with pytest.raises(WeightsError, match="model.safetensors is truncated or corrupt"):
+        load_clip(folder)

@@ -149,6 +149,9 @@ def folder_set(name: str, root: str | Path, classnames_file: str = "", role: str
         images = _images_in(folder)
         samples += images
         labels += [label] * len(images)
+    empty = [folder.name for folder in folders if not _images_in(folder)]
+    if empty:  # still scored as candidates, but no image of theirs is ever counted
+        logger.warning("%s: %d class folders hold no images: %s", root, len(empty), ", ".join(empty[:10]))
     return EvalSet(name, samples, labels, classnames, role=role)
 
 
@@ -169,6 +172,16 @@ def imagenet_set(
         for f in folders
     }
     subset = read_subset(subset_file) if subset_file else sorted(set(folder_index.values()))
+    if not subset_file and len(subset) < len(wnids):
+        missing = [wnids[i] for i in range(len(wnids)) if i not in set(subset)]
+        logger.warning(
+            "%s holds %d of ImageNet's %d classes: the classifier scores only those (as for ImageNet-A/R); "
+            "missing e.g. %s. If folders are missing by mistake, restore them (or pass a subset file)",
+            root,
+            len(subset),
+            len(wnids),
+            ", ".join(missing[:5]),
+        )
     column = {index: position for position, index in enumerate(subset)}
     samples, labels = [], []
     for folder in folders:
@@ -215,8 +228,13 @@ def read_cifar_pickle(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR file {path} does not exist; pass the extracted cifar-*-python folder")
-    with open(path, "rb") as file:
-        data = _NumpyOnlyUnpickler(file, str(path)).load()
+    try:
+        with open(path, "rb") as file:
+            data = _NumpyOnlyUnpickler(file, str(path)).load()
+    except pickle.UnpicklingError as error:  # the refusal above, or a file that is not a pickle at all
+        raise ValueError(str(error).splitlines()[0]) from None
+    except (EOFError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is truncated or not a CIFAR pickle ({error}); re-download it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a CIFAR batch dict")
     return data

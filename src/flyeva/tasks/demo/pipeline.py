@@ -16,6 +16,7 @@ video) add themselves by appending to `STAGES`-style calls in `run_demo`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -177,29 +178,100 @@ def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
 ENCODERS = ("EVA (CLIP-feature MIM)", "pixel MIM", "random init", "teacher's vision tower")
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
-    """Run (or resume) the whole miniature pipeline and write `out/report.md`; returns its path."""
+STAGES = ("core", "detect", "segment", "video")  # core: teacher, MIM, classification and CLIP claims
+
+
+def _run_task(stage: Callable[..., dict[str, float]], options: dict, folder: Path, init: str | None) -> dict:
+    return stage(folder, init, 0, **options)
+
+
+def _task_stages(out: Path, eva_init: str, stages: tuple[str, ...], quick: bool) -> dict[str, dict[str, Any]]:
+    """Each transfer task from the seed-0 EVA and from random init (one seed: docs/demo.md)."""
+    from flyeva.tasks.detect.demo import run_demo_stage as detect_stage
+    from flyeva.tasks.segment.demo import run_demo_stage as segment_stage
+    from flyeva.tasks.video.demo import run_demo_stage as video_stage
+
+    small = {"detect": {"steps": 20, "train_images": 64, "val_images": 16}, "segment": {"steps": 10}}
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, stage in (("detect", detect_stage), ("segment", segment_stage)):
+        if name in stages:
+            options = small[name] if quick else {}
+            run = functools.partial(_run_task, stage, options)
+            tasks[name] = {
+                label: _stage(out / f"{name}_{label.split()[0].lower()}", run, init)
+                for label, init in (("EVA init", eva_init), ("random init", None))
+            }
+    if "video" in stages:
+        both = _stage(out / "video", functools.partial(video_stage, quick=quick), eva_init, 0)
+        tasks["video"] = {
+            label: {k.split("_", 1)[1]: v for k, v in both.items() if k.startswith(prefix)}
+            for label, prefix in (("EVA init", "eva_"), ("random init", "random_"), ("chance", "chance_"))
+        }
+    return tasks
+
+
+def _task_section(tasks: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Transfer tasks (one seed; EVA = the seed-0 CLIP-feature MIM encoder)", ""]
+    for task, rows in tasks.items():
+        metrics = sorted({m for row in rows.values() for m in row if m != "seconds"})
+        lines += [
+            f"### {task}",
+            "",
+            "| init | " + " | ".join(metrics) + " |",
+            "|---" * (len(metrics) + 1) + "|",
+        ]
+        for label, row in rows.items():
+            cells = [f"{row[m]:.4g}" if isinstance(row.get(m), float) else "" for m in metrics]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, stages: tuple[str, ...] = ("core",)) -> Path:
+    """Run (or resume) the miniature pipeline's `stages` and write `out/report.md`; returns its path."""
     from flyeva.tasks.demo.report import write_report
 
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown demo stage(s) {unknown}; choose from {list(STAGES)}")
     out, budget = Path(out), QUICK if quick else FULL
     started = time.time()
     teacher = _stage(out / "teacher", train_teacher, budget)
     results: dict[int, dict[str, Any]] = {}
-    for seed in budget.seeds:
+    for seed in budget.seeds if "core" in stages else budget.seeds[:1]:
         root = out / f"seed{seed}"
         eva = _stage(root / "eva", pretrain, teacher["final"], seed, budget, "clip")
-        pixel = _stage(root / "pixel", pretrain, "", seed, budget, "pixels")
-        inits = (eva["final"], pixel["final"], "", f"{teacher['final']}/visual")
-        transfer = {
-            name: {
-                "linear probe": _stage(root / f"probe{i}", linear_probe, init, seed, budget)["top1"],
-                "fine-tune": _stage(root / f"finetune{i}", finetune, init, seed, budget)["top1"],
-            }
-            for i, (name, init) in enumerate(zip(ENCODERS, inits))
+        results[seed] = {"pretrain": {"eva": eva}}
+        if "core" in stages:
+            results[seed] = _core_seed(root, teacher, eva, seed, budget)
+    tasks = _task_stages(out, results[budget.seeds[0]]["pretrain"]["eva"]["final"], stages, quick)
+    report = out / "report.md"
+    if "core" in stages:
+        write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
+    else:
+        report.write_text(f"# flyeva miniature world: {', '.join(stages)}\n\n")
+    if tasks:
+        (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
+        with open(report, "a") as handle:
+            handle.write("\n" + _task_section(tasks))
+    return report
+
+
+def _core_seed(
+    root: Path, teacher: dict[str, Any], eva: dict[str, Any], seed: int, budget: DemoBudget
+) -> dict:
+    """The classification and CLIP comparisons of one seed."""
+    pixel = _stage(root / "pixel", pretrain, "", seed, budget, "pixels")
+    inits = (eva["final"], pixel["final"], "", f"{teacher['final']}/visual")
+    transfer = {
+        name: {
+            "linear probe": _stage(root / f"probe{i}", linear_probe, init, seed, budget)["top1"],
+            "fine-tune": _stage(root / f"finetune{i}", finetune, init, seed, budget)["top1"],
         }
-        clips = {
-            "EVA-initialised CLIP": _stage(root / "clip_eva", eva_clip, eva["final"], seed, budget),
-            "from-scratch CLIP": _stage(root / "clip_scratch", eva_clip, "", seed, budget),
-        }
-        results[seed] = {"pretrain": {"eva": eva, "pixel": pixel}, "transfer": transfer, "clip": clips}
-    return write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
+        for i, (name, init) in enumerate(zip(ENCODERS, inits))
+    }
+    clips = {
+        "EVA-initialised CLIP": _stage(root / "clip_eva", eva_clip, eva["final"], seed, budget),
+        "from-scratch CLIP": _stage(root / "clip_scratch", eva_clip, "", seed, budget),
+    }
+    return {"pretrain": {"eva": eva, "pixel": pixel}, "transfer": transfer, "clip": clips}
