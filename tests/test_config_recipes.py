@@ -44,3 +44,9 @@ def test_a_key_the_linear_probe_would_ignore_is_rejected(tmp_path, capsys):
     args = ["classify", "linprobe", f"train.output_dir={tmp_path}", "optim.layer_decay=0.75"]
     assert main(args) == 2
     assert "optim.layer_decay=0.75 does not apply to a linear probe" in capsys.readouterr().err
+
+
+def test_a_key_clip_would_ignore_names_the_key_that_applies(tmp_path, capsys):
+    args = ["clip", "train", f"train.output_dir={tmp_path}", "optim.layer_decay=0.9"]
+    assert main(args) == 2
+    assert "set model.vision.layer_decay and/or model.text.layer_decay instead" in capsys.readouterr().err

@@ -80,6 +80,12 @@ def check_config(cfg: ClipConfig) -> None:
         )
     if cfg.loss.micro_batch_size < 0:
         raise ConfigError("loss.micro_batch_size must be >= 0 (0 = no accumulation)")
+    if cfg.optim.layer_decay != 1.0:  # each tower has its own: optim's would be silently ignored
+        raise ConfigError(
+            f"optim.layer_decay={cfg.optim.layer_decay} does not apply to CLIP; set "
+            "model.vision.layer_decay and/or model.text.layer_decay instead"
+        )
+    cfg.train.check()
 
 
 def _save_final(cfg: ClipConfig, result: TrainResult, out: Path, image_size: int) -> None:
