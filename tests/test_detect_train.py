@@ -192,3 +192,30 @@ def test_demo_stage_from_an_encoder_folder(tmp_path):
     assert all(0.0 <= value <= 1.0 for value in result.values())
     weights = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert weights["arch"]["backbone"]["pos_grid"] == 8  # the miniature encoder's 32 / 4 table
+
+
+@pytest.mark.slow
+def test_resumed_run_trains_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from flyeva.tasks.detect.train import run_train
+
+    common = [o for o in TINY_RUN if not o.startswith(("train.max_steps", "data.shapeworld_val"))]
+    common += [
+        "data.shapeworld_val=0",
+        "train.checkpoint_every=2",
+        "test.during_training=false",
+        "train.epochs=2",
+    ]
+
+    def run(folder, steps):
+        overrides = [*common, f"train.output_dir={folder}", f"train.max_steps={steps}"]
+        run_train(load_config(DetectConfig, recipe_path("detect", "miniature"), overrides))
+        return load_file(str(folder / "final" / "model.safetensors"))
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)  # stops after the first epoch (2 batches of 4 images)
+    resumed = run(tmp_path / "resumed", 4)  # resume=auto continues from step 2
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
