@@ -10,6 +10,7 @@ from flyeva.tasks.detect.backbone import (
     SimpleFeaturePyramid,
     WindowBlock,
     decomposed_rel_pos_bias,
+    get_rel_pos,
     global_block_indices,
     window_partition,
     window_unpartition,
@@ -175,3 +176,16 @@ def test_release_key_names_of_the_pyramid():
     ):
         assert key in names, key
     assert "simfp_2.4.bias" not in names  # detectron2's Conv2d with a norm has no bias
+
+
+def test_rel_pos_table_is_resized_linearly_for_another_grid():
+    table = torch.arange(5 * 2, dtype=torch.float32).reshape(5, 2)  # trained for a 3-token axis
+    same = get_rel_pos(3, 3, table)
+    assert same.shape == (3, 3, 2)
+    torch.testing.assert_close(same[0, 2], table[0])  # q 0, k 2: distance -2 -> row 0
+    bigger = get_rel_pos(4, 4, table)  # a 4-token axis needs 7 rows: the table is interpolated linearly
+    resized = F.interpolate(table.T[None], size=7, mode="linear")[0].T
+    torch.testing.assert_close(bigger[3, 0], resized[6])
+    torch.testing.assert_close(bigger[0, 3], resized[0])
+    net = EvaViTDet(32, 4, 16, 2, 2, 32, pos_grid=8, window=0, global_blocks=[0, 1])
+    assert net(torch.randn(1, 3, 48, 40)).shape == (1, 16, 12, 10)  # another grid than the tables': runs
