@@ -168,6 +168,10 @@ def parse_args() -> argparse.Namespace:
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     get_size(args.size)  # fail fast on a typo, before any process starts
+    if args.batch < 2 and "upernet" in args.decoders:
+        parser.error(
+            "--batch must be >= 2 for UperNet: its BatchNorm needs 2+ values per channel at pool scale 1"
+        )
     return args
 
 

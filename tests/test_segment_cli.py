@@ -53,7 +53,7 @@ def test_train_eval_predict_on_shapeworld(tmp_path):
     assert [r["mIoU"] for r in records if r["kind"] == "eval"] == [pytest.approx(trained["mIoU"])]
 
     again = tmp_path / "eval"
-    data = out / "data" / "shapeworld_64px_seed0"
+    (data,) = (out / "data").iterdir()  # the generated ShapeWorld split
     overrides = [f"weights={out / 'final'}", f"train.output_dir={again}", f"data.root={data}"]
     overrides += [f"data.val={data / 'val' / 'semantic'}", f"data.train={data / 'train' / 'semantic'}"]
     assert main(["segment", "eval", *overrides, "train.device=cpu"]) in (0, None)

@@ -13,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 IGNORE_INDEX = 255
-# Detection, segmentation and video use ImageNet statistics (docs/recipes.md), on the 0-255 scale.
+# ImageNet statistics on the 0-255 scale, as the release's segmentation configs (`EVA-01/seg`).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
