@@ -38,7 +38,7 @@ def run_demo_stage(
         *DEMO_OVERRIDES,
         f"train.output_dir={out_dir}",
         f"train.seed={seed}",
-        f"model.init={init or ''}",
+        f"model.init='{init or ''}'",
         f"data.shapeworld_train={train_images}",
         f"data.shapeworld_val={val_images}",
         f"data.shapeworld_seed={seed}",

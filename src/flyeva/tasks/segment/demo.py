@@ -34,7 +34,7 @@ def run_demo_stage(
         *DEMO_OVERRIDES,
         f"train.output_dir={out_dir}",
         f"train.seed={seed}",
-        f"model.init={init or ''}",
+        f"model.init='{init or ''}'",
         f"data.shapeworld_train={train_images}",
         f"train.epochs={epochs}",
         f"train.steps_per_epoch={max(1, steps // epochs)}",
