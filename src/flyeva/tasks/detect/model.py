@@ -23,7 +23,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from flyeva.tasks.detect.backbone import PYRAMID_SCALES, EvaViTDet, SimpleFeaturePyramid, global_block_indices
 from flyeva.tasks.detect.cascade import CascadeRoIHeads, RoIHeadsConfig
 
-# ImageNet statistics on the 0-255 scale (release `EVA-01/det`; pretraining used CLIP's, EVA_SPEC 5)
+# ImageNet statistics on the 0-255 scale (release `EVA-01/det`; pretraining used CLIP's: docs/recipes.md §9)
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
