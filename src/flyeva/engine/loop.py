@@ -425,8 +425,15 @@ def _step_of(path: Path) -> int:
 # The loop: micro-steps, the optimizer step, an epoch, evaluation.
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors anywhere in a batch (per-image target dicts and lists included) onto `device`."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
 
 
 def _image_key(batch: dict[str, Any]) -> str:
