@@ -152,7 +152,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert main(["video", "train", *common]) == 0
     model = load(out / "final")
     assert model.weights_config["kind"] == "video" and len(model.weights_config["classes"]) == 8
-    assert model.pos_embed.shape == (1, 1 + 2 * 64, 96)
+    assert model.pos_embed.shape == (1, 1 + 64, 96)  # 2 frames in one tubelet of 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["step"] == 2  # 8 clips / batch 4
     assert main(["video", "eval", *common, "data.test_clips=3", "data.test_crops=1"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,7 @@ def test_video_embedding_is_the_renormalised_mean_of_normalised_frame_embeddings
     assert torch.allclose(embedding, torch.tensor([[2**-0.5, 2**-0.5]]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zeroshot_command_writes_its_report(tmp_path, capsys):
     cfg = ClipModelSection(
         embed_dim=16,

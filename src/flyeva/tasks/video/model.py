@@ -108,6 +108,9 @@ class VideoEva(Eva):
         """Logits [B, num_classes] (features [B, D] when the model has no head)."""
         return self.forward_head(self.forward_features(clips))
 
+    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("a video model's position table is 3-D: use resize(num_frames, img_size)")
+
     @torch.no_grad()
     def resize(self, num_frames: int, img_size: int | None = None) -> None:
         """Take clips of `num_frames` x `img_size`: the position table is resized trilinearly, CLS kept."""
