@@ -423,3 +423,20 @@ def test_a_corrupt_clip_folder_is_one_clear_error(tmp_path):
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:40])
     with pytest.raises(WeightsError, match="model.safetensors is truncated or corrupt"):
         load_clip(folder)
+
+
+def test_a_class_whose_images_are_all_unreadable_is_an_error_naming_it(tmp_path):
+    from PIL import Image
+
+    from flyeva.tasks.classify.data import DataSection, prepare_data
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    for index in range(3):
+        (tmp_path / "train" / "dog" / f"broken{index}.png").write_bytes(b"not a png")
+    assert prepare_data(DataSection(root=str(tmp_path))).num_classes == 2
+    (tmp_path / "train" / "dog" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=r"1 classes have no readable training image: \['dog'\]"):
+        prepare_data(DataSection(root=str(tmp_path)))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flyeva.data.sources import SourceConfig, build_source
+from flyeva.data.sources import SourceConfig, UnreadableImageError, build_source, decode_rgb
 from flyeva.data.stream import ImageBatchStream, rank_permutation
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_host_rngs
 
@@ -243,10 +243,39 @@ class LabeledData:
     classes: list[str] | None
 
 
+def check_every_class_readable(source: Any) -> None:
+    """Refuse to train when a class has no image that decodes (it would train with exit 0, unlearnable).
+
+    One successful decode per class suffices, so a healthy data set costs one image per class.
+    """
+    paths, targets, classes = (getattr(source, name, None) for name in ("paths", "targets", "classes"))
+    if not paths or not targets or not classes:
+        return  # streamed or generated sources: their unreadable samples are counted per epoch
+    by_class: dict[int, list[Any]] = {}
+    for path, label in zip(paths, targets):
+        by_class.setdefault(label, []).append(path)
+    unusable = []
+    for label, class_paths in sorted(by_class.items()):
+        for path in class_paths:
+            try:
+                decode_rgb(path)
+                break
+            except UnreadableImageError:
+                continue
+        else:
+            unusable.append(classes[label])
+    if unusable:
+        raise ValueError(
+            f"{len(unusable)} classes have no readable training image: {unusable[:10]}; fix or remove their "
+            "images (every one of them failed to decode)"
+        )
+
+
 def prepare_data(data: DataSection, need_val: bool = False) -> LabeledData:
     """Build the train (and validation) sources, count the classes, check that the splits agree."""
     train_section, val_section = resolve_sections(data)
     train = build_labeled_source(train_section, "train")
+    check_every_class_readable(train)
     num_classes, classes = source_classes(train, data.num_classes)
     if val_section is None:
         if need_val:
