@@ -421,7 +421,7 @@ def test_a_corrupt_clip_folder_is_one_clear_error(tmp_path):
 
     folder = save_weights(torch.nn.Linear(4, 4), tmp_path / "clip", kind="clip", arch={})
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:40])
-    with pytest.raises(WeightsError, match="model.safetensors is truncated or corrupt"):
+    with pytest.raises(WeightsError, match=r"model\.safetensors is truncated or corrupt"):
         load_clip(folder)
 
 
