@@ -629,6 +629,8 @@ def train(
     sets every group's lr (times its `lr_scale`) at every step. `run_config` is the stage's whole
     resolved config: a resume refuses when a run-defining key of it changed (docs/reliability.md).
     """
+    cfg.check()
+    D.init_distributed(cfg.device)  # before the lock: only rank 0 of a torchrun job takes it
     lock = RunLock(Path(cfg.output_dir)) if D.is_main() else None
     try:
         state = setup_run(model, objective, stream, cfg, optim_cfg, groups_fn, optimizer_fn, run_config)
