@@ -182,8 +182,14 @@ def load(path: str | Path, *, kind: str | None = None, map_location: str = "cpu"
     build = builder_for(kind)
     file = folder / WEIGHTS_FILE
     shapes = header_shapes(file)
-    with torch.device("meta"):
-        skeleton = build(arch)
+    try:
+        with torch.device("meta"):
+            skeleton = build(arch)
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(
+            f"{folder / CONFIG_FILE}: its arch does not describe a {kind} ({type(error).__name__}: {error}); "
+            "re-export the folder"
+        ) from None
     expected = skeleton.state_dict()
     # A narrower kind (encoder from mim) takes the keys it has; extra keys in the file are fine then.
     found = shapes if kind == stored_kind else {k: v for k, v in shapes.items() if k in expected}
