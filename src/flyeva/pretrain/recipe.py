@@ -123,6 +123,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
         )
     if cfg.mask.num_masking_patches < 1 or cfg.mask.min_num_patches < 1:
         raise ConfigError("mask.num_masking_patches and mask.min_num_patches must be at least 1")
+    if len(cfg.data.scale) != 2 or len(cfg.data.ratio) != 2:
+        raise ConfigError("data.scale and data.ratio take two numbers each: [low, high]")
     low, high = cfg.data.scale
     if not 0 < low <= high <= 1:
         raise ConfigError(
