@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_engine import ListStream, make_batches, regression_objective
+from test_engine import ListStream, _pretrain, make_batches, regression_objective
 
 from flyeva.cli import main as cli
 from flyeva.config import ConfigError
@@ -180,19 +180,6 @@ def test_diverging_pretraining_exits_3_with_one_line_and_writes_no_final(tmp_pat
 
 
 # ----- D. SIGTERM: finish the step, checkpoint, exit 143; the resume is bit-identical ----------
-
-
-def _pretrain(config_file: Path, out: Path) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "flyeva.cli",
-        "pretrain",
-        "--config",
-        str(config_file),
-        f"train.output_dir={out}",
-    ]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
