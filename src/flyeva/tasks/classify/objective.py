@@ -39,18 +39,24 @@ class ClassificationObjective:
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    input_key = "images"  # the batch entry the model reads (videos: "clips")
+
+    def mix(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's Mixup/CutMix on [B, C, H, W]; subclasses reshape other inputs around it."""
+        return self.mixup(inputs, labels)
+
     def __call__(
         self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
     ) -> tuple[torch.Tensor, dict]:
-        images, labels = batch["images"], batch["labels"]
-        if self.mixup is not None and len(images) % 2:
-            images, labels = images[:-1], labels[:-1]  # timm mixes each image with its mirror in the batch
+        inputs, labels = batch[self.input_key], batch["labels"]
+        if self.mixup is not None and len(inputs) % 2:
+            inputs, labels = inputs[:-1], labels[:-1]  # timm mixes each sample with its mirror in the batch
         targets: torch.Tensor = labels
-        if self.mixup is not None and len(images):
+        if self.mixup is not None and len(inputs):
             with seeded_host_rngs(mix_seed(ctx.seed, ctx.rank, ctx.step, ctx.micro)):
-                images, targets = self.mixup(images, labels)
-        logits = model(images)
-        if len(images) == 0:  # every image of the batch was unreadable: contribute nothing
+                inputs, targets = self.mix(inputs, labels)
+        logits = model(inputs)
+        if len(inputs) == 0:  # every sample of the batch was unreadable: contribute nothing
             return logits.sum() * 0.0, {}
         loss = self.criterion(logits.float(), targets)
         metrics = {}

@@ -13,14 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyeva.data.stream import mix_seed
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import StepContext
 from flyeva.tasks.classify.objective import (
     CONFUSION_MAX_CLASSES,
     ClassificationObjective,
     Evaluator,
-    seeded_host_rngs,
 )
 
 
@@ -32,25 +30,11 @@ class VideoObjective(ClassificationObjective):
     `CutmixMixupBlending` on videos).
     """
 
-    def __call__(
-        self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
-    ) -> tuple[torch.Tensor, dict]:
-        clips, labels = batch["clips"], batch["labels"]
-        if self.mixup is not None and len(clips) % 2:
-            clips, labels = clips[:-1], labels[:-1]  # timm mixes each sample with its mirror in the batch
-        targets: torch.Tensor = labels
-        if self.mixup is not None and len(clips):
-            with seeded_host_rngs(mix_seed(ctx.seed, ctx.rank, ctx.step, ctx.micro)):
-                folded, targets = self.mixup(clips.flatten(1, 2).clone(), labels)
-            clips = folded.view_as(clips)
-        logits = model(clips)
-        if len(clips) == 0:  # every video of the batch was unreadable: contribute nothing
-            return logits.sum() * 0.0, {}
-        loss = self.criterion(logits.float(), targets)
-        metrics = {}
-        if self.mixup is None:
-            metrics["train_top1"] = (logits.argmax(-1) == labels).float().mean().item() * 100
-        return loss, metrics
+    input_key = "clips"
+
+    def mix(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        folded, targets = self.mixup(clips.flatten(1, 2).clone(), labels)
+        return folded.view_as(clips), targets
 
 
 def average_views(logits: torch.Tensor) -> torch.Tensor:
