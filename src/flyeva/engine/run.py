@@ -8,6 +8,7 @@ a resume whose run-defining config differs is refused with every differing key l
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -44,15 +45,19 @@ MAY_CHANGE_ON_RESUME = (
 
 
 class RunLock:
-    """An exclusive `flock` on OUTPUT/.lock holding the owner's PID; released on close or death."""
+    """An exclusive lock on OUTPUT/.lock holding the owner's PID; released on close or death."""
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / LOCK
         self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the whole run)
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: forked DataLoader workers do not inherit it, so a killed
+            # run frees the folder at once even while its orphaned workers are still exiting.
+            fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             self.handle.seek(0)
             holder = self.handle.read().strip() or "unknown"
             self.handle.close()
@@ -67,7 +72,7 @@ class RunLock:
 
     def release(self) -> None:
         if not self.handle.closed:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
 
 
