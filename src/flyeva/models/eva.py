@@ -9,6 +9,7 @@ flyeva checkpoint loads into timm's `Eva` directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -49,6 +50,9 @@ EVA_SIZES: dict[str, EvaSize] = {
 TIMM_EQUIVALENTS: dict[str, str] = {"eva_giant": "eva_giant_patch14_224"}
 
 INIT_STD = 0.015  # docs/recipes.md §2: truncated normal std 0.015, truncated at +-1 std
+# docs/recipes.md §2: the release's fine-tuning and EVA-CLIP towers use std 0.02 and leave the patch
+# embedding at PyTorch's Conv2d default.
+FINETUNE_INIT_STD = 0.02
 TEACHER_DIM = 768  # docs/recipes.md §3: CLIP ViT-L/14 features after `proj`
 
 
@@ -95,10 +99,15 @@ def trunc_normal_release_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.
 
 
 @torch.no_grad()
-def init_release_weights(model: Eva, std: float = INIT_STD) -> None:
-    """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs."""
+def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = True) -> None:
+    """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs.
+
+    The MIM model re-initialises the patch embedding too (`patch_embed=True`, BEiT's pretraining
+    init); the fine-tuning and EVA-CLIP models keep PyTorch's default for it (`init_finetune_weights`).
+    """
+    convolutions = (nn.Conv2d, nn.Conv3d) if patch_embed else ()
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, *convolutions)):
             trunc_normal_release_(module.weight, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -117,6 +126,15 @@ def init_release_weights(model: Eva, std: float = INIT_STD) -> None:
         # Residual branches are divided by sqrt(2 * layer_id), layer_id from 1 (BEiT `fix_init_weight`).
         block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+def init_finetune_weights(model: Eva) -> None:
+    """The release's fine-tuning / EVA-CLIP tower init: std 0.02, patch embedding left at PyTorch's default.
+
+    A from-scratch miniature needs that default: with the pretraining init's std-0.015 patch
+    embedding it sat at chance on ShapeWorld for 1500 steps (docs/demo.md).
+    """
+    init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False)
 
 
 class EvaForMIM(Eva):
@@ -167,9 +185,11 @@ class EvaForMIM(Eva):
         return self.lm_head(tokens[mask.reshape(mask.shape[0], -1)])
 
 
-def _apply_options(model: Eva, *, release_init: bool, grad_checkpointing: bool) -> Eva:
+def _apply_options(
+    model: Eva, *, release_init: bool, grad_checkpointing: bool, init: Callable[[Eva], None]
+) -> Eva:
     if release_init:
-        init_release_weights(model)
+        init(model)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
 
@@ -188,7 +208,9 @@ def build_mim_model(
     # docs/recipes.md §2: drop path 0.1, linear from 0 over depth.
     kwargs = eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides)
     model = EvaForMIM(teacher_dim=teacher_dim, **kwargs)
-    return _apply_options(model, release_init=release_init, grad_checkpointing=grad_checkpointing)
+    return _apply_options(
+        model, release_init=release_init, grad_checkpointing=grad_checkpointing, init=init_release_weights
+    )
 
 
 def build_encoder(
@@ -199,10 +221,12 @@ def build_encoder(
     release_init: bool = True,
     **overrides: Any,
 ) -> Eva:
-    """A plain timm `Eva` encoder of a named size (no mask token, no head)."""
+    """A plain timm `Eva` encoder of a named size (no mask token, no head), with the fine-tuning init."""
     size = get_size(size) if isinstance(size, str) else size
     model = Eva(**eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides))
-    return _apply_options(model, release_init=release_init, grad_checkpointing=grad_checkpointing)
+    return _apply_options(
+        model, release_init=release_init, grad_checkpointing=grad_checkpointing, init=init_finetune_weights
+    )
 
 
 def size_with(size: str | EvaSize, **changes: int) -> EvaSize:
