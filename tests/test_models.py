@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flyeva.models.eva import (
     EVA_SIZES,
+    FINETUNE_INIT_STD,
     INIT_STD,
     build_encoder,
     build_mim_model,
@@ -205,3 +206,19 @@ def test_flop_formula_matches_torch_flop_counter():
     with counter, torch.no_grad():
         model.forward_features(torch.randn(1, 3, 224, 224))
     assert counter.get_total_flops() == encoder_flops(size)
+
+
+def test_encoders_use_the_release_fine_tuning_init():
+    # The release's fine-tuning and EVA-CLIP towers: std 0.02 truncated at +-1 std, and the patch
+    # embedding left at PyTorch's Conv2d default (kaiming uniform, bound 1/sqrt(fan_in)).
+    torch.manual_seed(0)
+    model = build_encoder("eva_small")
+    qkv = model.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= FINETUNE_INIT_STD
+    assert abs(qkv.std().item() / (FINETUNE_INIT_STD * 0.5376) - 1) < 0.01
+    patch = model.patch_embed.proj.weight
+    bound = 1 / math.sqrt(patch[0].numel())  # 1 / sqrt(3 * 14 * 14)
+    assert patch.abs().max() <= bound and patch.abs().max() > 0.99 * bound
+    assert abs(patch.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
+    for layer_id, block in enumerate(model.blocks, start=1):
+        assert block.mlp.fc2.weight.abs().max() <= FINETUNE_INIT_STD / math.sqrt(2 * layer_id) + 1e-9

@@ -86,7 +86,9 @@ def test_annotations_are_consistent(scenes):
         words = scene.caption.replace(",", " ").split()
         assert scene.caption.startswith("a large ") and f"in the {WORLD.QUADRANTS[quadrant]}" in scene.caption
         for obj in scene.objects:
-            assert obj["shape"] in words and obj["colour"] in words
+            assert obj["shape"] in words
+        # Only shapes and places: colour, fill and background words would be contrastive shortcuts.
+        assert not set(words) & {*COLOURS, "striped", "checkered", "solid", "background"}
 
 
 def test_occlusion_happens_and_is_reflected_in_masks(scenes):
@@ -125,10 +127,10 @@ def test_class_task_is_not_solvable_from_colour_histograms():
     scenes = [WORLD.sample(index) for index in range(2000)]
     features = np.stack([colour_histogram(scene.image) for scene in scenes])
     labels = np.array([scene.label for scene in scenes])
-    # Measured 0.058 (chance 0.05); shapes alone 0.207 (chance 0.2): equal-area shapes hide in histograms.
+    # Measured 0.044 (chance 0.05); shapes alone 0.189 (chance 0.2): equal-area shapes hide in histograms.
     assert nearest_centroid_accuracy(features, labels, 20, split=1000) < 2 * (1 / 20)
     assert nearest_centroid_accuracy(features, labels // 4, 5, split=1000) < 1.5 * (1 / 5)
-    # The same classifier does read colour: it finds the largest object's colour (measured 0.90, chance 1/8).
+    # The same classifier does read colour: it finds the largest object's colour (measured 0.98, chance 1/8).
     largest_colour = np.array(
         [list(COLOURS).index(max(s.objects, key=lambda o: o["size"])["colour"]) for s in scenes]
     )
