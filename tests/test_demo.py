@@ -12,23 +12,27 @@ def test_quick_demo_writes_a_complete_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli(["demo", "--quick", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for heading in ("What the paper predicts", "Transfer: top-1", "EVA-CLIP in miniature"):
+    for heading in ("what the paper predicts", "Transfer: top-1", "EVA-CLIP in miniature"):
         assert heading in report
     assert "n/a" not in report
     table_rows = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]
     assert len(table_rows) == 4 + 2  # four encoders, two CLIP initialisations
     assert report.count("(1) |") >= 6  # every cell has its one seed
+    assert report.count("not run") == 1  # the teacher's tower is probed, not fine-tuned
+    assert report.index("## Summary") < report.index("![transfer](transfer.png)") < report.index("## Details")
     for plot in ("pretrain_loss.png", "clip_loss.png", "transfer.png", "zeroshot.png"):
         assert (out / plot).stat().st_size > 1000
     results = json.loads((out / "results.json").read_text())
     transfer = results["seeds"]["0"]["transfer"]
     assert set(transfer) == {"EVA (CLIP-feature MIM)", "pixel MIM", "random init", "teacher's vision tower"}
     assert all(0 <= v <= 100 for scores in transfer.values() for v in scores.values())
+    assert "fine-tune" not in transfer["teacher's vision tower"]
+    assert report.count("- CLIP-feature MIM beats") == 4  # random init / pixel MIM x probe / fine-tune
     # A second run finds every stage's result.json and redoes nothing.
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert cli(["demo", "--quick", "--out", str(out)]) == 0
     assert stamps == {p: p.stat().st_mtime for p in out.rglob("result.json")}
-    assert len(stamps) == 1 + 2 + 8 + 2  # teacher; eva, pixel; 4 probes + 4 fine-tunes; 2 CLIPs
+    assert len(stamps) == 1 + 2 + 7 + 2  # teacher; eva, pixel; 4 probes + 3 fine-tunes; 2 CLIPs
 
 
 def test_verdicts_read_the_spread_and_the_chance_level():
