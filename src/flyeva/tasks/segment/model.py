@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flyeva.engine.optim import layer_id_for_vit, param_groups
-from flyeva.models.eva import EvaSize, get_size, init_release_weights, size_with
+from flyeva.models.eva import EvaSize, get_size, init_finetune_weights, size_with
 from flyeva.tasks.segment.backbone import EvaBackbone, load_pretrained_encoder
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
@@ -102,8 +102,8 @@ def build_segmenter(
         grad_checkpointing=cfg.grad_checkpointing,
     )
     encoder = model.backbone.encoder
-    if state is None:
-        init_release_weights(encoder)
+    if state is None:  # from scratch: the fine-tuning init, as build_encoder (docs/recipes.md §2)
+        init_finetune_weights(encoder)
     else:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -22,7 +22,7 @@ from timm.models.eva import Eva
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flyeva.models.eva import EvaSize, eva_kwargs, init_release_weights, trunc_normal_release_
+from flyeva.models.eva import EvaSize, eva_kwargs, init_finetune_weights
 
 HEAD_INIT_SCALE = 0.001  # release `EVA-01/video` models/beit.py: head weights x init_scale 0.001
 FINAL_NORMS = ("fc_norm", "drop")
@@ -168,10 +168,8 @@ def build_video_model(
     """A `VideoEva` of a named size; mean pooling -> fc_norm -> head as the release's video model."""
     kwargs = eva_kwargs(size, num_classes=num_classes, global_pool="avg", use_fc_norm=True)
     model = VideoEva(num_frames, tubelet_size, **{**kwargs, "drop_path_rate": drop_path_rate})
-    if release_init:
-        init_release_weights(model)
-        trunc_normal_release_(model.patch_embed.proj.weight)
-        nn.init.zeros_(model.patch_embed.proj.bias)
+    if release_init:  # the fine-tuning init, as build_encoder: patch embedding at PyTorch's default
+        init_finetune_weights(model)
         init_head(model.head, head_init_scale)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
