@@ -233,3 +233,11 @@ def test_recipes_load(recipe):
         assert not cfg.model.text.quick_gelu  # the release's EVA-CLIP-g text tower is GELU
         assert (cfg.train.precision, cfg.train.strategy) == ("fp16", "zero1")
         assert cfg.train.batch_size * 256 == 40960  # ~41k global on 256 GPUs
+
+
+def test_fsdp_shards_both_towers_block_by_block():
+    from flyeva.engine.distributed import shard_units
+
+    model = tiny_clip()
+    units = shard_units(model)
+    assert units == [*model.visual.blocks, *model.text.transformer.resblocks]

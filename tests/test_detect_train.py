@@ -219,3 +219,11 @@ def test_resumed_run_trains_the_same_weights(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_fsdp_shards_the_detector_backbone_blocks():
+    from flyeva.engine.distributed import shard_units
+
+    detector = EvaDetector(tiny_arch())
+    units = shard_units(detector)
+    assert units == list(detector.backbone.net.blocks) and len(units) == 2  # not the whole detector

@@ -60,6 +60,20 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP's shard units: every block of every ModuleList named `*blocks`, wherever it sits.
+
+    The encoder's `blocks`, a detector's `backbone.net.blocks`, a segmenter's encoder blocks and a
+    CLIP text tower's `transformer.resblocks` alike; the root is wrapped last, around the rest.
+    """
+    return [
+        block
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1].endswith("blocks") and isinstance(module, (nn.ModuleList, nn.Sequential))
+        for block in module
+    ]
+
+
 def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     """DDP for `ddp`/`zero1` (ZeRO-1 shards only the optimizer), FSDP2 `fully_shard` for `fsdp`."""
     if strategy not in STRATEGIES:
@@ -70,7 +84,7 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Modu
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in getattr(model, "blocks", []):
+        for block in shard_units(model):
             fully_shard(block)  # one shard unit per transformer block, as FSDP users do for ViTs
         return fully_shard(model)
     device_ids = [device.index] if device.type == "cuda" else None
