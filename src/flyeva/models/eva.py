@@ -132,7 +132,7 @@ def init_finetune_weights(model: Eva) -> None:
     """The release's fine-tuning / EVA-CLIP tower init: std 0.02, patch embedding left at PyTorch's default.
 
     A from-scratch miniature needs that default: with the pretraining init's std-0.015 patch
-    embedding it sat at chance on ShapeWorld for 1500 steps (docs/demo.md).
+    embedding it stayed at chance even on single white shapes (docs/demo.md).
     """
     init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False)
 
