@@ -293,7 +293,7 @@ class ShapeWorld:
             "angle": rng.uniform(-MAX_TILT, MAX_TILT),
         }
 
-    def _background(self, rng: random.Random) -> tuple[str, np.ndarray]:
+    def _background(self, rng: random.Random) -> np.ndarray:
         size = self.image_size
         kind = rng.choice(BACKGROUNDS)
         grey = rng.randint(*BACKGROUND_GREY)
@@ -312,7 +312,7 @@ class ShapeWorld:
             noise = _noise_tile(size)
             y, x = rng.randrange(size), rng.randrange(size)
             pixels = tone + noise[y : y + size, x : x + size]
-        return kind, np.clip(pixels, 0, 255).astype(np.uint8)
+        return np.clip(pixels, 0, 255).astype(np.uint8)
 
     def _paint(self, pixels: np.ndarray, obj: dict[str, Any], mask: np.ndarray) -> None:
         rgb = np.array(obj["rgb"], dtype=np.uint8)
@@ -324,7 +324,7 @@ class ShapeWorld:
         pixels[mask] = rgb
         pixels[shaded] = (rgb * TEXTURE_SHADE).astype(np.uint8)
 
-    def _place(self, index: int) -> tuple[list[dict], list[np.ndarray], str, np.ndarray, int]:
+    def _place(self, index: int) -> tuple[list[dict], list[np.ndarray], np.ndarray, int]:
         """Objects in drawing order with full masks, the background, and the class label."""
         rng = self._rng(index, stream=0)
         size = self.image_size
@@ -350,8 +350,8 @@ class ShapeWorld:
                     placed = trial
                     break
         placed.sort(key=lambda p: p[0])
-        background, pixels = self._background(rng)
-        return [obj for _, obj, _ in placed], [mask for _, _, mask in placed], background, pixels, label
+        pixels = self._background(rng)
+        return [obj for _, obj, _ in placed], [mask for _, _, mask in placed], pixels, label
 
     def _compose(
         self, objects: list[dict], full_masks: list[np.ndarray], background: np.ndarray
@@ -367,17 +367,17 @@ class ShapeWorld:
 
     def caption(self, index: int) -> str:
         """The caption of scene `index` (same as `sample(index).caption`) without drawing the image."""
-        objects, _, _, _, _ = self._place(index)
+        objects, _, _, _ = self._place(index)
         return self._caption(objects)
 
     def render(self, index: int) -> Image.Image:
         """Only the image of scene `index` (identical to `sample(index).image`), for fast pretraining."""
-        objects, full_masks, _, background, _ = self._place(index)
+        objects, full_masks, background, _ = self._place(index)
         return self._compose(objects, full_masks, background)
 
     def sample(self, index: int) -> Scene:
         """Scene `index` with every annotation."""
-        objects, full_masks, _, background, label = self._place(index)
+        objects, full_masks, background, label = self._place(index)
         image = self._compose(objects, full_masks, background)
         full = np.stack(full_masks)
         owner = _owner_map(full)
@@ -453,7 +453,7 @@ class ShapeWorld:
                 rng.uniform(reach_still, size - reach_still),
             )
             still.append(obj)
-        _, background = self._background(rng)
+        background = self._background(rng)
         still_masks = [self._rasterize(obj) for obj in still]
         base = self._compose(still, still_masks, background)
         base_pixels = np.asarray(base)
