@@ -32,8 +32,8 @@ def test_video_embedding_is_the_renormalised_mean_of_normalised_frame_embeddings
     assert torch.allclose(embedding, torch.tensor([[2**-0.5, 2**-0.5]]), atol=1e-6)
 
 
-@pytest.mark.slow
-def test_zeroshot_command_writes_its_report(tmp_path, capsys):
+def write_clip_and_videos(tmp_path):
+    """A tiny random CLIP in tmp_path/clip, four 6-frame videos in list.csv, two classes."""
     cfg = ClipModelSection(
         embed_dim=16,
         vision=VisionSection(size="miniature"),
@@ -48,6 +48,11 @@ def test_zeroshot_command_writes_its_report(tmp_path, capsys):
         lines.append(f"v{k}.mp4,{k % 2}")
     (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "classes.txt").write_text("jumping\nswimming\n")
+
+
+@pytest.mark.slow
+def test_zeroshot_command_writes_its_report(tmp_path, capsys):
+    write_clip_and_videos(tmp_path)
     out = tmp_path / "zs.json"
     argv = ["video", "zeroshot", "--checkpoint", str(tmp_path / "clip"), "--list", str(tmp_path / "list.csv")]
     argv += [
@@ -65,3 +70,26 @@ def test_zeroshot_command_writes_its_report(tmp_path, capsys):
     assert (report["videos"], report["classes"], report["views"], report["skipped_videos"]) == (4, 2, 2, 0)
     assert report["top5"] == 100.0 and report["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     assert "video zero-shot: 4 videos" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_clip_zeroshot_routes_a_video_list_to_the_video_evaluation(tmp_path, capsys):
+    from flyeva.tasks.clip.model import load_clip
+    from flyeva.tasks.video.datasets import load_video_list
+    from flyeva.tasks.video.zeroshot import VIDEO_TEMPLATES, evaluate_video_zeroshot
+
+    write_clip_and_videos(tmp_path)
+    out = tmp_path / "zs.json"
+    dataset = (
+        f"{{name: ucf, type: video_list, path: {tmp_path / 'list.csv'}, "
+        f"classnames: {tmp_path / 'classes.txt'}, num_frames: 4}}"
+    )
+    argv = ["clip", "zeroshot", "--checkpoint", str(tmp_path / "clip"), "--json", str(out)]
+    assert main([*argv, f"zeroshot.datasets=[{dataset}]"]) == 0
+    routed = json.loads(out.read_text())["datasets"]["ucf"]
+    model, _ = load_clip(tmp_path / "clip")
+    videos = load_video_list("list", str(tmp_path / "list.csv"), "", str(tmp_path / "classes.txt"))
+    direct = evaluate_video_zeroshot(model, videos, VIDEO_TEMPLATES, image_size=32, num_frames=4)
+    assert (routed["videos"], routed["classes"], routed["num_frames"]) == (4, 2, 4)
+    assert routed["top1"] == direct["top1"] and routed["mean_class_top1"] == direct["mean_class_top1"]
+    assert "ucf" in capsys.readouterr().out

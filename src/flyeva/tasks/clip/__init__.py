@@ -19,7 +19,7 @@ import argparse
 
 DEFAULT_RECIPE = "miniature"  # runs on 2 CPU cores in about a minute
 DATASET_HELP = (
-    "TYPE:PATH[:NAME], TYPE in folder, imagenet, cifar10, cifar100 "
+    "TYPE:PATH[:NAME], TYPE in folder, imagenet, cifar10, cifar100, video_list, kinetics, video_folder "
     "(e.g. imagenet:/data/imagenet-a:imagenet_a); "
     "repeat for several sets; replaces the recipe's zeroshot.datasets"
 )

@@ -46,7 +46,10 @@ DEFAULT_ROLES = {
     "imagenet_sketch": "shift",
     "objectnet": "shift",
 }
-DATASET_TYPES = ("folder", "imagenet", "cifar10", "cifar100", "shapeworld")
+# Video sets (docs/video.md): "path label" lists such as UCF-101's, Kinetics CSVs, class folders of
+# videos; each clip is scored by the mean of its frames' embeddings (flyeva.tasks.video.zeroshot).
+VIDEO_TYPES = {"video_list": "list", "kinetics": "kinetics", "video_folder": "folder"}
+DATASET_TYPES = ("folder", "imagenet", "cifar10", "cifar100", "shapeworld", *VIDEO_TYPES)
 
 
 @dataclass
@@ -54,9 +57,9 @@ class EvalDatasetSection:
     """One zero-shot classification set (see `flyeva.tasks.clip.datasets`)."""
 
     name: str = ""
-    type: str = "folder"  # folder | imagenet | cifar10 | cifar100 | shapeworld
+    type: str = "folder"  # one of DATASET_TYPES
     path: str = ""
-    classnames: str = ""  # folder: file of class names in sorted folder order ("" = folder names)
+    classnames: str = ""  # folder / video: file of class names in sorted folder order ("" = folder names)
     subset: str = ""  # imagenet: file of wnids/indices restricting the logits ("" = folders present)
     class_map: str = ""  # imagenet: "folder<TAB>wnid|index" lines for folders not named by wnid/index
     templates: list[str] = field(default_factory=list)  # prompts with {} ([] = zeroshot's)
@@ -66,6 +69,9 @@ class EvalDatasetSection:
     num_samples: int = 500  # shapeworld only
     seed: int = 1000  # shapeworld only: a seed the training data does not use
     image_size: int = 64  # shapeworld only
+    root: str = ""  # video_list / kinetics: the folder the list's paths are relative to
+    num_frames: int = 8  # video: frames sampled per clip (their embeddings are averaged)
+    views: int = 1  # video: temporal views per clip, averaged
 
 
 @dataclass
@@ -287,13 +293,18 @@ def evaluate_retrieval(
 # Running a suite.
 
 
-def load_eval_set(section: EvalDatasetSection) -> EvalSet:
+def load_eval_set(section: EvalDatasetSection) -> Any:
+    """An `EvalSet` of images, or for a video type a `VideoList`."""
     if section.type not in DATASET_TYPES:
         raise ValueError(
             f"dataset {section.name!r}: unknown type {section.type!r}; use one of {DATASET_TYPES}"
         )
     if section.type != "shapeworld" and not section.path:
         raise ValueError(f"dataset {section.name!r} ({section.type}) needs a path")
+    if section.type in VIDEO_TYPES:
+        from flyeva.tasks.video.datasets import load_video_list  # lazy: video needs PyAV
+
+        return load_video_list(VIDEO_TYPES[section.type], section.path, section.root, section.classnames)
     role = role_of(section)
     if section.type == "folder":
         return folder_set(section.name, section.path, section.classnames, role)
@@ -323,10 +334,29 @@ class ZeroShotSuite:
         self.sets = [load_eval_set(section) for section in cfg.datasets]
         suite_templates = choose_templates(cfg.templates, cfg.templates_file)
         self.templates = {
-            section.name: choose_templates(section.templates, section.templates_file, suite_templates)
+            section.name: choose_templates(
+                section.templates, section.templates_file, self._fallback(section, suite_templates)
+            )
             for section in cfg.datasets
         }
+        self.image_size = image_size
         self.transform = EvalTransform(image_size, cfg.crop_pct, CLIP_MEAN, CLIP_STD)
+
+    def _fallback(self, section: EvalDatasetSection, suite_templates: list) -> list:
+        """Video sets default to the Kinetics prompts unless the suite names its own."""
+        if section.type not in VIDEO_TYPES or self.cfg.templates or self.cfg.templates_file:
+            return suite_templates
+        from flyeva.tasks.video.zeroshot import VIDEO_TEMPLATES
+
+        return list(VIDEO_TEMPLATES)
+
+    def _run_video(self, model: torch.nn.Module, section: EvalDatasetSection, videos: Any, device) -> dict:
+        from flyeva.tasks.video.zeroshot import evaluate_video_zeroshot
+
+        return evaluate_video_zeroshot(
+            model, videos, self.templates[section.name], image_size=self.image_size,
+            num_frames=section.num_frames, views=section.views, batch_size=self.cfg.batch_size, device=device,
+        )  # fmt: skip
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module, device: torch.device, retrieval: bool = True) -> dict[str, Any]:
@@ -335,7 +365,11 @@ class ZeroShotSuite:
         model.eval()
         classifiers: dict[tuple, torch.Tensor] = {}
         results: dict[str, Any] = {"datasets": {}, "retrieval": {}}
-        for dataset in self.sets:
+        for section, dataset in zip(cfg.datasets, self.sets):
+            if section.type in VIDEO_TYPES:
+                scores = self._run_video(model, section, dataset, device)
+                results["datasets"][section.name] = {"role": role_of(section), **scores}
+                continue
             templates = self.templates[dataset.name]
             key = (tuple(dataset.classnames), tuple(templates))
             if key not in classifiers:  # ImageNet and its variants share one 1000-class classifier
@@ -372,8 +406,9 @@ def format_table(results: dict[str, Any]) -> str:
     """The results as a plain-text table."""
     lines = [f"{'dataset':<20} {'role':<6} {'classes':>7} {'images':>8} {'top-1':>7} {'top-5':>7}"]
     for name, scores in results["datasets"].items():
+        count = scores.get("images", scores.get("videos"))  # video sets count clips
         lines.append(
-            f"{name:<20} {scores['role']:<6} {scores['classes']:>7} {scores['images']:>8} "
+            f"{name:<20} {scores['role']:<6} {scores['classes']:>7} {count:>8} "
             f"{scores['top1']:>7.2f} {scores['top5']:>7.2f}"
         )
     if "average_top1" in results:
