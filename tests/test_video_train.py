@@ -182,3 +182,13 @@ def test_demo_stage_trains_random_and_eva_inits_on_the_same_clips(tmp_path, monk
     assert result["chance_top1"] == 12.5  # 8 motions
     assert all(0 <= value <= 100 for value in result.values())
     assert (tmp_path / "demo" / "eva" / "final" / "model.safetensors").is_file()
+
+
+def test_the_engine_counts_clips_not_the_first_tensor_of_the_batch():
+    from flyeva.engine.loop import _sample_key
+
+    # A batch whose first tensor is not one row per sample: 5 mask rows, 3 labels, 3 clips.
+    batch = {"mask": torch.zeros(5), "labels": torch.zeros(3), "clips": torch.zeros(3, 8, 3, 4, 4)}
+    objective = VideoObjective.__new__(VideoObjective)  # input_key is a class attribute
+    assert _sample_key(objective, batch) == "clips" and len(batch[_sample_key(objective, batch)]) == 3
+    assert _sample_key(object(), {"images": torch.zeros(2), "labels": torch.zeros(2)}) == "images"

@@ -436,8 +436,11 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _image_key(batch: dict[str, Any]) -> str:
-    return "images" if "images" in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
+def _sample_key(objective: Any, batch: dict[str, Any]) -> str:
+    """The batch entry with one row per sample: the objective's `input_key` (videos: "clips"), else
+    "images", else the first tensor."""
+    key = getattr(objective, "input_key", "images")
+    return key if key in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
 
 
 def _grad_norm(state: RunState) -> torch.Tensor:
@@ -526,7 +529,7 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
 
     for batch in loader:
         state.skip[batch["worker"]] = batch["index"] + 1
-        images += torch.tensor([len(batch[_image_key(batch)]), batch.get("num_skipped", 0)])
+        images += torch.tensor([len(batch[_sample_key(objective, batch)]), batch.get("num_skipped", 0)])
         batch = _to_device(batch, state.device)
         micro = state.micro_in_epoch % cfg.accum_steps
         ctx = StepContext(state.epoch, state.step, micro, D.rank(), cfg.seed, state.device, backward)
