@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,7 +80,8 @@ def plot_bars(rows: Rows, title: str, path: Path, chance: float | None = None) -
     width = 0.8 / max(1, len(rows))
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for offset, (method, by_metric) in enumerate(rows.items()):
-        stats = [mean_and_spread([100 * v for v in by_metric.get(m, [0.0])]) for m in metrics]
+        # A metric a method did not run is NaN, which matplotlib leaves undrawn (not a bar at 0).
+        stats = [mean_and_spread([100 * v for v in by_metric.get(m) or [math.nan]]) for m in metrics]
         positions = [i + offset * width for i in range(len(metrics))]
         axis.bar(positions, [s[0] for s in stats], width, yerr=[s[1] for s in stats], label=method, capsize=2)
     if chance is not None:
