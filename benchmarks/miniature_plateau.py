@@ -11,7 +11,7 @@ steps. Flags undo one fix at a time, to reproduce the table in docs/demo.md:
     python benchmarks/miniature_plateau.py --small              # class object radius 0.11-0.15
     python benchmarks/miniature_plateau.py --head-scale 0.001   # the release's head init scale
 
-One CPU thread: about 110 s for 600 steps on this project's machine.
+One CPU thread: about 120 s for 600 steps on this project's machine; measured rows in docs/demo.md.
 """
 
 from __future__ import annotations

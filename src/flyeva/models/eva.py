@@ -131,8 +131,8 @@ def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = 
 def init_finetune_weights(model: Eva) -> None:
     """The release's fine-tuning / EVA-CLIP tower init: std 0.02, patch embedding left at PyTorch's default.
 
-    A from-scratch miniature needs that default: with the pretraining init's std-0.015 patch
-    embedding it stayed at chance even on single white shapes (docs/demo.md).
+    With the pretraining init's std-0.015 patch embedding a from-scratch miniature stayed at chance
+    on a single white shape on mid-grey, which this init learns (docs/demo.md).
     """
     init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False)
 
