@@ -225,6 +225,23 @@ def test_resume_refuses_a_changed_lr_listing_both_values_and_allows_log_every(tm
     assert "resumed from" in caplog.text
 
 
+def test_a_run_counted_in_steps_is_extended_by_raising_max_steps_unless_its_lr_curve_spans_it(tmp_path):
+    step_decay = OptimConfig(lr=1e-3, warmup_epochs=0, schedule="step", decay_steps=[3])
+    reference = run(tmp_path / "reference", steps=3, epochs=0, max_steps=7, optim=step_decay)
+    out = tmp_path / "extended"
+    assert run(out, steps=3, epochs=0, max_steps=4, optim=step_decay).step == 4
+    extended = run(out, steps=3, epochs=0, max_steps=7, optim=step_decay)
+    assert extended.step == 7
+    a, b = reference.model.state_dict(), extended.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cosine = OptimConfig(lr=1e-3, warmup_epochs=0, schedule="cosine")
+    run(tmp_path / "cosine", steps=3, epochs=0, max_steps=4, optim=cosine)
+    with pytest.raises(ConfigError, match=r"derived.schedule_steps: 4 -> 7"):
+        run(tmp_path / "cosine", steps=3, epochs=0, max_steps=7, optim=cosine)
+    with pytest.raises(ConfigError, match=r"epochs=0 with train.max_steps >= 1"):
+        run(tmp_path / "neither", epochs=0, max_steps=0)
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     out = tmp_path / "run"
     reference = run(tmp_path / "reference", steps=6, checkpoint_every=1)

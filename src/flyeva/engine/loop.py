@@ -70,7 +70,7 @@ class TrainConfig:
     """How to run: batch, precision, distribution, checkpoints. Defaults: docs/recipes.md §3."""
 
     output_dir: str = "runs/pretrain"
-    epochs: int = 150
+    epochs: int = 150  # 0 = a run counted in optimizer steps: train.max_steps is the schedule's length
     steps_per_epoch: int = 0  # 0 = derive from the data; required for streaming sources
     batch_size: int = 32  # per rank per micro-step; the release ran 32 x 128 GPUs = 4096
     accum_steps: int = 1
@@ -87,7 +87,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     max_consecutive_nonfinite: int = 5  # then roll back to the last checkpoint from before the streak
     max_rollbacks: int = 3
-    max_steps: int = 0  # stop early after this many optimizer steps (0 = the full schedule)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = every epoch); see `epochs` = 0
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
     fp16_init_scale: float = 65536.0  # docs/recipes.md §3: initial scale 2^16
     fp16_growth_interval: int = 500  # loss-scale window 500
@@ -103,12 +103,17 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject values that would fail later (or silently do something else), before any work."""
-        positive = ("epochs", "batch_size", "accum_steps", "checkpoint_every", "keep_last", "log_every")
+        positive = ("batch_size", "accum_steps", "checkpoint_every", "keep_last", "log_every")
         for name in (*positive, "eval_every_epochs", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.steps_per_epoch < 0 or self.max_steps < 0 or self.num_workers < 0 or self.max_rollbacks < 0:
             raise ConfigError("train.steps_per_epoch, max_steps, num_workers and max_rollbacks must be >= 0")
+        if self.epochs < 0 or self.epochs == 0 == self.max_steps:
+            raise ConfigError(
+                f"train.epochs={self.epochs}: set epochs >= 1, or epochs=0 with train.max_steps >= 1 "
+                "(a run counted in optimizer steps)"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.strategy not in D.STRATEGIES:
@@ -240,14 +245,24 @@ def _schedule_lengths(stream: Any, cfg: TrainConfig, optim_cfg: OptimConfig) -> 
             f"an epoch has fewer batches than train.accum_steps={cfg.accum_steps}; "
             "use more data, a smaller batch or fewer accum_steps"
         )
-    return micro_per_epoch, steps_per_epoch * cfg.epochs, warmup_length(optim_cfg, steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs if cfg.epochs else cfg.max_steps
+    return micro_per_epoch, total, warmup_length(optim_cfg, steps_per_epoch)
 
 
-def _claim(folder: Path, cfg: TrainConfig, run_config: dict[str, Any], schedule: dict[str, int]) -> str:
+def _derived(cfg: TrainConfig, optim_cfg: OptimConfig, micro_per_epoch: int, total: int) -> dict[str, int]:
+    """What the run computes beyond its config: a data set that changed size changes the run."""
+    derived = {"micro_per_epoch": micro_per_epoch, "world_size": D.world_size()}
+    # A step-counted run may be extended by raising max_steps unless its lr curve spans the whole run.
+    if not cfg.epochs and optim_cfg.schedule in ("cosine", "poly"):
+        derived["schedule_steps"] = total
+    return derived
+
+
+def _claim(folder: Path, cfg: TrainConfig, run_config: dict[str, Any], derived: dict[str, int]) -> str:
     """This run's id; rank 0 takes the folder, the other ranks learn the id from it."""
     manifest = None
     if D.is_main():
-        config = {**run_config, "derived": schedule}  # a data set that changed size changes the run
+        config = {**run_config, "derived": derived}
         manifest = claim_folder(
             folder,
             config,
@@ -276,9 +291,7 @@ def setup_run(
     folder = Path(cfg.output_dir)
     micro_per_epoch, total_steps, warmup_steps = _schedule_lengths(stream, cfg, optim_cfg)
     run_config = run_config or {"train": asdict(cfg), "optim": asdict(optim_cfg)}
-    run_id = _claim(
-        folder, cfg, run_config, {"micro_per_epoch": micro_per_epoch, "world_size": D.world_size()}
-    )
+    run_id = _claim(folder, cfg, run_config, _derived(cfg, optim_cfg, micro_per_epoch, total_steps))
 
     if device.type == "cpu" and cfg.cpu_malloc_tuning and keep_freed_memory():
         logger.info("train.cpu_malloc_tuning: glibc keeps freed memory for reuse (docs/performance.md)")

@@ -9,7 +9,6 @@ or from scratch.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +92,7 @@ def _optim() -> OptimConfig:
 
 
 def _train() -> TrainConfig:
-    # batch 64 = 1 image x 64 GPUs, fp16; epochs 0 = as many as max_steps needs
+    # batch 64 = 1 image x 64 GPUs, fp16; epochs 0 = counted in iterations: raise max_steps to extend
     return TrainConfig(
         output_dir="runs/detect", epochs=0, max_steps=45000, batch_size=1, precision="fp16",
         strategy="ddp", num_workers=4, checkpoint_every=5000, eval_every_epochs=1000,
@@ -132,15 +131,9 @@ def validate(cfg: DetectConfig) -> None:
         )
     if not d.train_json and d.shapeworld_train <= 0:
         raise ConfigError("data.train_json is empty; set it (COCO-format json) or data.shapeworld_train=N")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
-        raise ConfigError("set train.max_steps (iterations) or train.epochs")
+    cfg.train.check()  # before any data is prepared
     if cfg.optim.schedule != "step" and cfg.optim.decay_steps:
         raise ConfigError("optim.decay_steps applies to optim.schedule=step only")
-
-
-def epochs_for(cfg: DetectConfig, steps_per_epoch: int) -> int:
-    """Epochs that cover `train.max_steps` when the recipe counts iterations (train.epochs = 0)."""
-    return cfg.train.epochs if cfg.train.epochs > 0 else math.ceil(cfg.train.max_steps / steps_per_epoch)
 
 
 def arch_from_config(cfg: DetectConfig, encoder_dims: dict[str, int], num_classes: int) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,7 +14,7 @@ from flyeva.config import ConfigError, to_yaml
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import PRECISIONS, StepContext, train
 from flyeva.tasks.detect.data import CocoDetectionDataset
-from flyeva.tasks.detect.recipe import DetectConfig, epochs_for, validate
+from flyeva.tasks.detect.recipe import DetectConfig, validate
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +140,6 @@ def run_train(cfg: DetectConfig) -> dict[str, Any]:
     stream = DetectionBatchStream(
         dataset, transform, cfg.train.batch_size, D.rank(), D.world_size(), cfg.train.seed, factors
     )
-    train_cfg = dataclasses.replace(cfg.train, epochs=epochs_for(cfg, stream.num_batches()))
     evaluator = DetectionEvaluator(val, val_json, cfg) if val is not None else None
     if D.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -149,7 +147,7 @@ def run_train(cfg: DetectConfig) -> dict[str, Any]:
         model,
         DetectionObjective(),
         stream,
-        train_cfg,
+        cfg.train,
         cfg.optim,
         groups_fn=lambda m: release_param_groups(m, cfg.optim, cfg.model.weight_decay_all),
         evaluate=evaluator if cfg.test.during_training else None,
