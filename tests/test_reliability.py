@@ -242,6 +242,35 @@ def test_a_run_counted_in_steps_is_extended_by_raising_max_steps_unless_its_lr_c
         run(tmp_path / "neither", epochs=0, max_steps=0)
 
 
+def test_a_step_whose_every_sample_was_unreadable_leaves_the_weights_as_they_were(tmp_path, capsys):
+    def objective(model, batch, ctx):  # as a segmenter: zero gradients reach every parameter
+        if len(batch["images"]) == 0:
+            return sum(p.sum() for p in model.parameters()) * 0.0, {}
+        return regression_objective(model, batch, ctx)
+
+    first = make_batches(1)
+    torch.manual_seed(0)
+    one = train(
+        build_mim_model("miniature", drop_path_rate=0.0),
+        objective,
+        ListStream(first),
+        config(tmp_path / "one"),
+        OptimConfig(lr=1e-3, warmup_epochs=0),
+    )
+    torch.manual_seed(0)
+    two = train(
+        build_mim_model("miniature", drop_path_rate=0.0),
+        objective,
+        ListStream([*first, torch.empty(0, 3, 32, 32)]),
+        config(tmp_path / "two"),
+        OptimConfig(lr=1e-3, warmup_epochs=0),
+    )
+    assert two.step == 2 and two.nonfinite_steps == 0
+    a, b = one.model.state_dict(), two.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # AdamW would have moved them on zero gradients
+    assert "step 1: every sample of the step was unreadable, update skipped" in capsys.readouterr().out
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     out = tmp_path / "run"
     reference = run(tmp_path / "reference", steps=6, checkpoint_every=1)

@@ -139,9 +139,9 @@ def test_upernet_logits_at_input_resolution_and_its_loss():
     features = model.backbone(images)
     decode = F.interpolate(model.decode_head(features), size=(32, 32), mode="bilinear", align_corners=False)
     aux = F.interpolate(model.auxiliary_head(features), size=(32, 32), mode="bilinear", align_corners=False)
-    keep = labels != 255
-    nll = -decode.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].mean()
-    aux_nll = -aux.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].mean()
+    keep = labels != 255  # ignored pixels count 0 in a mean over every pixel (the release's mmseg 0.x)
+    nll = -(decode.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0] * keep).sum() / keep.numel()
+    aux_nll = -(aux.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0] * keep).sum() / keep.numel()
     torch.testing.assert_close(loss, nll + 0.4 * aux_nll, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(metrics["loss_aux"], aux_nll.detach(), atol=1e-5, rtol=1e-5)
 
@@ -179,6 +179,28 @@ def test_mask2former_forward_backward_with_the_eva_backbone():
     with torch.no_grad():
         scores = model(torch.randn(1, 3, 32, 48))
     assert tuple(scores.shape) == (1, 4, 32, 48) and bool((scores >= 0).all())
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
+def test_a_batch_with_no_image_gives_zero_gradients_everywhere_and_keeps_batchnorm_statistics(decoder):
+    backbone = EvaBackbone(TINY, [0, 1, 1, 1])
+    model = (
+        EvaUperNet(backbone, 4, SMALL_UPERNET)
+        if decoder == "upernet"
+        else EvaMask2Former(backbone, 4, SMALL_M2F)
+    )
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms  # the neck's deconvolution norms at least
+    before = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
+    loss, metrics = model(torch.empty(0, 3, 32, 32), torch.empty(0, 32, 32, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and all(value.item() == 0.0 for value in metrics.values())
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert [name for name, grad in grads.items() if grad is None] == []
+    assert all(bool((grad == 0).all()) for grad in grads.values())
+    for norm, state in zip(norms, before):
+        assert all(torch.equal(norm.state_dict()[k], v) for k, v in state.items())
+        assert norm.momentum == 0.1
 
 
 @pytest.mark.parametrize("decoder", ["upernet", "mask2former"])

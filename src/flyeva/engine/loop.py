@@ -467,13 +467,16 @@ def _grad_norm(state: RunState) -> torch.Tensor:
 
 
 def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str, Any]) -> None:
-    """Apply the accumulated gradients, unless the loss or the gradient norm is non-finite."""
+    """Apply the accumulated gradients, unless the loss or the gradient norm is non-finite or no rank
+    had a readable sample (then AdamW's momentum and weight decay would move weights on no data)."""
     cfg, log, result = state.cfg, state.log, state.result
-    loss_sum, nonfinite, stop = D.all_reduce_sum(accumulated).tolist()
+    loss_sum, nonfinite, stop, samples = D.all_reduce_sum(accumulated).tolist()
     accumulated.zero_()
     apply_lr(state.optimizer, lr_at(state.step, state.total_steps, state.warmup_steps, state.optim_cfg))
     grad_norm, skipped = None, None
-    if nonfinite:
+    if not samples:
+        log.line(f"step {state.step}: every sample of the step was unreadable, update skipped")
+    elif nonfinite:
         skipped = f"non-finite loss on {int(nonfinite)} micro-batch(es)"
     else:
         state.scaler.unscale_(state.optimizer)
@@ -485,7 +488,7 @@ def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str
         state.streak += 1
         state.streak_start = state.step if state.streak_start is None else state.streak_start
         log.line(f"step {state.step}: {skipped}, update skipped")
-    else:
+    elif samples:
         state.scaler.step(state.optimizer)  # fp16: skips by itself on overflow and lowers the scale
         state.scaler.update()
         if state.ema is not None:
@@ -534,7 +537,8 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
     # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
     loader = build_loader(stream, cfg.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
     images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
-    accumulated = torch.zeros(3, dtype=torch.float64, device=state.device)  # loss sum, non-finite, stop
+    # loss sum, non-finite micro-batches, stop, samples
+    accumulated = torch.zeros(4, dtype=torch.float64, device=state.device)
     handles_backward = getattr(objective, "handles_backward", False)
 
     def backward(loss: torch.Tensor) -> None:
@@ -542,7 +546,8 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
 
     for batch in loader:
         state.skip[batch["worker"]] = batch["index"] + 1
-        images += torch.tensor([len(batch[_sample_key(objective, batch)]), batch.get("num_skipped", 0)])
+        samples = len(batch[_sample_key(objective, batch)])
+        images += torch.tensor([samples, batch.get("num_skipped", 0)])
         batch = _to_device(batch, state.device)
         micro = state.micro_in_epoch % cfg.accum_steps
         ctx = StepContext(state.epoch, state.step, micro, D.rank(), cfg.seed, state.device, backward)
@@ -556,9 +561,8 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
         # Kept on the device: no host sync per micro-step, one all-reduce per optimizer step.
         detached = loss.detach().double()
         finite = torch.isfinite(detached)
-        accumulated += torch.stack(
-            [torch.where(finite, detached, 0.0), (~finite).double(), detached.new_zeros(())]
-        )
+        zero = detached.new_zeros(())
+        accumulated += torch.stack([detached.where(finite, 0.0), (~finite).double(), zero, zero + samples])
         state.micro_in_epoch += 1
         if not last_micro:
             continue

@@ -27,6 +27,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from flyeva.tasks.segment.backbone import EvaBackbone
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
+from flyeva.tasks.segment.upernet import loss_of_no_images
 
 IGNORE_INDEX = 255
 
@@ -142,6 +143,8 @@ class EvaMask2Former(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if labels is not None and len(images) == 0:
+            return loss_of_no_images(self, images, labels)
         class_logits, mask_logits = self.decode_head(self.backbone(images))
         if labels is None:
             masks = F.interpolate(

@@ -67,18 +67,49 @@ class EvaUperNet(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if labels is not None and len(images) == 0:
+            return loss_of_no_images(self, images, labels)
         features = self.backbone(images)
         logits = _upsample(self.decode_head(features), images.shape[-2:])
         if labels is None:
             return logits
         aux_logits = _upsample(self.auxiliary_head(features), images.shape[-2:])
-        decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE_INDEX)
+        decode_loss = pixel_cross_entropy(logits, labels)
+        aux_loss = pixel_cross_entropy(aux_logits, labels)
         loss = decode_loss + self.cfg.aux_weight * aux_loss
         return loss, {"loss_decode": decode_loss.detach(), "loss_aux": aux_loss.detach()}
 
     def arch(self) -> dict[str, Any]:
         return {"decoder": "upernet", "upernet": asdict(self.cfg)}
+
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over every pixel, ignored ones counting 0, as the release's mmseg 0.x
+    (`avg_non_ignore` did not exist yet): an image whose pixels are all ignored gives 0, not NaN."""
+    losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.mean()
+
+
+def loss_of_no_images(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A rank whose batch was all unreadable forwards two blank, all-ignored images at weight 0: its
+    gradients are zero, yet it joins every collective of the step (DDP, SyncBN, Mask2Former's mask count).
+    Two, because BatchNorm refuses one value per channel; momentum 0 keeps its running statistics."""
+    blank = images.new_zeros(2, *images.shape[1:])
+    ignored = labels.new_full((2, *labels.shape[1:]), IGNORE_INDEX)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        loss, metrics = model(blank, ignored)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked -= 1
+    return loss * 0.0, {name: value * 0.0 for name, value in metrics.items()}
 
 
 def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
