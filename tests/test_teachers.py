@@ -10,6 +10,8 @@ import torch
 from open_clip.model import CLIP
 from safetensors.torch import save_file
 
+from flyeva.cli import main as cli
+from flyeva.models.weights import load, read_config
 from flyeva.teachers import (
     ClipTeacher,
     TeacherLoadError,
@@ -175,20 +177,64 @@ def test_hugging_face_directory_matches_source_and_hf_forward(tiny):
 
 
 def test_torchscript_conversion_matches_source(tiny, torchscript_path):
-    out = convert_openai_torchscript(torchscript_path, tiny["root"] / "converted" / "tiny.safetensors")
-    sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["act"] == "quick_gelu" and sidecar["embed_dim"] == 32
-    assert sidecar["vision_cfg"] == dict(
-        image_size=32, patch_size=8, width=128, layers=2, head_width=64, mlp_ratio=4.0
+    out = convert_openai_torchscript(torchscript_path, tiny["root"] / "converted" / "tiny")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = read_config(out)
+    assert (config["kind"], config["source"]) == ("teacher", {"file": "ViT-tiny-openai.pt"})
+    assert config["arch"] == dict(
+        name="openai:ViT-tiny-openai",
+        act="quick_gelu",
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64, mlp_ratio=4.0),
     )
-    teacher = load_clip_teacher(out)  # no model name: the sidecar describes it
+    teacher = load_clip_teacher(out)  # no model name: config.json describes it
     assert teacher.quick_gelu and teacher.grid_size == (4, 4)
     abs_err, rel_err = _max_errors(teacher(tiny["images"]), tiny["reference"])
     assert abs_err < TOL and rel_err < TOL
-    # A model name that agrees is accepted; one that contradicts the sidecar (GELU) is refused.
+    # The one weights reader builds the same teacher from the folder.
+    loaded = load(out)
+    assert type(loaded) is ClipTeacher and loaded.state_dict().keys() == teacher.state_dict().keys()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # A model name that agrees is accepted; one that contradicts the folder (GELU) is refused.
     assert torch.equal(load_clip_teacher(out, TINY)(tiny["images"]), teacher(tiny["images"]))
     with pytest.raises(TeacherLoadError, match="contradicts"):
         load_clip_teacher(out, TINY_GELU)
+
+
+def test_a_teacher_file_with_the_older_json_beside_it_still_loads(tiny, tmp_path):
+    """What `flyeva convert teacher` wrote before weights folders: NAME.safetensors + NAME.json."""
+    teacher = load_clip_teacher(tiny["root"] / "clip.safetensors", TINY)
+    state = {f"visual.{k}": v.contiguous() for k, v in teacher.visual.state_dict().items()}
+    save_file(state, tmp_path / "old.safetensors", metadata={"format": "flyeva-clip-teacher-v1"})
+    sidecar = dict(
+        format="flyeva-clip-teacher-v1",
+        name="openai:old",
+        act="quick_gelu",
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64, mlp_ratio=4.0),
+        source="ViT-tiny-openai.pt",
+    )
+    (tmp_path / "old.json").write_text(json.dumps(sidecar))
+    old = load_clip_teacher(tmp_path / "old.safetensors")
+    assert (old.name, old.quick_gelu) == ("openai:old", True)
+    assert old.state_dict().keys() == teacher.state_dict().keys()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in old.state_dict().items())
+    with pytest.raises(TeacherLoadError, match=r"contradicts .*old\.json"):
+        load_clip_teacher(tmp_path / "old.safetensors", TINY_GELU)
+
+
+def test_cli_converts_a_torchscript_teacher_into_a_folder(tiny, torchscript_path, tmp_path, capsys):
+    command = ["convert", "teacher", "--openai-torchscript", str(torchscript_path), "--out"]
+    assert cli([*command, str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 't'}\n"
+    assert read_config(tmp_path / "t")["kind"] == "teacher"
+    assert cli([*command, str(tmp_path / "t.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "flyeva: error: a teacher is written as a weights folder (model.safetensors + config.json), "
+        f"not one file: pass --out {tmp_path / 't'}\n"
+    )
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_gelu_name_warns_and_changes_targets(tiny, caplog):
@@ -248,7 +294,7 @@ def test_unreadable_files_give_clear_errors(tiny):
     with pytest.raises(TeacherLoadError, match=r"closest: \['flyeva-test-tiny-quickgelu'"):
         load_clip_teacher(root / "clip.pt", "flyeva-test-tiny-quickgel")
     with pytest.raises(TeacherLoadError, match="not a TorchScript archive"):
-        convert_openai_torchscript(root / "clip.pt", root / "never.safetensors")
+        convert_openai_torchscript(root / "clip.pt", root / "never")
 
 
 def test_shape_mismatch_lists_keys_and_both_shapes(tiny):
@@ -283,7 +329,8 @@ def test_build_is_seeded_and_save_round_trips(tmp_path):
     assert torch.equal(first.visual.proj, second.visual.proj)
     assert not torch.equal(first.visual.proj, other.visual.proj)
     images = torch.randn(2, 3, 16, 16)
-    path = save_clip_teacher(first, tmp_path / "mini.safetensors")
+    path = save_clip_teacher(first, tmp_path / "mini")
+    assert read_config(path)["kind"] == "teacher"
     assert torch.equal(load_clip_teacher(path)(images), first(images))
     with pytest.raises(ValueError, match=r"unknown keys \{'widht': \['width'\]\}"):
         build_clip_teacher({**config, "widht": 32})

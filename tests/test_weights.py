@@ -128,3 +128,23 @@ def test_non_finite_weights_are_never_written_and_a_broken_folder_is_named(tmp_p
     save_weights(build_encoder(TINY), tmp_path / "robot", kind="robot", arch={})
     with pytest.raises(WeightsError, match="unknown weights kind 'robot'"):
         load(tmp_path / "robot")
+
+
+def test_models_import_nothing_from_tasks_teachers_or_engine():
+    """Imports flow downward: builders are named by dotted strings, never imported by models/."""
+    import ast
+    from pathlib import Path
+
+    import flyeva.models
+
+    upward = []
+    for file in sorted(Path(flyeva.models.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            upward += [
+                f"{file.name}: {n}"
+                for n in names
+                if n.startswith(("flyeva.tasks", "flyeva.teachers", "flyeva.engine"))
+            ]
+    assert upward == []

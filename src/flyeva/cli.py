@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="unpickle arbitrary objects (runs code): only for files you trust, once",
         )
-    teacher = kinds.add_parser("teacher", help="OpenAI CLIP TorchScript archive -> safetensors (one time)")
+    teacher = kinds.add_parser("teacher", help="OpenAI CLIP TorchScript archive -> teacher folder (one time)")
     teacher.add_argument("--openai-torchscript", required=True, help="e.g. ViT-L-14.pt from OpenAI")
-    teacher.add_argument("--out", required=True)
+    teacher.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     convert.set_defaults(func=_convert)
 
     shapeworld = commands.add_parser("shapeworld", help="the synthetic miniature world")

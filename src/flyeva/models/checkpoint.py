@@ -1,5 +1,7 @@
 """Reading and writing encoder weights: the release's formats, flyeva's own, and timm's.
 
+The key maps between those names live in `flyeva.models.convert`; this module reads and writes files.
+
 Nothing here executes code from a file: safetensors or `torch.load(weights_only=True)` only.
 """
 
@@ -10,7 +12,6 @@ import logging
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flyeva.models.convert import MIM_ONLY_KEYS, flyeva_to_timm, infer_size, release_to_flyeva
 from flyeva.models.eva import (
     EVA_SIZES,
     TEACHER_DIM,
     TIMM_EQUIVALENTS,
     EvaForMIM,
-    EvaSize,
     build_encoder,
     build_mim_model,
     size_arch,
@@ -42,7 +43,6 @@ from flyeva.models.weights import (
 logger = logging.getLogger(__name__)
 
 FLYEVA_WEIGHTS, FLYEVA_CONFIG = WEIGHTS_FILE, CONFIG_FILE
-MIM_ONLY_KEYS = ("mask_token", "lm_head.weight", "lm_head.bias")
 
 
 CheckpointError = WeightsError  # one error type for every weights file that cannot be used
@@ -70,7 +70,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, pickle_fix:
         raise CheckpointError(
             f"{path} is a TorchScript archive, which flyeva never loads implicitly (it runs code). "
             "If it is an OpenAI CLIP file, convert it once with "
-            f"`flyeva convert teacher --openai-torchscript {path} --out {path.with_suffix('.safetensors')}`"
+            f"`flyeva convert teacher --openai-torchscript {path} --out {path.with_suffix('')}`"
         )
     try:
         # argparse.Namespace is plain data; the release stores its training args beside the weights.
@@ -115,72 +115,6 @@ def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
             "expected a state dict at the top level or under 'model', 'module' or 'model_ema'"
         )
     return tensors
-
-
-@dataclass
-class ConversionNotes:
-    """What a conversion changed, for the log and the user."""
-
-    dropped: list[str] = field(default_factory=list)
-    renamed: list[str] = field(default_factory=list)
-    clip_head: torch.Tensor | None = None
-
-
-def release_to_flyeva(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ConversionNotes]:
-    """Map the release's encoder keys (MIM, fine-tuned, EVA-CLIP `visual.*`, MAE-style) onto flyeva names."""
-    notes = ConversionNotes()
-    if any(k.startswith("visual.") for k in state_dict):
-        # EVA-CLIP: the vision tower is prefixed `visual.`; `visual.head` is the CLIP projection.
-        notes.dropped += [k for k in state_dict if not k.startswith("visual.")]
-        state_dict = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
-        if "head.weight" in state_dict:
-            notes.clip_head = state_dict.pop("head.weight")
-            state_dict.pop("head.bias", None)
-            notes.dropped.append("visual.head")
-    converted: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.endswith("attn.qkv.bias"):
-            # MAE-style variant: one full qkv bias; EVA keeps q and v biases and fixes k at zero.
-            q_bias, k_bias, v_bias = value.chunk(3)
-            if k_bias.abs().max() > 0:
-                logger.warning("%s has a non-zero k bias; it is dropped (softmax is invariant to it)", key)
-            converted[key.replace("qkv.bias", "q_bias")] = q_bias
-            converted[key.replace("qkv.bias", "v_bias")] = v_bias
-            notes.renamed.append(f"{key} -> q_bias, v_bias")
-        elif key in ("fc_norm.weight", "fc_norm.bias") and "norm.weight" not in state_dict:
-            converted[key.removeprefix("fc_")] = (
-                value  # fine-tuned checkpoints keep the final norm as fc_norm
-            )
-            notes.renamed.append(f"{key} -> {key.removeprefix('fc_')}")
-        elif key.startswith(("head.", "rel_pos_bias", "fc_norm.")) or key.endswith("relative_position_index"):
-            notes.dropped.append(key)
-        else:
-            converted[key] = value
-    return converted, notes
-
-
-def infer_size(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> EvaSize:
-    """Read the architecture off the weights; heads come from the registry when the shapes match one."""
-    try:
-        embed_dim, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
-        depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-        mlp_dim = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-        grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"not an EVA encoder state dict (missing {error}); check the file") from error
-    if num_heads is None:
-        matches = [
-            s.num_heads
-            for s in EVA_SIZES.values()
-            if (s.embed_dim, s.depth, s.mlp_dim) == (embed_dim, depth, mlp_dim)
-        ]
-        if not matches:
-            raise CheckpointError(
-                f"weights of width {embed_dim}, depth {depth}, MLP {mlp_dim} match no named size; "
-                "pass the number of attention heads (--num-heads)"
-            )
-        num_heads = matches[0]
-    return EvaSize(grid * patch, patch, embed_dim, depth, num_heads, mlp_dim)
 
 
 def load_weights(
@@ -281,20 +215,11 @@ def export_release(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Encoder weights named as timm's avg-pooled `Eva` wants them (final norm -> `fc_norm`)."""
-    return {
-        k.replace("norm.", "fc_norm.") if k.startswith("norm.") else k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if k not in MIM_ONLY_KEYS
-    }
-
-
 def export_timm(model: nn.Module, path: str | Path) -> Path:
     """Write a safetensors file that timm loads with `pretrained_cfg_overlay=dict(file=path)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(timm_state_dict(model), str(path))
+    save_file(flyeva_to_timm(model.state_dict()), str(path))
     return path
 
 

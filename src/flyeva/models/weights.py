@@ -34,6 +34,7 @@ BUILDERS: dict[str, str] = {
     "detector": "flyeva.tasks.detect.model:build_from_arch",
     "segmenter": "flyeva.tasks.segment.model:build_from_arch",
     "video": "flyeva.tasks.video.model:build_from_arch",
+    "teacher": "flyeva.teachers.clip:build_from_arch",
 }
 # Weights a kind may be built from while the file lacks them (e.g. an encoder read as `mim`).
 MAY_BE_MISSING: dict[str, tuple[str, ...]] = {"mim": ("mask_token", "lm_head.")}

@@ -3,17 +3,19 @@
 Target = every patch token of the tower's last block after `ln_post`, CLS dropped, times `proj`
 (1024 -> 768 for OpenAI ViT-L/14), computed under `torch.inference_mode()` on the unmasked crop.
 
-Weights load from local files only, in three layouts:
-1. open_clip state dicts (`.pt`/`.pth`/`.bin` via `torch.load(weights_only=True)`, or `.safetensors`)
+Weights load from local files only, in four layouts (key maps: `flyeva.models.convert`):
+1. flyeva weights folders of kind "teacher" (`save_clip_teacher`, `convert_openai_torchscript`):
+   `model.safetensors` + `config.json` whose `arch` describes the tower; no model name needed.
+2. open_clip state dicts (`.pt`/`.pth`/`.bin` via `torch.load(weights_only=True)`, or `.safetensors`)
    plus an open_clip model name such as 'ViT-L-14-quickgelu' (the default teacher). A `.safetensors`
-   with a sidecar `.json` (written by `save_clip_teacher` / `convert_openai_torchscript`) needs no name.
-2. Hugging Face directories (config.json + model.safetensors or pytorch_model.bin) of
+   with a `.json` beside it (what `flyeva convert teacher` wrote before the folder) needs no name.
+3. Hugging Face directories (config.json + model.safetensors or pytorch_model.bin) of
    `CLIPVisionModelWithProjection` or `CLIPModel`; read with json + safetensors/torch, no transformers.
-3. OpenAI's TorchScript archive (`ViT-L-14.pt`) only through the one-time, explicit
-   `flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors` (`convert_openai_torchscript`).
+4. OpenAI's TorchScript archive (`ViT-L-14.pt`) only through the one-time, explicit
+   `flyeva convert teacher --openai-torchscript PATH --out DIR` (`convert_openai_torchscript`).
 
 QuickGELU: OpenAI weights need it and GELU gives silently wrong features (docs/recipes.md §9). It is
-decided by the model name (`-quickgelu`), HF `hidden_act`, or the sidecar; a GELU name logs a warning.
+decided by the model name (`-quickgelu`), HF `hidden_act`, or the folder's `arch`; a GELU name warns.
 """
 
 from __future__ import annotations
@@ -21,26 +23,26 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from flyeva.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from flyeva.models.convert import hf_to_open_clip_visual, open_clip_visual_state, openai_visual_arch
+from flyeva.models.weights import WeightsError, is_weights_folder, load, read_config, save_weights
 from flyeva.teachers.frozen import FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "ViT-L-14-quickgelu"  # OpenAI CLIP ViT-L/14 @224 with QuickGELU (docs/recipes.md §3)
-CONVERT_COMMAND = "flyeva convert teacher --openai-torchscript PATH --out OUT.safetensors"
-SIDECAR_FORMAT = "flyeva-clip-teacher-v1"
-OPENAI_HEAD_WIDTH = 64  # every OpenAI CLIP ViT uses 64-wide attention heads (B/32: 12, L/14: 16 heads)
+CONVERT_COMMAND = "flyeva convert teacher --openai-torchscript PATH --out DIR"
 # transformers' CLIPVisionConfig defaults, for config.json files that omit a field.
 HF_VISION_DEFAULTS = dict(
     hidden_size=768,
@@ -154,7 +156,7 @@ def _check_supported(arch: TeacherArch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Architectures: open_clip names, flat dicts, sidecars, HF config.json, OpenAI state dicts.
+# Architectures: open_clip names, flat dicts, HF config.json.
 
 
 def arch_from_model_name(model_name: str) -> TeacherArch:
@@ -253,27 +255,6 @@ def arch_from_hf_config(config: dict[str, Any], name: str) -> TeacherArch:
     )
 
 
-def arch_from_openai_state(visual_state: dict[str, Tensor], name: str) -> TeacherArch:
-    """Infer a ViT tower from OpenAI-layout `visual.*` weights (as open_clip's openai loader does)."""
-    width, _, patch_size, _ = visual_state["conv1.weight"].shape
-    grid = round((visual_state["positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = sum(key.endswith(".attn.in_proj_weight") for key in visual_state)
-    mlp_width = visual_state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    return arch_from_dict(
-        dict(
-            image_size=patch_size * grid,
-            patch_size=patch_size,
-            width=width,
-            layers=layers,
-            heads=width // OPENAI_HEAD_WIDTH,
-            mlp_ratio=mlp_width / width,
-            output_dim=visual_state["proj"].shape[1],
-            act="quick_gelu",  # OpenAI CLIP was trained with QuickGELU (docs/recipes.md §9)
-            name=name,
-        )
-    )
-
-
 def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | None = None) -> ClipTeacher:
     """A randomly initialised teacher from an open_clip model name or a config dict (see `arch_from_dict`),
     e.g. dict(image_size=32, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4, output_dim=32)."""
@@ -288,90 +269,32 @@ def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | N
         return ClipTeacher(arch)
 
 
+def build_from_arch(arch: dict[str, Any]) -> ClipTeacher:
+    """What `flyeva.models.weights.load` builds for a folder of kind "teacher" (arch: `arch_from_dict`'s)."""
+    return ClipTeacher(arch_from_dict(arch))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading weight files.
+
+
+@contextmanager
+def teacher_errors() -> Iterator[None]:
+    """The shared readers and key maps raise WeightsError; a teacher's callers catch TeacherLoadError."""
+    try:
+        yield
+    except TeacherLoadError:
+        raise
+    except WeightsError as err:
+        raise TeacherLoadError(str(err)) from err
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors file or a `torch.load(weights_only=True)` checkpoint ('state_dict' and
     'module.' wrappers removed); every failure is a `TeacherLoadError` naming the problem."""
     fix = "From a trusted copy re-save only the state dict (torch.save(model.state_dict(), ...))."
-    try:
+    with teacher_errors():
         return extract_state_dict(read_checkpoint(path, pickle_fix=fix))
-    except CheckpointError as err:
-        raise TeacherLoadError(str(err)) from err
-
-
-def open_clip_visual_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """The vision tower's keys without the `visual.` prefix; text keys are ignored."""
-    if any(key.startswith("visual.") for key in state):
-        return {
-            key.removeprefix("visual."): value for key, value in state.items() if key.startswith("visual.")
-        }
-    if "conv1.weight" in state:  # a bare vision tower
-        return state
-    if any(key.startswith("vision_model.") for key in state):
-        raise TeacherLoadError(
-            f"{source} holds Hugging Face CLIP weights; pass the directory that holds it and its config.json"
-        )
-    raise TeacherLoadError(
-        f"{source} holds no CLIP vision tower (expected keys like 'visual.conv1.weight'); "
-        f"first keys: {sorted(state)[:5]}"
-    )
-
-
-_HF_NAMES = {
-    "embeddings.class_embedding": "class_embedding",
-    "embeddings.patch_embedding.weight": "conv1.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "pre_layrnorm.weight": "ln_pre.weight",
-    "pre_layrnorm.bias": "ln_pre.bias",
-    "post_layernorm.weight": "ln_post.weight",
-    "post_layernorm.bias": "ln_post.bias",
-}
-_HF_BLOCK_PREFIXES = {
-    "self_attn.out_proj.": "attn.out_proj.",
-    "layer_norm1.": "ln_1.",
-    "layer_norm2.": "ln_2.",
-    "mlp.fc1.": "mlp.c_fc.",
-    "mlp.fc2.": "mlp.c_proj.",
-}
-_HF_BLOCK_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-_HF_QKV_KEY = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
-
-
-def hf_to_open_clip_visual(hf_state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Map HF CLIP vision keys onto open_clip's `VisionTransformer` keys (text keys are ignored).
-    Unknown `vision_model.*` keys are kept under their HF names so the shape check reports them."""
-    if "visual_projection.weight" not in hf_state:
-        raise TeacherLoadError(
-            f"{source} has no visual_projection.weight (a CLIPVisionModel without projection); save it as "
-            "CLIPVisionModelWithProjection or CLIPModel: EVA's targets are projected (docs/recipes.md §3)"
-        )
-    visual = {"proj": hf_state["visual_projection.weight"].t().contiguous()}
-    qkv_parts: dict[tuple[str, str], dict[str, Tensor]] = {}
-    for hf_key, value in hf_state.items():
-        if not hf_key.startswith("vision_model.") or hf_key.endswith("position_ids"):
-            continue
-        key = hf_key.removeprefix("vision_model.")
-        block = _HF_BLOCK_KEY.fullmatch(key)
-        if key in _HF_NAMES:
-            visual[_HF_NAMES[key]] = value
-        elif block and (qkv := _HF_QKV_KEY.fullmatch(block[2])):
-            qkv_parts.setdefault((block[1], qkv[2]), {})[qkv[1]] = value
-        elif block and (prefix := next((p for p in _HF_BLOCK_PREFIXES if block[2].startswith(p)), None)):
-            rest = block[2].removeprefix(prefix)
-            visual[f"transformer.resblocks.{block[1]}.{_HF_BLOCK_PREFIXES[prefix]}{rest}"] = value
-        else:
-            visual[hf_key] = value
-    for (layer, kind), parts in qkv_parts.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise TeacherLoadError(f"{source}: layer {layer} lacks some of q/k/v_proj.{kind}")
-        # nn.MultiheadAttention packs [q; k; v] along the output dimension.
-        visual[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
-            [parts["q"], parts["k"], parts["v"]], dim=0
-        )
-    return visual
 
 
 def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
@@ -416,39 +339,40 @@ def load_visual_state(teacher: ClipTeacher, visual_state: dict[str, Tensor], sou
 
 
 def sidecar_path(weights_path: str | Path) -> Path:
-    """The JSON that describes the architecture of a `.safetensors` teacher: same stem, `.json`."""
+    """The JSON beside a `.safetensors` teacher of the older layout (same stem); read, never written."""
     return Path(weights_path).with_suffix(".json")
 
 
-def save_clip_teacher(teacher: ClipTeacher, path: str | Path, *, source: str | None = None) -> Path:
-    """Write the tower as `visual.*` safetensors (fp32) plus a sidecar JSON, loadable without a model name."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"teacher output must end in .safetensors, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"visual.{k}": v.detach().float().contiguous() for k, v in teacher.visual.state_dict().items()}
-    save_file(state, path, metadata={"format": SIDECAR_FORMAT})
-    sidecar = {
-        "format": SIDECAR_FORMAT,
+def _check_folder_out(path: Path) -> None:
+    if path.suffix == ".safetensors":
+        raise ValueError(
+            f"a teacher is written as a weights folder (model.safetensors + config.json), not one file: "
+            f"pass --out {path.with_suffix('')}"
+        )
+
+
+def save_clip_teacher(teacher: ClipTeacher, folder: str | Path, *, source: str | None = None) -> Path:
+    """Write the tower as a flyeva weights folder of kind "teacher" (fp32), loadable without a model name."""
+    folder = Path(folder)
+    _check_folder_out(folder)
+    arch = {
         "name": teacher.arch.name,
         "act": "quick_gelu" if teacher.arch.quick_gelu else "gelu",
         "embed_dim": teacher.arch.embed_dim,
         "vision_cfg": teacher.arch.vision_cfg,
-        "source": source,
     }
-    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
-    return path
+    state = {k: v.detach().float() for k, v in teacher.state_dict().items()}  # fp32 whatever it ran in
+    return save_weights(state, folder, kind="teacher", arch=arch, source={"file": source} if source else None)
 
 
 def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
-    """One-time, explicit conversion of OpenAI's TorchScript CLIP archive (e.g. ViT-L-14.pt) into
-    `dst` (.safetensors, fp32 `visual.*` weights) plus a sidecar JSON with the inferred architecture.
+    """One-time, explicit conversion of OpenAI's TorchScript CLIP archive (e.g. ViT-L-14.pt) into the
+    weights folder `dst` (kind "teacher": fp32 `visual.*` weights and the inferred architecture).
     This runs `torch.jit.load`, i.e. the archive's code: use it only on a file you trust."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise TeacherLoadError(f"TorchScript archive not found: {src}")
-    if dst.suffix != ".safetensors":
-        raise ValueError(f"conversion output must end in .safetensors, got {dst}")
+    _check_folder_out(dst)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -463,10 +387,51 @@ def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
         raise TeacherLoadError(
             f"{src} has no ViT vision tower ('visual.proj'); ResNet CLIPs are not supported"
         )
-    visual_state = open_clip_visual_state(state, str(src))
-    teacher = ClipTeacher(arch_from_openai_state(visual_state, name=f"openai:{src.stem}"))
+    with teacher_errors():
+        visual_state = open_clip_visual_state(state, str(src))
+        teacher = build_from_arch({**openai_visual_arch(visual_state), "name": f"openai:{src.stem}"})
     load_visual_state(teacher, visual_state, str(src))
     return save_clip_teacher(teacher, dst, source=src.name)
+
+
+def is_teacher_folder(path: Path) -> bool:
+    """A flyeva weights folder of kind "teacher" (`flyeva convert teacher` writes one)."""
+    try:
+        return is_weights_folder(path) and read_config(path)["kind"] == "teacher"
+    except WeightsError:  # e.g. a Hugging Face folder: its config.json has no `kind`
+        return False
+
+
+def _check_model_name(arch: TeacherArch, model_name: str | None, described_by: Path) -> None:
+    if model_name is not None and arch_from_model_name(model_name).summary() != arch.summary():
+        raise TeacherLoadError(
+            f"model_name '{model_name}' contradicts {described_by} {arch.summary()}; drop model_name"
+        )
+
+
+def _arch_and_visual_state(path: Path, model_name: str | None) -> tuple[TeacherArch, dict[str, Tensor]]:
+    """A Hugging Face folder, a `.safetensors` with the older JSON beside it, or an open_clip file."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherLoadError(
+                f"{path} is a directory without config.json; pass a Hugging Face CLIP folder"
+            )
+        if model_name is not None:
+            logger.warning("ignoring model_name '%s': %s/config.json defines the teacher", model_name, path)
+        arch = arch_from_hf_config(json.loads((path / "config.json").read_text()), name=f"hf:{path.name}")
+        return arch, hf_to_open_clip_visual(_read_hf_weights(path), str(path))
+    visual_state = open_clip_visual_state(read_state_dict(path), str(path))
+    sidecar = sidecar_path(path)
+    if path.suffix == ".safetensors" and sidecar.is_file():
+        arch = arch_from_dict(json.loads(sidecar.read_text()))
+        _check_model_name(arch, model_name, sidecar)
+        return arch, visual_state
+    if model_name is None:
+        raise TeacherLoadError(
+            f"{path} is an open_clip state dict: pass its model name, e.g. '{DEFAULT_TEACHER}' for "
+            "OpenAI ViT-L/14 weights"
+        )
+    return arch_from_model_name(model_name), visual_state
 
 
 def load_clip_teacher(
@@ -474,8 +439,10 @@ def load_clip_teacher(
 ) -> ClipTeacher:
     """Load a frozen CLIP teacher from local files.
 
-    - a directory with config.json: Hugging Face `CLIPVisionModelWithProjection` / `CLIPModel`;
-    - a `.safetensors` with a sidecar `.json` (from `convert_openai_torchscript`): no name needed;
+    - a weights folder of kind "teacher" (`flyeva convert teacher`): no name needed;
+    - a directory with a Hugging Face config.json: `CLIPVisionModelWithProjection` / `CLIPModel`;
+    - a `.safetensors` with a `.json` beside it (what `flyeva convert teacher` wrote before the
+      weights folder): no name needed;
     - any other state dict (.pt/.pth/.bin/.safetensors): needs an open_clip `model_name`, for the
       OpenAI ViT-L/14 weights 'ViT-L-14-quickgelu' (plain 'ViT-L-14' builds GELU and warns);
     - a TorchScript archive: error naming the one-time `flyeva convert teacher` command;
@@ -488,40 +455,21 @@ def load_clip_teacher(
 
     if path.is_dir() and is_eva_clip_folder(path):  # a flyeva EVA-CLIP (`clip train`, `clip convert`)
         return load_eva_clip_teacher(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TeacherLoadError(
-                f"{path} is a directory without config.json; pass a Hugging Face CLIP folder"
-            )
-        if model_name is not None:
-            logger.warning("ignoring model_name '%s': %s/config.json defines the teacher", model_name, path)
-        arch = arch_from_hf_config(json.loads((path / "config.json").read_text()), name=f"hf:{path.name}")
-        visual_state = hf_to_open_clip_visual(_read_hf_weights(path), str(path))
-    else:
-        visual_state = open_clip_visual_state(read_state_dict(path), str(path))
-        sidecar = sidecar_path(path)
-        if path.suffix == ".safetensors" and sidecar.is_file():
-            arch = arch_from_dict(json.loads(sidecar.read_text()))
-            if model_name is not None and arch_from_model_name(model_name).summary() != arch.summary():
-                raise TeacherLoadError(
-                    f"model_name '{model_name}' contradicts {sidecar} {arch.summary()}; drop model_name"
-                )
-        elif model_name is None:
-            raise TeacherLoadError(
-                f"{path} is an open_clip state dict: pass its model name, e.g. '{DEFAULT_TEACHER}' for "
-                "OpenAI ViT-L/14 weights"
-            )
+    with teacher_errors():
+        if is_teacher_folder(path):
+            teacher = load(path)
+            _check_model_name(teacher.arch, model_name, path)
         else:
-            arch = arch_from_model_name(model_name)
-    teacher = ClipTeacher(arch)
-    load_visual_state(teacher, visual_state, str(path))
+            arch, visual_state = _arch_and_visual_state(path, model_name)
+            teacher = ClipTeacher(arch)
+            load_visual_state(teacher, visual_state, str(path))
     logger.info(
         "CLIP teacher '%s' from %s: %dx%d tokens of dim %d, %s",
-        arch.name,
+        teacher.arch.name,
         path,
         *teacher.grid_size,
         teacher.embed_dim,
-        "QuickGELU" if arch.quick_gelu else "GELU",
+        "QuickGELU" if teacher.arch.quick_gelu else "GELU",
     )
     return teacher.to(device)
 

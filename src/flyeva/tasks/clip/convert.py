@@ -1,13 +1,7 @@
 """Foreign EVA-CLIP checkpoints -> flyeva's EvaClip: the release's files and open_clip's EVA01 files.
 
-Layouts read (after `extract_state_dict` unwraps `model` / `module` / `state_dict`):
-- the EVA-CLIP release (`EVA-CLIP/rei/eva_clip/model.py`, `eva_vit_model.py`): vision tower under
-  `visual.` with timm's EVA names and `visual.head` (Linear with bias, width -> embed_dim); text tower
-  under `text.` (CustomCLIP) or at the top level (CLIP); `logit_scale` at the top level and/or as
-  `text.logit_scale`, which the release's `load_checkpoint` copies over the top-level one;
-- open_clip's EVA01-g-14 (`open_clip/model_configs/EVA01-g-14.json`): timm's Eva under
-  `visual.trunk.` with its `head` as the projection, text under `text.`, `logit_scale`.
-
+The layouts (the EVA-CLIP release, open_clip's EVA01-g-14) and their key maps are
+`flyeva.models.convert.split_clip_state`'s; this module builds the EvaClip that holds them.
 Shapes give every size except the numbers of heads: vision heads come from a named size (or
 `num_heads`), text heads from width / 64 (every OpenAI and open_clip text tower; or `text_heads`).
 The text activation cannot be read off the weights, so it comes from a flag or from provenance;
@@ -18,19 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flyeva.models.checkpoint import (
-    extract_state_dict,
+from flyeva.models.checkpoint import extract_state_dict, load_weights, read_checkpoint
+from flyeva.models.convert import (
+    EVA_CLIP_RELEASE,
+    clip_text_arch,
     infer_size,
-    load_weights,
-    read_checkpoint,
     release_to_flyeva,
+    split_clip_state,
 )
 from flyeva.models.eva import EVA_SIZES
 from flyeva.tasks.clip.model import (
@@ -45,60 +39,6 @@ from flyeva.tasks.clip.model import (
 logger = logging.getLogger(__name__)
 
 TEXT_ACTIVATIONS = {"gelu": False, "quickgelu": True}  # --text-act value -> TextSection.quick_gelu
-OPENAI_TEXT_HEAD_WIDTH = 64  # OpenAI CLIP and open_clip text towers: heads = width / 64
-# Keys of an open_clip / release CLIP text tower kept at the top level of the state dict.
-TOP_LEVEL_TEXT_KEYS = (
-    "token_embedding.",
-    "positional_embedding",
-    "transformer.",
-    "ln_final.",
-    "text_projection",
-)
-EVA_CLIP_RELEASE, OPEN_CLIP = "eva-clip-release", "open_clip"
-
-
-@dataclass
-class ClipParts:
-    """A CLIP state dict split into flyeva's pieces."""
-
-    layout: str
-    visual: dict[str, torch.Tensor]
-    text: dict[str, torch.Tensor]
-    logit_scale: torch.Tensor | None
-
-
-def split_clip_state(state: dict[str, torch.Tensor], source: str) -> ClipParts:
-    """Vision (flyeva `visual.*` names, head included), text (open_clip names) and logit_scale."""
-    if any(k.startswith("visual.trunk.") for k in state):
-        layout, prefix = OPEN_CLIP, "visual.trunk."
-        extra = sorted(k for k in state if k.startswith("visual.") and not k.startswith(prefix))
-        if extra:  # a separate projection (timm_proj linear/mlp) is not EvaClip's head
-            raise ValueError(
-                f"{source}: open_clip vision keys {extra[:3]} are not EVA-CLIP's; use a timm_proj null model"
-            )
-    elif "visual.patch_embed.proj.weight" in state:
-        layout, prefix = EVA_CLIP_RELEASE, "visual."
-    else:
-        raise ValueError(
-            f"{source} holds no EVA vision tower (no visual.patch_embed / visual.trunk keys); flyeva reads "
-            "EVA-CLIP release and open_clip EVA01 checkpoints, not OpenAI-style ViT CLIPs"
-        )
-    if any(".rope." in k or k.endswith("rope.freqs_cos") for k in state):
-        raise ValueError(f"{source} is an EVA-02 CLIP (rotary embeddings); flyeva implements EVA-01 towers")
-    visual = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if "text.token_embedding.weight" in state:
-        text = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
-    elif "token_embedding.weight" in state:
-        text = {k: v for k, v in state.items() if k.startswith(TOP_LEVEL_TEXT_KEYS)}
-    else:
-        raise ValueError(
-            f"{source} holds no CLIP text tower (no token_embedding.weight under text. or top level)"
-        )
-    # The release's loader moves `text.logit_scale` over the top-level one; do the same.
-    logit_scale = state.get("text.logit_scale", state.get("logit_scale"))
-    text.pop("logit_scale", None)
-    text.pop("attn_mask", None)  # a buffer older open_clip versions saved; rebuilt from the context length
-    return ClipParts(layout, visual, text, logit_scale)
 
 
 def resolve_text_activation(
@@ -124,21 +64,6 @@ def resolve_text_activation(
     raise ValueError(
         "the checkpoint does not say its text activation: pass --text-act gelu (EVA-CLIP, open_clip "
         "EVA01-g-14) or --text-act quickgelu (OpenAI CLIP-L text weights); a wrong one gives wrong features"
-    )
-
-
-def text_arch(text: dict[str, torch.Tensor], quick_gelu: bool, heads: int | None) -> TextSection:
-    vocab_size, width = text["token_embedding.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in text if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
-    mlp_dim = text["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    return TextSection(
-        width=width,
-        heads=heads or max(1, width // OPENAI_TEXT_HEAD_WIDTH),
-        layers=layers,
-        context_length=text["positional_embedding"].shape[0],
-        vocab_size=vocab_size,
-        mlp_ratio=mlp_dim / width,
-        quick_gelu=quick_gelu,
     )
 
 
@@ -175,7 +100,7 @@ def clip_from_state_dict(
     section = ClipModelSection(
         embed_dim=head["weight"].shape[0],
         vision=vision_arch(encoder, num_heads),
-        text=text_arch(parts.text, quick_gelu, text_heads),
+        text=TextSection(**clip_text_arch(parts.text, text_heads), quick_gelu=quick_gelu),
     )
     model = build_clip(section, release_init=False)
     if "bias" not in head:

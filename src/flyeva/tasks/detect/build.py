@@ -55,9 +55,9 @@ def _from_detector_folder(cfg: DetectConfig, path: Path, num_classes: int, fed_w
 
 
 def _from_release_file(cfg: DetectConfig, state: dict, num_classes: int, fed_weights) -> EvaDetector:
-    from flyeva.tasks.detect.release import detector_state_from_release, release_arch_changes
+    from flyeva.models.convert import detector_state_from_release, release_detector_arch
 
-    sizes = release_arch_changes(state)
+    sizes = release_detector_arch(state)
     dims = {k: sizes[k] for k in ("embed_dim", "depth", "mlp_dim")}
     dims["num_heads"] = 16 if sizes["embed_dim"] in (1024, 1408) else max(1, sizes["embed_dim"] // 64)
     arch = arch_from_config(cfg, dims | {"pos_grid": sizes["pos_grid"]}, num_classes)
@@ -72,10 +72,10 @@ def build_detector(
 ) -> EvaDetector:
     """The detector of `cfg.model` for `num_classes` classes; training options (drop path ...) applied."""
     from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
+    from flyeva.models.convert import is_release_detector
     from flyeva.models.eva import build_encoder, get_size
     from flyeva.models.weights import read_config
     from flyeva.tasks.detect.model import set_training_options
-    from flyeva.tasks.detect.release import is_release_detector
 
     m = cfg.model
     path = Path(m.init) if m.init else None

@@ -2,89 +2,22 @@
 
 The release's video checkpoints (`EVA-01/video`, saved as {"model": state_dict}) use the image
 model's names plus `patch_embed.proj.weight` [D, 3, t, p, p], `pos_embed` [1, 1 + T/t * N, D],
-`fc_norm.*` and `head.*`; wrappers may prefix `module.`. `release_video_state` maps them onto
-`VideoEva` (an MAE-style fused `qkv.bias` is split into q/v biases) and reads the architecture off
-the shapes. Classifier rows move between label sets by class name (K722 -> K400/600/700).
+`fc_norm.*` and `head.*`; wrappers may prefix `module.`. `flyeva.models.convert.release_video_state`
+maps them onto `VideoEva` (an MAE-style fused `qkv.bias` is split into q/v biases) and reads the
+architecture off the shapes. Classifier rows move between label sets by class name (K722 -> K400/600/700).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flyeva.models.checkpoint import CheckpointError, extract_state_dict, load_any, read_checkpoint
-from flyeva.models.eva import EVA_SIZES, EvaSize
+from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
+from flyeva.models.convert import release_video_state, strip_wrappers
 from flyeva.models.weights import is_weights_folder, read_config
-
-logger = logging.getLogger(__name__)
-WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "visual.")
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
-    return state
-
-
-def release_video_state(
-    raw: dict[str, torch.Tensor], img_size: int = 224, num_heads: int | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict for `VideoEva`, its `arch`) from a release video checkpoint's state dict."""
-    state: dict[str, torch.Tensor] = {}
-    for key, value in _strip_wrappers(raw).items():
-        if key.endswith("attn.qkv.bias"):  # one fused bias: EVA keeps q and v, k is fixed at zero
-            q_bias, _, v_bias = value.chunk(3)
-            state[key.replace("qkv.bias", "q_bias")], state[key.replace("qkv.bias", "v_bias")] = (
-                q_bias,
-                v_bias,
-            )
-        elif key.startswith("norm.") or key.endswith("relative_position_index"):
-            logger.info(
-                "dropping %s (the release's video model has no per-token norm when mean pooling)", key
-            )
-        else:
-            state[key] = value
-    try:
-        kernel = state["patch_embed.proj.weight"]
-        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
-        positions = state["pos_embed"].shape[1] - 1
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"not an EVA video state dict (missing {error}); check the file") from error
-    if kernel.ndim != 5:
-        raise CheckpointError(
-            f"patch_embed.proj.weight has shape {tuple(kernel.shape)}, not a Conv3d kernel; for image "
-            "weights set model.init to the encoder and the model is inflated"
-        )
-    embed_dim, _, tubelet, patch, _ = kernel.shape
-    grid = img_size // patch
-    if positions % (grid * grid):
-        raise CheckpointError(
-            f"pos_embed has {positions} patch positions, not a multiple of {grid}x{grid}; "
-            "pass the checkpoint's image size (model.img_size)"
-        )
-    if num_heads is None:
-        matches = [
-            s.num_heads
-            for s in EVA_SIZES.values()
-            if (s.embed_dim, s.depth, s.mlp_dim) == (embed_dim, depth, mlp_dim)
-        ]
-        if not matches:
-            raise CheckpointError(f"width {embed_dim}, depth {depth}, MLP {mlp_dim} match no named EVA size")
-        num_heads = matches[0]
-    size = EvaSize(img_size, patch, embed_dim, depth, num_heads, mlp_dim)
-    arch = {
-        "size": size.__dict__,
-        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
-        "num_frames": positions // (grid * grid) * tubelet,
-        "tubelet_size": tubelet,
-    }
-    return state, arch
 
 
 def normalise_class_name(name: str) -> str:
@@ -145,7 +78,7 @@ def load_init(path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Te
             return model.state_dict(), arch, "video"
     else:
         raw = extract_state_dict(read_checkpoint(path))
-        kernel = _strip_wrappers(raw).get("patch_embed.proj.weight")
+        kernel = strip_wrappers(raw).get("patch_embed.proj.weight")
         if kernel is not None and kernel.ndim == 5:
             state, arch = release_video_state(raw, img_size)
             return state, arch, "video"
