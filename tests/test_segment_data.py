@@ -146,3 +146,14 @@ def test_stream_resumes_exactly_and_walks_endless_passes(tmp_path, workers):
         assert torch.equal(got["labels"], want["labels"])
     # 4 batches x 3 = 12 samples per epoch from 10 pairs: epoch 1 reads positions 12..23 (passes 1 and 2)
     assert not torch.equal(full[0]["labels"], batches(0, [0] * workers)[0]["labels"])
+
+
+def test_an_epoch_is_its_stretch_of_the_endless_passes(tmp_path):
+    aug = AugSection(crop_size=8, scale=[24, 12])
+    stream = SegmentationBatchStream(
+        _shapes_pairs(tmp_path), TrainTransform(aug), batch_size=3, batches_per_epoch=4
+    )
+    stream.set_epoch(1)  # positions 12..23: the last 8 of pass 1, then the first 4 of pass 2
+    order = stream.rank_order().tolist()
+    assert order == [2, 6, 7, 9, 0, 5, 3, 8, 4, 9, 5, 1]  # the permutations of seed 0, passes 1 and 2
+    assert len(set(order[:8])) == 8 and len(set(order[8:])) == 4

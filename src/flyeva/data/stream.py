@@ -48,6 +48,12 @@ consumed; skipped batches are not decoded (a webdataset worker still reads their
 DataLoader in the resumed run starts with its worker 0, so physical worker p runs logical worker
 (p + sum(skip)) % N: the resumed loader yields the remaining batches in the original order. The
 number of workers must be the same as in the interrupted run.
+
+Task streams (segmentation, detection, video) subclass `ImageBatchStream` and keep all of the
+above: an indexable task source gives `__len__`, `key(i)` and `load(i, max_pixels)`; the subclass
+may change the epoch (`samples_per_rank`, `num_batches`), the order (`rank_order`), the per-sample
+seed (`sample_seed`), how one sample is read and transformed (`decode`) and how the kept samples
+become a batch (`collate`).
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ def _target_type(source: Any) -> type | None:
 
 
 @dataclass(frozen=True)
-class _PendingSample:
+class PendingSample:
     """A raw sample chosen for a batch but not decoded yet."""
 
     key: str
@@ -144,6 +150,8 @@ def _target_loader(source: Any, index: int, target_type: type | None) -> Callabl
 
 class ImageBatchStream(IterableDataset):
     """Decoded, transformed batches of one rank's share of each epoch; see the module docstring."""
+
+    transform_tag = _TAG_TRANSFORM  # a task stream's own tag keeps its crops apart from pretraining's
 
     def __init__(
         self,
@@ -176,16 +184,20 @@ class ImageBatchStream(IterableDataset):
         self.skip: tuple[int, ...] = ()
         self.target_type = _target_type(source)
         self._reported: set[str] = set()
+        self.check_epoch_size()
+
+    def check_epoch_size(self) -> None:
+        """Reject a source too small to give every rank a batch (a task stream words it its own way)."""
         samples = self.samples_per_rank()
         if samples == 0:
             raise ValueError(
-                f"the source has fewer samples than world_size={world_size}, so ranks would get none; "
+                f"the source has fewer samples than world_size={self.world_size}, so ranks would get none; "
                 f"use a larger source (or samples_per_epoch/num_samples) or fewer ranks"
             )
         if self.num_batches() == 0:
             raise ValueError(
-                f"each rank gets {samples} samples, fewer than batch_size={batch_size}, and drop_last=True "
-                f"drops them all; lower batch_size or set drop_last=False"
+                f"each rank gets {samples} samples, fewer than batch_size={self.batch_size}, and "
+                f"drop_last=True drops them all; lower batch_size or set drop_last=False"
             )
 
     @property
@@ -245,7 +257,7 @@ class ImageBatchStream(IterableDataset):
 
     def _worker_batches(
         self, worker: int, num_workers: int, first_index: int
-    ) -> Iterator[tuple[int, list[_PendingSample]]]:
+    ) -> Iterator[tuple[int, list[PendingSample]]]:
         if _is_indexable(self.source):
             yield from self._indexable_batches(worker, num_workers, first_index)
             return
@@ -265,28 +277,35 @@ class ImageBatchStream(IterableDataset):
 
     def _indexable_batches(
         self, worker: int, num_workers: int, first_index: int
-    ) -> Iterator[tuple[int, list[_PendingSample]]]:
-        rank_start = self.rank * self.samples_per_rank()
-        rank_order = rank_permutation(len(self.source), self.seed, self.epoch, self.rank, self.world_size)
+    ) -> Iterator[tuple[int, list[PendingSample]]]:
+        rank_order = self.rank_order()
         batch_sizes = self._batch_sizes(worker, num_workers)
         for index, size in enumerate(itertools.islice(batch_sizes, first_index, None), start=first_index):
             start = (worker + index * num_workers) * self.batch_size
             chunk = []
-            for offset, source_index in enumerate(rank_order[start : start + size].tolist()):
-                position = rank_start + start + offset  # place in the epoch permutation
+            for offset, source_index in enumerate(rank_order[start : start + size].tolist(), start=start):
                 chunk.append(
-                    _PendingSample(
+                    PendingSample(
                         key=self.source.key(source_index),
                         index=source_index,
                         source_id=0,
-                        transform_seed=mix_seed(_TAG_TRANSFORM, self.seed, self.epoch, position),
+                        transform_seed=self.sample_seed(offset),
                         load=functools.partial(self.source.load, source_index, self.max_pixels),
                         load_target=_target_loader(self.source, source_index, self.target_type),
                     )
                 )
             yield index, chunk
 
-    def _stream_samples(self, worker: int, num_workers: int) -> Iterator[_PendingSample]:
+    def rank_order(self) -> Any:
+        """This rank's source indices for the epoch, in batch order (a tensor or array; indexable sources)."""
+        return rank_permutation(len(self.source), self.seed, self.epoch, self.rank, self.world_size)
+
+    def sample_seed(self, offset: int) -> int:
+        """The transform seed of the sample at `offset` in this rank's epoch: its place in the permutation."""
+        position = self.rank * self.samples_per_rank() + offset
+        return mix_seed(self.transform_tag, self.seed, self.epoch, position)
+
+    def _stream_samples(self, worker: int, num_workers: int) -> Iterator[PendingSample]:
         """This worker's raw samples for a webdataset or mixture source, lazily, in order."""
         if isinstance(self.source, WebDatasetSource):
             wrap = self.source.num_samples is not None
@@ -303,7 +322,7 @@ class ImageBatchStream(IterableDataset):
                 key, index, load, load_target = next(streams[choice])
             except StopIteration:
                 return
-            yield _PendingSample(
+            yield PendingSample(
                 key=key if isinstance(self.source, WebDatasetSource) else f"{choice}:{key}",
                 index=index,
                 source_id=choice,
@@ -382,29 +401,38 @@ class ImageBatchStream(IterableDataset):
 
     # ----- decoding and collation -------------------------------------------------------------------
 
-    def _make_batch(self, samples: list[_PendingSample], worker: int, index: int) -> dict[str, Any]:
-        images, targets, kept = [], [], []
+    def _make_batch(self, samples: list[PendingSample], worker: int, index: int) -> dict[str, Any]:
+        kept, items = [], []
         for sample in samples:
-            try:
-                # The target first: it is cheap, and a bad pair then costs no image decode.
-                target = sample.load_target() if sample.load_target is not None else None
-            except UnreadableTargetError as error:
-                self._report("skipping sample %s: %s", sample.key, error)
-                continue
-            try:
-                image = sample.load()
-            except UnreadableImageError as error:
-                self._report("skipping image %s: %s", sample.key, error)
-                continue
-            images.append(self._transform_seeded(image, sample.transform_seed))
-            targets.append(target)
-            kept.append(sample)
-        batch: dict[str, Any] = {
-            "images": torch.stack(images) if images else self._empty_images(),
-            "num_skipped": len(samples) - len(kept),
-            "worker": worker,
-            "index": index,
-        }
+            item = self.decode(sample)
+            if item is not None:
+                kept.append(sample)
+                items.append(item)
+        batch = self.collate(kept, items)
+        batch.update(num_skipped=len(samples) - len(kept), worker=worker, index=index)
+        return batch
+
+    def decode(self, sample: PendingSample) -> Any | None:
+        """One sample's (image, target), or None (named once in the log) when it cannot be read."""
+        try:
+            # The target first: it is cheap, and a bad pair then costs no image decode.
+            target = sample.load_target() if sample.load_target is not None else None
+        except UnreadableTargetError as error:
+            self.report_skip("skipping sample %s: %s", sample.key, error)
+            return None
+        try:
+            image = sample.load()
+        except UnreadableImageError as error:
+            self.report_skip("skipping image %s: %s", sample.key, error)
+            return None
+        return seeded_call(sample.transform_seed, self.transform, image), target
+
+    def collate(self, kept: list[PendingSample], items: list[Any]) -> dict[str, Any]:
+        """The batch's entries from the kept samples and what `decode` made of them."""
+        images, targets = [image for image, _ in items], [target for _, target in items]
+        size = getattr(self.transform, "image_size", None)  # the shape of an empty batch, when known
+        empty = torch.empty(0, 3, size, size) if isinstance(size, int) else torch.empty(0)
+        batch: dict[str, Any] = {"images": torch.stack(images) if images else empty}
         if self.target_type is int:
             batch["labels"] = torch.tensor([int(label) for label in targets], dtype=torch.long)
         elif self.target_type is str:
@@ -415,33 +443,35 @@ class ImageBatchStream(IterableDataset):
             batch["sources"] = torch.tensor([sample.source_id for sample in kept], dtype=torch.long)
         return batch
 
-    def _report(self, message: str, key: str, error: Exception) -> None:
+    def report_skip(self, message: str, key: str, error: Exception) -> None:
         if key not in self._reported:  # once per sample, not once per epoch
             self._reported.add(key)
             logger.warning(message, key, error)
 
-    def _transform_seeded(self, image: Image.Image, seed: int) -> torch.Tensor:
-        # Only the CPU generator is seeded and restored: the caller's RNG (and CUDA's) stay untouched.
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed)
-        try:
-            return self.transform(image)
-        finally:
-            generator.set_state(state)
 
-    def _empty_images(self) -> torch.Tensor:
-        size = getattr(self.transform, "image_size", None)
-        return torch.empty(0, 3, size, size) if isinstance(size, int) else torch.empty(0)
+def seeded_call(seed: int, function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` with torch's CPU generator seeded by `seed`: its draws depend on the sample only."""
+    # Only the CPU generator is seeded and restored: the caller's RNG (and CUDA's) stay untouched.
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return function(*args)
+    finally:
+        generator.set_state(state)
 
 
-def rank_permutation(length: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+def rank_permutation(
+    length: int, seed: int, epoch: int, rank: int, world_size: int, tag: int | None = None
+) -> torch.Tensor:
     """This rank's slice of the epoch's permutation of an indexable source (the N % world tail dropped).
 
-    The one definition of the order `ImageBatchStream` (and the cached-feature stream) visit samples in.
+    The one definition of the order `ImageBatchStream` (and the cached-feature stream) visit samples in;
+    a task stream passes its own `tag` to draw permutations of its own.
     """
     samples = length // world_size
-    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    key = (seed, epoch) if tag is None else (tag, seed, epoch)
+    generator = torch.Generator().manual_seed(mix_seed(*key))
     return torch.randperm(length, generator=generator)[rank * samples : (rank + 1) * samples].clone()
 
 

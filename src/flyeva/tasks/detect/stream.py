@@ -1,38 +1,52 @@
-"""Batches of LSJ-transformed detection samples, resumable exactly as `flyeva.data.stream.ImageBatchStream`.
+"""Batches of LSJ-transformed detection samples: `flyeva.data.stream.ImageBatchStream` over COCO images.
 
-The same protocol as the shared stream (see its docstring): an IterableDataset with
-`set_epoch(epoch, skip)` and `num_batches(num_workers)`; batch b of a rank belongs to logical
-worker b % N as its batch b // N ("index"); an epoch is a permutation seeded by (seed, epoch),
-cut into equal contiguous parts per rank; each sample's transform draws from torch's generator
-seeded by (seed, epoch, position). With repeat factors (LVIS), an epoch's images are drawn by
-stochastic rounding seeded by (seed, epoch), then cut or wrapped to the expected epoch length
-round(sum of factors) so the schedule keeps a fixed number of steps.
-Each batch: `images` uint8 [b, 3, S, S] (zero-padded), `image_sizes` long [b, 2], `targets` (one
-dict of boxes / labels / masks per image), `image_ids`, `num_skipped`, `worker`, `index`.
+The shared stream's protocol, workers, skip counts and exact resume (see its docstring): an epoch
+is a permutation seeded by (seed, epoch), cut into equal contiguous parts per rank, in whole
+batches; each sample's transform draws from torch's generator seeded by (seed, epoch, position).
+With repeat factors (LVIS), an epoch's images are drawn by stochastic rounding seeded by (seed,
+epoch), then cut or wrapped to the expected epoch length round(sum of factors) so the schedule
+keeps a fixed number of steps. Each batch: `images` uint8 [b, 3, S, S] (zero-padded),
+`image_sizes` long [b, 2], `targets` (one dict of boxes / labels / masks per image), `image_ids`,
+`num_skipped`, `worker`, `index`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from PIL import Image
 
 from flyeva.data.sources import UnreadableImageError
-from flyeva.data.stream import mix_seed
+from flyeva.data.stream import ImageBatchStream, PendingSample, mix_seed, seeded_call
 from flyeva.tasks.detect.data import CocoDetectionDataset
 from flyeva.tasks.detect.lvis import repeated_indices
 from flyeva.tasks.detect.transforms import LargeScaleJitter
 
-logger = logging.getLogger(__name__)
 _TAG_ORDER, _TAG_REPEAT, _TAG_TRANSFORM = 11, 12, 13
 
 
-class DetectionBatchStream(IterableDataset):
+class _ImageSource:
+    """A `CocoDetectionDataset` as an indexable stream source of its images."""
+
+    def __init__(self, dataset: CocoDetectionDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def key(self, index: int) -> str:
+        return str(self.dataset.records[index].path)
+
+    def load(self, index: int, max_pixels: int | None) -> Image.Image:
+        return self.dataset.load_image(index, max_pixels)
+
+
+class DetectionBatchStream(ImageBatchStream):
     """One rank's share of each epoch as padded batches; see the module docstring."""
+
+    transform_tag = _TAG_TRANSFORM
 
     def __init__(
         self,
@@ -44,17 +58,14 @@ class DetectionBatchStream(IterableDataset):
         seed: int = 0,
         repeat_factors: np.ndarray | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.dataset, self.transform, self.batch_size = dataset, transform, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.repeat_factors = repeat_factors
-        self.epoch, self.skip = 0, ()
-        self._reported: set[int] = set()
+        self.dataset, self.repeat_factors = dataset, repeat_factors
+        super().__init__(_ImageSource(dataset), transform, batch_size, rank, world_size, seed, drop_last=True)
+
+    def check_epoch_size(self) -> None:
         if self.num_batches() == 0:
             raise ValueError(
-                f"{len(dataset)} images cannot feed {world_size} ranks with batch_size={batch_size}; "
-                "use more images, fewer ranks or a smaller batch"
+                f"{len(self.dataset)} images cannot feed {self.world_size} ranks with "
+                f"batch_size={self.batch_size}; use more images, fewer ranks or a smaller batch"
             )
 
     def epoch_length(self) -> int:
@@ -65,13 +76,6 @@ class DetectionBatchStream(IterableDataset):
     def samples_per_rank(self) -> int:
         return self.epoch_length() // self.world_size
 
-    def num_batches(self, num_workers: int = 0) -> int:
-        """Whole batches per rank per epoch (a partial last batch is dropped), for any num_workers."""
-        return self.samples_per_rank() // self.batch_size
-
-    def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
-        self.epoch, self.skip = int(epoch), tuple(int(s) for s in skip)
-
     def epoch_order(self) -> np.ndarray:
         """The epoch's image indices, before the rank split."""
         rng = np.random.default_rng(mix_seed(_TAG_ORDER, self.seed, self.epoch))
@@ -81,59 +85,30 @@ class DetectionBatchStream(IterableDataset):
         drawn = rng.permutation(repeated_indices(self.repeat_factors, repeat_rng))
         return np.resize(drawn, self.epoch_length())  # cut, or wrap around, to the fixed length
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        skip = list(self.skip) or [0] * num_workers
-        if len(skip) != num_workers:
-            raise ValueError(f"set_epoch got skip for {len(skip)} workers but the loader runs {num_workers}")
-        worker = (physical + sum(skip)) % num_workers
+    def rank_order(self) -> np.ndarray:
         samples = self.samples_per_rank()
-        start = self.rank * samples
-        order = self.epoch_order()[start : start + samples]
-        for index in range(skip[worker], self.num_batches() // num_workers + 1):
-            batch = worker + index * num_workers
-            if batch >= self.num_batches():
-                return
-            first = batch * self.batch_size
-            positions = range(start + first, start + first + self.batch_size)
-            yield self._make_batch(order[first : first + self.batch_size].tolist(), positions, worker, index)
+        return self.epoch_order()[self.rank * samples : (self.rank + 1) * samples]
 
-    def _make_batch(self, indices: list[int], positions: range, worker: int, index: int) -> dict[str, Any]:
-        samples, image_ids = [], []
-        for image_index, position in zip(indices, positions):
-            try:
-                image = self.dataset.load_image(image_index)
-            except UnreadableImageError as error:
-                if image_index not in self._reported:
-                    self._reported.add(image_index)
-                    logger.warning("skipping image %s: %s", self.dataset.records[image_index].path, error)
-                continue
-            samples.append(self._transform_seeded(image_index, image, position))
-            image_ids.append(self.dataset.records[image_index].image_id)
+    def decode(self, sample: PendingSample) -> Any | None:
+        try:
+            image = sample.load()
+        except UnreadableImageError as error:
+            self.report_skip("skipping image %s: %s", sample.key, error)
+            return None
+        masks = self.dataset.masks(sample.index)
+        labels = np.array([i.label for i in self.dataset.records[sample.index].instances], dtype=np.int64)
+        return seeded_call(sample.transform_seed, self.transform, image, masks, labels)
+
+    def collate(self, kept: list[PendingSample], items: list[Any]) -> dict[str, Any]:
         side = self.transform.size
-        images = torch.zeros(len(samples), 3, side, side, dtype=torch.uint8)
-        for slot, sample in enumerate(samples):
-            images[slot, :, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
+        images = torch.zeros(len(items), 3, side, side, dtype=torch.uint8)
+        for slot, item in enumerate(items):
+            images[slot, :, : item.image.shape[1], : item.image.shape[2]] = item.image
+        sizes = [list(item.image.shape[1:]) for item in items]
+        image_ids = [self.dataset.records[sample.index].image_id for sample in kept]
         return {
             "images": images,
-            "image_sizes": torch.tensor([list(s.image.shape[1:]) for s in samples], dtype=torch.long).view(
-                -1, 2
-            ),
-            "targets": [{"boxes": s.boxes, "labels": s.labels, "masks": s.masks} for s in samples],
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
+            "targets": [{"boxes": s.boxes, "labels": s.labels, "masks": s.masks} for s in items],
             "image_ids": torch.tensor(image_ids, dtype=torch.long),
-            "num_skipped": len(indices) - len(samples),
-            "worker": worker,
-            "index": index,
         }
-
-    def _transform_seeded(self, image_index: int, image, position: int):
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(mix_seed(_TAG_TRANSFORM, self.seed, self.epoch, position))
-        try:
-            record = self.dataset.records[image_index]
-            labels = np.array([i.label for i in record.instances], dtype=np.int64)
-            return self.transform(image, self.dataset.masks(image_index), labels)
-        finally:
-            generator.set_state(state)

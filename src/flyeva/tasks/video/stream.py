@@ -10,20 +10,17 @@ the log.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from flyeva.data.stream import ImageBatchStream, _PendingSample
+from flyeva.data.stream import ImageBatchStream, PendingSample, seeded_call
 from flyeva.tasks.classify.data import RankShard
 from flyeva.tasks.video.datasets import VideoList
 from flyeva.tasks.video.decode import VideoReadError
 from flyeva.tasks.video.transforms import multi_view_indices, tsn_train_indices
-
-logger = logging.getLogger(__name__)
 
 
 class VideoSource:
@@ -61,42 +58,30 @@ class VideoSource:
         return self.decoder.read(self.videos.paths[index], self.choose, self.short_side)
 
 
-class _DecodeThenTransform:
-    """Called by the stream inside its seeded section with the sample's loader: decode, then augment."""
-
-    def __init__(self, transform: Callable[[np.ndarray], torch.Tensor], empty_shape: tuple[int, ...]):
-        self.transform, self.empty_shape = transform, empty_shape
-
-    def __call__(self, load: Callable[[], np.ndarray]) -> torch.Tensor:
-        return self.transform(load())
-
-
 class ClipBatchStream(ImageBatchStream):
     """`ImageBatchStream` over a `VideoSource`; see the module docstring."""
 
     def __init__(
         self, source: VideoSource | RankShard, transform: Callable, batch_size: int, empty_shape: tuple, **kw
     ):
-        super().__init__(source, _DecodeThenTransform(transform, empty_shape), batch_size, **kw)
+        super().__init__(source, transform, batch_size, **kw)
+        self.empty_shape = empty_shape
         if self.target_type is not int:
             raise ValueError("a ClipBatchStream needs a labelled VideoSource")
 
-    def _make_batch(self, samples: list[_PendingSample], worker: int, index: int) -> dict[str, Any]:
-        clips, labels = [], []
-        for sample in samples:
-            try:
-                clip = self._transform_seeded(sample.load, sample.transform_seed)
-            except VideoReadError as error:
-                self._report("skipping video %s: %s", sample.key, error)
-                continue
-            clips.append(clip)
-            labels.append(int(sample.load_target()))
+    def decode(self, sample: PendingSample) -> tuple[torch.Tensor, int] | None:
+        try:
+            # Decoding runs seeded too: the TSN offsets are drawn from torch's generator.
+            clip = seeded_call(sample.transform_seed, lambda: self.transform(sample.load()))
+        except VideoReadError as error:
+            self.report_skip("skipping video %s: %s", sample.key, error)
+            return None
+        return clip, int(sample.load_target())
+
+    def collate(self, kept: list[PendingSample], items: list[Any]) -> dict[str, Any]:
         return {
-            "clips": torch.stack(clips) if clips else torch.empty(0, *self.transform.empty_shape),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "num_skipped": len(samples) - len(clips),
-            "worker": worker,
-            "index": index,
+            "clips": torch.stack([clip for clip, _ in items]) if items else torch.empty(0, *self.empty_shape),
+            "labels": torch.tensor([label for _, label in items], dtype=torch.long),
         }
 
 
