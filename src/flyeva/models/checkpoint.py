@@ -34,6 +34,7 @@ from flyeva.models.weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     WeightsError,
+    check_shapes,
     is_weights_folder,
     load,
     read_config,
@@ -122,20 +123,13 @@ def load_weights(
 ) -> None:
     """Strict load that casts dtypes (fp16 -> fp32) and lists every mismatch in one error."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.startswith(ignore_missing)]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or misshaped:
-        lines = ["checkpoint does not match the model:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {k}" for k in misshaped]
-        lines.append("check the model size (--size / config.json) or convert the file with `flyeva convert`")
-        raise CheckpointError("\n".join(lines))
+    check_shapes(
+        {k: v.shape for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        "checkpoint does not match the model",
+        ignore_missing,
+        fix="check the model size (--size / config.json) or convert the file with `flyeva convert`",
+    )
     cast = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=not ignore_missing)
 

@@ -1,9 +1,8 @@
-"""Every foreign-weights key map in one place: dicts of tensors in, dicts of tensors out.
+"""Every foreign-weights key map, dicts of tensors in and out, and the architectures read off shapes.
 
-Sources: the EVA release (image, video, EVA-CLIP and detection checkpoints), open_clip's EVA01,
-OpenAI and Hugging Face CLIP vision towers; targets: flyeva's modules and timm's `Eva`. The
-architecture a file holds is read off its shapes here too. Nothing here reads files or builds a
-module, and nothing imports tasks or teachers: they call these maps and build their own modules.
+Sources: the EVA release (image, video, EVA-CLIP, detection), open_clip's EVA01, OpenAI and Hugging
+Face CLIP towers; targets: flyeva's modules and timm's `Eva`. No file is read and no module built
+here, and nothing from tasks or teachers is imported: they call these maps and build their modules.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ class ConversionNotes:
     """What a conversion changed, for the log and the user."""
 
     dropped: list[str] = field(default_factory=list)
-    renamed: list[str] = field(default_factory=list)
     clip_head: Tensor | None = None
 
 
@@ -78,11 +76,9 @@ def release_to_flyeva(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor],
     for key, value in state_dict.items():
         if key.endswith("attn.qkv.bias"):
             converted.update(split_qkv_bias(key, value))
-            notes.renamed.append(f"{key} -> q_bias, v_bias")
         elif key in ("fc_norm.weight", "fc_norm.bias") and "norm.weight" not in state_dict:
             # fine-tuned checkpoints keep the final norm as fc_norm
             converted[key.removeprefix("fc_")] = value
-            notes.renamed.append(f"{key} -> {key.removeprefix('fc_')}")
         elif key.startswith(("head.", "rel_pos_bias", "fc_norm.")) or key.endswith("relative_position_index"):
             notes.dropped.append(key)
         else:

@@ -138,10 +138,11 @@ def header_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
 def check_shapes(
     expected: dict[str, torch.Size | tuple[int, ...]],
     found: dict[str, tuple[int, ...]],
-    where: str,
+    problem: str,
     may_be_missing: tuple[str, ...] = (),
+    fix: str = "the folder's config.json and model.safetensors disagree; re-export the folder",
 ) -> None:
-    """One error listing every missing, unexpected and mis-shaped tensor."""
+    """One error: `problem`, then every missing, unexpected and mis-shaped tensor, then `fix`."""
     missing = [k for k in expected if k not in found and not k.startswith(may_be_missing)]
     unexpected = [k for k in found if k not in expected]
     misshaped = [
@@ -150,11 +151,11 @@ def check_shapes(
         if k in found and tuple(found[k]) != tuple(v)
     ]
     if missing or unexpected or misshaped:
-        lines = [f"{where} does not match its architecture:"]
+        lines = [f"{problem}:"]
         lines += [f"  missing: {k}" for k in missing[:20]]
         lines += [f"  unexpected: {k}" for k in unexpected[:20]]
         lines += [f"  mis-shaped: {k}" for k in misshaped[:20]]
-        lines.append("the folder's config.json and model.safetensors disagree; re-export the folder")
+        lines.append(fix)
         raise WeightsError("\n".join(lines))
 
 
@@ -194,7 +195,8 @@ def load(path: str | Path, *, kind: str | None = None, map_location: str = "cpu"
     expected = skeleton.state_dict()
     # A narrower kind (encoder from mim) takes the keys it has; extra keys in the file are fine then.
     found = shapes if kind == stored_kind else {k: v for k, v in shapes.items() if k in expected}
-    check_shapes({k: v.shape for k, v in expected.items()}, found, str(folder), MAY_BE_MISSING.get(kind, ()))
+    problem = f"{folder} does not match its architecture"
+    check_shapes({k: v.shape for k, v in expected.items()}, found, problem, MAY_BE_MISSING.get(kind, ()))
     del skeleton
     model = build(arch)
     state = {}

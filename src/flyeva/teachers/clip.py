@@ -338,23 +338,8 @@ def load_visual_state(teacher: ClipTeacher, visual_state: dict[str, Tensor], sou
 # Public entry points.
 
 
-def sidecar_path(weights_path: str | Path) -> Path:
-    """The JSON beside a `.safetensors` teacher of the older layout (same stem); read, never written."""
-    return Path(weights_path).with_suffix(".json")
-
-
-def _check_folder_out(path: Path) -> None:
-    if path.suffix == ".safetensors":
-        raise ValueError(
-            f"a teacher is written as a weights folder (model.safetensors + config.json), not one file: "
-            f"pass --out {path.with_suffix('')}"
-        )
-
-
 def save_clip_teacher(teacher: ClipTeacher, folder: str | Path, *, source: str | None = None) -> Path:
     """Write the tower as a flyeva weights folder of kind "teacher" (fp32), loadable without a model name."""
-    folder = Path(folder)
-    _check_folder_out(folder)
     arch = {
         "name": teacher.arch.name,
         "act": "quick_gelu" if teacher.arch.quick_gelu else "gelu",
@@ -372,7 +357,11 @@ def convert_openai_torchscript(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise TeacherLoadError(f"TorchScript archive not found: {src}")
-    _check_folder_out(dst)
+    if dst.suffix == ".safetensors":  # refused before the archive's code runs
+        raise ValueError(
+            "a teacher is written as a weights folder (model.safetensors + config.json), not one file: "
+            f"pass --out {dst.with_suffix('')}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -421,7 +410,7 @@ def _arch_and_visual_state(path: Path, model_name: str | None) -> tuple[TeacherA
         arch = arch_from_hf_config(json.loads((path / "config.json").read_text()), name=f"hf:{path.name}")
         return arch, hf_to_open_clip_visual(_read_hf_weights(path), str(path))
     visual_state = open_clip_visual_state(read_state_dict(path), str(path))
-    sidecar = sidecar_path(path)
+    sidecar = path.with_suffix(".json")  # beside a `.safetensors` teacher of the older layout
     if path.suffix == ".safetensors" and sidecar.is_file():
         arch = arch_from_dict(json.loads(sidecar.read_text()))
         _check_model_name(arch, model_name, sidecar)

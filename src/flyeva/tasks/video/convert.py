@@ -17,6 +17,7 @@ import torch
 
 from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
 from flyeva.models.convert import release_video_state, strip_wrappers
+from flyeva.models.eva import size_arch
 from flyeva.models.weights import is_weights_folder, read_config
 
 
@@ -83,12 +84,4 @@ def load_init(path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Te
             state, arch = release_video_state(raw, img_size)
             return state, arch, "video"
     encoder = load_any(path, kind="encoder")
-    size = {
-        "img_size": encoder.patch_embed.img_size[0],
-        "patch_size": encoder.patch_embed.patch_size[0],
-        "embed_dim": encoder.embed_dim,
-        "depth": len(encoder.blocks),
-        "num_heads": encoder.blocks[0].attn.num_heads,
-        "mlp_dim": encoder.blocks[0].mlp.fc1.out_features,
-    }
-    return encoder.state_dict(), {"size": size}, "image"
+    return encoder.state_dict(), {"size": size_arch(encoder)["size"]}, "image"
