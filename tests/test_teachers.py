@@ -120,6 +120,12 @@ def torchscript_path(tiny):
     return path
 
 
+def assert_same_weights(a, b):
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(v, state_b[k]) for k, v in state_a.items())
+
+
 def _max_errors(actual, expected):
     abs_err = (actual - expected).abs().max().item()
     rel_err = abs_err / expected.abs().max().item()
@@ -185,7 +191,7 @@ def test_torchscript_conversion_matches_source(tiny, torchscript_path):
         name="openai:ViT-tiny-openai",
         act="quick_gelu",
         embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64, mlp_ratio=4.0),
+        vision_cfg={**VISION, "mlp_ratio": 4.0},
     )
     teacher = load_clip_teacher(out)  # no model name: config.json describes it
     assert teacher.quick_gelu and teacher.grid_size == (4, 4)
@@ -193,8 +199,8 @@ def test_torchscript_conversion_matches_source(tiny, torchscript_path):
     assert abs_err < TOL and rel_err < TOL
     # The one weights reader builds the same teacher from the folder.
     loaded = load(out)
-    assert type(loaded) is ClipTeacher and loaded.state_dict().keys() == teacher.state_dict().keys()
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert type(loaded) is ClipTeacher
+    assert_same_weights(loaded, teacher)
     # A model name that agrees is accepted; one that contradicts the folder (GELU) is refused.
     assert torch.equal(load_clip_teacher(out, TINY)(tiny["images"]), teacher(tiny["images"]))
     with pytest.raises(TeacherLoadError, match="contradicts"):
@@ -211,14 +217,13 @@ def test_a_teacher_file_with_the_older_json_beside_it_still_loads(tiny, tmp_path
         name="openai:old",
         act="quick_gelu",
         embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64, mlp_ratio=4.0),
+        vision_cfg={**VISION, "mlp_ratio": 4.0},
         source="ViT-tiny-openai.pt",
     )
     (tmp_path / "old.json").write_text(json.dumps(sidecar))
     old = load_clip_teacher(tmp_path / "old.safetensors")
     assert (old.name, old.quick_gelu) == ("openai:old", True)
-    assert old.state_dict().keys() == teacher.state_dict().keys()
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in old.state_dict().items())
+    assert_same_weights(old, teacher)
     with pytest.raises(TeacherLoadError, match=r"contradicts .*old\.json"):
         load_clip_teacher(tmp_path / "old.safetensors", TINY_GELU)
 
