@@ -126,6 +126,14 @@ def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def write_config(config: Any, folder: str | Path) -> Path:
+    """`folder`/config.yaml: the resolved config a run folder keeps beside what it wrote."""
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain dicts and lists (what the engine compares on resume)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_yaml
+from flyeva.config import ConfigError, write_config
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import StepContext, TrainConfig, train
@@ -132,8 +132,7 @@ def run_train(cfg: SegmentConfig) -> dict[str, Any]:
     )
     evaluator = Evaluator(val_pairs, cfg.eval, rank, world, shard=cfg.train.strategy != "fsdp")
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(
         model,
         SegmentationObjective(),

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import to_yaml
+from flyeva.config import write_config
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import StepContext, TrainConfig, train
@@ -182,8 +182,7 @@ def run_train(cfg: VideoConfig) -> dict[str, Any]:
     evaluator = make_evaluator(cfg, val_videos, model) if val_videos is not None else None
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(
         model, objective, stream, cfg.train, cfg.optim,
         groups_fn=lambda m: layer_decay_groups(m, cfg.optim), evaluate=evaluator,
