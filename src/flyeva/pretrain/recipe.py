@@ -47,7 +47,7 @@ class ModelSection:
 
 @dataclass
 class TeacherSection:
-    path: str = ""  # local CLIP weights: open_clip file, HF folder, or converted OpenAI safetensors
+    path: str = ""  # local CLIP weights: open_clip file, HF folder, or a `flyeva convert teacher` folder
     model_name: str = "ViT-L-14-quickgelu"  # OpenAI weights need QuickGELU (docs/recipes.md §9)
     # A `flyeva clip train` recipe that writes `path` (its OUTPUT/final) first when it does not exist:
     # the miniature world trains its own CLIP teacher once and reuses it.
@@ -156,8 +156,8 @@ def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
     if cfg.random_init:
         return build_clip_teacher(dict(cfg.random_init), seed=cfg.random_seed)
     raise ValueError(
-        "no teacher: set teacher.path to local CLIP weights (e.g. teacher.path=ViT-L-14.safetensors), "
-        "or mask.target=pixels for the pixel baseline"
+        "no teacher: set teacher.path to local CLIP weights (e.g. teacher.path=weights/ViT-L-14, written by "
+        "`flyeva convert teacher`), or mask.target=pixels for the pixel baseline"
     )
 
 
