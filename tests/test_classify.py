@@ -522,7 +522,7 @@ def test_missing_val_folder_and_empty_class_are_one_line_errors(tmp_path, capsys
     pattern_image("vertical", rng).save(tmp_path / "data" / "train" / "a" / "0.png")
     assert main(["classify", "finetune", f"data.root={tmp_path / 'data'}"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "no validation folder" in error and "data.val.type=none" in error and "\n" not in error
+    assert "no validation folder" in error and "data.val=[]" in error and "\n" not in error
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     (tmp_path / "data" / "train" / "b").mkdir()
     assert main(["classify", "finetune", f"data.root={tmp_path / 'data'}"]) == 2

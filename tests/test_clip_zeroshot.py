@@ -1,4 +1,5 @@
-"""Zero-shot evaluation: classifier, top-k, robustness gap, ImageNet subsets, CIFAR pickles, retrieval."""
+"""Zero-shot evaluation: classifier, top-k, robustness gap, ImageNet subsets, CIFAR pickles, retrieval,
+and the dataset sections, which are data sources (docs/data.md)."""
 
 import os
 import pickle
@@ -9,10 +10,14 @@ import torch
 from clip_dist_worker import tiny_clip
 from PIL import Image
 
-from flyeva.tasks.clip.datasets import cifar_set, imagenet_set, imagenet_wnids, read_cifar_pickle
+from flyeva.config import ConfigError, load_config
+from flyeva.data.sources import imagenet_wnids, read_cifar_pickle
+from flyeva.tasks.clip.recipe import ClipConfig
 from flyeva.tasks.clip.zeroshot import (
+    EvalDatasetSection,
     build_classifier,
     evaluate_classification,
+    load_eval_set,
     retrieval_recall,
     summarize,
     tokenizer_for,
@@ -84,10 +89,11 @@ def test_imagenet_subset_restricts_the_logits(tmp_path):
     write_image(tmp_path / "a" / wnids[0] / "x.png", 0)
     write_image(tmp_path / "a" / wnids[1] / "y.png", 1)
     write_image(tmp_path / "a" / wnids[999] / "z.png", 2)
-    dataset = imagenet_set("imagenet_a", tmp_path / "a")
+    dataset = load_eval_set(EvalDatasetSection(name="imagenet_a", type="imagenet", path=str(tmp_path / "a")))
     assert dataset.subset == [0, 1, 999]
-    assert sorted(dataset.labels) == [0, 1, 2]
-    assert len(dataset.classnames) == 1000
+    assert dataset.labels == [0, 1, 2]
+    assert len(dataset.classnames) == 1000 and dataset.classnames[0] == "tench"
+    assert dataset.role == "shift"  # from the name
     # Image 0 scores class 5 (not in the subset) highest, then its own class 0: correct in the subset.
     # Image 1 scores class 999 above its own class 1: wrong in the subset too. Image 2 (999): correct.
     table = torch.zeros(3, 1000)
@@ -109,16 +115,19 @@ def test_imagenet_v2_index_folders_class_map_and_subset_file(tmp_path):
     write_image(tmp_path / "v2" / "goldfish" / "c.png", 0)  # mapped by the class map
     (tmp_path / "map.txt").write_text("goldfish\tn01443537\n")
     (tmp_path / "subset.txt").write_text(f"{wnids[999]}\n# a comment\n0\n1\n{wnids[500]}\n")
-    dataset = imagenet_set(
-        "imagenet_v2",
-        tmp_path / "v2",
-        subset_file=str(tmp_path / "subset.txt"),
-        class_map_file=str(tmp_path / "map.txt"),
+    section = EvalDatasetSection(
+        name="imagenet_v2",
+        type="imagenet",
+        path=str(tmp_path / "v2"),
+        subset=str(tmp_path / "subset.txt"),
+        class_map=str(tmp_path / "map.txt"),
     )
+    dataset = load_eval_set(section)
     assert dataset.subset == [0, 1, 500, 999]
     assert dataset.labels == [0, 3, 1]  # folders 0, 999, goldfish in sorted order -> subset columns
-    with pytest.raises(ValueError, match="neither an ImageNet-1K wnid nor a class index"):
-        imagenet_set("bad", tmp_path / "v2")  # 'goldfish' without the class map
+    assert dataset.source.targets == [0, 999, 1]  # the source's labels are ImageNet class indices
+    with pytest.raises(ValueError, match=r"dataset 'bad': .*'goldfish' is neither an ImageNet-1K wnid"):
+        load_eval_set(EvalDatasetSection(name="bad", type="imagenet", path=str(tmp_path / "v2")))
 
 
 def write_cifar10(root, data: np.ndarray, labels: list[int], protocol_module: str = "") -> None:
@@ -135,10 +144,10 @@ def write_cifar10(root, data: np.ndarray, labels: list[int], protocol_module: st
 def test_cifar_pickles_are_read_into_images_and_labels(tmp_path, module):
     data = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
     write_cifar10(tmp_path / "cifar", data, [3, 0, 9], module)
-    dataset = cifar_set("cifar10", tmp_path / "cifar", "cifar10")
+    dataset = load_eval_set(EvalDatasetSection(name="cifar10", type="cifar10", path=str(tmp_path / "cifar")))
     assert dataset.classnames[3] == "cat" and len(dataset.classnames) == 10
     assert dataset.labels == [3, 0, 9]
-    image = dataset.samples[1]
+    image = np.asarray(dataset.source.load(1))
     assert image.shape == (32, 32, 3)
     # CIFAR rows are 1024 red, 1024 green, 1024 blue values, each row-major over 32 x 32.
     assert image[5, 7, 2] == data[1, 2 * 1024 + 5 * 32 + 7]
@@ -194,3 +203,47 @@ def test_evaluation_features_are_normalised_by_the_model():
     with torch.no_grad():
         features = model.encode_image(torch.randn(3, 3, 32, 32), normalize=True)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))
+
+
+def test_a_dataset_section_is_a_data_source_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'zeroshot\.datasets\.N\.classnames'"):
+        load_config(ClipConfig, overrides=["zeroshot.datasets=[{name: x, type: folder, classnams: c.txt}]"])
+    cfg = load_config(
+        ClipConfig, overrides=["zeroshot.datasets=[{name: c, type: cifar10, path: /c, subset: s}]"]
+    )
+    with pytest.raises(
+        ValueError, match="dataset 'c': data source key 'subset' does not apply to a 'cifar10'"
+    ):
+        load_eval_set(cfg.zeroshot.datasets[0])
+    with pytest.raises(ValueError, match="dataset 'w': a 'captions' source has no labels"):
+        load_eval_set(EvalDatasetSection(name="w", type="captions", path="pairs.csv"))
+    with pytest.raises(ValueError, match=r"unknown type 'imagenett'; use one of \[.*'video_list'"):
+        load_eval_set(EvalDatasetSection(name="t", type="imagenett", path="x"))
+
+
+def test_folder_and_list_sets_take_class_names_from_folders_or_a_file(tmp_path, caplog):
+    write_image(tmp_path / "f" / "red_square" / "a.png", 0)
+    write_image(tmp_path / "f" / "red_square" / "b.png", 1)
+    write_image(tmp_path / "f" / "blue_disc" / "c.png", 2)
+    (tmp_path / "f" / "green_star").mkdir()  # still a candidate class, with a warning
+    with caplog.at_level("WARNING"):
+        dataset = load_eval_set(EvalDatasetSection(name="shapes", path=str(tmp_path / "f")))
+    assert dataset.classnames == ["blue disc", "green star", "red square"]
+    assert dataset.labels == [0, 2, 2] and len(dataset.source) == 3 and dataset.role == "other"
+    assert "1 class folders hold no images: green_star" in caplog.text
+    (tmp_path / "names.txt").write_text("a blue disc\na red square\n")
+    with pytest.raises(ValueError, match=r"names 2 classes but .* has 3"):
+        load_eval_set(
+            EvalDatasetSection(
+                name="shapes", path=str(tmp_path / "f"), classnames=str(tmp_path / "names.txt")
+            )
+        )
+    (tmp_path / "list.txt").write_text("f/red_square/a.png 1\nf/blue_disc/c.png 0\n")
+    listed = EvalDatasetSection(name="listed", type="list", path=str(tmp_path / "list.txt"))
+    with pytest.raises(
+        ValueError, match="dataset 'listed': a 'list' source has no class names; set classnames"
+    ):
+        load_eval_set(listed)
+    listed.classnames = str(tmp_path / "names.txt")
+    dataset = load_eval_set(listed)
+    assert dataset.classnames == ["a blue disc", "a red square"] and dataset.labels == [1, 0]

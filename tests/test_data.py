@@ -409,7 +409,9 @@ def test_clear_errors_for_bad_paths(tmp_path):
         FileListSource(listing)
     with pytest.raises(ValueError, match="unknown data source key 'pth'; did you mean 'path'"):
         build_source({"type": "folder", "pth": str(tmp_path)})
-    with pytest.raises(ValueError, match="unknown data source type 'imagenet'"):
+    with pytest.raises(ValueError, match="unknown data source type 'imagefolder'"):
+        build_source({"type": "imagefolder"})
+    with pytest.raises(ValueError, match="a 'imagenet' data source needs 'path'"):
         build_source({"type": "imagenet"})
     write_shards(tmp_path, num_shards=1, per_shard=2)
     one_shard = WebDatasetSource(str(tmp_path / "shard-000.tar"), num_samples=4)

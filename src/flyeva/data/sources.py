@@ -3,9 +3,9 @@
 MIM pretraining ignores labels and captions (docs/recipes.md §3, "Data"); the transfer stages
 (section 4) read them. Two kinds of source feed `flyeva.data.stream.ImageBatchStream`:
 
-- indexable (`ImageFolderSource`, `FileListSource`, `CaptionTableSource`, `CaptionFolderSource`,
-  `SyntheticShapesSource`): `len(source)`, `source.key(i)` and `source.load(i, max_pixels)`; the
-  stream shuffles indices itself.
+- indexable (`ImageFolderSource`, `ImageNetFolderSource`, `FileListSource`, `CifarSource`,
+  `CaptionTableSource`, `CaptionFolderSource`, `SyntheticShapesSource`, `ConcatSource`, `SourceSubset`):
+  `len(source)`, `source.key(i)` and `source.load(i, max_pixels)`; the stream shuffles indices itself.
 - streaming (`WebDatasetSource`): a list of local tar shards read front to back; the stream splits
   shards across ranks and workers.
 
@@ -21,11 +21,15 @@ into "merged-30M". Every decode goes through `decode_rgb`, which turns any failu
 
 from __future__ import annotations
 
+import bisect
 import csv
 import difflib
 import io
+import itertools
+import logging
 import math
 import os
+import pickle
 import random
 import tarfile
 import warnings
@@ -34,6 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -46,6 +51,19 @@ WDS_TARGET_TYPES: dict[str, type] = {"cls": int, "txt": str}
 # Training images above this are decoded smaller (JPEG draft mode) or skipped and counted: 40 MP is
 # far above any training set's images, while PIL's own bomb limit (179 MP) allows 1.3 GB per image.
 DEFAULT_MAX_PIXELS = 40_000_000
+# CIFAR's python version: meta file, class-name key, label key, train batches, test batches.
+CIFAR = {
+    "cifar10": (
+        "batches.meta",
+        "label_names",
+        "labels",
+        [f"data_batch_{i}" for i in "12345"],
+        ["test_batch"],
+    ),
+    "cifar100": ("meta", "fine_label_names", "fine_labels", ["train"], ["test"]),
+}
+
+logger = logging.getLogger(__name__)
 
 
 class UnreadableImageError(Exception):
@@ -157,10 +175,11 @@ class ImageFolderSource(LocalImageFiles):
     With `with_labels=True` it is the ImageNet/torchvision ImageFolder layout: the class of an
     image is its first-level sub-folder, `classes` are those folder names sorted, `class_to_idx`
     maps them to 0..C-1 and `target(i)` is image i's class index. Every class folder must hold an
-    image and no image may sit directly under `root`, so label indices never shift silently.
+    image and no image may sit directly under `root`, so label indices never shift silently;
+    `allow_empty_classes` only warns, for evaluation sets whose classes are candidates to score.
     """
 
-    def __init__(self, root: str | os.PathLike, with_labels: bool = False):
+    def __init__(self, root: str | os.PathLike, with_labels: bool = False, allow_empty_classes: bool = False):
         self.root = self.location = Path(root)
         self.paths = _find_images(self.root)
         self.with_labels = with_labels
@@ -169,9 +188,9 @@ class ImageFolderSource(LocalImageFiles):
         self.class_to_idx: dict[str, int] | None = None
         self.targets: list[int] | None = None
         if with_labels:
-            self._read_classes()
+            self._read_classes(allow_empty_classes)
 
-    def _read_classes(self) -> None:
+    def _read_classes(self, allow_empty: bool) -> None:
         top_level = [path for path in self.paths if path.parent == self.root]
         if top_level:
             raise ValueError(
@@ -193,7 +212,9 @@ class ImageFolderSource(LocalImageFiles):
                 f"root/<class>/<image> (hidden folders are not classes)"
             )
         empty = sorted(set(self.classes) - set(class_names))
-        if empty:
+        if empty and allow_empty:  # still scored as candidates; none of their images counts
+            logger.warning("%s: %d class folders hold no images: %s", self.root, len(empty), _shown(empty))
+        elif empty:
             raise ValueError(
                 f"{len(empty)} class folders under {self.root} hold no images: {_shown(empty, 10)}; "
                 f"they would still take a class index, so remove them or add their images "
@@ -374,9 +395,169 @@ class CaptionFolderSource(LocalImageFiles):
             text = sidecar.read_text(encoding="utf-8")
         except FileNotFoundError as error:
             raise UnreadableTargetError(f"no caption file {sidecar.name} next to the image") from error
-        except (OSError, UnicodeDecodeError) as error:
+        except UnicodeDecodeError as error:
+            raise UnreadableTargetError(f"{sidecar} is not valid UTF-8") from error
+        except OSError as error:
             raise UnreadableTargetError(f"caption file {sidecar.name} unreadable ({error})") from error
         return _clean_caption(text, f"caption file {sidecar.name}")
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Non-empty lines of a text file, stripped; '#' starts a comment line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{what} file {path} is empty; write one entry per line")
+    return lines
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1K wnids in class-index order (the list timm ships)."""
+    import timm
+
+    return read_lines(Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt", "wnid")
+
+
+def imagenet_index(entry: str, wnid_to_index: dict[str, int], where: str) -> int:
+    """An ImageNet class index from a wnid ('n01440764') or an index ('0'..'999')."""
+    if entry.isdigit() and int(entry) < len(wnid_to_index):
+        return int(entry)
+    if entry in wnid_to_index:
+        return wnid_to_index[entry]
+    raise ValueError(
+        f"{where}: {entry!r} is neither an ImageNet-1K wnid nor a class index 0..{len(wnid_to_index) - 1}; "
+        "map such folders with a class_map file (folder<TAB>wnid)"
+    )
+
+
+class ImageNetFolderSource(ImageFolderSource):
+    """Class folders labelled with ImageNet-1K class indices: IN-1K and its variants (-V2, -A, -R, -Sketch).
+
+    A folder is named by wnid, by class index (ImageNet-V2's release) or mapped by a `class_map`
+    file ("folder<TAB>wnid or index" lines). `classes` are the 1000 wnids in timm's order and
+    `target(i)` is an index into them; `subset` lists the classes the set covers: its folders', or
+    a `subset_file`'s (wnids or indices, e.g. ImageNet-R's 200), which must include every folder.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        subset_file: str = "",
+        class_map_file: str = "",
+        allow_empty: bool = False,
+    ):
+        super().__init__(root, with_labels=True, allow_empty_classes=allow_empty)
+        wnids = imagenet_wnids()
+        wnid_to_index = {wnid: index for index, wnid in enumerate(wnids)}
+        class_map = {}
+        for line in read_lines(class_map_file, "class map") if class_map_file else []:
+            folder, _, entry = line.replace("\t", " ").rpartition(" ")
+            class_map[folder.strip()] = imagenet_index(entry, wnid_to_index, class_map_file)
+        folders = self.classes or []
+        index_of = [
+            class_map[name] if name in class_map else imagenet_index(name, wnid_to_index, str(root))
+            for name in folders
+        ]
+        entries = read_lines(subset_file, "subset") if subset_file else []
+        listed = {imagenet_index(entry.split()[0], wnid_to_index, subset_file) for entry in entries}
+        self.subset = sorted(listed or set(index_of))
+        covered = set(self.subset)
+        outside = [name for name, index in zip(folders, index_of) if index not in covered]
+        if outside:
+            raise ValueError(
+                f"{root}: class folders {_shown(outside)} are not in the subset {subset_file}; "
+                "add them to the subset file or remove the folders"
+            )
+        if not subset_file and len(covered) < len(wnids):  # ImageNet-A/R hold 200 classes on purpose
+            missing = _shown([wnid for index, wnid in enumerate(wnids) if index not in covered], 5)
+            logger.warning(
+                f"{root} holds {len(covered)} of ImageNet's 1000 classes (missing e.g. {missing}): zero-shot "
+                "scores only those; restore folders missing by mistake, or pass a subset file"
+            )
+        self.targets = [index_of[label] for label in self.targets or []]
+        self.classes, self.class_to_idx = wnids, wnid_to_index
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and refuses every other global.
+
+    A pickle names the functions it calls; CIFAR's need only numpy's array reconstruction, so
+    anything else (os.system, builtins.eval, ...) is refused instead of executed.
+    """
+
+    def __init__(self, file: Any, source: str):
+        super().__init__(file, encoding="latin1")  # CIFAR's pickles were written by Python 2
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy.(_)core.multiarray._reconstruct
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+        }
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        raise pickle.UnpicklingError(
+            f"{self.source} asks to load {module}.{name}, which a CIFAR pickle never needs; refusing it "
+            "(unpickling it could run code). Re-download CIFAR's python version from its original site"
+        )
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
+    """One CIFAR python-version pickle (a dict), read without executing code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR file {path} does not exist; pass the extracted cifar-*-python folder")
+    try:
+        with open(path, "rb") as file:
+            data = _NumpyOnlyUnpickler(file, str(path)).load()
+    except pickle.UnpicklingError as error:  # the refusal above, or a file that is not a pickle at all
+        raise ValueError(str(error).splitlines()[0]) from None
+    except (EOFError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is truncated or not a CIFAR pickle ({error}); re-download it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a CIFAR batch dict")
+    return data
+
+
+class CifarSource:
+    """CIFAR-10/100's python version (data_batch_*, test_batch, batches.meta / train, test, meta).
+
+    `kind` is "cifar10" or "cifar100" (fine labels); `classes` are the meta file's label names.
+    The 32x32 images are held in memory as one uint8 array.
+    """
+
+    target_type = int
+
+    def __init__(self, root: str | os.PathLike, kind: str, split: str):
+        if split not in ("train", "test"):
+            raise ValueError(f"a {kind} source needs split: train or test, got {split!r}")
+        self.root, self.kind, self.split = Path(root), kind, split
+        meta, names_key, label_key, train_files, test_files = CIFAR[kind]
+        self.classes = [str(name) for name in read_cifar_pickle(self.root / meta)[names_key]]
+        files = train_files if split == "train" else test_files
+        batches = [read_cifar_pickle(self.root / file) for file in files]
+        self.targets = [int(label) for batch in batches for label in batch[label_key]]
+        # Each row is 1024 red, 1024 green, 1024 blue values, each row-major over 32 x 32.
+        rows = np.concatenate([np.asarray(batch["data"], dtype=np.uint8) for batch in batches])
+        self.pixels = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def key(self, index: int) -> str:
+        return f"{self.kind}-{self.split}-{index:05d}"
+
+    def load(self, index: int, max_pixels: int | None = None) -> Image.Image:
+        return Image.fromarray(self.pixels[index])
+
+    def target(self, index: int) -> int:
+        return self.targets[index]
 
 
 class SyntheticShapesSource:
@@ -548,6 +729,82 @@ class MixtureSource:
         self.samples_per_epoch = samples_per_epoch
 
 
+def is_indexable(source: Any) -> bool:
+    """Whether a source is read by index (`len`, `load`), not streamed."""
+    return hasattr(source, "__len__") and hasattr(source, "load")
+
+
+class ConcatSource:
+    """Indexable sources end to end, in order (a split listed as several sources, docs/data.md).
+
+    Every part names the same `classes`, or none does; `paths` and `targets` join the parts'.
+    """
+
+    def __init__(self, sources: Sequence[Any]):
+        streaming = [source for source in sources if not is_indexable(source)]
+        if streaming:
+            raise ValueError(
+                f"{streaming[0]!r} streams its samples and cannot be concatenated with other sources; "
+                "list all its shards in one wds source (a brace pattern or a folder)"
+            )
+        class_lists = [getattr(source, "classes", None) for source in sources]
+        differ = next((i for i, names in enumerate(class_lists) if names != class_lists[0]), None)
+        if differ is not None:
+            first, other = (_shown(class_lists[i] or ["no class names"]) for i in (0, differ))
+            raise ValueError(
+                f"sources 1 and {differ + 1} label different classes ({first} vs {other}); their labels "
+                "would mean different classes: give every source the same class folders"
+            )
+        self.sources = list(sources)
+        self.ends = list(itertools.accumulate(len(source) for source in self.sources))
+        self.classes = class_lists[0]
+        self.target_type = getattr(self.sources[0], "target_type", None)
+        parts = [[getattr(source, name, None) for source in self.sources] for name in ("paths", "targets")]
+        self.paths, self.targets = (
+            [x for part in lists for x in part] if all(lists) else None for lists in parts
+        )
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def _call(self, method: str, index: int, *args: Any) -> Any:
+        part = bisect.bisect_right(self.ends, index)
+        return getattr(self.sources[part], method)(index - (self.ends[part - 1] if part else 0), *args)
+
+    def key(self, index: int) -> str:
+        return self._call("key", index)
+
+    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        return self._call("load", index, max_pixels)
+
+    def target(self, index: int) -> int | str:
+        return self._call("target", index)
+
+
+class SourceSubset:
+    """Samples `indices` of an indexable source, in that order: one rank's share, or an evaluation's pick.
+
+    `targets`, when given, replace the source's labels (e.g. a zero-shot set's logit columns).
+    """
+
+    def __init__(self, source: Any, indices: Sequence[int], targets: Sequence[int] | None = None):
+        self.source, self.indices, self.targets = source, indices, targets
+        self.target_type = int if targets is not None else getattr(source, "target_type", int)
+        self.classes = getattr(source, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, index: int) -> str:
+        return self.source.key(self.indices[index])
+
+    def load(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        return self.source.load(self.indices[index], max_pixels)
+
+    def target(self, index: int) -> int | str:
+        return self.targets[index] if self.targets is not None else self.source.target(self.indices[index])
+
+
 @dataclass
 class SourceConfig:
     """One data source, as every stage's config lists them (`data.sources: [...]`, docs/data.md).
@@ -558,7 +815,7 @@ class SourceConfig:
     `image.jpg`) or one table cell (caption tables); never one line of a longer file.
     """
 
-    type: str = "folder"  # folder | list | wds | captions | caption_folder | synthetic | shapeworld
+    type: str = "folder"  # one of SOURCE_KEYS: folder | imagenet | list | cifar10 | wds | captions | ...
     path: str = ""  # folder, list file, webdataset shard pattern, or caption table
     weight: float = 1.0  # relative sampling weight inside a mixture
     num_samples: int = 0  # wds: samples per epoch (optional); synthetic / shapeworld: the data set size
@@ -570,12 +827,18 @@ class SourceConfig:
     path_column: str = ""  # captions ("" = open_clip's "filepath")
     caption_column: str = ""  # captions ("" = open_clip's "title")
     sep: str = ""  # captions ("" = from the extension: .tsv tab, .csv comma)
+    subset: str = ""  # imagenet: a file of wnids/indices the set covers ("" = its folders)
+    class_map: str = ""  # imagenet: "folder<TAB>wnid|index" lines for folders not named by wnid/index
+    split: str = ""  # cifar10 / cifar100: train | test
 
 
 # The keys each source type reads (besides type and weight); another non-default key is an error.
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "folder": ("path",),
+    "imagenet": ("path", "subset", "class_map"),
     "list": ("path", "root", "check_files"),
+    "cifar10": ("path", "split"),
+    "cifar100": ("path", "split"),
     "wds": ("path", "num_samples", "target"),
     "captions": ("path", "root", "path_column", "caption_column", "sep"),
     "caption_folder": ("path",),
@@ -585,7 +848,7 @@ SOURCE_KEYS: dict[str, tuple[str, ...]] = {
 REQUIRED_KEYS = {"synthetic": "num_samples", "shapeworld": "num_samples"}  # every other type: path
 TARGETS = ("label", "caption")  # what a stage may ask a source for (None: images only)
 _TARGET_TYPES = {
-    "label": ("folder", "list", "wds", "shapeworld"),
+    "label": ("folder", "imagenet", "list", "cifar10", "cifar100", "wds", "shapeworld"),
     "caption": ("wds", "captions", "caption_folder", "shapeworld"),
 }
 
@@ -611,7 +874,7 @@ def check_source(config: SourceConfig, target: str | None = None) -> None:
         raise ValueError(
             f"a {config.type!r} source has no {target}s; this stage reads {list(_TARGET_TYPES[target])}"
         )
-    defaults = SourceConfig()
+    defaults = type(config)()  # a stage's own section (zero-shot sets) may default differently
     reads = SOURCE_KEYS[config.type]
     for key in (f.name for f in fields(SourceConfig)):
         if key not in (*reads, "type", "weight") and getattr(config, key) != getattr(defaults, key):
@@ -623,13 +886,22 @@ def check_source(config: SourceConfig, target: str | None = None) -> None:
         raise ValueError(f"a {config.type!r} data source needs {required!r}; add it to its config")
 
 
-def build_source(spec: SourceConfig | dict[str, Any], target: str | None = None) -> Any:
-    """The source a `SourceConfig` describes, whose samples carry `target` (None, "label", "caption")."""
+def build_source(
+    spec: SourceConfig | dict[str, Any], target: str | None = None, allow_empty_classes: bool = False
+) -> Any:
+    """The source a `SourceConfig` describes, whose samples carry `target` (None, "label", "caption").
+
+    `allow_empty_classes`: an empty class folder only warns (evaluation sets score every class).
+    """
     config = source_config(spec)
     check_source(config, target)
     kind, labels = config.type, target == "label"
     if kind == "folder":
-        return ImageFolderSource(config.path, with_labels=labels)
+        return ImageFolderSource(config.path, with_labels=labels, allow_empty_classes=allow_empty_classes)
+    if kind == "imagenet":
+        return ImageNetFolderSource(config.path, config.subset, config.class_map, allow_empty_classes)
+    if kind in CIFAR:
+        return CifarSource(config.path, kind, config.split)
     if kind == "list":
         return FileListSource(
             config.path, root=config.root or None, check_files=config.check_files, with_labels=labels

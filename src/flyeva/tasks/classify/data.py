@@ -1,11 +1,13 @@
 """Labelled data for classification: sources, the release's fine-tuning augmentation, batch streams.
 
-Layouts: an ImageFolder root (root/train/<class>/..., root/val/<class>/...), a list file with labels,
-webdataset shards whose samples carry a `.cls` member, or the synthetic ShapeWorld.
+Each split is a list of data sources (docs/data.md), concatenated in order: ImageFolder roots,
+ImageNet-labelled folders, list files with labels, CIFAR, webdataset shards whose samples carry a
+`.cls` member, or the synthetic ShapeWorld; `data.root` is the ImageFolder train/val layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flyeva.data.sources import SourceConfig, UnreadableImageError, build_source, decode_rgb
+from flyeva.data.sources import (
+    ConcatSource,
+    SourceConfig,
+    SourceSubset,
+    UnreadableImageError,
+    build_source,
+    is_indexable,
+)
 from flyeva.data.stream import ImageBatchStream, rank_permutation
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_host_rngs
 
@@ -23,8 +32,8 @@ from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_ho
 @dataclass
 class DataSection:
     root: str = ""  # ImageFolder layout: root/train/<class>/*, root/val/<class>/* (or set train/val)
-    train: SourceConfig = field(default_factory=SourceConfig)
-    val: SourceConfig = field(default_factory=SourceConfig)  # type: none = train without evaluation
+    train: list[SourceConfig] = field(default_factory=list)  # concatenated in order
+    val: list[SourceConfig] | None = None  # None = root/val; [] = train without evaluation
     num_classes: int = 0  # 0 = from the data; required for webdataset shards
     crop_pct: float = 1.0  # evaluation: Resize(size / crop_pct, bicubic) + CenterCrop, the release's 1.0
     max_val_batches: int = 0  # 0 = the whole validation set
@@ -85,20 +94,22 @@ class TrainTransform:
         return f"TrainTransform({self.pipeline})"
 
 
-def build_labeled_source(section: SourceConfig, role: str) -> Any:
-    """A source whose samples carry integer class labels (a ShapeWorld split defaults to 1024 scenes)."""
-    if section.type == "shapeworld" and not section.num_samples:
-        section = replace(section, num_samples=1024)
-    if section.type != "shapeworld" and not section.path:
-        raise ValueError(f"no {role} data: set data.root (ImageFolder layout) or data.{role}.path")
+def build_labeled_source(sections: list[SourceConfig], role: str) -> Any:
+    """One split's sources end to end, with integer class labels (ShapeWorld defaults to 1024 scenes)."""
+    if not sections:
+        raise ValueError(f"no {role} data: set data.root (ImageFolder layout) or data.{role}")
+    sections = [
+        replace(s, num_samples=1024) if s.type == "shapeworld" and not s.num_samples else s for s in sections
+    ]
     try:
-        return build_source(section, target="label")
+        sources = [build_source(section, target="label") for section in sections]
+        return sources[0] if len(sources) == 1 else ConcatSource(sources)
     except ValueError as error:
         raise ValueError(f"data.{role}: {error}") from None
 
 
-def resolve_sections(data: DataSection) -> tuple[SourceConfig, SourceConfig | None]:
-    """Train and validation sources; `data.root` means the ImageFolder train/val layout."""
+def resolve_sections(data: DataSection) -> tuple[list[SourceConfig], list[SourceConfig]]:
+    """Train and validation sources ([] = no evaluation); `data.root` is the ImageFolder train/val layout."""
     train, val = data.train, data.val
     if data.root:
         root = Path(data.root)
@@ -106,15 +117,19 @@ def resolve_sections(data: DataSection) -> tuple[SourceConfig, SourceConfig | No
             raise FileNotFoundError(
                 f"no training folder {root / 'train'}; data.root needs root/train/<class>/, root/val/<class>/"
             )
-        train = SourceConfig(type="folder", path=str(root / "train"))
-        if val.type != "none" and not val.path:
+        train = [SourceConfig(type="folder", path=str(root / "train"))]
+        if val is None or (val and not any(source.path for source in val)):  # keeps a val given by path
             if not (root / "val").is_dir():
                 raise FileNotFoundError(
                     f"no validation folder {root / 'val'}; add root/val/<class>/ images, "
-                    "set data.val.path, or data.val.type=none to train without evaluation"
+                    "set data.val, or data.val=[] to train without evaluation"
                 )
-            val = SourceConfig(type="folder", path=str(root / "val"))
-    return train, (None if val.type == "none" else val)
+            val = [SourceConfig(type="folder", path=str(root / "val"))]
+    if val is None:
+        raise ValueError(
+            "no validation data: set data.root or data.val (data.val=[] trains without evaluation)"
+        )
+    return train, val
 
 
 def source_classes(source: Any, num_classes: int) -> tuple[int, list[str] | None]:
@@ -147,30 +162,11 @@ def check_same_classes(train_classes: list[str] | None, val_classes: list[str] |
     )
 
 
-class RankShard:
+class RankShard(SourceSubset):
     """Samples rank, rank + world, rank + 2 world, ... of an indexable source: exact sharded evaluation."""
 
     def __init__(self, source: Any, rank: int, world_size: int):
-        self.source = source
-        self.indices = range(rank, len(source), world_size)
-        self.target_type = getattr(source, "target_type", int)
-        self.classes = getattr(source, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def key(self, index: int) -> str:
-        return self.source.key(self.indices[index])
-
-    def load(self, index: int, max_pixels: int | None = None) -> Any:
-        return self.source.load(self.indices[index], max_pixels)
-
-    def target(self, index: int) -> int:
-        return self.source.target(self.indices[index])
-
-
-def is_indexable(source: Any) -> bool:
-    return hasattr(source, "__len__") and hasattr(source, "load")
+        super().__init__(source, range(rank, len(source), world_size))
 
 
 def eval_stream(source: Any, image_size: int, crop_pct: float, batch_size: int, rank: int, world: int, **kw):
@@ -248,22 +244,16 @@ def check_every_class_readable(source: Any) -> None:
 
     One successful decode per class suffices, so a healthy data set costs one image per class.
     """
-    paths, targets, classes = (getattr(source, name, None) for name in ("paths", "targets", "classes"))
-    if not paths or not targets or not classes:
+    targets, classes = getattr(source, "targets", None), getattr(source, "classes", None)
+    if not targets or not classes:
         return  # streamed or generated sources: their unreadable samples are counted per epoch
-    by_class: dict[int, list[Any]] = {}
-    for path, label in zip(paths, targets):
-        by_class.setdefault(label, []).append(path)
-    unusable = []
-    for label, class_paths in sorted(by_class.items()):
-        for path in class_paths:
-            try:
-                decode_rgb(path)
-                break
-            except UnreadableImageError:
-                continue
-        else:
-            unusable.append(classes[label])
+    readable: set[int] = set()
+    for index, label in enumerate(targets):
+        if label not in readable:
+            with contextlib.suppress(UnreadableImageError):
+                source.load(index)
+                readable.add(label)
+    unusable = [classes[label] for label in sorted(set(targets) - readable)]
     if unusable:
         raise ValueError(
             f"{len(unusable)} classes have no readable training image: {unusable[:10]}; fix or remove their "
@@ -277,9 +267,9 @@ def prepare_data(data: DataSection, need_val: bool = False) -> LabeledData:
     train = build_labeled_source(train_section, "train")
     check_every_class_readable(train)
     num_classes, classes = source_classes(train, data.num_classes)
-    if val_section is None:
+    if not val_section:
         if need_val:
-            raise ValueError("this evaluation needs validation data: set data.root or data.val.path")
+            raise ValueError("this evaluation needs validation data: set data.root or data.val")
         return LabeledData(train, None, num_classes, classes)
     val = build_labeled_source(val_section, "val")
     check_same_classes(classes, getattr(val, "classes", None))

@@ -74,12 +74,12 @@ def run_classify_eval(cfg: ClassifyEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
     device = D.init_distributed(cfg.train.device)
     model = load_for_eval(cfg.model).to(device).eval()
-    val_section = cfg.data.val  # data.root: its val/ folder alone (no train/ needed to evaluate)
+    val_sections = cfg.data.val  # data.root: its val/ folder alone (no train/ needed to evaluate)
     if cfg.data.root:
-        val_section = SourceConfig(type="folder", path=str(Path(cfg.data.root) / "val"))
-    if val_section.type == "none" or (val_section.type != "shapeworld" and not val_section.path):
+        val_sections = [SourceConfig(type="folder", path=str(Path(cfg.data.root) / "val"))]
+    if not val_sections:
         raise ConfigError("no validation data: set data.root (ImageFolder layout with val/) or data.val")
-    val = build_labeled_source(val_section, "val")
+    val = build_labeled_source(val_sections, "val")
     num_classes = model.num_classes
     classes = getattr(val, "classes", None)
     if classes is not None and len(classes) != num_classes:

@@ -19,18 +19,9 @@ from typing import Any
 
 import torch
 
+from flyeva.data.sources import SOURCE_KEYS, SourceConfig, SourceSubset, read_lines
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
-from flyeva.tasks.clip.datasets import (
-    EvalImages,
-    EvalSet,
-    captioned_set,
-    cifar_set,
-    eval_loader,
-    folder_set,
-    imagenet_set,
-    read_lines,
-    shapeworld_set,
-)
+from flyeva.tasks.clip.datasets import EvalSet, caption_groups, eval_batches, eval_set
 
 logger = logging.getLogger(__name__)
 
@@ -49,39 +40,32 @@ DEFAULT_ROLES = {
 # Video sets (docs/video.md): "path label" lists such as UCF-101's, Kinetics CSVs, class folders of
 # videos; each clip is scored by the mean of its frames' embeddings (flyeva.tasks.video.zeroshot).
 VIDEO_TYPES = {"video_list": "list", "kinetics": "kinetics", "video_folder": "folder"}
-DATASET_TYPES = ("folder", "imagenet", "cifar10", "cifar100", "shapeworld", *VIDEO_TYPES)
 
 
 @dataclass
-class EvalDatasetSection:
-    """One zero-shot classification set (see `flyeva.tasks.clip.datasets`)."""
+class EvalDatasetSection(SourceConfig):
+    """One zero-shot classification set: a labelled data source (docs/data.md) and how to score it; the
+    video types (VIDEO_TYPES) go to the video evaluation, which reads path, root and classnames."""
 
     name: str = ""
-    type: str = "folder"  # one of DATASET_TYPES
-    path: str = ""
-    classnames: str = ""  # folder / video: file of class names in sorted folder order ("" = folder names)
-    subset: str = ""  # imagenet: file of wnids/indices restricting the logits ("" = folders present)
-    class_map: str = ""  # imagenet: "folder<TAB>wnid|index" lines for folders not named by wnid/index
+    classnames: str = ""  # file of class names in class order ("" = the folder / meta names)
     templates: list[str] = field(default_factory=list)  # prompts with {} ([] = zeroshot's)
     templates_file: str = ""  # or a file of them, one per line
     role: str = ""  # in1k | shift | other ("" = from the name, e.g. imagenet_a -> shift)
-    split: str = "test"  # cifar: test | train
-    num_samples: int = 500  # shapeworld only
-    seed: int = 1000  # shapeworld only: a seed the training data does not use
-    image_size: int = 64  # shapeworld only
-    root: str = ""  # video_list / kinetics: the folder the list's paths are relative to
+    split: str = "test"  # cifar10 / cifar100: test | train
+    num_samples: int = 500  # shapeworld
+    seed: int = 1000  # shapeworld: a seed the training data does not use
+    image_size: int = 64  # shapeworld
     num_frames: int = 8  # video: frames sampled per clip (their embeddings are averaged)
     views: int = 1  # video: temporal views per clip, averaged
 
 
 @dataclass
-class RetrievalSection:
-    """A captioned set for image<->text recall@k: a CSV/TSV table or a caption folder."""
+class RetrievalSection(SourceConfig):
+    """A captioned set for image<->text recall@k (docs/data.md): a caption table or caption folder."""
 
+    type: str = ""  # captions | caption_folder ("" = caption_folder for a folder, captions for a file)
     name: str = ""
-    path: str = ""
-    path_column: str = "filepath"
-    caption_column: str = "title"
 
 
 @dataclass
@@ -180,20 +164,20 @@ def evaluate_classification(
 ) -> dict[str, float]:
     """Top-1/top-5 (%) of `model` on `dataset`, with the logits restricted to `dataset.subset`."""
     weights = classifier[:, dataset.subset] if dataset.subset is not None else classifier
-    total = len(dataset.samples)
+    total = len(dataset.labels)
     count = min(total, max_images) if max_images else total
     keep = [index * total // count for index in range(count)]  # evenly spread: folders are class-sorted
-    images = EvalImages([dataset.samples[i] for i in keep], [dataset.labels[i] for i in keep], transform)
+    images = SourceSubset(dataset.source, keep, [dataset.labels[i] for i in keep])
     correct, seen, skipped = {1: 0, 5: 0}, 0, 0
-    for batch, labels, unreadable in eval_loader(images, batch_size, num_workers):
-        skipped += unreadable
-        if batch is None:
+    for batch in eval_batches(images, transform, batch_size, num_workers):
+        skipped += batch["num_skipped"]
+        if len(batch["labels"]) == 0:
             continue
-        features = model.encode_image(batch.to(device), normalize=True)
+        features = model.encode_image(batch["images"].to(device), normalize=True)
         logits = features.float() @ weights.float()
-        for k, hits in topk_correct(logits, labels.to(device)).items():
+        for k, hits in topk_correct(logits, batch["labels"].to(device)).items():
             correct[k] += hits
-        seen += len(labels)
+        seen += len(batch["labels"])
     if seen == 0:
         raise ValueError(f"dataset {dataset.name!r}: no readable images")
     return {
@@ -263,14 +247,14 @@ def evaluate_retrieval(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    images, captions, owners = captioned_set(section.path, section.path_column, section.caption_column)
+    source, images, captions, owners = caption_groups(section)
     tokenize = tokenizer_for(model.context_length)
     image_features, readable = [], []
-    indexed = EvalImages(images, list(range(len(images))), transform)
-    for batch, indices, _ in eval_loader(indexed, batch_size, num_workers):
-        if batch is not None:
-            image_features.append(model.encode_image(batch.to(device), normalize=True).float())
-            readable += indices.tolist()
+    indexed = SourceSubset(source, images, list(range(len(images))))  # target: the image's position
+    for batch in eval_batches(indexed, transform, batch_size, num_workers):
+        if len(batch["labels"]):
+            image_features.append(model.encode_image(batch["images"].to(device), normalize=True).float())
+            readable += batch["labels"].tolist()
     if not readable:
         raise ValueError(f"retrieval set {section.path}: no readable images")
     # An unreadable image drops out together with its captions.
@@ -295,24 +279,16 @@ def evaluate_retrieval(
 
 def load_eval_set(section: EvalDatasetSection) -> Any:
     """An `EvalSet` of images, or for a video type a `VideoList`."""
-    if section.type not in DATASET_TYPES:
-        raise ValueError(
-            f"dataset {section.name!r}: unknown type {section.type!r}; use one of {DATASET_TYPES}"
-        )
-    if section.type != "shapeworld" and not section.path:
-        raise ValueError(f"dataset {section.name!r} ({section.type}) needs a path")
     if section.type in VIDEO_TYPES:
+        if not section.path:
+            raise ValueError(f"dataset {section.name!r} ({section.type}) needs a path")
         from flyeva.tasks.video.datasets import load_video_list  # lazy: video needs PyAV
 
         return load_video_list(VIDEO_TYPES[section.type], section.path, section.root, section.classnames)
-    role = role_of(section)
-    if section.type == "folder":
-        return folder_set(section.name, section.path, section.classnames, role)
-    if section.type == "imagenet":
-        return imagenet_set(section.name, section.path, section.subset, section.class_map, role)
-    if section.type in ("cifar10", "cifar100"):
-        return cifar_set(section.name, section.path, section.type, section.split, role)
-    return shapeworld_set(section.name, section.num_samples, section.seed, section.image_size, role)
+    if section.type not in SOURCE_KEYS:
+        kinds = sorted(SOURCE_KEYS) + list(VIDEO_TYPES)
+        raise ValueError(f"dataset {section.name!r}: unknown type {section.type!r}; use one of {kinds}")
+    return eval_set(section, section.name, section.classnames, role_of(section))
 
 
 def resolve_device(name: str) -> torch.device:
