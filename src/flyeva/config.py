@@ -66,6 +66,10 @@ def _merge(schema: Any, other: Any, source: str) -> Any:
         raise ConfigError(
             f"bad value for {error.full_key!r} in {source}: {error.msg.splitlines()[0]}"
         ) from None
+    except TypeError as error:  # OmegaConf: a mapping given where the schema holds a list, or back
+        raise ConfigError(
+            f"{source} gives a value of the wrong kind ({error}); a list needs [...], a section {{...}}"
+        ) from None
 
 
 def _read_yaml(file: str | Path, keep_base: bool = False) -> Any:

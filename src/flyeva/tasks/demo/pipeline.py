@@ -127,8 +127,8 @@ def linear_probe(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[st
         f"train.seed={seed}",
         f"model.init='{init}'",
         "model.size=miniature",
-        f"data.train={_world(budget.probe_train, 20 + seed)}",
-        f"data.val={_world(budget.val_samples, 999)}",
+        f"data.train=[{_world(budget.probe_train, 20 + seed)}]",
+        f"data.val=[{_world(budget.val_samples, 999)}]",
     ]
     summary = run_linprobe(
         load_config(LinprobeConfig, recipe_path("classify", "miniature_linprobe"), overrides)
@@ -147,8 +147,8 @@ def finetune(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, A
         f"model.init='{init}'",
         "model.size=miniature",
         "model.img_size=32",
-        f"data.train={_world(budget.finetune_samples, 20 + seed)}",
-        f"data.val={_world(budget.val_samples, 999)}",
+        f"data.train=[{_world(budget.finetune_samples, 20 + seed)}]",
+        f"data.val=[{_world(budget.val_samples, 999)}]",
     ]
     summary = run_finetune(load_config(FinetuneConfig, recipe_path("classify", "miniature"), overrides))
     return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"]}
