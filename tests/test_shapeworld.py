@@ -83,12 +83,8 @@ def test_annotations_are_consistent(scenes):
         quadrant = 2 * (y >= size / 2) + (x >= size / 2)
         assert scene.label == SHAPES.index(largest["shape"]) * 4 + quadrant
         assert scene.class_name == f"{largest['shape']} in the {WORLD.QUADRANTS[quadrant]}"
-        words = scene.caption.replace(",", " ").split()
-        assert scene.caption.startswith("a large ") and f"in the {WORLD.QUADRANTS[quadrant]}" in scene.caption
-        for obj in scene.objects:
-            assert obj["shape"] in words
-        # Only shapes and places: colour, fill and background words would be contrastive shortcuts.
-        assert not set(words) & {*COLOURS, "striped", "checkered", "solid", "background"}
+        # The class in words: colour, fill and background words would be contrastive shortcuts.
+        assert scene.caption == f"a large {largest['shape']} in the {WORLD.QUADRANTS[quadrant]}"
 
 
 def test_occlusion_happens_and_is_reflected_in_masks(scenes):
