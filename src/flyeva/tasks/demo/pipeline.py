@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ class DemoBudget:
     """How much of ShapeWorld each stage sees; `quick` is the CI smoke run."""
 
     # Sized so the core stays under 15 minutes on 2 idle CPU cores (measured in docs/demo.md). A
-    # fine-tune runs 320 steps: a from-scratch miniature leaves its loss plateau at about 300.
+    # fine-tune runs 512 steps: a from-scratch miniature leaves its loss plateau at about 300.
     seeds: tuple[int, ...] = (0, 1, 2)
     teacher_samples: int = 4096
     teacher_epochs: int = 12  # 768 steps: the from-scratch vision tower leaves its plateau near 300
@@ -43,7 +45,7 @@ class DemoBudget:
     pretrain_epochs: int = 2
     probe_train: int = 2048
     probe_epochs: int = 10
-    finetune_samples: int = 5120
+    finetune_samples: int = 8192
     finetune_epochs: int = 4
     clip_samples: int = 1536
     clip_epochs: int = 2
@@ -186,24 +188,36 @@ def _run_task(stage: Callable[..., dict[str, float]], options: dict, folder: Pat
     return stage(folder, init, 0, **options)
 
 
-def _task_stages(out: Path, eva_init: str, stages: tuple[str, ...], quick: bool) -> dict[str, dict[str, Any]]:
+def _submit_tasks(pool: Executor, out: Path, eva_init: str, stages: tuple[str, ...], quick: bool) -> dict:
     """Each transfer task from the seed-0 EVA and from random init (one seed: docs/demo.md)."""
     from flyeva.tasks.detect.demo import run_demo_stage as detect_stage
     from flyeva.tasks.segment.demo import run_demo_stage as segment_stage
     from flyeva.tasks.video.demo import run_demo_stage as video_stage
 
     small = {"detect": {"steps": 20, "train_images": 64, "val_images": 16}, "segment": {"steps": 10}}
-    tasks: dict[str, dict[str, Any]] = {}
+    futures: dict[str, Any] = {}
     for name, stage in (("detect", detect_stage), ("segment", segment_stage)):
         if name in stages:
-            options = small[name] if quick else {}
-            run = functools.partial(_run_task, stage, options)
-            tasks[name] = {
-                label: _stage(out / f"{name}_{label.split()[0].lower()}", run, init)
+            run = functools.partial(_run_task, stage, small[name] if quick else {})
+            futures[name] = {
+                label: pool.submit(_stage, out / f"{name}_{label.split()[0].lower()}", run, init)
                 for label, init in (("EVA init", eva_init), ("random init", None))
             }
     if "video" in stages:
-        both = _stage(out / "video", functools.partial(video_stage, quick=quick), eva_init, 0)
+        futures["video"] = pool.submit(
+            _stage, out / "video", functools.partial(video_stage, quick=quick), eva_init, 0
+        )
+    return futures
+
+
+def _task_results(futures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    tasks = {
+        name: {label: job.result() for label, job in jobs.items()}
+        for name, jobs in futures.items()
+        if name != "video"
+    }
+    if "video" in futures:
+        both = futures["video"].result()
         tasks["video"] = {
             label: {k.split("_", 1)[1]: v for k, v in both.items() if k.startswith(prefix)}
             for label, prefix in (("EVA init", "eva_"), ("random init", "random_"), ("chance", "chance_"))
@@ -228,24 +242,88 @@ def _task_section(tasks: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, stages: tuple[str, ...] = ("core",)) -> Path:
-    """Run (or resume) the miniature pipeline's `stages` and write `out/report.md`; returns its path."""
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # two 1-thread workers do ~1.7x the work of one 2-thread process
+
+
+def _chain(*jobs: tuple) -> list[dict[str, Any]]:
+    """Stages that depend on each other, one after another in one worker."""
+    return [_stage(*job) for job in jobs]
+
+
+def _chains(root: Path, teacher: str, seed: int, budget: DemoBudget, core: bool) -> dict[str, list[tuple]]:
+    """One seed's stages as chains, each stage needing only those before it in its chain; "pixel"
+    and "random" do not need the teacher. Without the core only EVA's pretraining runs."""
+    eva, pixel = str(root / "eva" / "final"), str(root / "pixel" / "final")
+    eva_pretrain = (root / "eva", pretrain, teacher, seed, budget, "clip")
+    if not core:
+        return {"eva": [eva_pretrain]}
+
+    def transfer(i: int, init: str) -> list[tuple]:
+        probe = (root / f"probe{i}", linear_probe, init, seed, budget)
+        tune = (root / f"finetune{i}", finetune, init, seed, budget)
+        return [probe, tune] if ENCODERS[i] in FINETUNED else [probe]
+
+    return {
+        "pixel": [(root / "pixel", pretrain, "", seed, budget, "pixels"), *transfer(1, pixel)],
+        "random": [*transfer(2, ""), (root / "clip_scratch", eva_clip, "", seed, budget)],
+        "eva": [eva_pretrain, *transfer(0, eva), (root / "clip_eva", eva_clip, eva, seed, budget)],
+        "teacher": transfer(3, f"{teacher}/visual"),
+    }
+
+
+def _seed_results(chains: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The report's view of one seed: pretraining, per-encoder transfer, and the two CLIPs."""
+    eva, eva_probe, eva_tune, clip_eva = chains["eva"]
+    pixel, pixel_probe, pixel_tune = chains["pixel"]
+    random_probe, random_tune, clip_scratch = chains["random"]
+    (teacher_probe,) = chains["teacher"]
+    probes = (eva_probe, pixel_probe, random_probe, teacher_probe)
+    tunes = (eva_tune, pixel_tune, random_tune, None)
+    transfer = {
+        name: {"linear probe": probe["top1"], **({"fine-tune": tune["top1"]} if tune else {})}
+        for name, probe, tune in zip(ENCODERS, probes, tunes)
+    }
+    clips = {"EVA-initialised CLIP": clip_eva, "from-scratch CLIP": clip_scratch}
+    return {"pretrain": {"eva": eva, "pixel": pixel}, "transfer": transfer, "clip": clips}
+
+
+def run_demo(
+    out: str | Path = "runs/demo", quick: bool = False, stages: tuple[str, ...] = ("core",), workers: int = 2
+) -> Path:
+    """Run (or resume) the miniature pipeline's `stages` and write `out/report.md`; returns its path.
+
+    Independent chains of stages run in `workers` single-threaded processes: the teacher, for
+    example, trains while the pixel-MIM and random-init arms (which do not need it) run beside it.
+    """
     from flyeva.tasks.demo.report import write_report
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown demo stage(s) {unknown}; choose from {list(STAGES)}")
-    out, budget = Path(out), QUICK if quick else FULL
+    out, budget, core = Path(out), QUICK if quick else FULL, "core" in stages
+    seeds = budget.seeds if core else budget.seeds[:1]
+    teacher_final = str(out / "teacher" / "final")
+    chains = {seed: _chains(out / f"seed{seed}", teacher_final, seed, budget, core) for seed in seeds}
     started = time.time()
-    teacher = _stage(out / "teacher", train_teacher, budget)
-    results: dict[int, dict[str, Any]] = {}
-    for seed in budget.seeds if "core" in stages else budget.seeds[:1]:
-        root = out / f"seed{seed}"
-        eva = _stage(root / "eva", pretrain, teacher["final"], seed, budget, "clip")
-        results[seed] = {"pretrain": {"eva": eva}}
-        if "core" in stages:
-            results[seed] = _core_seed(root, teacher, eva, seed, budget)
-    tasks = _task_stages(out, results[budget.seeds[0]]["pretrain"]["eva"]["final"], stages, quick)
+    context = multiprocessing.get_context("spawn")  # a forked OpenMP runtime can hang the child
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        teacher_job = pool.submit(_stage, out / "teacher", train_teacher, budget)
+
+        def submit(seed: int, arms: tuple[str, ...]) -> dict[str, Future]:
+            return {arm: pool.submit(_chain, *chains[seed][arm]) for arm in arms if arm in chains[seed]}
+
+        jobs = {seed: submit(seed, ("pixel", "random")) for seed in seeds}
+        teacher = teacher_job.result()
+        for seed in seeds:
+            jobs[seed] |= submit(seed, ("eva", "teacher"))
+        jobs[seeds[0]]["eva"].result()  # the tasks start from seed 0's EVA pretraining
+        task_jobs = _submit_tasks(pool, out, str(out / f"seed{seeds[0]}" / "eva" / "final"), stages, quick)
+        done = {seed: {arm: job.result() for arm, job in arms.items()} for seed, arms in jobs.items()}
+        results = {seed: _seed_results(done[seed]) for seed in seeds} if core else {}
+        tasks = _task_results(task_jobs)
     report = out / "report.md"
     if "core" in stages:
         write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
@@ -256,22 +334,3 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stages: tuple[s
         with open(report, "a") as handle:
             handle.write("\n" + _task_section(tasks))
     return report
-
-
-def _core_seed(
-    root: Path, teacher: dict[str, Any], eva: dict[str, Any], seed: int, budget: DemoBudget
-) -> dict:
-    """The classification and CLIP comparisons of one seed."""
-    pixel = _stage(root / "pixel", pretrain, "", seed, budget, "pixels")
-    inits = (eva["final"], pixel["final"], "", f"{teacher['final']}/visual")
-    transfer: dict[str, dict[str, float]] = {}
-    for i, (name, init) in enumerate(zip(ENCODERS, inits)):
-        probe = _stage(root / f"probe{i}", linear_probe, init, seed, budget)
-        transfer[name] = {"linear probe": probe["top1"]}
-        if name in FINETUNED:
-            transfer[name]["fine-tune"] = _stage(root / f"finetune{i}", finetune, init, seed, budget)["top1"]
-    clips = {
-        "EVA-initialised CLIP": _stage(root / "clip_eva", eva_clip, eva["final"], seed, budget),
-        "from-scratch CLIP": _stage(root / "clip_scratch", eva_clip, "", seed, budget),
-    }
-    return {"pretrain": {"eva": eva, "pixel": pixel}, "transfer": transfer, "clip": clips}
