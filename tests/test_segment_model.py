@@ -181,14 +181,16 @@ def test_mask2former_forward_backward_with_the_eva_backbone():
     assert tuple(scores.shape) == (1, 4, 32, 48) and bool((scores >= 0).all())
 
 
+def _segmenter(decoder: str, num_classes: int):
+    backbone = EvaBackbone(TINY, [0, 1, 1, 1])
+    if decoder == "upernet":
+        return EvaUperNet(backbone, num_classes, SMALL_UPERNET)
+    return EvaMask2Former(backbone, num_classes, SMALL_M2F)
+
+
 @pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
 def test_a_batch_with_no_image_gives_zero_gradients_everywhere_and_keeps_batchnorm_statistics(decoder):
-    backbone = EvaBackbone(TINY, [0, 1, 1, 1])
-    model = (
-        EvaUperNet(backbone, 4, SMALL_UPERNET)
-        if decoder == "upernet"
-        else EvaMask2Former(backbone, 4, SMALL_M2F)
-    )
+    model = _segmenter(decoder, 4)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms  # the neck's deconvolution norms at least
     before = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
@@ -205,12 +207,7 @@ def test_a_batch_with_no_image_gives_zero_gradients_everywhere_and_keeps_batchno
 
 @pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
 def test_layer_decay_groups_give_the_decoder_the_full_lr(decoder):
-    backbone = EvaBackbone(TINY, [0, 1, 1, 1])
-    model = (
-        EvaUperNet(backbone, 3, SMALL_UPERNET)
-        if decoder == "upernet"
-        else EvaMask2Former(backbone, 3, SMALL_M2F)
-    )
+    model = _segmenter(decoder, 3)
     groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9)
     optimizer = build_adamw(groups, OptimConfig(lr=1e-3, implementation="for-loop"))
     apply_lr(optimizer, 1e-3)

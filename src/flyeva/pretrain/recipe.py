@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_dict, to_yaml
+from flyeva.config import ConfigError, to_dict, write_config
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.data.sources import DEFAULT_MAX_PIXELS, SourceConfig, build_sources, check_source
 from flyeva.data.stream import ImageBatchStream
@@ -19,7 +19,8 @@ from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
 from flyeva.engine.loop import TrainConfig, TrainResult, train
 from flyeva.engine.optim import OptimConfig, check_schedule
-from flyeva.models.checkpoint import MIM_ONLY_KEYS, load_weights, read_encoder_state, save_flyeva
+from flyeva.models.checkpoint import load_weights, read_encoder_state, save_flyeva
+from flyeva.models.convert import MIM_ONLY_KEYS
 from flyeva.models.eva import EvaForMIM, build_mim_model, get_size, size_with
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.teachers import (
@@ -249,7 +250,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate, run_config=to_dict(cfg))
 
     state = full_model_state(result.model)  # collective under FSDP2

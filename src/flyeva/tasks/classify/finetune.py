@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from timm.models.eva import Eva
 
-from flyeva.config import to_dict, to_yaml
+from flyeva.config import to_dict, write_config
 from flyeva.data.stream import ImageBatchStream
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import full_model_state
@@ -146,7 +146,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(
         model,
         objective,

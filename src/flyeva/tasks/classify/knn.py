@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flyeva.config import to_yaml
+from flyeva.config import write_config
 from flyeva.engine import distributed as D
 from flyeva.tasks.classify.data import DataSection, prepare_data
 from flyeva.tasks.classify.features import (
@@ -91,7 +91,7 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     extract, key = frozen_feature_settings(
         cfg.model, cfg.data, cfg.train, image_size, cfg.train.batch_size, device
     )

@@ -27,15 +27,13 @@ from timm.models.eva import Eva
 from torch import nn
 
 from flyeva.models.checkpoint import (
-    MIM_ONLY_KEYS,
     CheckpointError,
     extract_state_dict,
-    infer_size,
     load_any,
     load_weights,
     read_checkpoint,
-    release_to_flyeva,
 )
+from flyeva.models.convert import MIM_ONLY_KEYS, infer_size, release_to_flyeva
 from flyeva.models.eva import EvaSize, build_encoder, set_image_size, size_arch
 from flyeva.models.weights import is_weights_folder, load, read_config, save_weights
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyeva.config import ConfigError, to_dict, to_yaml
+from flyeva.config import ConfigError, to_dict, write_config
 from flyeva.data.stream import ImageBatchStream
 from flyeva.data.transforms import EvalTransform
 from flyeva.engine import distributed as D
@@ -183,7 +183,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
     if cfg.probe.cache:
         extract, key = frozen_feature_settings(cfg.model, cfg.data, cfg.train, image_size, batch_size, device)

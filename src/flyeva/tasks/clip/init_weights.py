@@ -11,25 +11,15 @@ from torch import nn
 from flyeva.models.checkpoint import (
     FLYEVA_CONFIG,
     FLYEVA_WEIGHTS,
-    MIM_ONLY_KEYS,
     CheckpointError,
     extract_state_dict,
     load_weights,
     read_checkpoint,
-    release_to_flyeva,
 )
+from flyeva.models.convert import MIM_ONLY_KEYS, TOP_LEVEL_TEXT_KEYS, release_to_flyeva
 from flyeva.tasks.clip.model import ClipModelSection, EvaClip, build_clip
 
 logger = logging.getLogger(__name__)
-
-# Keys of an open_clip CLIP state dict that belong to the text tower (they sit at the top level).
-TEXT_KEY_PREFIXES = (
-    "token_embedding.",
-    "positional_embedding",
-    "transformer.",
-    "ln_final.",
-    "text_projection",
-)
 
 
 def build_clip_from_config(cfg: ClipModelSection) -> EvaClip:
@@ -104,7 +94,7 @@ def text_state_from_clip(state: dict[str, torch.Tensor], source: str) -> dict[st
     """The text tower's keys of an open_clip CLIP state dict (top level, or under `text.`)."""
     if any(k.startswith("text.") for k in state):  # open_clip CustomTextCLIP / flyeva EvaClip
         return {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
-    text = {k: v for k, v in state.items() if k.startswith(TEXT_KEY_PREFIXES)}
+    text = {k: v for k, v in state.items() if k.startswith(TOP_LEVEL_TEXT_KEYS)}
     if not text:
         raise CheckpointError(
             f"{source} holds no CLIP text tower (expected keys like 'token_embedding.weight' or "

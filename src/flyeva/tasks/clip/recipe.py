@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_dict, to_yaml
+from flyeva.config import ConfigError, to_dict, write_config
 from flyeva.data.sources import SourceConfig, build_sources
 from flyeva.engine.loop import TrainConfig, TrainResult
 from flyeva.engine.optim import OptimConfig
@@ -165,7 +165,7 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
     out = Path(cfg.train.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(
         model,
         objective,

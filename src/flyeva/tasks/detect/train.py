@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyeva.config import ConfigError, to_yaml
+from flyeva.config import ConfigError, write_config
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import PRECISIONS, StepContext, train
 from flyeva.tasks.detect.data import CocoDetectionDataset
@@ -142,7 +142,7 @@ def run_train(cfg: DetectConfig) -> dict[str, Any]:
     )
     evaluator = DetectionEvaluator(val, val_json, cfg) if val is not None else None
     if D.is_main():
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_config(cfg, out)
     result = train(
         model,
         DetectionObjective(),
