@@ -249,7 +249,6 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
 
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate, run_config=to_dict(cfg))
 

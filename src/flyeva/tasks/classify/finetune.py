@@ -145,7 +145,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         evaluator = Evaluator(val, data.num_classes, cfg.train.precision, cfg.data.max_val_batches)
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     result = train(
         model,

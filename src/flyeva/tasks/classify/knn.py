@@ -90,7 +90,6 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     image_size = encoder.patch_embed.img_size[0]
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     extract, key = frozen_feature_settings(
         cfg.model, cfg.data, cfg.train, image_size, cfg.train.batch_size, device

@@ -182,7 +182,6 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     head = LinearProbeHead(encoder.embed_dim, data.num_classes)
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
     if cfg.probe.cache:

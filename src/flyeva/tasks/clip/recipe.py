@@ -164,7 +164,6 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
 
     out = Path(cfg.train.output_dir)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     result = train(
         model,
