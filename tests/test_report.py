@@ -115,7 +115,7 @@ def test_two_runs_are_overlaid_and_their_configs_diffed(runs, tmp_path):
 def test_config_against_the_recipe_lists_what_the_run_changed(runs, tmp_path):
     markdown = make_report([runs[0]], tmp_path, recipe="clip/miniature").markdown.read_text()
     assert "## Config against clip/miniature" in markdown
-    assert "| `optim.lr` | 0.0005 | 0.0001 |" in markdown  # the miniature recipe's 5.0e-4
+    assert "| `optim.lr` | 0.001 | 0.0001 |" in markdown  # the miniature recipe's 1.0e-3
     assert "| `train.batch_size` | 64 | 16 |" in markdown
     assert "`optim.weight_decay`" not in markdown  # the recipe's 0.05, unchanged
     assert "`zeroshot.during_training`" not in markdown
