@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,23 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul_ceiling import DTYPES, matmul_gflops
+from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
 from flyeva.config import load_config, recipe_path
 from flyeva.engine.optim import build_adamw
 from flyeva.tasks.detect.build import build_detector, release_param_groups
 from flyeva.tasks.detect.recipe import DetectConfig
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def backbone_flops(net, img_size: int) -> float:

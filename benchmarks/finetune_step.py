@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,25 +30,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul_ceiling import DTYPES, matmul_gflops
+from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
 from flyeva.engine.optim import OptimConfig, build_adamw
 from flyeva.models.eva import encoder_flops, get_size, size_with
 from flyeva.tasks.classify.finetune import layer_decay_groups
 from flyeva.tasks.classify.model import build_classifier
 from flyeva.tasks.classify.objective import ClassificationObjective
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def measure_size(size_name: str, args: argparse.Namespace) -> dict:

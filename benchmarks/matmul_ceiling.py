@@ -12,6 +12,8 @@ Other benchmarks import it (`sys.path` holds this folder when they run as script
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 
 import torch
@@ -19,9 +21,17 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's allocator on a GPU, else the resident set (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def matmul_gflops(
@@ -48,11 +58,11 @@ def matmul_gflops(
         inner = 20 if device.type == "cuda" else 1
         best = float("inf")
         for attempt in range(repeats + 1):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(inner):
                 torch.matmul(left, right, out=out)
-            _sync(device)
+            sync(device)
             elapsed = (time.perf_counter() - start) / inner
             if attempt > 0:  # the first run is the warm-up (allocation, MKL/cuBLAS heuristics)
                 best = min(best, elapsed)

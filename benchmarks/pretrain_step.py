@@ -42,7 +42,7 @@ import torch
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul_ceiling import DTYPES, matmul_gflops
+from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.engine.loop import keep_freed_memory
@@ -102,19 +102,6 @@ def build_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
     """The library's AdamW (docs/recipes.md §3 groups and betas) with `optim.implementation=impl`."""
     cfg = OptimConfig(implementation=impl)
     return build_adamw(param_groups(model, cfg.weight_decay), cfg)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_size(size_name: str, args: argparse.Namespace) -> dict:

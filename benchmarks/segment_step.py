@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,25 +32,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul_ceiling import DTYPES, matmul_gflops
+from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
 from flyeva.engine.optim import OptimConfig, build_adamw
 from flyeva.models.eva import get_size
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.model import ModelSection, build_segmenter, layer_decay_groups
 from flyeva.tasks.segment.upernet import UperNetSection
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
