@@ -104,11 +104,12 @@ def loss_of_no_images(
         norm.momentum = 0.0
     try:
         loss, metrics = model(blank, ignored)
+        for norm in norms:
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked -= 1  # the blank batch was not a batch
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-            if norm.num_batches_tracked is not None:
-                norm.num_batches_tracked -= 1
     return loss * 0.0, {name: value * 0.0 for name, value in metrics.items()}
 
 
