@@ -27,6 +27,8 @@ def test_quick_demo_writes_a_complete_report_and_resumes(tmp_path, capsys):
     assert set(transfer) == {"EVA (CLIP-feature MIM)", "pixel MIM", "random init", "teacher's vision tower"}
     assert all(0 <= v <= 100 for scores in transfer.values() for v in scores.values())
     assert "fine-tune" not in transfer["teacher's vision tower"]
+    # Each MIM arm pretrains once, in the run's folder, and every seed transfers from it.
+    assert results["seeds"]["0"]["pretrain"]["eva"]["final"] == str(out / "eva" / "final")
     assert report.count("- CLIP-feature MIM beats") == 4  # random init / pixel MIM x probe / fine-tune
     # A second run finds every stage's result.json and redoes nothing.
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
@@ -57,6 +59,7 @@ def test_demo_stages_run_a_subset_and_report_each_task_from_eva_and_random_init(
         assert 0.0 <= scores["mIoU"] <= 1.0
     report = (out / "report.md").read_text()
     assert "### segment" in report and "| EVA init |" in report and "| random init |" in report
-    assert not (out / "seed0" / "pixel").exists()  # core's comparisons were not run
+    assert (out / "eva" / "result.json").is_file()  # the tasks start from EVA's pretraining
+    assert not (out / "pixel").exists() and not (out / "seed0").exists()  # core's comparisons did not run
     assert cli(["demo", "--stages", "nope", "--out", str(out)]) == 2
     assert "unknown demo stage(s) ['nope']" in capsys.readouterr().err

@@ -53,6 +53,7 @@ INIT_STD = 0.015  # docs/recipes.md §2: truncated normal std 0.015, truncated a
 # docs/recipes.md §2: the release's fine-tuning and EVA-CLIP towers use std 0.02 and leave the patch
 # embedding at PyTorch's Conv2d default.
 FINETUNE_INIT_STD = 0.02
+FINETUNE_INIT_BOUND = 2.0  # timm's trunc_normal_ default (a=-2, b=2), which the fine-tuning model imports
 TEACHER_DIM = 768  # docs/recipes.md §3: CLIP ViT-L/14 features after `proj`
 
 
@@ -82,24 +83,32 @@ def eva_kwargs(size: EvaSize, **overrides: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def trunc_normal_release_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
-    """The release's init: normal(0, std) truncated at +-1 std (not timm's +-2 absolute).
+def trunc_normal_release_(
+    tensor: torch.Tensor, std: float = INIT_STD, bound: float | None = None
+) -> torch.Tensor:
+    """normal(0, std) truncated at +-bound: by default +-1 std, the MIM model's own `trunc_normal_`.
+
+    The release's fine-tuning model and CLIP tower call timm's `trunc_normal_` instead, whose bound
+    is +-2 absolute (`FINETUNE_INIT_BOUND`): at std 0.02 that is 100 std, a plain normal.
 
     Exact rejection sampling: ~60x faster on CPU than `nn.init.trunc_normal_`'s erfinv (20 s for
     EVA-B), since 68% of draws land inside +-1 std and only the rest are drawn again.
     """
     if tensor.is_meta:
         return tensor
+    bound = std if bound is None else bound
     tensor.normal_(0.0, std)
-    outside = tensor.abs() > std
+    outside = tensor.abs() > bound
     while count := int(outside.sum()):
         tensor[outside] = torch.randn(count, dtype=tensor.dtype, device=tensor.device) * std
-        outside = tensor.abs() > std
+        outside = tensor.abs() > bound
     return tensor
 
 
 @torch.no_grad()
-def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = True) -> None:
+def init_release_weights(
+    model: Eva, std: float = INIT_STD, patch_embed: bool = True, bound: float | None = None
+) -> None:
     """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs.
 
     The MIM model re-initialises the patch embedding too (`patch_embed=True`, BEiT's pretraining
@@ -108,7 +117,7 @@ def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = 
     convolutions = (nn.Conv2d, nn.Conv3d) if patch_embed else ()
     for module in model.modules():
         if isinstance(module, (nn.Linear, *convolutions)):
-            trunc_normal_release_(module.weight, std)
+            trunc_normal_release_(module.weight, std, bound)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -117,7 +126,7 @@ def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = 
     for name in ("pos_embed", "cls_token", "mask_token"):
         param = getattr(model, name, None)
         if param is not None:
-            trunc_normal_release_(param, std)
+            trunc_normal_release_(param, std, bound)
     for block in model.blocks:
         if block.attn.q_bias is not None:
             nn.init.zeros_(block.attn.q_bias)
@@ -129,12 +138,13 @@ def init_release_weights(model: Eva, std: float = INIT_STD, patch_embed: bool = 
 
 
 def init_finetune_weights(model: Eva) -> None:
-    """The release's fine-tuning / EVA-CLIP tower init: std 0.02, patch embedding left at PyTorch's default.
+    """The release's fine-tuning / EVA-CLIP tower init: N(0, 0.02), patch embedding left at PyTorch's default.
 
     With the pretraining init's std-0.015 patch embedding a from-scratch miniature stayed at chance
-    on a single white shape on mid-grey, which this init learns (docs/demo.md).
+    on a single white shape on mid-grey, which this init learns; with weights cut at +-1 std (half
+    the scale) it left its loss plateau about 100 steps later (docs/demo.md).
     """
-    init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False)
+    init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False, bound=FINETUNE_INIT_BOUND)
 
 
 class EvaForMIM(Eva):

@@ -37,15 +37,17 @@ class DemoBudget:
     """How much of ShapeWorld each stage sees; `quick` is the CI smoke run."""
 
     # Sized so the core stays under 15 minutes on 2 idle CPU cores (measured in docs/demo.md). A
-    # fine-tune runs 512 steps: a from-scratch miniature leaves its loss plateau at about 300.
+    # fine-tune runs 448 steps: a from-scratch miniature leaves its loss plateau at about 300.
     seeds: tuple[int, ...] = (0, 1, 2)
     teacher_samples: int = 4096
-    teacher_epochs: int = 12  # 768 steps: the from-scratch vision tower leaves its plateau near 300
+    teacher_epochs: int = 8  # 512 steps: the from-scratch vision tower leaves its plateau near 300
     pretrain_samples: int = 4096
-    pretrain_epochs: int = 2
+    # 768 steps, once per arm, shared by the seeds: the CLIP-feature student leaves its loss plateau
+    # near step 300, and 128 steps per seed (the sixth session's budget) left every MIM arm at chance.
+    pretrain_epochs: int = 12
     probe_train: int = 2048
     probe_epochs: int = 10
-    finetune_samples: int = 8192
+    finetune_samples: int = 7168
     finetune_epochs: int = 4
     clip_samples: int = 1536
     clip_epochs: int = 2
@@ -101,15 +103,15 @@ def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
     return {"final": str(out / "final"), "zeroshot": _last_eval(result.history) if result else {}}
 
 
-def pretrain(out: Path, teacher: str, seed: int, budget: DemoBudget, target: str) -> dict[str, Any]:
+def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[str, Any]:
     from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
 
     overrides = [
         *COMMON,
         f"train.output_dir={out}",
         f"train.epochs={budget.pretrain_epochs}",
-        f"train.seed={seed}",
-        f"data.sources=[{_world(budget.pretrain_samples, 10 + seed)}]",
+        "train.seed=0",
+        f"data.sources=[{_world(budget.pretrain_samples, 10)}]",
         "data.val=[]",
         f"mask.target={target}",
         f"teacher.path='{teacher}'",
@@ -253,31 +255,30 @@ def _chain(*jobs: tuple) -> list[dict[str, Any]]:
     return [_stage(*job) for job in jobs]
 
 
-def _chains(root: Path, teacher: str, seed: int, budget: DemoBudget, core: bool) -> dict[str, list[tuple]]:
-    """One seed's stages as chains, each stage needing only those before it in its chain; "pixel"
-    and "random" do not need the teacher. Without the core only EVA's pretraining runs."""
-    eva, pixel = str(root / "eva" / "final"), str(root / "pixel" / "final")
-    eva_pretrain = (root / "eva", pretrain, teacher, seed, budget, "clip")
-    if not core:
-        return {"eva": [eva_pretrain]}
+def _chains(
+    root: Path, pretrained: dict[str, str], teacher: str, seed: int, budget: DemoBudget
+) -> dict[str, list[tuple]]:
+    """One seed's transfer stages as chains, each stage needing only those before it in its chain and
+    the pretraining of its arm (`pretrained`: arm -> final folder), which every seed shares."""
 
     def transfer(i: int, init: str) -> list[tuple]:
         probe = (root / f"probe{i}", linear_probe, init, seed, budget)
         tune = (root / f"finetune{i}", finetune, init, seed, budget)
         return [probe, tune] if ENCODERS[i] in FINETUNED else [probe]
 
+    eva = pretrained["eva"]
     return {
-        "pixel": [(root / "pixel", pretrain, "", seed, budget, "pixels"), *transfer(1, pixel)],
+        "pixel": transfer(1, pretrained["pixel"]),
         "random": [*transfer(2, ""), (root / "clip_scratch", eva_clip, "", seed, budget)],
-        "eva": [eva_pretrain, *transfer(0, eva), (root / "clip_eva", eva_clip, eva, seed, budget)],
+        "eva": [*transfer(0, eva), (root / "clip_eva", eva_clip, eva, seed, budget)],
         "teacher": transfer(3, f"{teacher}/visual"),
     }
 
 
-def _seed_results(chains: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _seed_results(chains: dict[str, list[dict[str, Any]]], pretrained: dict[str, Any]) -> dict[str, Any]:
     """The report's view of one seed: pretraining, per-encoder transfer, and the two CLIPs."""
-    eva, eva_probe, eva_tune, clip_eva = chains["eva"]
-    pixel, pixel_probe, pixel_tune = chains["pixel"]
+    eva_probe, eva_tune, clip_eva = chains["eva"]
+    pixel_probe, pixel_tune = chains["pixel"]
     random_probe, random_tune, clip_scratch = chains["random"]
     (teacher_probe,) = chains["teacher"]
     probes = (eva_probe, pixel_probe, random_probe, teacher_probe)
@@ -287,7 +288,7 @@ def _seed_results(chains: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for name, probe, tune in zip(ENCODERS, probes, tunes)
     }
     clips = {"EVA-initialised CLIP": clip_eva, "from-scratch CLIP": clip_scratch}
-    return {"pretrain": {"eva": eva, "pixel": pixel}, "transfer": transfer, "clip": clips}
+    return {"pretrain": pretrained, "transfer": transfer, "clip": clips}
 
 
 def run_demo(
@@ -296,7 +297,8 @@ def run_demo(
     """Run (or resume) the miniature pipeline's `stages` and write `out/report.md`; returns its path.
 
     Independent chains of stages run in `workers` single-threaded processes: the teacher, for
-    example, trains while the pixel-MIM and random-init arms (which do not need it) run beside it.
+    example, trains while the pixel-MIM pretraining (which does not need it) runs beside it. Each
+    MIM arm pretrains once; the seeds vary its probes and fine-tunes and the CLIPs (docs/demo.md).
     """
     from flyeva.tasks.demo.report import write_report
 
@@ -304,25 +306,32 @@ def run_demo(
     if unknown:
         raise ValueError(f"unknown demo stage(s) {unknown}; choose from {list(STAGES)}")
     out, budget, core = Path(out), QUICK if quick else FULL, "core" in stages
-    seeds = budget.seeds if core else budget.seeds[:1]
+    seeds = budget.seeds if core else ()  # without the core only EVA's pretraining runs, for the tasks
     teacher_final = str(out / "teacher" / "final")
-    chains = {seed: _chains(out / f"seed{seed}", teacher_final, seed, budget, core) for seed in seeds}
+    finals = {arm: str(out / arm / "final") for arm in ("eva", "pixel")}
+    chains = {seed: _chains(out / f"seed{seed}", finals, teacher_final, seed, budget) for seed in seeds}
     started = time.time()
     context = multiprocessing.get_context("spawn")  # a forked OpenMP runtime can hang the child
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+
+        def submit(arm: str) -> dict[tuple[int, str], Future]:
+            return {(seed, arm): pool.submit(_chain, *chains[seed][arm]) for seed in seeds}
+
         teacher_job = pool.submit(_stage, out / "teacher", train_teacher, budget)
-
-        def submit(seed: int, arms: tuple[str, ...]) -> dict[str, Future]:
-            return {arm: pool.submit(_chain, *chains[seed][arm]) for arm in arms if arm in chains[seed]}
-
-        jobs = {seed: submit(seed, ("pixel", "random")) for seed in seeds}
+        pixel_job = pool.submit(_stage, out / "pixel", pretrain, "", budget, "pixels") if core else None
         teacher = teacher_job.result()
-        for seed in seeds:
-            jobs[seed] |= submit(seed, ("eva", "teacher"))
-        jobs[seeds[0]]["eva"].result()  # the tasks start from seed 0's EVA pretraining
-        task_jobs = _submit_tasks(pool, out, str(out / f"seed{seeds[0]}" / "eva" / "final"), stages, quick)
-        done = {seed: {arm: job.result() for arm, job in arms.items()} for seed, arms in jobs.items()}
-        results = {seed: _seed_results(done[seed]) for seed in seeds} if core else {}
+        # EVA's pretraining first in the queue: its arm, its CLIP and the task stages wait for it.
+        eva_job = pool.submit(_stage, out / "eva", pretrain, teacher_final, budget, "clip")
+        jobs = submit("random") | submit("teacher")
+        pretrained = {"pixel": pixel_job.result()} if pixel_job else {}
+        jobs |= submit("pixel")
+        pretrained["eva"] = eva_job.result()
+        jobs |= submit("eva")
+        task_jobs = _submit_tasks(pool, out, finals["eva"], stages, quick)
+        results = {
+            seed: _seed_results({arm: jobs[seed, arm].result() for arm in chains[seed]}, pretrained)
+            for seed in seeds
+        }
         tasks = _task_results(task_jobs)
     report = out / "report.md"
     if "core" in stages:
