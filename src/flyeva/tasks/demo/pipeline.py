@@ -1,8 +1,8 @@
 """`flyeva demo`: EVA's whole pipeline in the miniature world (ShapeWorld, 2 CPU cores).
 
 1. a tiny CLIP teacher trained from scratch on ShapeWorld captions (`flyeva clip train`);
-2. a miniature EVA MIM-pretrained from that teacher (`flyeva pretrain`);
-3. baselines at the same budget: random init, and MIM with normalised-pixel targets;
+2. a miniature EVA MIM-pretrained from that teacher (`flyeva pretrain`), once, for every seed;
+3. baselines at the same budget: random init, and MIM with normalised-pixel targets (once);
 4. transfer on ShapeWorld's 20-class task: linear probe and fine-tuning for EVA, random init,
    pixel-MIM and the teacher's own vision tower (`flyeva classify`);
 5. EVA-CLIP in miniature: a CLIP whose vision tower starts from EVA vs one from scratch, same
@@ -10,8 +10,8 @@
 6. `report.md` with PNG plots and a table over seeds (mean ± spread) and the wall time.
 
 Every stage writes `result.json` when it finishes and is skipped when that exists; a stage that
-was interrupted resumes from its own training checkpoints. Later stages (detection, segmentation,
-video) add themselves by appending to `STAGES`-style calls in `run_demo`.
+was interrupted resumes from its own training checkpoints. The detection, segmentation and video
+stages (`--stages`) start from the EVA pretraining and from random init, one seed each.
 """
 
 from __future__ import annotations
