@@ -191,7 +191,7 @@ def _run_task(stage: Callable[..., dict[str, float]], options: dict, folder: Pat
 
 
 def _submit_tasks(pool: Executor, out: Path, eva_init: str, stages: tuple[str, ...], quick: bool) -> dict:
-    """Each transfer task from the seed-0 EVA and from random init (one seed: docs/demo.md)."""
+    """Each transfer task from the EVA pretraining and from random init (one seed: docs/demo.md)."""
     from flyeva.tasks.detect.demo import run_demo_stage as detect_stage
     from flyeva.tasks.segment.demo import run_demo_stage as segment_stage
     from flyeva.tasks.video.demo import run_demo_stage as video_stage
@@ -228,7 +228,7 @@ def _task_results(futures: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _task_section(tasks: dict[str, dict[str, Any]]) -> str:
-    lines = ["## Transfer tasks (one seed; EVA = the seed-0 CLIP-feature MIM encoder)", ""]
+    lines = ["## Transfer tasks (one seed; EVA = the CLIP-feature MIM encoder)", ""]
     for task, rows in tasks.items():
         metrics = sorted({m for row in rows.values() for m in row if m != "seconds"})
         lines += [
