@@ -32,11 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
-from flyeva.engine.optim import OptimConfig, build_adamw
+from flyeva.engine.optim import OptimConfig, build_adamw, layer_decay_groups
+from flyeva.eval.classification import ClassificationObjective
 from flyeva.models.eva import encoder_flops, get_size, size_with
-from flyeva.tasks.classify.finetune import layer_decay_groups
 from flyeva.tasks.classify.model import build_classifier
-from flyeva.tasks.classify.objective import ClassificationObjective
 
 
 def measure_size(size_name: str, args: argparse.Namespace) -> dict:

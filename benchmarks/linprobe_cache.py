@@ -28,10 +28,10 @@ from flyeva.data.synthetic import ShapeWorld, ShapeWorldSource
 from flyeva.data.transforms import EvalTransform
 from flyeva.engine.loop import TrainConfig, train
 from flyeva.engine.optim import OptimConfig, param_groups
+from flyeva.eval.classification import ClassificationObjective
 from flyeva.models.eva import build_encoder, get_size
 from flyeva.tasks.classify.data import FeatureBatchStream
 from flyeva.tasks.classify.features import extract_features
-from flyeva.tasks.classify.objective import ClassificationObjective
 from flyeva.tasks.classify.probe import FrozenEncoderProbe, LinearProbeHead
 
 RELEASE_EPOCHS = 90  # docs/recipes.md §4: the EVA-CLIP linear probe

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,10 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 
-from flyeva.engine.optim import OptimConfig, build_adamw
+from flyeva.engine.optim import OptimConfig, build_adamw, layer_decay_groups
 from flyeva.models.eva import get_size
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
-from flyeva.tasks.segment.model import ModelSection, build_segmenter, layer_decay_groups
+from flyeva.tasks.segment.model import ModelSection, build_segmenter
 from flyeva.tasks.segment.upernet import UperNetSection
 
 
@@ -67,7 +68,7 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build(decoder, args).to(device)
     optim_cfg = OptimConfig(lr=4e-5, layer_decay=0.9, betas=[0.9, 0.999], eps=1e-8, clip_grad=0.0)
-    optimizer = build_adamw(layer_decay_groups(model, 0.05, 0.9), optim_cfg)
+    optimizer = build_adamw(layer_decay_groups(model, replace(optim_cfg, weight_decay=0.05)), optim_cfg)
     autocast_dtype = DTYPES[args.precision] if args.precision != "fp32" else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     images = torch.randn(args.batch, 3, args.crop, args.crop, device=device)

@@ -35,14 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_step import peak_memory_mib, sync
 from matmul_ceiling import matmul_gflops
 
-from flyeva.engine.optim import OptimConfig, build_adamw
+from flyeva.data.video.datasets import VideoList
+from flyeva.data.video.decode import get_decoder, torchcodec_available, write_video
+from flyeva.data.video.stream import VideoSource
+from flyeva.data.video.transforms import ClipTrainTransform
+from flyeva.engine.optim import OptimConfig, build_adamw, layer_decay_groups
 from flyeva.models.eva import get_size
-from flyeva.tasks.video.datasets import VideoList
-from flyeva.tasks.video.decode import get_decoder, torchcodec_available, write_video
 from flyeva.tasks.video.model import build_video_model
-from flyeva.tasks.video.recipe import layer_decay_groups
-from flyeva.tasks.video.stream import VideoSource
-from flyeva.tasks.video.transforms import ClipTrainTransform
 
 
 def measure_step(args: argparse.Namespace, frames: int) -> dict:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_run import train
 from torch.utils.data import IterableDataset
 
 from flyeva.data.masking import fixed_validation_mask
 from flyeva.engine.checkpoint import full_model_state
-from flyeva.engine.loop import TrainConfig, train
+from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig
 from flyeva.models.eva import build_mim_model
 from flyeva.pretrain.objective import mim_loss, pixel_targets

@@ -7,17 +7,19 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_encoder
+from engine_run import train
 from PIL import Image
 from safetensors.torch import load_file
 from test_engine import ListStream
 from timm.models.eva import Eva
 
 from flyeva.cli import main
-from flyeva.engine.loop import StepContext, TrainConfig, train
-from flyeva.engine.optim import OptimConfig
-from flyeva.models.eva import EvaSize, build_encoder
+from flyeva.engine.loop import StepContext, TrainConfig
+from flyeva.engine.optim import OptimConfig, layer_decay_groups
+from flyeva.eval.classification import ClassificationObjective, Evaluator, confusion_summary
+from flyeva.models.eva import build_encoder
 from flyeva.tasks.classify.data import AugSection, TrainTransform
-from flyeva.tasks.classify.finetune import layer_decay_groups
 from flyeva.tasks.classify.knn import knn_classify
 from flyeva.tasks.classify.lars import LARS
 from flyeva.tasks.classify.model import (
@@ -28,9 +30,8 @@ from flyeva.tasks.classify.model import (
     freeze_patch_embed,
     load_pretrained,
 )
-from flyeva.tasks.classify.objective import ClassificationObjective, Evaluator, confusion_summary
 
-TINY = EvaSize(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, mlp_dim=64)
+TINY = tiny_encoder(16, depth=3)
 PATTERNS = ("horizontal", "vertical", "checker", "diagonal")
 
 
@@ -486,12 +487,13 @@ def test_finetune_learns_a_separable_folder_through_the_cli(pattern_folder, tmp_
         "model.final_norm=drop",
     ]
     assert main(["classify", "finetune", *overrides]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_classes"] == 4 and len(summary["epochs"]) == 3
-    assert summary["final"]["top1"] >= 90.0, summary["epochs"]
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["facts"]["num_classes"] == 4 and len(summary["evaluations"]) == 3
+    assert summary["final"]["top1"] >= 90.0, summary["evaluations"]
     assert summary["best"]["top1"] >= summary["final"]["top1"]
-    assert set(summary["epochs"][-1]) >= {"top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"}
-    assert summary["confusion"]["per_class_top1"].keys() == set(PATTERNS)
+    assert [e["epoch"] for e in summary["evaluations"]] == [0, 1, 2]
+    assert set(summary["evaluations"][-1]) >= {"top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"}
+    assert summary["details"]["confusion"]["per_class_top1"].keys() == set(PATTERNS)
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["kind"] == "classifier" and config["classes"] == sorted(PATTERNS)
     assert (out / "final_ema" / "model.safetensors").is_file()
@@ -504,7 +506,7 @@ def test_finetune_learns_a_separable_folder_through_the_cli(pattern_folder, tmp_
     # Its encoder serves the frozen-feature evaluations too.
     knn = ["classify", "knn", f"model.init={out / 'final'}", f"data.root={pattern_folder}", "knn.k=5"]
     assert main([*knn, f"train.output_dir={tmp_path / 'knn'}", "train.num_workers=0"]) == 0
-    assert json.loads((tmp_path / "knn" / "summary.json").read_text())["top1"] >= 90.0
+    assert json.loads((tmp_path / "knn" / "result.json").read_text())["metrics"]["top1"] >= 90.0
     # Its 4-class head cannot silently start a 3-class run.
     three = tmp_path / "three"
     for split in ("train", "val"):

@@ -45,7 +45,8 @@ def test_eval_of_a_folder_and_of_a_release_checkpoint_with_num_heads(tmp_path, c
         == 0
     )
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
-    assert result["num_classes"] == 4 and abs(result["top1"] - expected) < 1e-6
+    assert result["facts"]["num_classes"] == 4 and abs(result["metrics"]["top1"] - expected) < 1e-6
+    assert result["verb"] == "eval" and result["weights"] == str(tmp_path / "classifier")
 
     release = tmp_path / "release.pth"
     state = {
@@ -57,4 +58,4 @@ def test_eval_of_a_folder_and_of_a_release_checkpoint_with_num_heads(tmp_path, c
     assert main(args) == 2
     assert "pass the number of attention heads (--num-heads)" in capsys.readouterr().err
     assert main([*args[:4], "--num-heads", "5", *args[4:]]) == 0
-    assert abs(json.loads((tmp_path / "b" / "eval.json").read_text())["top1"] - expected) < 1e-6
+    assert abs(json.loads((tmp_path / "b" / "eval.json").read_text())["metrics"]["top1"] - expected) < 1e-6

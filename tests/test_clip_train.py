@@ -106,10 +106,11 @@ def trained(data, tmp_path_factory):
 
 def test_training_runs_every_step_and_counts_bad_pairs(trained):
     out = trained[0]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "result.json").read_text())
     assert summary["step"] == STEPS_PER_EPOCH * EPOCHS
-    assert summary["skipped_pairs"] == 2 * EPOCHS  # the unreadable image and the uncaptioned one
-    assert 1.0 <= summary["logit_scale"] <= 100.0
+    # the unreadable image and the uncaptioned one, every epoch
+    assert summary["counts"] == {"skipped_samples": 2 * EPOCHS, "nonfinite_steps": 0}
+    assert 1.0 <= summary["facts"]["logit_scale"] <= 100.0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if line["kind"] == "train"]
     assert len(losses) == STEPS_PER_EPOCH * EPOCHS and all(np.isfinite(losses))

@@ -1,10 +1,12 @@
 """Detection backbone: windows, decomposed relative position, parity with timm's EVA blocks, pyramid."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_encoder
 
-from flyeva.models.eva import EvaSize, build_encoder
+from flyeva.models.eva import build_encoder
 from flyeva.tasks.detect.backbone import (
     EvaViTDet,
     SimpleFeaturePyramid,
@@ -12,13 +14,15 @@ from flyeva.tasks.detect.backbone import (
     decomposed_rel_pos_bias,
     get_rel_pos,
     global_block_indices,
+    resize_rel_pos,
+    set_rel_pos_interp,
     window_partition,
     window_unpartition,
 )
 from flyeva.tasks.detect.model import backbone_from_encoder
 
 torch.set_num_threads(1)
-TINY = EvaSize(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+TINY = tiny_encoder(32)
 
 
 def test_window_partition_round_trip_with_padding():
@@ -189,3 +193,68 @@ def test_rel_pos_table_is_resized_linearly_for_another_grid():
     torch.testing.assert_close(bigger[0, 3], resized[0])
     net = EvaViTDet(32, 4, 16, 2, 2, 32, pos_grid=8, window=0, global_blocks=[0, 1])
     assert net(torch.randn(1, 3, 48, 40)).shape == (1, 16, 12, 10)  # another grid than the tables': runs
+
+
+def release_beit_resize(table: np.ndarray, dst_size: int) -> np.ndarray:
+    """The release's `get_rel_pos(..., interp_type="beit")` resize (EVA-01/det backbone/utils.py), written
+    from its description: source rows at the geometric offsets 0, +-1, +-(1 + q), ... with q = 1.0903078,
+    targets at the integers -(dst // 2) ... dst // 2, one scipy `interp1d(kind="cubic",
+    fill_value="extrapolate")` per channel."""
+    from scipy.interpolate import interp1d
+
+    ratio, offsets, offset = 1.0903078, [], 1.0
+    for i in range(table.shape[0] // 2):
+        offsets.append(offset)
+        offset += ratio ** (i + 1)
+    source = [-o for o in reversed(offsets)] + [0.0] + offsets
+    half = dst_size // 2
+    target = np.arange(-half, half + 0.1, 1.0)
+    columns = [
+        interp1d(source, table[:, c], kind="cubic", fill_value="extrapolate")(target)
+        for c in range(table.shape[1])
+    ]
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("src, dst", [(13, 19), (159, 191), (31, 27)])  # 159 -> 191: EVA-g 1280 -> 1536
+def test_beit_rel_pos_resize_equals_the_release_cubic_fit(src, dst):
+    table = torch.randn(src, 6, generator=torch.Generator().manual_seed(src), dtype=torch.float64)
+    expected = release_beit_resize(table.numpy(), dst)
+    torch.testing.assert_close(resize_rel_pos(table, dst, "beit").numpy(), expected, rtol=0, atol=1e-10)
+    size = (dst + 1) // 2
+    rows = get_rel_pos(size, size, table.float(), "beit")
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows[0, size - 1], torch.from_numpy(expected[0]).float())  # distance -(size-1)
+    torch.testing.assert_close(rows[size - 1, 0], torch.from_numpy(expected[-1]).float())
+    linear = resize_rel_pos(table, dst, "linear").numpy()
+    assert np.abs(linear - expected).max() > 0.1  # another fit than ViTDet's linear one
+
+
+def test_beit_mode_in_a_block_equals_attention_with_the_release_resized_tables():
+    torch.manual_seed(0)
+    block = WindowBlock(16, 2, 32, window=0, grid=(4, 4), rel_pos_interp="beit")  # tables of 7 rows
+    for param in (block.attn.rel_pos_h, block.attn.rel_pos_w):
+        torch.nn.init.normal_(param, std=0.5)
+    resized = WindowBlock(16, 2, 32, window=0, grid=(6, 6))  # tables of 11 rows: no resize at 6 x 6
+    state = block.state_dict()
+    for name in ("attn.rel_pos_h", "attn.rel_pos_w"):
+        state[name] = torch.from_numpy(release_beit_resize(state[name].double().numpy(), 11)).float()
+    resized.load_state_dict(state)
+    x = torch.randn(2, 6, 6, 16)
+    torch.testing.assert_close(block(x), resized(x), atol=1e-5, rtol=1e-5)
+    block(x).sum().backward()  # the fit is linear in the table: gradients reach it
+    assert block.attn.rel_pos_h.grad.abs().sum() > 0
+    linear = WindowBlock(16, 2, 32, window=0, grid=(4, 4))
+    linear.load_state_dict(block.state_dict())
+    assert (linear(x) - block(x)).abs().max() > 1e-3
+
+
+def test_rel_pos_interp_is_set_on_every_block_and_checked():
+    net = EvaViTDet(32, 4, 16, 4, 2, 32, pos_grid=8, window=4, rel_pos_interp="beit")
+    assert {block.attn.rel_pos_interp for block in net.blocks} == {"beit"}
+    assert set_rel_pos_interp(net, "linear") == 4
+    assert {block.attn.rel_pos_interp for block in net.blocks} == {"linear"}
+    with pytest.raises(ValueError, match="rel_pos_interp='cubic'"):
+        set_rel_pos_interp(net, "cubic")
+    with pytest.raises(ValueError, match="rel_pos_interp='vitdet'"):
+        EvaViTDet(32, 4, 16, 1, 2, 32, pos_grid=8, rel_pos_interp="vitdet")

@@ -152,10 +152,11 @@ TINY_RUN = [
 @pytest.mark.slow
 def test_cli_train_eval_predict_and_weights_round_trip(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["detect", "train", f"train.output_dir={out}", *TINY_RUN])
-    trained = json.loads((out / "eval.json").read_text())
-    assert set(trained["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
-    assert "segm" in trained and isinstance(json.loads((out / "detections.json").read_text()), list)
+    assert main(["detect", "train", f"train.output_dir={out}", *TINY_RUN]) == 0
+    trained = json.loads((out / "result.json").read_text())["metrics"]
+    names = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+    assert set(trained) >= {f"bbox_{name}" for name in names} | {f"segm_{name}" for name in names}
+    assert isinstance(json.loads((out / "detections.json").read_text()), list)
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["kind"] == "detector" and config["classes"] == [
         "circle",
@@ -167,9 +168,10 @@ def test_cli_train_eval_predict_and_weights_round_trip(tmp_path, capsys):
     detector = load(out / "final")  # the shared weights format rebuilds it from `arch`
     assert isinstance(detector, EvaDetector)
     evaluated = tmp_path / "eval"
-    main(["detect", "eval", f"model.init={out / 'final'}", f"train.output_dir={evaluated}", *TINY_RUN])
-    again = json.loads((evaluated / "eval.json").read_text())
-    assert again["bbox"] == pytest.approx(trained["bbox"]) and again["segm"] == pytest.approx(trained["segm"])
+    evaluate = ["detect", "eval", f"model.init={out / 'final'}", f"train.output_dir={evaluated}"]
+    assert main([*evaluate, *TINY_RUN]) == 0
+    again = json.loads((evaluated / "eval.json").read_text())["metrics"]
+    assert again == pytest.approx(trained)
     images = out / "shapeworld" / "val" / "coco" / "images"
     main(["detect", "predict", str(images), f"model.init={out / 'final'}", *TINY_RUN,
           "--out", str(tmp_path / "drawn"), "--threshold", "0.0"])  # fmt: skip
@@ -198,19 +200,19 @@ def test_demo_stage_from_an_encoder_folder(tmp_path):
 def test_resumed_run_trains_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from flyeva.tasks.detect.train import run_train
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.detect import DETECT
 
     common = [o for o in TINY_RUN if not o.startswith(("train.max_steps", "data.shapeworld_val"))]
     common += [
         "data.shapeworld_val=0",
         "train.checkpoint_every=2",
-        "test.during_training=false",
         "train.epochs=2",
     ]
 
     def run(folder, steps):
         overrides = [*common, f"train.output_dir={folder}", f"train.max_steps={steps}"]
-        run_train(load_config(DetectConfig, recipe_path("detect", "miniature"), overrides))
+        run_stage(DETECT, load_config(DetectConfig, recipe_path("detect", "miniature"), overrides))
         return load_file(str(folder / "final" / "model.safetensors"))
 
     straight = run(tmp_path / "straight", 4)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_run import train
 from torch.utils.data import IterableDataset
 
 from flyeva.engine.checkpoint import assert_finite, list_checkpoints
-from flyeva.engine.loop import TrainConfig, TrainingDiverged, train
+from flyeva.engine.loop import TrainConfig, TrainingDiverged
 from flyeva.engine.optim import OptimConfig, adamw_flags, lr_at, param_groups
 from flyeva.models.eva import build_mim_model
 
@@ -297,7 +298,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     b = load_file(tmp_path / "interrupted" / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    summary = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "interrupted" / "result.json").read_text())
     assert summary["step"] == 36
 
 

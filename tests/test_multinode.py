@@ -78,5 +78,5 @@ def test_two_nodes_train_the_same_weights_as_one_node_of_two(tmp_path):
     assert expected.keys() == actual.keys()
     # Same global batch, same shards, same gloo all-reduce: the same arithmetic, so equal weights.
     assert max((expected[k] - actual[k]).abs().max().item() for k in expected) < 1e-6
-    steps = (tmp_path / "two_nodes" / "summary.json").read_text()
+    steps = (tmp_path / "two_nodes" / "result.json").read_text()
     assert '"step": 4' in steps  # 64 images / (2 ranks x 8)

@@ -12,8 +12,10 @@ from PIL import Image
 from flyeva.cli import main as cli
 from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.data.masking import BlockMaskGenerator
+from flyeva.engine.stage import run_stage
+from flyeva.pretrain import PRETRAIN
 from flyeva.pretrain.objective import MIMObjective, mim_loss, pixel_targets
-from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
+from flyeva.pretrain.recipe import PretrainConfig
 from flyeva.teachers import has_native_bf16
 
 
@@ -118,10 +120,10 @@ def test_a_folder_with_corrupt_files_trains_through_and_reports_the_exact_count(
     (data / "truncated.png").write_bytes(good[: len(good) // 2])
     overrides = [*SMALL, f"data.sources=[{{type: folder, path: {data}}}]", f"train.output_dir={tmp_path}/run"]
     cfg = load_config(PretrainConfig, None, overrides)
-    result = run_pretrain(cfg)
-    assert result.skipped_images == 3 and result.step == 3  # 24 files / batch 8
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary == {"step": 3, "skipped_images": 3, "nonfinite_steps": 0}
+    result = run_stage(PRETRAIN, cfg)
+    assert result["step"] == 3  # 24 files / batch 8
+    assert result["counts"] == {"skipped_samples": 3, "nonfinite_steps": 0}
+    assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in epochs if r["kind"] == "epoch") | {"time": 0} == {
         "kind": "epoch",
@@ -146,15 +148,15 @@ def test_teacher_grid_must_match_the_student(tmp_path):
         "data.sources=[{type: synthetic, num_samples: 8}]",
     ]
     with pytest.raises(ValueError, match="grid"):
-        run_pretrain(load_config(PretrainConfig, None, overrides))
+        run_stage(PRETRAIN, load_config(PretrainConfig, None, overrides))
 
 
 def test_missing_teacher_and_missing_data_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
-        run_pretrain(load_config(PretrainConfig, None, [f"train.output_dir={tmp_path}"]))
+        run_stage(PRETRAIN, load_config(PretrainConfig, None, [f"train.output_dir={tmp_path}"]))
     cfg = load_config(PretrainConfig, None, ["data.sources=[{type: synthetic, num_samples: 8}]"])
     with pytest.raises(ValueError, match=r"teacher\.path"):
-        run_pretrain(cfg)
+        run_stage(PRETRAIN, cfg)
 
 
 def test_recipes_resolve_and_the_giant_one_is_the_paper(capsys):
@@ -204,7 +206,7 @@ def test_init_from_saved_weights_moves_every_encoder_weight(tmp_path):
         "data.sources=[{type: synthetic, num_samples: 8}]",
         f"train.output_dir={tmp_path}/run",
     ]
-    run_pretrain(load_config(PretrainConfig, None, overrides))
+    run_stage(PRETRAIN, load_config(PretrainConfig, None, overrides))
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     for key, value in source.state_dict().items():
         if key not in ("mask_token", "lm_head.weight", "lm_head.bias"):
@@ -220,7 +222,7 @@ def test_pixel_target_baseline_trains_without_a_teacher(tmp_path):
         f"train.output_dir={tmp_path}",
         "data.sources=[{type: synthetic, num_samples: 16}]",
     ]
-    result = run_pretrain(load_config(PretrainConfig, None, overrides))
-    assert result.step == 2
+    result = run_stage(PRETRAIN, load_config(PretrainConfig, None, overrides))
+    assert result["step"] == 2
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert config["arch"]["teacher_dim"] == 3 * 4 * 4  # normalised pixels of a 4x4 patch

@@ -11,17 +11,19 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import tiny_encoder
+from engine_run import train
 from test_engine import ListStream
 
 from flyeva.data.masking import BlockMaskGenerator, generate_masks
-from flyeva.engine.loop import TrainConfig, train
+from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig
 from flyeva.models.checkpoint import export_release
-from flyeva.models.eva import EvaSize, build_mim_model
+from flyeva.models.eva import build_mim_model
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.pretrain.recipe import load_init
 
-SIZE = EvaSize(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+SIZE = tiny_encoder(16)
 STEPS, WARMUP, BATCH, TEACHER_DIM, SEED = 10, 4, 4, 24, 3
 PEAK_LR, MIN_LR, WEIGHT_DECAY, CLIP, BETAS, EPS = 2e-3, 1e-5, 0.05, 3.0, (0.9, 0.98), 1e-6
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_run import train
 from safetensors.torch import load_file, save_file
 from test_engine import ListStream, _pretrain, make_batches, regression_objective
 
@@ -21,7 +22,7 @@ from flyeva.cli import main as cli
 from flyeva.config import ConfigError
 from flyeva.engine import checkpoint as engine_checkpoint
 from flyeva.engine.checkpoint import CheckpointWriteError, list_checkpoints
-from flyeva.engine.loop import TrainConfig, TrainingDiverged, train
+from flyeva.engine.loop import TrainConfig, TrainingDiverged
 from flyeva.engine.optim import OptimConfig
 from flyeva.models.eva import build_mim_model
 

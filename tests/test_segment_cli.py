@@ -43,10 +43,11 @@ TINY_M2F = [
 def test_train_eval_predict_on_shapeworld(tmp_path):
     out = tmp_path / "run"
     assert main(["segment", "train", f"train.output_dir={out}", *TINY]) in (0, None)
-    trained = json.loads((out / "eval.json").read_text())
-    assert set(trained) >= {"mIoU", "mAcc", "aAcc", "per_class_iou", "step"} and trained["step"] == 2
-    assert list(trained["per_class_iou"]) == ["background", "circle", "square", "triangle", "star", "cross"]
-    assert trained["pixels"] == 6 * 64 * 64  # every validation pixel is labelled (no 255 in ShapeWorld)
+    record = json.loads((out / "result.json").read_text())
+    trained, details = record["metrics"], record["details"]
+    assert set(trained) == {"mIoU", "mAcc", "aAcc"} and record["step"] == 2
+    assert list(details["per_class_iou"]) == ["background", "circle", "square", "triangle", "star", "cross"]
+    assert details["pixels"] == 6 * 64 * 64  # every validation pixel is labelled (no 255 in ShapeWorld)
     config = read_config(out / "final")
     assert config["kind"] == "segmenter" and config["arch"]["decoder"] == "upernet"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +58,7 @@ def test_train_eval_predict_on_shapeworld(tmp_path):
     overrides = [f"weights={out / 'final'}", f"train.output_dir={again}", f"data.root={data}"]
     overrides += [f"data.val={data / 'val' / 'semantic'}", f"data.train={data / 'train' / 'semantic'}"]
     assert main(["segment", "eval", *overrides, "train.device=cpu"]) in (0, None)
-    evaluated = json.loads((again / "eval.json").read_text())
+    evaluated = json.loads((again / "eval.json").read_text())["metrics"]
     assert evaluated["mIoU"] == pytest.approx(trained["mIoU"]) and evaluated["aAcc"] == pytest.approx(
         trained["aAcc"]
     )
@@ -79,7 +80,7 @@ def test_mask2former_trains_through_the_engine(tmp_path):
     assert main(
         ["segment", "train", f"train.output_dir={out}", *TINY, *TINY_M2F, "eval.mode=slide", "eval.stride=48"]
     ) in (0, None)
-    summary = json.loads((out / "eval.json").read_text())
+    summary = json.loads((out / "result.json").read_text())["metrics"]
     assert 0.0 <= summary["mIoU"] <= 1.0 and read_config(out / "final")["arch"]["decoder"] == "mask2former"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]

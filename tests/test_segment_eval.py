@@ -24,7 +24,8 @@ def test_metrics_match_a_hand_computed_confusion_matrix_with_ignore_and_absent_c
     target = torch.tensor([0, 0, 0, 1, 1, 255, 255, 0, 1, 1])
     pred = torch.tensor([0, 0, 1, 1, 2, 3, 0, 0, 1, 0])
     confusion = confusion_matrix(pred, target, 4)
-    assert confusion.tolist() == [[3, 1, 0, 0], [1, 2, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    # row / column 4 count labels / predictions outside the classes: none here
+    assert confusion.tolist() == [[3, 1, 0, 0, 0], [1, 2, 1, 0, 0], [0] * 5, [0] * 5, [0] * 5]
     metrics = segmentation_metrics(confusion, ["a", "b", "c", "d"])
     iou = {"a": 3 / (4 + 4 - 3), "b": 2 / (4 + 3 - 2), "c": 0.0, "d": None}
     assert metrics["per_class_iou"] == pytest.approx(iou)
@@ -39,7 +40,7 @@ def test_metrics_are_accumulated_over_the_dataset_as_torchmetrics_macro_jaccard(
     generator = torch.Generator().manual_seed(0)
     jaccard = MulticlassJaccardIndex(num_classes=5, ignore_index=255, average="macro")
     accuracy = MulticlassAccuracy(num_classes=5, ignore_index=255, average="micro")
-    confusion = torch.zeros(5, 5, dtype=torch.int64)
+    confusion = torch.zeros(6, 6, dtype=torch.int64)  # 5 classes + outside
     for size in (6, 9, 4):  # images of different sizes and class mixes
         target = torch.randint(0, 4, (size, size), generator=generator)  # class 4 never labelled
         target[0] = 255

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_encoder
 
-from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw
+from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw, layer_decay_groups
 from flyeva.models.eva import EvaSize, build_encoder
 from flyeva.models.weights import load, save_weights
 from flyeva.tasks.segment.backbone import EvaBackbone, FeaturePyramidNeck
@@ -20,13 +21,12 @@ from flyeva.tasks.segment.model import (
     ModelSection,
     build_from_arch,
     build_segmenter,
-    layer_decay_groups,
     segmenter_arch,
 )
 from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
 
-TINY = EvaSize(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
-TINY_P16 = EvaSize(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+TINY = tiny_encoder(32)
+TINY_P16 = tiny_encoder(64, patch_size=16)
 SMALL_UPERNET = UperNetSection(channels=16, aux_channels=8)
 SMALL_M2F = Mask2FormerSection(
     num_queries=6, hidden_dim=32, num_heads=4, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
@@ -208,7 +208,7 @@ def test_a_batch_with_no_image_gives_zero_gradients_everywhere_and_keeps_batchno
 @pytest.mark.parametrize("decoder", ["upernet", "mask2former"])
 def test_layer_decay_groups_give_the_decoder_the_full_lr(decoder):
     model = _segmenter(decoder, 3)
-    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9)
+    groups = layer_decay_groups(model, OptimConfig(weight_decay=0.05, layer_decay=0.9))
     optimizer = build_adamw(groups, OptimConfig(lr=1e-3, implementation="for-loop"))
     apply_lr(optimizer, 1e-3)
     lr_of = {}

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flyeva.tasks.video.datasets import VideoList, read_folder, read_kinetics_csv, read_path_list
-from flyeva.tasks.video.decode import PyAVDecoder, get_decoder, torchcodec_available, write_video
-from flyeva.tasks.video.stream import ClipBatchStream, VideoSource
-from flyeva.tasks.video.transforms import (
+from flyeva.data.video.datasets import VideoList, read_folder, read_kinetics_csv, read_path_list
+from flyeva.data.video.decode import PyAVDecoder, get_decoder, torchcodec_available, write_video
+from flyeva.data.video.stream import ClipBatchStream, VideoSource
+from flyeva.data.video.transforms import (
     ClipEvalTransform,
     ClipTrainTransform,
     multi_view_indices,

@@ -153,12 +153,13 @@ def test_train_then_eval_end_to_end(tmp_path):
     model = load(out / "final")
     assert model.weights_config["kind"] == "video" and len(model.weights_config["classes"]) == 8
     assert model.pos_embed.shape == (1, 1 + 64, 96)  # 2 frames in one tubelet of 2
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "result.json").read_text())
     assert summary["final"]["step"] == 2  # 8 clips / batch 4
     saved = load_config(VideoConfig, out / "config.yaml")  # the run folder's resolved config
     assert (saved.model.num_frames, saved.train.batch_size, saved.data.train.num_samples) == (2, 4, 8)
     assert main(["video", "eval", *common, "data.test_clips=3", "data.test_crops=1"]) == 0
-    report = json.loads((out / "eval.json").read_text())
+    record = json.loads((out / "eval.json").read_text())
+    report = {**record["metrics"], **record["facts"], **record["details"]}
     assert (report["videos"], report["views"], report["crops"], report["skipped_videos"]) == (6, 3, 1, 0)
     assert 0 <= report["top1"] <= report["top5"] <= 100
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from flyeva.cli import main
+from flyeva.data.video.decode import write_video
 from flyeva.tasks.clip.model import ClipModelSection, TextSection, VisionSection, build_clip, save_clip
-from flyeva.tasks.video.decode import write_video
-from flyeva.tasks.video.zeroshot import video_embeddings
+from flyeva.tasks.clip.video_zeroshot import video_embeddings
 
 
 class FrameVectors(torch.nn.Module):
@@ -51,32 +51,10 @@ def write_clip_and_videos(tmp_path):
 
 
 @pytest.mark.slow
-def test_zeroshot_command_writes_its_report(tmp_path, capsys):
-    write_clip_and_videos(tmp_path)
-    out = tmp_path / "zs.json"
-    argv = ["video", "zeroshot", "--checkpoint", str(tmp_path / "clip"), "--list", str(tmp_path / "list.csv")]
-    argv += [
-        "--classes",
-        str(tmp_path / "classes.txt"),
-        "--num-frames",
-        "4",
-        "--views",
-        "2",
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    report = json.loads(out.read_text())
-    assert (report["videos"], report["classes"], report["views"], report["skipped_videos"]) == (4, 2, 2, 0)
-    assert report["top5"] == 100.0 and report["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)
-    assert "video zero-shot: 4 videos" in capsys.readouterr().out
-
-
-@pytest.mark.slow
 def test_clip_zeroshot_routes_a_video_list_to_the_video_evaluation(tmp_path, capsys):
+    from flyeva.data.video.datasets import load_video_list
     from flyeva.tasks.clip.model import load_clip
-    from flyeva.tasks.video.datasets import load_video_list
-    from flyeva.tasks.video.zeroshot import VIDEO_TEMPLATES, evaluate_video_zeroshot
+    from flyeva.tasks.clip.video_zeroshot import VIDEO_TEMPLATES, evaluate_video_zeroshot
 
     write_clip_and_videos(tmp_path)
     out = tmp_path / "zs.json"

@@ -6,16 +6,17 @@ import resource
 
 import pytest
 import torch
+from conftest import tiny_encoder
 from safetensors.torch import save_file
 from timm.models.eva import Eva
 
 from flyeva.models.checkpoint import load_any, load_flyeva, save_flyeva
-from flyeva.models.eva import EvaSize, build_encoder, build_mim_model
+from flyeva.models.eva import build_encoder, build_mim_model
 from flyeva.models.weights import WeightsError, load, read_config, save_weights
 from flyeva.tasks.classify.model import build_classifier, load_classifier, save_classifier
 from flyeva.tasks.classify.probe import LinearProbeHead
 
-TINY = EvaSize(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+TINY = tiny_encoder(16)
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -3,54 +3,111 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
+import pkgutil
 import sys
 from pathlib import Path
 
 from flyeva.config import ConfigError
 
-DEFAULT_PRETRAIN_RECIPE = "miniature"  # the embedded default: runs on a 2-core laptop in minutes
-# Transfer stages add their own subcommands through `register(commands)` (cheap: no heavy imports).
-TASK_MODULES = (
-    "flyeva.tasks.classify",
-    "flyeva.tasks.clip",
-    "flyeva.tasks.detect",
-    "flyeva.tasks.segment",
-    "flyeva.tasks.video",
-    "flyeva.tasks.demo",
-    "flyeva.tasks.report",
-)
+# Packages whose `STAGES` (training stages and their verbs) or `register(commands)` the CLI adds; every
+# package under flyeva/tasks/ is found without being named here.
+COMMAND_PACKAGES = ("flyeva.pretrain",)
 
 
-def _pretrain(args: argparse.Namespace) -> None:
-    from flyeva.config import load_config, recipe_path, to_yaml
-    from flyeva.pretrain.recipe import (
-        PretrainConfig,
-        check_pretrain_config,
-        run_pretrain,
-        with_resolved_teacher_precision,
-    )
+def _load_stage_config(config_ref: str, recipes: str, args: argparse.Namespace):
+    from flyeva.config import load_config, recipe_path
+    from flyeva.engine.stage import resolve
 
-    cfg = load_config(PretrainConfig, recipe_path("pretrain", args.config), args.overrides)
-    if args.print_config:
-        resolved = with_resolved_teacher_precision(cfg)
-        print(to_yaml(resolved), end="")
-        if cfg.teacher.precision == "auto":
-            print(
-                f"# teacher.precision auto -> {resolved.teacher.precision} here (docs/recipes.md, section 3)"
-            )
-        return
-    check_pretrain_config(cfg)  # before the teacher trains for a minute
-    if cfg.teacher.train_recipe and cfg.teacher.path:
-        from flyeva.tasks.demo.teacher import ensure_teacher
+    return load_config(resolve(config_ref), recipe_path(recipes, args.config), args.overrides)
 
-        ensure_teacher(Path(cfg.teacher.path), cfg.teacher.train_recipe, [f"train.device={cfg.train.device}"])
-    result = run_pretrain(cfg)
-    print(f"pretraining finished at step {result.step}; weights in {Path(cfg.train.output_dir) / 'final'}")
+
+def _split_inputs(args: argparse.Namespace) -> None:
+    """`predict IMAGES... key=value...`: overrides carry a '=' and are not existing paths."""
+    items = args.inputs
+    args.overrides = [item for item in items if "=" in item and not Path(item).exists()]
+    args.inputs = [item for item in items if item not in args.overrides]
+
+
+def _train(stage, args: argparse.Namespace) -> None:
+    from flyeva.config import to_yaml
+    from flyeva.engine.stage import resolve, run_stage
     from flyeva.tasks.report import report_hint
 
+    cfg = _load_stage_config(stage.config, stage.recipe_folder, args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
+    if stage.prepare:
+        resolve(stage.prepare)(cfg)
+    record = run_stage(stage, cfg)
+    if not record:  # ranks other than 0
+        return
+    line = f"{stage.name}: finished at step {record['step']}"
+    if stage.primary and record["final"]:
+        line += f"; {stage.primary} {record['metrics'].get(stage.primary, float('nan')):.4f} at the last step"
+        if record["best"]:
+            line += f" (best {record['best'][stage.primary]:.4f} at step {record['best']['step']})"
+    print(f"{line}; weights in {record['weights']}")
     print(report_hint(cfg.train.output_dir))
+
+
+def _verb(stage, verb, args: argparse.Namespace) -> None:
+    from flyeva.config import to_yaml
+    from flyeva.engine.stage import resolve
+
+    if not verb.takes_config:
+        resolve(verb.run)(None, args)
+        return
+    if verb.positional:
+        _split_inputs(args)
+    cfg = _load_stage_config(verb.config or stage.config, stage.recipe_folder, args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
+    resolve(verb.run)(cfg, args)
+
+
+def _common_arguments(parser: argparse.ArgumentParser, recipes: str, default: str, positional: str) -> None:
+    parser.add_argument("--config", default=default, help=f"recipe name in configs/{recipes}/ or a YAML path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if positional:
+        parser.add_argument("inputs", nargs="+", help=f"{positional}, then key=value overrides")
+    else:
+        parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
+
+
+def add_stages(commands: argparse._SubParsersAction, help_text: str, stages) -> None:
+    """Register `flyeva COMMAND VERB ...` for every stage and verb, the same way for all of them."""
+    first = stages[0]
+    if len(stages) == 1 and not first.verb:  # a command without verbs: `flyeva pretrain`
+        parser = commands.add_parser(first.command, help=help_text)
+        _common_arguments(parser, first.recipe_folder, first.default_recipe, "")
+        parser.set_defaults(func=functools.partial(_train, first))
+        return
+    parser = commands.add_parser(first.command, help=help_text)
+    verbs = parser.add_subparsers(dest=f"{first.command}_verb", required=True)
+    for stage in stages:
+        sub = verbs.add_parser(stage.verb, help=stage.help)
+        _common_arguments(sub, stage.recipe_folder, stage.default_recipe, "")
+        sub.set_defaults(func=functools.partial(_train, stage))
+        for name, verb in stage.verbs.items():
+            sub = verbs.add_parser(name, help=verb.help)
+            if verb.takes_config:
+                default = verb.default_recipe or stage.default_recipe
+                _common_arguments(sub, stage.recipe_folder, default, verb.positional)
+            for flags, kwargs in verb.arguments:
+                sub.add_argument(*flags, **kwargs)
+            sub.set_defaults(func=functools.partial(_verb, stage, verb))
+
+
+def _command_packages() -> list[str]:
+    import flyeva.tasks
+
+    found = [f"flyeva.tasks.{m.name}" for m in pkgutil.iter_modules(flyeva.tasks.__path__) if m.ispkg]
+    return [*COMMAND_PACKAGES, *sorted(found)]
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -114,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="MIM pretraining (default: the miniature recipe)")
-    pretrain.add_argument("--config", default=DEFAULT_PRETRAIN_RECIPE, help="recipe name or YAML path")
-    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    pretrain.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
-    pretrain.set_defaults(func=_pretrain)
-
     models = commands.add_parser("models", help="list named sizes with parameter counts and GFLOPs")
     models.set_defaults(func=_models)
 
@@ -157,14 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-size", type=int, default=64)
     export.add_argument("--formats", default="", help="comma list of imagefolder,wds,coco,semantic,video")
     export.set_defaults(func=_shapeworld_export)
-    for name in TASK_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        if hasattr(module, "register"):
+    for name in _command_packages():
+        module = importlib.import_module(name)
+        if hasattr(module, "STAGES"):
+            add_stages(commands, module.HELP, module.STAGES)
+        elif hasattr(module, "register"):
             module.register(commands)
     return parser
 

@@ -137,6 +137,10 @@ class CheckpointReadError(ValueError):
     """A checkpoint cannot be read (truncated, corrupt, or pickled objects); the message names it."""
 
 
+class CheckpointMismatchError(CheckpointReadError):
+    """A readable checkpoint written for another model: resuming must stop, never start over."""
+
+
 def read_training_checkpoint(path: Path) -> dict[str, Any]:
     """A `.pt` training checkpoint as a dict, without executing code; one clear error otherwise."""
     try:
@@ -167,7 +171,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         D.unwrap(model).load_state_dict(state.pop("model"))
     except RuntimeError as error:
-        raise CheckpointReadError(
+        raise CheckpointMismatchError(
             f"{path} does not fit this model ({str(error).splitlines()[0]}); it was written by a run with "
             "another model: resume with that run's config or start a new train.output_dir"
         ) from None

@@ -4,11 +4,8 @@ Read it top to bottom: `train` = `setup_run` -> `resume_run` -> `train_one_epoch
 then `optimizer_step`) and `run_evaluation` per epoch -> `finish_run`, in the spirit of MAE's
 `train_one_epoch` and dinov2's `do_train`.
 
-An objective is `objective(model, batch, ctx) -> (loss, metrics)`; one that sets
-`handles_backward = True` calls `ctx.backward(loss)` itself (e.g. CLIP's cached-feature
-accumulation, several backwards per batch) and returns the loss for logging. A stream is an
-IterableDataset with `set_epoch(epoch, skip)` and `num_batches(num_workers)` whose batches are
-dicts carrying `worker` and `index` (their ordinal within the worker), which makes resume exact.
+The objective, stream and evaluator are the typed protocols of `flyeva.engine.stage`; a stage
+normally reaches this loop through `run_stage`, which also saves the final weights and the result.
 """
 
 from __future__ import annotations
@@ -17,17 +14,18 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flyeva.config import ConfigError
+from flyeva.config import ConfigError, write_config
 from flyeva.data.stream import build_loader
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import (
+    CheckpointMismatchError,
     CheckpointReadError,
     list_checkpoints,
     load_checkpoint,
@@ -42,14 +40,15 @@ from flyeva.engine.optim import (
     apply_lr,
     build_adamw,
     check_schedule,
+    layer_decay_groups,
     lr_at,
-    param_groups,
     warmup_length,
     without_names,
 )
 from flyeva.engine.preemption import Interrupted, StopRequest, ignore_stop_signals
 from flyeva.engine.run import RunLock, claim_folder
 from flyeva.engine.scaler import HysteresisGradScaler, ShardedHysteresisGradScaler
+from flyeva.engine.stage import Evaluator, Objective, as_evaluator, as_objective
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,6 +149,8 @@ class TrainResult:
     skipped_images: int = 0
     nonfinite_steps: int = 0
     ema_model: nn.Module | None = None
+    run_id: str | None = None
+    eval_epochs: list[int] = field(default_factory=list)  # the epoch of each evaluation in `history`
 
 
 class TrainingDiverged(RuntimeError):
@@ -270,6 +271,7 @@ def _claim(folder: Path, cfg: TrainConfig, run_config: dict[str, Any], derived: 
             overwrite=cfg.overwrite,
             has_checkpoints=bool(list_checkpoints(folder / "checkpoints")),
         )
+        write_config(run_config, folder)  # only once the run owns the folder
     return D.all_gather_objects(manifest["run_id"] if manifest else None)[0]
 
 
@@ -281,7 +283,7 @@ def setup_run(
     optim_cfg: OptimConfig,
     groups_fn: Callable[[nn.Module], list[dict]] | None,
     optimizer_fn: Callable[[list[dict], OptimConfig], torch.optim.Optimizer] | None,
-    run_config: dict[str, Any] | None,
+    run_config: dict[str, Any],
 ) -> RunState:
     """Place the model, build optimizer/scaler/EMA, and take the output folder for this run."""
     cfg.check()
@@ -290,7 +292,6 @@ def setup_run(
     torch.manual_seed(cfg.seed + D.rank())  # drop path differs per rank, reproducibly
     folder = Path(cfg.output_dir)
     micro_per_epoch, total_steps, warmup_steps = _schedule_lengths(stream, cfg, optim_cfg)
-    run_config = run_config or {"train": asdict(cfg), "optim": asdict(optim_cfg)}
     run_id = _claim(folder, cfg, run_config, _derived(cfg, optim_cfg, micro_per_epoch, total_steps))
 
     if device.type == "cpu" and cfg.cpu_malloc_tuning and keep_freed_memory():
@@ -304,7 +305,7 @@ def setup_run(
     groups = (
         groups_fn(base)
         if groups_fn
-        else param_groups(base, optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay)
+        else layer_decay_groups(base, optim_cfg)
     )
     world = D.world_size()
     if optimizer_fn is None:
@@ -381,16 +382,25 @@ def resume_run(state: RunState) -> None:
             raise ConfigError(
                 f"train.resume={cfg.resume} does not exist; use resume=auto or a checkpoint path"
             )
+    unreadable = []
     for path in candidates:
         try:
             extra = _restore(state, path)
             break
+        except CheckpointMismatchError:
+            raise  # another model's checkpoint: an error, never a fresh start over it
         except CheckpointReadError as error:
             if cfg.resume != "auto":
                 raise
+            unreadable.append(path.name)
             logger.warning("skipping unreadable checkpoint: %s; trying the previous one", error)
     else:
-        return  # nothing readable: a fresh start
+        if unreadable:
+            raise ConfigError(
+                f"no checkpoint in {state.checkpoints} is readable ({', '.join(unreadable)}); move them away "
+                "to start over, or train.resume=never train.overwrite=true to replace the run"
+            )
+        return  # no checkpoint yet: a fresh start
     saved_workers = len(extra["skip"])
     if saved_workers != len(state.skip) and extra["micro_in_epoch"] % state.micro_per_epoch:
         raise ConfigError(
@@ -449,10 +459,10 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _sample_key(objective: Any, batch: dict[str, Any]) -> str:
+def _sample_key(objective: Objective, batch: dict[str, Any]) -> str:
     """The batch entry with one row per sample: the objective's `input_key` (videos: "clips"), else
-    "images", else the first tensor."""
-    key = getattr(objective, "input_key", "images")
+    the first tensor."""
+    key = objective.input_key
     return key if key in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
 
 
@@ -530,7 +540,7 @@ def _log_step(state: RunState, loss_sum: float, nonfinite: float, grad_norm, met
     state.log.progress(step, values)
 
 
-def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tensor:
+def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch.Tensor:
     """Micro-steps until the epoch ends, the run ends, or a stop is requested; (seen, skipped) images."""
     cfg = state.cfg
     stream.set_epoch(state.epoch, state.skip)
@@ -539,7 +549,7 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
     images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
     # loss sum, non-finite micro-batches, stop, samples
     accumulated = torch.zeros(4, dtype=torch.float64, device=state.device)
-    handles_backward = getattr(objective, "handles_backward", False)
+    handles_backward = objective.handles_backward
 
     def backward(loss: torch.Tensor) -> None:
         state.scaler.scale(loss / cfg.accum_steps).backward()
@@ -578,7 +588,7 @@ def train_one_epoch(state: RunState, objective: Any, stream: Any) -> torch.Tenso
     return images
 
 
-def run_evaluation(state: RunState, evaluate: Callable) -> None:
+def run_evaluation(state: RunState, evaluate: Evaluator) -> None:
     state.model.eval()
     with torch.no_grad():
         ctx = StepContext(state.epoch, state.step, 0, D.rank(), state.cfg.seed, state.device)
@@ -589,9 +599,14 @@ def run_evaluation(state: RunState, evaluate: Callable) -> None:
     state.log.log(state.step, metrics, kind="eval")
     state.log.line(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     state.result.history.append({"step": state.step, "eval": metrics})
+    state.result.eval_epochs.append(state.epoch)
 
 
-def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evaluate: Callable | None) -> None:
+def _evaluated_at(state: RunState) -> int | None:
+    return next((h["step"] for h in reversed(state.result.history) if "eval" in h), None)
+
+
+def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evaluate: Evaluator | None):
     cfg = state.cfg
     if state.micro_in_epoch == micro_at_start:
         raise ConfigError(
@@ -631,28 +646,42 @@ def finish_run(state: RunState) -> None:
             )
 
 
+def _stop(state: RunState) -> Interrupted:
+    """A signal stopped the run: checkpoint the current step unless one holds it (e.g. a signal that came
+    during an evaluation, after the step's own checkpoint decision), then say how to resume."""
+    written = state.last_checkpoint is not None and _step_of(state.last_checkpoint) == state.step
+    if not written and state.streak == 0 and state.step > 0:
+        checkpoint_now(state)
+    where = f"checkpoint {state.last_checkpoint} written" if state.last_checkpoint else "no checkpoint"
+    return Interrupted(
+        state.stop.signum,
+        f"stopped by a signal at step {state.step}; {where}; run the same command again to resume",
+    )
+
+
 def train(
     model: nn.Module,
-    objective: Callable[[nn.Module, dict[str, Any], StepContext], tuple[torch.Tensor, dict[str, Any]]],
+    objective: Objective | Callable[[nn.Module, dict[str, Any], StepContext], tuple[torch.Tensor, dict]],
     stream: Any,
     cfg: TrainConfig,
     optim_cfg: OptimConfig,
     *,
+    run_config: dict[str, Any],
     groups_fn: Callable[[nn.Module], list[dict]] | None = None,
-    evaluate: Callable[[nn.Module, StepContext], dict[str, float]] | None = None,
+    evaluate: Evaluator | Callable[[nn.Module, StepContext], dict[str, float]] | None = None,
     optimizer_fn: Callable[[list[dict], OptimConfig], torch.optim.Optimizer] | None = None,
-    run_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `stream` with `objective`; resumable, distributed, mixed precision.
 
-    `optimizer_fn(groups, optim_cfg)` replaces AdamW (e.g. LARS for linear probes); the engine still
-    sets every group's lr (times its `lr_scale`) at every step. `run_config` is the stage's whole
-    resolved config: a resume refuses when a run-defining key of it changed (docs/reliability.md).
+    `run_config` is the stage's whole resolved config: config.yaml records it, and a resume refuses
+    when a run-defining key of it changed (docs/reliability.md). `evaluate` runs after every
+    `eval_every_epochs` epochs and at the last step. `optimizer_fn(groups, optim_cfg)` replaces AdamW
+    (e.g. LARS for linear probes); the engine still sets every group's lr (times its `lr_scale`).
     """
     cfg.check()
+    objective, evaluate = as_objective(objective), as_evaluator(evaluate)
     D.init_distributed(cfg.device)  # before the lock: only rank 0 of a torchrun job takes it
-    lock = RunLock(Path(cfg.output_dir)) if D.is_main() else None
-    try:
+    with RunLock.hold(Path(cfg.output_dir), enabled=D.is_main()):
         state = setup_run(model, objective, stream, cfg, optim_cfg, groups_fn, optimizer_fn, run_config)
         resume_run(state)
         state.log = MetricsLogger(
@@ -666,7 +695,7 @@ def train(
             images_per_step=cfg.batch_size * cfg.accum_steps * D.world_size(),
         )
         state.result = TrainResult(
-            model=state.model, step=state.step, ema_model=state.ema and state.ema.module
+            model=state.model, step=state.step, ema_model=state.ema and state.ema.module, run_id=state.run_id
         )
         state.last_step = state.step
         state.model.train()
@@ -679,21 +708,11 @@ def train(
                 if state.stop.requested:
                     break
                 _end_epoch(state, images, micro_at_start, evaluate)
+            if evaluate is not None and not state.stop.requested and _evaluated_at(state) != state.step:
+                run_evaluation(state, evaluate)  # every run ends with an evaluation of its last step
         state.log.close()
         if state.stop.requested:
-            raise Interrupted(
-                state.stop.signum,
-                f"stopped by a signal at step {state.step}; "
-                + (
-                    f"checkpoint {state.last_checkpoint} written"
-                    if state.last_checkpoint
-                    else "no checkpoint"
-                )
-                + "; run the same command again to resume",
-            )
+            raise _stop(state)
         finish_run(state)
         state.result.step = state.step
         return state.result
-    finally:
-        if lock is not None:
-            lock.release()

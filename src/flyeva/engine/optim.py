@@ -66,6 +66,18 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def layer_decay_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """The one layer-decay grouping (docs/recipes.md §4): a model that is not a plain ViT says where its
+    parameters sit with `layer_id(name, num_layers)` and `num_layers`, as timm's `group_matcher`."""
+    return param_groups(
+        model,
+        optim.weight_decay,
+        layer_decay=optim.layer_decay,
+        num_layers=getattr(model, "num_layers", None),
+        layer_id_fn=getattr(model, "layer_id", layer_id_for_vit),
+    )
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,

@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,24 @@ class RunLock:
         if not self.handle.closed:
             fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
+
+    @classmethod
+    @contextmanager
+    def hold(cls, folder: Path, enabled: bool = True) -> Iterator[None]:
+        """Hold the folder's lock for the block; nested holds of one folder share the outer lock (a POSIX
+        lock belongs to the process: a second lock of the same file would be released with the first)."""
+        key = folder.resolve()
+        if not enabled or key in _HELD:
+            yield
+            return
+        _HELD[key] = cls(folder)
+        try:
+            yield
+        finally:
+            _HELD.pop(key).release()
+
+
+_HELD: dict[Path, RunLock] = {}  # folders this process holds, by resolved path
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,20 @@
+"""MIM pretraining (paper section 2): `flyeva pretrain [--config RECIPE] [key=value ...]`.
+
+Import-light on purpose: the CLI imports this package to register the stage.
+"""
+
+from flyeva.engine.stage import Stage
+
+HELP = "MIM pretraining (default: the miniature recipe)"
+PRETRAIN = Stage(
+    command="pretrain",
+    verb="",
+    help=HELP,
+    config="flyeva.pretrain.recipe:PretrainConfig",
+    build="flyeva.pretrain.recipe:build_pretrain",
+    check="flyeva.pretrain.recipe:check_pretrain_config",
+    # the miniature recipe trains its tiny CLIP teacher first (teacher.train_recipe)
+    prepare="flyeva.tasks.demo.teacher:ensure_recipe_teacher",
+    primary="",
+)
+STAGES = (PRETRAIN,)

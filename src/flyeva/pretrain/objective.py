@@ -27,6 +27,9 @@ def pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 class MIMObjective(nn.Module):
     """Masks a batch, runs the student, and scores it against the teacher on the same unmasked crop."""
 
+    handles_backward = False
+    input_key = "images"
+
     def __init__(self, teacher: nn.Module | None, mask_generator: BlockMaskGenerator, patch_size: int):
         super().__init__()
         self.teacher = teacher  # None = normalised-pixel targets

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,15 +9,15 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_dict, write_config
+from flyeva.config import ConfigError
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.data.sources import DEFAULT_MAX_PIXELS, SourceConfig, build_sources, check_source
 from flyeva.data.stream import ImageBatchStream
 from flyeva.data.transforms import EvalTransform, PretrainTransform
 from flyeva.engine import distributed as D
-from flyeva.engine.checkpoint import full_model_state
-from flyeva.engine.loop import TrainConfig, TrainResult, train
+from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig, check_schedule
+from flyeva.engine.stage import Built
 from flyeva.models.checkpoint import load_weights, read_encoder_state, save_flyeva
 from flyeva.models.convert import MIM_ONLY_KEYS
 from flyeva.models.eva import EvaForMIM, build_mim_model, get_size, size_with
@@ -195,9 +194,8 @@ def load_init(model: EvaForMIM, path: str) -> None:
     )
 
 
-def run_pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Build everything from `cfg`, train with the shared engine, write flyeva weights at the end."""
-    check_pretrain_config(cfg)
+def build_pretrain(cfg: PretrainConfig) -> Built:
+    """The MIM student, its teacher-feature objective and the image stream (`run_stage` trains them)."""
     device = D.init_distributed(cfg.train.device)  # the stream below shards by rank: join the group first
     size = get_size(cfg.model.size)
     if cfg.model.img_size:
@@ -206,7 +204,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if teacher is not None:
         check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
         teacher_dim = teacher.embed_dim
-        cfg = with_resolved_teacher_precision(cfg, device)  # config.yaml records what ran
+        cfg.teacher = with_resolved_teacher_precision(cfg, device).teacher  # config.yaml records what ran
         teacher.to(TEACHER_PRECISIONS[cfg.teacher.precision])
         logger.info("teacher %s runs in %s", teacher.name, cfg.teacher.precision)
     else:
@@ -247,24 +245,12 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     )
     evaluate = _validation(cfg, objective, size.img_size) if cfg.data.val else None
 
-    out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(model, objective, stream, cfg.train, cfg.optim, evaluate=evaluate, run_config=to_dict(cfg))
-
-    state = full_model_state(result.model)  # collective under FSDP2
-    if D.is_main():
+    def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
         final = make_model(release_init=False)  # a plain copy: the trained one may be FSDP-sharded
         final.load_state_dict(state)
-        save_flyeva(final, out / "final", extra={"recipe": cfg.model.size})
-        summary = {
-            "step": result.step,
-            "skipped_images": result.skipped_images,
-            "nonfinite_steps": result.nonfinite_steps,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("wrote %s", out / "final")
-    return result
+        save_flyeva(final, folder, extra={"recipe": cfg.model.size})
+
+    return Built(model, objective, stream, save_final, evaluator=evaluate)
 
 
 def _validation(cfg: PretrainConfig, objective: MIMObjective, image_size: int):

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from flyeva.data.sharding import RankShard
 from flyeva.data.sources import (
     ConcatSource,
     SourceConfig,
-    SourceSubset,
     UnreadableImageError,
     build_source,
     is_indexable,
@@ -160,13 +160,6 @@ def check_same_classes(train_classes: list[str] | None, val_classes: list[str] |
         f"validation classes differ from training classes (missing in val: {missing[:5]}, not in train: "
         f"{extra[:5]}); labels would shift: give both splits the same class folders"
     )
-
-
-class RankShard(SourceSubset):
-    """Samples rank, rank + world, rank + 2 world, ... of an indexable source: exact sharded evaluation."""
-
-    def __init__(self, source: Any, rank: int, world_size: int):
-        super().__init__(source, range(rank, len(source), world_size))
 
 
 def eval_stream(source: Any, image_size: int, crop_pct: float, batch_size: int, rank: int, world: int, **kw):

@@ -17,10 +17,12 @@ from flyeva.config import ConfigError
 from flyeva.data.sources import SourceConfig
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import PRECISIONS, StepContext
+from flyeva.engine.run import RunLock
+from flyeva.engine.stage import write_evaluation
+from flyeva.eval.classification import Evaluator
 from flyeva.models.weights import is_weights_folder
 from flyeva.tasks.classify.data import DataSection, build_labeled_source, eval_stream
 from flyeva.tasks.classify.model import classifier_from_pretrained, load_classifier, load_pretrained
-from flyeva.tasks.classify.objective import Evaluator
 
 
 @dataclass
@@ -89,11 +91,20 @@ def run_classify_eval(cfg: ClassifyEvalConfig) -> dict[str, Any]:
         )
     image_size = model.patch_embed.img_size[0]
     stream = eval_stream(val, image_size, cfg.data.crop_pct, cfg.train.batch_size, D.rank(), D.world_size())
-    evaluator = Evaluator(stream, num_classes, cfg.train.precision, cfg.data.max_val_batches)
+    evaluator = Evaluator(stream, num_classes, cfg.train.precision, cfg.data.max_val_batches, classes)
     metrics = evaluator(model, StepContext(0, 0, 0, D.rank(), 0, device))
-    result = {"checkpoint": cfg.model.checkpoint, "num_classes": num_classes, **metrics}
-    if D.is_main():
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    if not D.is_main():
+        return {}
+    facts = {"num_classes": num_classes}
+    out = Path(cfg.train.output_dir)
+    return write_evaluation(
+        out, "classify", metrics, weights=cfg.model.checkpoint, facts=facts, details=evaluator.details()
+    )
+
+
+def eval_verb(cfg: ClassifyEvalConfig, args: Any) -> None:
+    """`flyeva classify eval`: one JSON line of the numbers; OUTPUT/eval.json holds the record."""
+    with RunLock.hold(Path(cfg.train.output_dir), enabled=D.is_main()):
+        record = run_classify_eval(cfg)
+    if record:
+        print(json.dumps({**record["metrics"], **record["facts"], "written": cfg.train.output_dir}))

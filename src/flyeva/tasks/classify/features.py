@@ -15,11 +15,11 @@ from torch import nn
 
 from flyeva.data.stream import build_loader
 from flyeva.engine import distributed as D
+from flyeva.eval.classification import PRECISIONS
 from flyeva.models.checkpoint import load_weights
 from flyeva.models.eva import build_encoder, get_size, set_image_size
 from flyeva.tasks.classify.data import eval_stream, is_indexable
 from flyeva.tasks.classify.model import POOLS, check_choice, load_pretrained
-from flyeva.tasks.classify.objective import PRECISIONS
 
 logger = logging.getLogger(__name__)
 

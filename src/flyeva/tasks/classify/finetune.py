@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from timm.models.eva import Eva
 
-from flyeva.config import to_dict, write_config
 from flyeva.data.stream import ImageBatchStream
 from flyeva.engine import distributed as D
-from flyeva.engine.checkpoint import full_model_state
-from flyeva.engine.loop import TrainConfig, train
-from flyeva.engine.optim import OptimConfig, param_groups
+from flyeva.engine.loop import TrainConfig
+from flyeva.engine.optim import OptimConfig
+from flyeva.engine.stage import Built
+from flyeva.eval.classification import ClassificationObjective, Evaluator
 from flyeva.models.eva import get_size, size_with
 from flyeva.tasks.classify.data import AugSection, DataSection, TrainTransform, eval_stream, prepare_data
 from flyeva.tasks.classify.model import (
@@ -32,8 +31,6 @@ from flyeva.tasks.classify.model import (
     save_classifier,
     timm_kwargs,
 )
-from flyeva.tasks.classify.objective import ClassificationObjective, Evaluator
-from flyeva.tasks.classify.report import write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +105,8 @@ def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
     return model
 
 
-def layer_decay_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
-    """docs/recipes.md §4: embeddings layer 0, block i -> i + 1, fc_norm and head L + 1."""
-    return param_groups(
-        model, optim.weight_decay, layer_decay=optim.layer_decay, num_layers=len(model.blocks)
-    )
-
-
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune with the shared engine; write final weights (and EMA weights), metrics, summary.json."""
+def build_finetune(cfg: FinetuneConfig) -> Built:
+    """The classifier, its loss (Mixup, smoothing) and the data on the shared engine."""
     D.init_distributed(cfg.train.device)
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, cfg.train.seed)
@@ -138,35 +128,25 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         switch_prob=cfg.aug.mixup_switch_prob,
         mode=cfg.aug.mixup_mode,
     )
-    objective = ClassificationObjective(data.num_classes, cfg.aug.smoothing, mixup)
     evaluator = None
     if data.val is not None:
         val = eval_stream(data.val, image_size, cfg.data.crop_pct, cfg.train.batch_size, rank, world)
-        evaluator = Evaluator(val, data.num_classes, cfg.train.precision, cfg.data.max_val_batches)
-    out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(
-        model,
-        objective,
-        stream,
-        cfg.train,
-        cfg.optim,
-        groups_fn=lambda m: layer_decay_groups(m, cfg.optim),
-        evaluate=evaluator,
-        run_config=to_dict(cfg),
-    )
-    state = full_model_state(result.model)  # collective under FSDP2
-    summary: dict[str, Any] = {}
-    if D.is_main():
-        extra = {"classes": data.classes, "pool": cfg.model.pool, "final_norm": cfg.model.final_norm}
-        final = Eva(
-            **timm_kwargs(D.unwrap(result.model)), qkv_bias=True
-        )  # a plain copy of a maybe-sharded model
+        evaluator = Evaluator(
+            val, data.num_classes, cfg.train.precision, cfg.data.max_val_batches, classes=data.classes
+        )
+    kwargs = timm_kwargs(model)
+    extra = {"classes": data.classes, "pool": cfg.model.pool, "final_norm": cfg.model.final_norm}
+
+    def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
+        final = Eva(**kwargs, qkv_bias=True)  # a plain copy of a maybe-sharded model
         final.load_state_dict(state)
-        save_classifier(final, out / "final", extra)
-        if result.ema_model is not None:
-            save_classifier(result.ema_model, out / "final_ema", extra)
-        summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
-        logger.info("wrote %s", out / "final")
-    return summary
+        save_classifier(final, folder, extra)
+
+    return Built(
+        model,
+        ClassificationObjective(data.num_classes, cfg.aug.smoothing, mixup),
+        stream,
+        save_final,
+        evaluator=evaluator,
+        facts={"num_classes": data.num_classes},
+    )

@@ -6,7 +6,6 @@ its class with weight exp(similarity / T); defaults k = 20, T = 0.07.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 
 from flyeva.config import write_config
 from flyeva.engine import distributed as D
+from flyeva.engine.run import RunLock
+from flyeva.engine.stage import result_record, write_result
 from flyeva.tasks.classify.data import DataSection, prepare_data
 from flyeva.tasks.classify.features import (
     EncoderSection,
@@ -82,15 +83,22 @@ class KnnConfig:
     train: RunSection = field(default_factory=RunSection)
 
 
+def knn_verb(cfg: KnnConfig, args: Any = None) -> dict[str, Any]:
+    """Extract (or reuse) train and val features, classify val by weighted kNN, write result.json."""
+    with RunLock.hold(Path(cfg.train.output_dir), enabled=D.is_main()):
+        record = run_knn(cfg)
+    if record:
+        print(f"classify knn: top-1 {record['metrics']['top1']:.2f} top-5 {record['metrics']['top5']:.2f}")
+    return record
+
+
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
-    """Extract (or reuse) train and val features, classify val by weighted kNN, write summary.json."""
+    """Extract (or reuse) train and val features, classify val by weighted kNN, write result.json."""
     device = D.init_distributed(cfg.train.device)
     data = prepare_data(cfg.data, need_val=True)
     encoder = load_frozen_encoder(cfg.model, cfg.train.seed).to(device)
     image_size = encoder.patch_embed.img_size[0]
     out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
     extract, key = frozen_feature_settings(
         cfg.model, cfg.data, cfg.train, image_size, cfg.train.batch_size, device
     )
@@ -106,8 +114,11 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
         temperature=cfg.knn.temperature,
         num_classes=data.num_classes,
     )
-    summary = {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "num_classes": data.num_classes, **metrics}
-    summary.update(train_samples=len(train_features), val_samples=len(val_features))
-    if D.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    facts = {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "num_classes": data.num_classes}
+    facts.update(train_samples=len(train_features), val_samples=len(val_features))
+    if not D.is_main():
+        return {}
+    write_config(cfg, out)
+    record = result_record("classify knn", "knn", evaluations=[metrics], weights=cfg.model.init, facts=facts)
+    write_result(out, record)
+    return record

@@ -9,22 +9,23 @@ images; `probe.cache=false` runs the encoder on every batch instead (needed for 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flyeva.config import ConfigError, to_dict, write_config
+from flyeva.config import ConfigError
 from flyeva.data.stream import ImageBatchStream
 from flyeva.data.transforms import EvalTransform
 from flyeva.engine import distributed as D
-from flyeva.engine.loop import TrainConfig, TrainResult, train
+from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig, build_adamw, param_groups, without_names
+from flyeva.engine.stage import Built
+from flyeva.eval.classification import ClassificationObjective, Evaluator
 from flyeva.models.weights import save_weights
 from flyeva.tasks.classify.data import (
     AugSection,
@@ -42,8 +43,6 @@ from flyeva.tasks.classify.features import (
     load_frozen_encoder,
 )
 from flyeva.tasks.classify.lars import LARS
-from flyeva.tasks.classify.objective import ClassificationObjective, Evaluator
-from flyeva.tasks.classify.report import write_summary
 
 logger = logging.getLogger(__name__)
 OPTIMIZERS = ("lars", "sgd", "adamw")
@@ -138,35 +137,9 @@ def probe_optimizer_fn(
     return build
 
 
-def checked_optimizer_fn(probe: ProbeSection) -> Callable[[list[dict], OptimConfig], torch.optim.Optimizer]:
-    """The optimizer builder, after checking that the engine can take it."""
-    optimizer_fn = probe_optimizer_fn(probe.optimizer, probe.momentum)
-    if probe.optimizer != "adamw" and "optimizer_fn" not in inspect.signature(train).parameters:
-        raise ConfigError(
-            f"probe.optimizer={probe.optimizer} needs the engine's optimizer_fn hook, which this flyeva "
-            "lacks; use probe.optimizer=adamw"
-        )
-    return optimizer_fn
-
-
-def train_probe(
-    model: nn.Module, objective: Any, stream: Any, cfg: LinprobeConfig, train_cfg: TrainConfig, evaluate: Any
-) -> TrainResult:
-    """The shared engine, with the probe's optimizer."""
-    kwargs: dict[str, Any] = dict(
-        groups_fn=lambda m: param_groups(m, cfg.optim.weight_decay),
-        evaluate=evaluate,
-        run_config=to_dict(cfg),
-    )
-    if cfg.probe.optimizer != "adamw":  # the engine builds AdamW itself
-        kwargs["optimizer_fn"] = checked_optimizer_fn(cfg.probe)
-    return train(model, objective, stream, train_cfg, cfg.optim, **kwargs)
-
-
-def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
-    """Train a linear probe on a frozen encoder; write the probe, metrics and summary.json."""
-    checked_optimizer_fn(cfg.probe)  # fail before the features are extracted
-    cfg.train.check()
+def check_linprobe(cfg: LinprobeConfig) -> None:
+    """Every value checked before the features are extracted."""
+    probe_optimizer_fn(cfg.probe.optimizer, cfg.probe.momentum)
     if cfg.optim.layer_decay != 1.0:
         raise ConfigError(
             f"optim.layer_decay={cfg.optim.layer_decay} does not apply to a linear probe (the encoder is "
@@ -174,6 +147,10 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         )
     if cfg.probe.augment and cfg.probe.cache:
         raise ConfigError("probe.augment=true needs probe.cache=false (a cache holds one view of each image)")
+
+
+def build_linprobe(cfg: LinprobeConfig) -> Built:
+    """A linear probe on a frozen encoder: on cached features (default) or on images each step."""
     device = D.init_distributed(cfg.train.device)
     data = prepare_data(cfg.data, need_val=False)
     encoder = load_frozen_encoder(cfg.model, cfg.train.seed).to(device)
@@ -181,8 +158,6 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)  # the same head on every rank, cached or not
     head = LinearProbeHead(encoder.embed_dim, data.num_classes)
     out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
     rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
     if cfg.probe.cache:
         extract, key = frozen_feature_settings(cfg.model, cfg.data, cfg.train, image_size, batch_size, device)
@@ -192,7 +167,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         stream: Any = FeatureBatchStream(
             features, labels, batch_size, rank, world, cfg.train.seed, drop_last=True
         )
-        train_cfg = replace(cfg.train, num_workers=0)  # whole batches sliced from memory: no workers
+        cfg.train.num_workers = 0  # whole batches sliced from memory: no workers
         val_stream = None
         if data.val is not None:
             val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)
@@ -200,7 +175,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
             val_stream = FeatureBatchStream(val_features[rank::world], val_labels[rank::world], batch_size)
         del encoder  # the cache replaces it
     else:
-        model, train_cfg = FrozenEncoderProbe(encoder, head, cfg.model.pool), cfg.train
+        model = FrozenEncoderProbe(encoder, head, cfg.model.pool)
         aug = AugSection(auto_augment="", reprob=0.0, smoothing=0.0)  # RandomResizedCrop(0.08, 1) + flip
         transform = (
             TrainTransform(image_size, aug)
@@ -215,18 +190,30 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
             val_stream = eval_stream(data.val, image_size, cfg.data.crop_pct, batch_size, rank, world)
     evaluator = None
     if val_stream is not None:
-        evaluator = Evaluator(val_stream, data.num_classes, cfg.train.precision, cfg.data.max_val_batches)
-    result = train_probe(model, ClassificationObjective(data.num_classes), stream, cfg, train_cfg, evaluator)
-    summary: dict[str, Any] = {}
-    if D.is_main():
-        head = _head_of(result.model)
+        evaluator = Evaluator(
+            val_stream, data.num_classes, cfg.train.precision, cfg.data.max_val_batches, classes=data.classes
+        )
+    meta = dict(encoder=cfg.model.init, pool=cfg.model.pool, image_size=image_size, classes=data.classes)
+    optimizer = (cfg.probe.optimizer, cfg.probe.momentum)
+
+    def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
+        final = LinearProbeHead(head.linear.in_features, head.linear.out_features)
+        final.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if not _encoder_key(k)})
         arch = {"dim": head.linear.in_features, "num_classes": head.linear.out_features}
-        meta = dict(encoder=cfg.model.init, pool=cfg.model.pool, image_size=image_size, classes=data.classes)
-        save_weights(head, out / "final", kind="probe", arch=arch, extra=meta)
-        summary = write_summary(out, evaluator, data.classes, extra={"num_classes": data.num_classes})
-    return summary
+        save_weights(final, folder, kind="probe", arch=arch, extra=meta)
+
+    return Built(
+        model,
+        ClassificationObjective(data.num_classes),
+        stream,
+        save_final,
+        evaluator=evaluator,
+        groups_fn=lambda m: param_groups(m, cfg.optim.weight_decay),
+        # AdamW is the engine's own (ZeRO-1 can shard it); LARS and SGD come from the probe
+        optimizer_fn=None if optimizer[0] == "adamw" else probe_optimizer_fn(*optimizer),
+        facts={"num_classes": data.num_classes},
+    )
 
 
-def _head_of(model: nn.Module) -> LinearProbeHead:
-    model = D.unwrap(model)
-    return model.head if isinstance(model, FrozenEncoderProbe) else model
+def _encoder_key(key: str) -> bool:
+    return key.startswith("encoder.")

@@ -17,34 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_RECIPE = "miniature"  # runs on 2 CPU cores in about a minute
+from flyeva.engine.stage import Stage, Verb
+
 DATASET_HELP = (
     "TYPE:PATH[:NAME], TYPE in folder, imagenet, cifar10, cifar100, video_list, kinetics, video_folder "
     "(e.g. imagenet:/data/imagenet-a:imagenet_a); "
     "repeat for several sets; replaces the recipe's zeroshot.datasets"
 )
-
-
-def _load(args: argparse.Namespace) -> object:
-    from flyeva.config import load_config, recipe_path
-    from flyeva.tasks.clip.recipe import ClipConfig
-
-    return load_config(ClipConfig, recipe_path("clip", args.config), args.overrides)
-
-
-def _train(args: argparse.Namespace) -> None:
-    from flyeva.config import to_yaml
-    from flyeva.tasks.clip.recipe import run_clip_train
-
-    cfg = _load(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return
-    result = run_clip_train(cfg)
-    print(f"CLIP training finished at step {result.step}; weights in {cfg.train.output_dir}/final")
-    from flyeva.tasks.report import report_hint
-
-    print(report_hint(cfg.train.output_dir))
 
 
 def parse_dataset(text: str) -> dict[str, str]:
@@ -57,11 +36,10 @@ def parse_dataset(text: str) -> dict[str, str]:
     return {"type": kind, "path": path, "name": name or f"{kind}_{path.rstrip('/').rsplit('/', 1)[-1]}"}
 
 
-def _zeroshot(args: argparse.Namespace) -> None:
+def zeroshot_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.clip.recipe import run_zeroshot
     from flyeva.tasks.clip.zeroshot import EvalDatasetSection, RetrievalSection
 
-    cfg = _load(args)
     if args.checkpoint:
         cfg.zeroshot.checkpoint = args.checkpoint
     if args.dataset:
@@ -91,7 +69,7 @@ def _read(args: argparse.Namespace) -> tuple[object, object, dict]:
     return model, section, provenance
 
 
-def _convert(args: argparse.Namespace) -> None:
+def convert_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.clip.model import save_clip
 
     model, section, provenance = _read(args)
@@ -99,7 +77,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (flyeva CLIP folder: model.safetensors + config.json)")
 
 
-def _export_open_clip(args: argparse.Namespace) -> None:
+def export_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.clip.open_clip_export import export_open_clip
 
     model, section, _ = _read(args)
@@ -109,54 +87,61 @@ def _export_open_clip(args: argparse.Namespace) -> None:
     print(export.recipe)
 
 
-def _add_reading_options(parser: argparse.ArgumentParser) -> None:
-    """How to read a checkpoint whose weights cannot say everything (docs/clip.md, "Weights in and out")."""
-    parser.add_argument(
-        "--text-act",
-        choices=["gelu", "quickgelu"],
-        help="text activation when the file cannot tell (EVA-CLIP: gelu; OpenAI CLIP-L text: quickgelu)",
-    )
-    parser.add_argument("--num-heads", type=int, help="vision heads, for a tower of no named size")
-    parser.add_argument("--text-heads", type=int, help="text heads (default: width / 64, as every CLIP)")
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add `flyeva clip train|zeroshot|convert|export-open-clip` to the CLI."""
-    clip = commands.add_parser("clip", help="EVA-CLIP: training, zero-shot evaluation, conversion")
-    actions = clip.add_subparsers(dest="clip_command", required=True)
-
-    train = actions.add_parser("train", help="contrastive training (default: the miniature recipe)")
-    train.add_argument("--config", default=DEFAULT_RECIPE, help="recipe name (configs/clip) or YAML path")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
-    train.set_defaults(func=_train)
-
-    zeroshot = actions.add_parser("zeroshot", help="zero-shot classification and retrieval of a trained CLIP")
-    zeroshot.add_argument("--config", default=DEFAULT_RECIPE, help="recipe whose zeroshot section to use")
-    zeroshot.add_argument(
-        "--checkpoint", help="a flyeva CLIP folder, an EVA-CLIP release checkpoint or an open_clip EVA01 file"
-    )
-    zeroshot.add_argument("--dataset", action="append", default=[], help=DATASET_HELP)
-    zeroshot.add_argument("--retrieval", action="append", default=[], help="caption table or caption folder")
-    zeroshot.add_argument("--json", help="where to write the results (default: CHECKPOINT/zeroshot.json)")
-    zeroshot.add_argument("overrides", nargs="*", help="key=value overrides, e.g. zeroshot.batch_size=64")
-    _add_reading_options(zeroshot)
-    zeroshot.set_defaults(func=_zeroshot)
-
-    convert = actions.add_parser(
-        "convert", help="an EVA-CLIP release / open_clip checkpoint -> a flyeva folder"
-    )
-    convert.add_argument("src", help="checkpoint file (.pt/.pth/.bin/.safetensors) or flyeva CLIP folder")
-    convert.add_argument("--out", required=True, help="flyeva CLIP folder to write")
-    convert.add_argument("--trust-pickle", action="store_true", help="load a file holding pickled objects")
-    _add_reading_options(convert)
-    convert.set_defaults(func=_convert)
-
-    export = actions.add_parser(
-        "export-open-clip", help="a CLIP -> a state dict open_clip.create_model loads"
-    )
-    export.add_argument("src", help="flyeva CLIP folder (or any checkpoint `convert` reads)")
-    export.add_argument("--out", required=True, help="file to write (.safetensors, or .pt/.bin)")
-    export.add_argument("--trust-pickle", action="store_true", help="load a file holding pickled objects")
-    _add_reading_options(export)
-    export.set_defaults(func=_export_open_clip)
+READING_OPTIONS = (  # how to read a checkpoint whose weights cannot say everything (docs/clip.md)
+    (
+        ("--text-act",),
+        dict(
+            choices=["gelu", "quickgelu"],
+            help="text activation when the file cannot tell (EVA-CLIP: gelu; OpenAI CLIP-L text: quickgelu)",
+        ),
+    ),
+    (("--num-heads",), dict(type=int, help="vision heads, for a tower of no named size")),
+    (("--text-heads",), dict(type=int, help="text heads (default: width / 64, as every CLIP)")),
+)
+CONVERT_ARGUMENTS = (
+    (("--trust-pickle",), dict(action="store_true", help="load a file holding pickled objects")),
+    *READING_OPTIONS,
+)
+HELP = "EVA-CLIP: training, zero-shot evaluation, conversion"
+CLIP_TRAIN = Stage(
+    command="clip",
+    help="contrastive training (default: the miniature recipe)",
+    config="flyeva.tasks.clip.recipe:ClipConfig",
+    build="flyeva.tasks.clip.recipe:build_clip_train",
+    check="flyeva.tasks.clip.recipe:check_config",
+    primary="average_top1",
+    verbs={
+        "zeroshot": Verb(
+            "zero-shot classification and retrieval of a trained CLIP",
+            "flyeva.tasks.clip:zeroshot_verb",
+            arguments=(
+                (("--checkpoint",), dict(help="a flyeva CLIP folder, a release or open_clip EVA01 file")),
+                (("--dataset",), dict(action="append", default=[], help=DATASET_HELP)),
+                (("--retrieval",), dict(action="append", default=[], help="caption table or caption folder")),
+                (("--json",), dict(help="where to write the results (default: CHECKPOINT/zeroshot.json)")),
+                *READING_OPTIONS,
+            ),
+        ),
+        "convert": Verb(
+            "an EVA-CLIP release / open_clip checkpoint -> a flyeva folder",
+            "flyeva.tasks.clip:convert_verb",
+            arguments=(
+                (("src",), dict(help="checkpoint file (.pt/.pth/.bin/.safetensors) or flyeva CLIP folder")),
+                (("--out",), dict(required=True, help="flyeva CLIP folder to write")),
+                *CONVERT_ARGUMENTS,
+            ),
+            takes_config=False,
+        ),
+        "export-open-clip": Verb(
+            "a CLIP -> a state dict open_clip.create_model loads",
+            "flyeva.tasks.clip:export_verb",
+            arguments=(
+                (("src",), dict(help="flyeva CLIP folder (or any checkpoint `convert` reads)")),
+                (("--out",), dict(required=True, help="file to write (.safetensors, or .pt/.bin)")),
+                *CONVERT_ARGUMENTS,
+            ),
+            takes_config=False,
+        ),
+    },
+)
+STAGES = (CLIP_TRAIN,)

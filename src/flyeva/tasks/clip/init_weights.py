@@ -108,7 +108,8 @@ def load_text_init(text: nn.Module, path: str | Path) -> None:
 
     `text_projection` is kept only when its shape fits (CLIP-L projects 768 -> 768, EVA-CLIP-g
     needs 768 -> 1024: then it starts fresh, with a logged note); a longer position table is cut to
-    the context length. Everything else must match exactly.
+    the context length. A release EVA-CLIP file's `text.logit_scale` is not taken (the temperature
+    is the model's, logged). Everything else must match exactly.
     """
     path = Path(path)
     try:
@@ -122,6 +123,17 @@ def load_text_init(text: nn.Module, path: str | Path) -> None:
             f"pretrained='{path}'); torch.save(m.state_dict(), 'ViT-L-14-openai.pt')`"
         ) from error
     state = text_state_from_clip(raw, str(path))
+    # The release keeps its temperature in the text tower (`text.logit_scale`); a tower init leaves
+    # the model's own (model.init_logit_scale), as for an OpenAI-layout file's top-level one.
+    scale = state.pop("logit_scale", None)
+    if scale is not None:
+        logger.info(
+            "text init %s: text.logit_scale (exp = %.4g) not used; the temperature starts at "
+            "model.init_logit_scale",
+            path,
+            float(scale.float().exp()),
+        )
+    state.pop("attn_mask", None)  # a causal-mask buffer older open_clip files hold; rebuilt from the context
     expected = text.state_dict()
     fresh = []
     projection = state.get("text_projection")

@@ -86,6 +86,7 @@ class ClipObjective:
     """
 
     handles_backward = True
+    input_key = "images"
 
     def __init__(self, tokenize: Callable[[list[str]], torch.Tensor], micro_batch_size: int = 0):
         if micro_batch_size < 0:

@@ -2,13 +2,12 @@
 
 Defaults are EVA-CLIP-g's recipe where docs/recipes.md section 5 gives it (EVA-g vision, CLIP-L text,
 embed 1024, fp16, ZeRO-1, global batch ~41k); the rest follows open_clip's large-batch recipes.
-Training goes through the shared engine (`flyeva.engine.loop.train`); this file only builds the
+Training goes through the shared engine (`flyeva.engine.stage.run_stage`); this file only builds the
 model, the data stream, the objective and the optimiser groups.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,10 +15,11 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, to_dict, write_config
+from flyeva.config import ConfigError
 from flyeva.data.sources import SourceConfig, build_sources
-from flyeva.engine.loop import TrainConfig, TrainResult
+from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig
+from flyeva.engine.stage import Built, as_evaluator
 from flyeva.tasks.clip.init_weights import build_clip_from_config
 from flyeva.tasks.clip.model import ClipModelSection, build_clip
 from flyeva.tasks.clip.zeroshot import ZeroShotSection
@@ -88,47 +88,33 @@ def check_config(cfg: ClipConfig) -> None:
     cfg.train.check()
 
 
-def _save_final(cfg: ClipConfig, result: TrainResult, out: Path, image_size: int) -> None:
-    """OUTPUT/final (the CLIP), OUTPUT/final/visual (its vision encoder) and summary.json."""
-    from flyeva.engine import distributed as D
-    from flyeva.engine.checkpoint import full_model_state
+def _save_final(cfg: ClipConfig, state: dict[str, torch.Tensor], folder: Path, image_size: int) -> dict:
+    """`folder` (the CLIP) and `folder`/visual (its vision encoder, an EVA encoder folder)."""
     from flyeva.models.eva import build_encoder, size_arch
     from flyeva.models.weights import save_weights
     from flyeva.tasks.clip.model import save_clip, vision_encoder_state
 
-    state = full_model_state(result.model)  # collective under FSDP2
-    if D.is_main():
-        final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
-        final.load_state_dict(state)
-        final.clamp_logit_scale()
-        save_clip(final, cfg.model, out / "final", extra={"step": result.step})
-        encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
-        encoder.load_state_dict(vision_encoder_state(final))
-        source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
-        save_weights(
-            encoder, out / "final" / "visual", kind="encoder", arch=size_arch(encoder), source=source
-        )
-        summary = {
-            "step": result.step,
-            "skipped_pairs": result.skipped_images,
-            "nonfinite_steps": result.nonfinite_steps,
-            "logit_scale": float(final.logit_scale.detach().exp()),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("wrote %s (CLIP) and %s (vision encoder)", out / "final", out / "final" / "visual")
+    final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
+    final.load_state_dict(state)
+    final.clamp_logit_scale()
+    save_clip(final, cfg.model, folder)
+    encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
+    encoder.load_state_dict(vision_encoder_state(final))
+    source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
+    save_weights(encoder, folder / "visual", kind="encoder", arch=size_arch(encoder), source=source)
+    logger.info("wrote %s (CLIP) and %s (vision encoder)", folder, folder / "visual")
+    return {"logit_scale": float(final.logit_scale.detach().exp())}
 
 
-def run_clip_train(cfg: ClipConfig) -> TrainResult:
-    """Build the model, data and objective from `cfg`; train with the shared engine; save OUTPUT/final."""
+def build_clip_train(cfg: ClipConfig) -> Built:
+    """The CLIP model, its contrastive objective and the image-caption stream on the shared engine."""
     from flyeva.data.stream import ImageBatchStream
     from flyeva.data.transforms import PretrainTransform
     from flyeva.engine import distributed as D
-    from flyeva.engine.loop import train
     from flyeva.tasks.clip.loss import ClipObjective
     from flyeva.tasks.clip.model import clip_param_groups
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
 
-    check_config(cfg)
     D.init_distributed(cfg.train.device)  # rank and world size are needed before the engine runs
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_clip_from_config(cfg.model)
@@ -162,22 +148,14 @@ def run_clip_train(cfg: ClipConfig) -> TrainResult:
     def groups_fn(base: torch.nn.Module) -> list[dict]:
         return clip_param_groups(base, cfg.model.vision, cfg.model.text, cfg.optim.lr, cfg.optim.weight_decay)
 
-    out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(
+    return Built(
         model,
         objective,
         stream,
-        cfg.train,
-        cfg.optim,
+        lambda state, folder: _save_final(cfg, state, folder, image_size),
+        evaluator=as_evaluator(evaluate),
         groups_fn=groups_fn,
-        evaluate=evaluate,
-        run_config=to_dict(cfg),
     )
-
-    _save_final(cfg, result, out, image_size)
-    return result
 
 
 def run_zeroshot(cfg: ClipConfig, **reading: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ DEFAULT_ROLES = {
     "objectnet": "shift",
 }
 # Video sets (docs/video.md): "path label" lists such as UCF-101's, Kinetics CSVs, class folders of
-# videos; each clip is scored by the mean of its frames' embeddings (flyeva.tasks.video.zeroshot).
+# videos; each clip is scored by the mean of its frames' embeddings (flyeva.tasks.clip.video_zeroshot).
 VIDEO_TYPES = {"video_list": "list", "kinetics": "kinetics", "video_folder": "folder"}
 
 
@@ -282,7 +282,7 @@ def load_eval_set(section: EvalDatasetSection) -> Any:
     if section.type in VIDEO_TYPES:
         if not section.path:
             raise ValueError(f"dataset {section.name!r} ({section.type}) needs a path")
-        from flyeva.tasks.video.datasets import load_video_list  # lazy: video needs PyAV
+        from flyeva.data.video.datasets import load_video_list  # lazy: video needs PyAV
 
         return load_video_list(VIDEO_TYPES[section.type], section.path, section.root, section.classnames)
     if section.type not in SOURCE_KEYS:
@@ -322,12 +322,12 @@ class ZeroShotSuite:
         """Video sets default to the Kinetics prompts unless the suite names its own."""
         if section.type not in VIDEO_TYPES or self.cfg.templates or self.cfg.templates_file:
             return suite_templates
-        from flyeva.tasks.video.zeroshot import VIDEO_TEMPLATES
+        from flyeva.tasks.clip.video_zeroshot import VIDEO_TEMPLATES
 
         return list(VIDEO_TEMPLATES)
 
     def _run_video(self, model: torch.nn.Module, section: EvalDatasetSection, videos: Any, device) -> dict:
-        from flyeva.tasks.video.zeroshot import evaluate_video_zeroshot
+        from flyeva.tasks.clip.video_zeroshot import evaluate_video_zeroshot
 
         return evaluate_video_zeroshot(
             model, videos, self.templates[section.name], image_size=self.image_size,

@@ -9,7 +9,7 @@
    samples, zero-shot accuracy with class prompts;
 6. `report.md` with PNG plots and a table over seeds (mean ± spread) and the wall time.
 
-Every stage writes `result.json` when it finishes and is skipped when that exists; a stage that
+Every stage writes `demo.json` when it finishes and is skipped when that exists; a stage that
 was interrupted resumes from its own training checkpoints. The detection, segmentation and video
 stages (`--stages`) start from the EVA pretraining and from random init, one seed each.
 """
@@ -77,8 +77,8 @@ def _world(samples: int, seed: int, target: str = "") -> str:
 
 
 def _stage(folder: Path, run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """`run(folder, *args)` once: its result.json marks it done; a rerun resumes from its checkpoints."""
-    done = folder / "result.json"
+    """`run(folder, *args)` once: its demo.json marks it done; a rerun resumes from its checkpoints."""
+    done = folder / "demo.json"
     if done.is_file():
         return json.loads(done.read_text())
     started = time.time()
@@ -100,11 +100,13 @@ def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
         "zeroshot.during_training=true",
     ]
     result = ensure_teacher(out / "final", "miniature", overrides)
-    return {"final": str(out / "final"), "zeroshot": _last_eval(result.history) if result else {}}
+    return {"final": str(out / "final"), "zeroshot": result["metrics"] if result else {}}
 
 
 def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[str, Any]:
-    from flyeva.pretrain.recipe import PretrainConfig, run_pretrain
+    from flyeva.engine.stage import run_stage
+    from flyeva.pretrain import PRETRAIN
+    from flyeva.pretrain.recipe import PretrainConfig
 
     overrides = [
         *COMMON,
@@ -117,12 +119,14 @@ def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[s
         f"teacher.path='{teacher}'",
     ]
     cfg = load_config(PretrainConfig, recipe_path("pretrain", "miniature"), overrides)
-    run_pretrain(cfg)
+    run_stage(PRETRAIN, cfg)
     return {"final": str(out / "final"), "losses": str(out / "metrics.jsonl")}
 
 
 def linear_probe(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.tasks.classify.probe import LinprobeConfig, run_linprobe
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.classify import LINPROBE
+    from flyeva.tasks.classify.probe import LinprobeConfig
 
     overrides = [
         *COMMON,
@@ -134,14 +138,16 @@ def linear_probe(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[st
         f"data.train=[{_world(budget.probe_train, 20 + seed)}]",
         f"data.val=[{_world(budget.val_samples, 999)}]",
     ]
-    summary = run_linprobe(
-        load_config(LinprobeConfig, recipe_path("classify", "miniature_linprobe"), overrides)
+    summary = run_stage(
+        LINPROBE, load_config(LinprobeConfig, recipe_path("classify", "miniature_linprobe"), overrides)
     )
     return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"]}
 
 
 def finetune(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.tasks.classify.finetune import FinetuneConfig, run_finetune
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.classify import FINETUNE
+    from flyeva.tasks.classify.finetune import FinetuneConfig
 
     overrides = [
         *COMMON,
@@ -154,12 +160,16 @@ def finetune(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, A
         f"data.train=[{_world(budget.finetune_samples, 20 + seed)}]",
         f"data.val=[{_world(budget.val_samples, 999)}]",
     ]
-    summary = run_finetune(load_config(FinetuneConfig, recipe_path("classify", "miniature"), overrides))
+    summary = run_stage(
+        FINETUNE, load_config(FinetuneConfig, recipe_path("classify", "miniature"), overrides)
+    )
     return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"]}
 
 
 def eva_clip(out: Path, vision_init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.tasks.clip.recipe import ClipConfig, run_clip_train
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.clip import CLIP_TRAIN
+    from flyeva.tasks.clip.recipe import ClipConfig
 
     overrides = [
         *COMMON,
@@ -170,13 +180,8 @@ def eva_clip(out: Path, vision_init: str, seed: int, budget: DemoBudget) -> dict
         f"model.vision.init='{vision_init}'",
         "zeroshot.during_training=true",
     ]
-    result = run_clip_train(load_config(ClipConfig, recipe_path("clip", "miniature"), overrides))
-    return {"zeroshot": _last_eval(result.history), "losses": str(out / "metrics.jsonl")}
-
-
-def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
-    evals = [entry["eval"] for entry in history if "eval" in entry]
-    return evals[-1] if evals else {}
+    result = run_stage(CLIP_TRAIN, load_config(ClipConfig, recipe_path("clip", "miniature"), overrides))
+    return {"zeroshot": result["metrics"], "losses": str(out / "metrics.jsonl")}
 
 
 ENCODERS = ("EVA (CLIP-feature MIM)", "pixel MIM", "random init", "teacher's vision tower")

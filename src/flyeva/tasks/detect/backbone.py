@@ -11,9 +11,11 @@ The bias enters SDPA as a float mask, so PyTorch's fused attention still runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp
@@ -22,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-6  # release `EVA-01/det`: LayerNorm eps 1e-6 in blocks and pyramid
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)  # ViTDet's simple feature pyramid -> strides 4, 8, 16, 32 (+ P6)
+REL_POS_INTERPS = ("linear", "beit")  # table resize at another grid: ViTDet's, the release's eval
+BEIT_RATIO = 1.0903078  # release `EVA-01/det` get_rel_pos: the fixed ratio of its geometric spacing
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -46,15 +50,45 @@ def window_unpartition(
     return x[:, : hw[0], : hw[1]].contiguous()
 
 
-def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def beit_resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """[dst, src] float64 map of the release's `interp_type="beit"` table resize (EVA-01/det `get_rel_pos`).
+
+    Source rows sit at 0, +-1, +-(1 + q), +-(1 + q + q^2) ... (BEiT's geometric spacing, q fixed at
+    1.0903078 in the release rather than BEiT's bisection), targets at the integers +-(dst // 2), and
+    each channel is fit by scipy's `interp1d(kind="cubic", fill_value="extrapolate")`, a not-a-knot
+    cubic spline that is linear in the table, so interpolating the identity gives the whole map.
+    Cached and shared: callers must not modify it.
+    """
+    from scipy.interpolate import make_interp_spline
+
+    distances = np.cumsum(BEIT_RATIO ** np.arange(src // 2))
+    source = np.concatenate([-distances[::-1], [0.0], distances])
+    half = dst // 2
+    target = np.arange(-half, half + 0.1, 1.0)
+    return torch.from_numpy(make_interp_spline(source, np.eye(src), k=3)(target))
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int, interp: str = "linear") -> torch.Tensor:
+    """A [L, C] relative-position table resized to `length` rows: "linear" (ViTDet) or "beit" (release)."""
+    if interp == "linear":
+        resized = F.interpolate(rel_pos.float().T[None], size=length, mode="linear")
+        return resized[0].T.to(rel_pos.dtype)
+    if interp == "beit":
+        matrix = beit_resize_matrix(rel_pos.shape[0], length).to(rel_pos.device)
+        return (matrix @ rel_pos.double()).to(rel_pos.dtype)  # float64 as the release's scipy fit
+    raise ValueError(f"rel_pos_interp={interp!r} is not one of {list(REL_POS_INTERPS)}")
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor, interp: str = "linear") -> torch.Tensor:
     """Relative-position embeddings [q_size, k_size, C] for one axis (ViTDet/MViTv2).
 
-    A table trained for another size is resized linearly, as the release does at a new test size.
+    A table trained for another size is resized (`resize_rel_pos`): linearly as ViTDet, or by the
+    release's "beit" cubic fit, which its 1536-px COCO and LVIS evaluations use.
     """
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
-        resized = F.interpolate(rel_pos.float().T[None], size=max_dist, mode="linear")
-        rel_pos = resized[0].T.to(rel_pos.dtype)
+        rel_pos = resize_rel_pos(rel_pos, max_dist, interp)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
@@ -62,11 +96,16 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 
 def decomposed_rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: tuple[int, int],
+    interp: str = "linear",
 ) -> torch.Tensor:
     """The additive logit bias [B, heads, H*W, H*W] = q.Rh + q.Rw for unscaled q [B, heads, H*W, C]."""
     height, width = hw
-    table_h, table_w = get_rel_pos(height, height, rel_pos_h), get_rel_pos(width, width, rel_pos_w)
+    table_h = get_rel_pos(height, height, rel_pos_h, interp)
+    table_w = get_rel_pos(width, width, rel_pos_w, interp)
     batch, heads, _, dim = q.shape
     grid_q = q.reshape(batch, heads, height, width, dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h.to(q.dtype))
@@ -75,12 +114,23 @@ def decomposed_rel_pos_bias(
     return bias.reshape(batch, heads, height * width, height * width)
 
 
+def set_rel_pos_interp(module: nn.Module, interp: str) -> int:
+    """Use `interp` ("linear" | "beit") for every relative-position table under `module`; returns how many."""
+    if interp not in REL_POS_INTERPS:
+        raise ValueError(f"rel_pos_interp={interp!r} is not one of {list(REL_POS_INTERPS)}")
+    attentions = [m for m in module.modules() if isinstance(m, RelPosAttention)]
+    for attention in attentions:
+        attention.rel_pos_interp = interp
+    return len(attentions)
+
+
 class RelPosAttention(nn.Module):
     """EVA attention (q/v bias, k bias zero) with a decomposed relative-position bias through SDPA."""
 
-    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]):
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], rel_pos_interp: str = "linear"):
         super().__init__()
         self.num_heads = num_heads
+        self.rel_pos_interp = rel_pos_interp
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -96,7 +146,9 @@ class RelPosAttention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x.reshape(batch, height * width, channels), self.qkv.weight, bias)
         q, k, v = qkv.reshape(batch, -1, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
-        rel_bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
+        rel_bias = decomposed_rel_pos_bias(
+            q, self.rel_pos_h, self.rel_pos_w, (height, width), self.rel_pos_interp
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias.to(q.dtype))
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj(out)
@@ -113,11 +165,12 @@ class WindowBlock(nn.Module):
         window: int,
         grid: tuple[int, int],
         drop_path: float = 0.0,
+        rel_pos_interp: str = "linear",
     ):
         super().__init__()
         self.window = window
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = RelPosAttention(dim, num_heads, (window, window) if window else grid)
+        self.attn = RelPosAttention(dim, num_heads, (window, window) if window else grid, rel_pos_interp)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_dim, act_layer=nn.GELU)
@@ -162,8 +215,11 @@ class EvaViTDet(nn.Module):
         global_blocks: list[int] | None = None,
         drop_path_rate: float = 0.0,
         grad_checkpointing: bool = False,
+        rel_pos_interp: str = "linear",
     ):
         super().__init__()
+        if rel_pos_interp not in REL_POS_INTERPS:
+            raise ValueError(f"rel_pos_interp={rel_pos_interp!r} is not one of {list(REL_POS_INTERPS)}")
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
@@ -175,7 +231,13 @@ class EvaViTDet(nn.Module):
         ]  # linear from 0 (works on meta)
         self.blocks = nn.ModuleList(
             WindowBlock(
-                embed_dim, num_heads, mlp_dim, 0 if i in self.global_blocks else window, grid, rates[i]
+                embed_dim,
+                num_heads,
+                mlp_dim,
+                0 if i in self.global_blocks else window,
+                grid,
+                rates[i],
+                rel_pos_interp,
             )
             for i in range(depth)
         )

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from flyeva.config import ConfigError
-from flyeva.engine.optim import OptimConfig, param_groups
-from flyeva.tasks.detect.model import EvaDetector, backbone_from_encoder, layer_id
+from flyeva.engine.optim import OptimConfig, layer_decay_groups
+from flyeva.tasks.detect.model import EvaDetector, backbone_from_encoder
 from flyeva.tasks.detect.recipe import DetectConfig, apply_test_settings, arch_from_config
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def build_detector(
     from flyeva.models.convert import is_release_detector
     from flyeva.models.eva import build_encoder, get_size
     from flyeva.models.weights import read_config
+    from flyeva.tasks.detect.backbone import set_rel_pos_interp
     from flyeva.tasks.detect.model import set_training_options
 
     m = cfg.model
@@ -100,6 +101,7 @@ def build_detector(
         detector = EvaDetector(arch_from_config(cfg, dims, num_classes), fed_weights)
         detector.backbone.net.load_state_dict(net.state_dict())
     set_training_options(detector, m.drop_path_rate, m.grad_checkpointing, m.freeze_patch_embed)
+    set_rel_pos_interp(detector, m.rel_pos_interp)
     return detector
 
 
@@ -109,10 +111,7 @@ def release_param_groups(model: nn.Module, optim: OptimConfig, decay_all: bool =
     The release applies wd 0.1 to norms, biases and pos_embed too (release `EVA-01/det`), unlike
     ViTDet's configs, which exempt norms and pos_embed; `model.weight_decay_all=false` exempts them.
     """
-    num_layers = len(model.backbone.net.blocks)
-    groups = param_groups(
-        model, optim.weight_decay, layer_decay=optim.layer_decay, num_layers=num_layers, layer_id_fn=layer_id
-    )
+    groups = layer_decay_groups(model, optim)
     if decay_all:
         for group in groups:
             group["weight_decay"] = optim.weight_decay

@@ -3,14 +3,17 @@
 One reader for every dataset: a COCO-style JSON and an image folder. LVIS v1 images have no
 `file_name`; their path is the last two parts of `coco_url` (train2017/000000391895.jpg), as
 detectron2 reads them, and the images' `not_exhaustive_category_ids` / `neg_category_ids` stay in
-the JSON that evaluation reads. A bad annotation (box outside the image, zero area, unknown
-category id, malformed polygon) is reported once with its file and id, then repaired (box clipped)
-or dropped; crowd regions are left out of training targets (evaluation ignores them instead).
+the JSON that evaluation reads. The file is first checked whole (`annotations.validate_coco`: a
+record of the wrong shape is an error naming the file, record and field). A bad annotation value
+(box outside the image, zero area, non-finite box or polygon, unknown category id, malformed
+polygon) is reported with its file and id, then repaired (box clipped) or dropped and counted in
+`usage`; an image claiming more than `max_pixels` is left out whole, and one whose decoded size
+differs from its claim is unreadable (the stream skips and counts it). Crowd regions are left out
+of training targets (evaluation ignores them instead).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flyeva.data.sources import DEFAULT_MAX_PIXELS, decode_rgb
+from flyeva.data.sources import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_rgb
+from flyeva.tasks.detect.annotations import NAMED, Usage, finite_box, load_annotation_file, usable_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -44,41 +48,31 @@ class ImageRecord:
 
 
 def _image_path(image: dict[str, Any], root: Path) -> Path:
-    if "file_name" in image:
+    if type(image.get("file_name")) is str:
         return root / image["file_name"]
-    if "coco_url" in image:  # LVIS v1: .../train2017/000000391895.jpg
-        return root.joinpath(*image["coco_url"].split("/")[-2:])
-    raise ValueError(f"image {image.get('id')} has neither file_name nor coco_url")
-
-
-def _clean_polygons(polygons: list) -> list[list[float]]:
-    """Polygons with an even number of at least 6 coordinates (3 points); others are malformed."""
-    return [p for p in polygons if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    return root.joinpath(*image["coco_url"].split("/")[-2:])  # LVIS v1: .../train2017/000000391895.jpg
 
 
 class CocoDetectionDataset:
-    """Images and annotations of a COCO-format JSON; `problems` counts what was repaired or dropped."""
+    """Images and annotations of a COCO-format JSON; `problems` counts what was repaired or dropped,
+    `usage` how much of the file is usable (see `annotations.check_usable`)."""
 
-    def __init__(self, json_path: str | Path, image_root: str | Path | None = None):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_root: str | Path | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.json_path = Path(json_path)
-        if not self.json_path.is_file():
-            raise FileNotFoundError(
-                f"annotation file {self.json_path} does not exist; set data.train_json/val_json"
-            )
         self.root = Path(image_root) if image_root else self.json_path.parent / "images"
-        try:
-            document = json.loads(self.json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(
-                f"{self.json_path} is not valid JSON ({error}); re-export or re-download it"
-            ) from None
-        categories = sorted(document.get("categories", []), key=lambda c: c["id"])
-        if not categories:
-            raise ValueError(f"{self.json_path} lists no categories; a detection dataset needs them")
+        self.max_pixels = max_pixels
+        document = load_annotation_file(self.json_path)
+        categories = sorted(document["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in categories]
         self.class_names = [c.get("name", str(c["id"])) for c in categories]
         self.image_counts = [c.get("image_count", 0) for c in categories]  # LVIS carries it
         self.problems: Counter[str] = Counter()
+        self.usage = Usage()
         self.records = self._read_records(document)
         if not any(self.image_counts):  # COCO, Objects365: count images per class from the annotations
             counts = Counter(
@@ -93,68 +87,113 @@ class CocoDetectionDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def _problem(self, kind: str, annotation: dict[str, Any], detail: str) -> None:
+    def _problem(self, kind: str, annotation: dict[str, Any], detail: str, dropped: bool = True) -> None:
         self.problems[kind] += 1
-        if self.problems[kind] <= 5:  # the first few of each kind by name, then a count at the end
-            logger.warning("%s: annotation %s: %s", self.json_path, annotation.get("id"), detail)
+        if dropped:
+            self.usage.dropped += 1
+            if len(self.usage.first_dropped) < NAMED:
+                self.usage.first_dropped.append(f"annotation {annotation['id']} ({kind})")
+        if self.problems[kind] <= NAMED:  # the first few of each kind by name, then a count at the end
+            logger.warning("%s: annotation %s: %s", self.json_path, annotation["id"], detail)
+
+    def _skip_image(self, index: int, image: dict[str, Any], detail: str) -> None:
+        kind = "image over max_pixels (skipped)"
+        self.problems[kind] += 1
+        self.usage.skipped_images += 1
+        name = f"images[{index}] (id {image['id']}) {_image_path(image, self.root).name}"
+        if len(self.usage.first_skipped) < NAMED:
+            self.usage.first_skipped.append(name)
+        if self.problems[kind] <= NAMED:
+            logger.warning("%s: %s: %s", self.json_path, name, detail)
 
     def _read_records(self, document: dict[str, Any]) -> list[ImageRecord]:
         label_of = {cid: k for k, cid in enumerate(self.category_ids)}
-        records = {}
-        for image in document.get("images", []):
-            records[image["id"]] = ImageRecord(
-                image["id"], _image_path(image, self.root), int(image["height"]), int(image["width"])
-            )
-        for annotation in document.get("annotations", []):
-            record = records.get(annotation.get("image_id"))
-            if record is None:
-                self._problem(
-                    "unknown image id", annotation, f"image_id {annotation.get('image_id')} not listed"
+        records: dict[int, ImageRecord] = {}
+        skipped: set[int] = set()
+        images, annotations = document.get("images", []), document.get("annotations", [])
+        self.usage.images, self.usage.annotations = len(images), len(annotations)
+        for index, image in enumerate(images):
+            height, width = image["height"], image["width"]
+            # The claim sizes every mask array of the image: capped like a decoded image's pixels.
+            if self.max_pixels is not None and height * width > self.max_pixels:
+                detail = (
+                    f"claims {width}x{height} = {width * height} pixels, more than max_pixels="
+                    f"{self.max_pixels}; its annotations are dropped (fix height/width in the file)"
                 )
+                self._skip_image(index, image, detail)
+                skipped.add(image["id"])
+                continue
+            records[image["id"]] = ImageRecord(image["id"], _image_path(image, self.root), height, width)
+        for annotation in annotations:
+            image_id = annotation["image_id"]
+            record = records.get(image_id)
+            if record is None:
+                if image_id in skipped:
+                    self._problem("annotation of a skipped image", annotation, f"image {image_id} skipped")
+                else:
+                    self._problem("unknown image id", annotation, f"image_id {image_id} not listed")
+                continue
+            if annotation.get("iscrowd", 0):
+                self.usage.crowd += 1  # crowd regions are ignored by evaluation and never trained on
                 continue
             instance = self._instance(annotation, record, label_of)
             if instance is not None:
                 record.instances.append(instance)
+                self.usage.kept += 1
+        self.usage.usable_images = sum(1 for r in records.values() if r.instances)
         if self.problems:
-            logger.warning("%s: %s", self.json_path, dict(self.problems))
+            logger.warning("%s: %s; %s", self.json_path, dict(self.problems), self.usage.summary())
         return list(records.values())
 
     def _instance(self, annotation: dict, record: ImageRecord, label_of: dict[int, int]) -> Instance | None:
-        if annotation.get("iscrowd", 0):
-            return None  # crowd regions are ignored by evaluation and never trained on
-        if annotation.get("category_id") not in label_of:
-            self._problem("unknown category id", annotation, f"category_id {annotation.get('category_id')}")
+        if annotation["category_id"] not in label_of:
+            self._problem("unknown category id", annotation, f"category_id {annotation['category_id']}")
             return None
-        try:
-            x, y, w, h = (float(v) for v in annotation["bbox"])
-        except (KeyError, TypeError, ValueError):
-            self._problem("malformed box", annotation, f"bbox {annotation.get('bbox')!r}")
+        bbox = annotation["bbox"]
+        if not finite_box(bbox):
+            self._problem("non-finite box", annotation, f"bbox {bbox}")
             return None
+        x, y, w, h = (float(v) for v in bbox)
         x0, y0 = max(0.0, x), max(0.0, y)
         x1, y1 = min(float(record.width), x + w), min(float(record.height), y + h)
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            self._problem("box outside the image (clipped)", annotation, f"bbox {[x, y, w, h]}")
         if x1 - x0 <= 0 or y1 - y0 <= 0:
             self._problem("zero-area box", annotation, f"bbox {[x, y, w, h]}")
             return None
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            clipped = "box outside the image (clipped)"
+            self._problem(clipped, annotation, f"bbox {[x, y, w, h]}", dropped=False)
         segmentation = annotation.get("segmentation")
         if isinstance(segmentation, list):
-            cleaned = _clean_polygons(segmentation)
-            if len(cleaned) != len(segmentation):
-                self._problem(
-                    "malformed polygon", annotation, "polygon with fewer than 3 points or odd length"
-                )
-            if not cleaned:
+            polygons, reason = usable_polygons(segmentation, record.height, record.width)
+            if not segmentation:
+                self._problem("empty segmentation", annotation, "no polygon")
                 return None
-            segmentation = cleaned
-        elif not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+            if reason and polygons:  # the annotation stays, drawn from its usable polygons
+                self._problem(reason, annotation, f"{reason} left out of the mask", dropped=False)
+            elif reason:
+                self._problem(reason, annotation, f"{reason}: no usable polygon")
+                return None
+            segmentation = polygons
+        elif segmentation is None:
             self._problem("missing segmentation", annotation, "no polygon or RLE")
             return None
         return Instance((x0, y0, x1, y1), label_of[annotation["category_id"]], segmentation)
 
     def load_image(self, index: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        """The RGB image, or `UnreadableImageError` (the stream skips and counts it)."""
-        return decode_rgb(self.records[index].path, max_pixels)
+        """The RGB image, or `UnreadableImageError` (the stream skips and counts it).
+
+        An image whose decoded size differs from the annotation file's claim is unreadable: its
+        boxes and masks are in the claimed frame, so training on it would teach misplaced objects.
+        """
+        record = self.records[index]
+        image = decode_rgb(record.path, max_pixels)
+        if image.size != (record.width, record.height):
+            raise UnreadableImageError(
+                f"decodes to {image.width}x{image.height} but {self.json_path.name} claims "
+                f"{record.width}x{record.height} (width x height) for image id {record.image_id}; "
+                "fix height/width in the annotation file or replace the image"
+            )
+        return image
 
     def masks(self, index: int) -> np.ndarray:
         """bool [n, H, W] instance masks of image `index` (polygons and RLE decoded)."""
@@ -170,9 +209,7 @@ class CocoDetectionDataset:
                 rle = mask_util.frPyObjects(segmentation, record.height, record.width)
             else:
                 rle = segmentation
-            decoded = mask_util.decode(rle)
-            if decoded.shape[:2] == out.shape[1:]:
-                out[slot] = decoded.astype(bool)
+            out[slot] = mask_util.decode(rle).astype(bool)  # validated: an RLE has its image's size
         return out
 
     def image_categories(self) -> list[list[int]]:

@@ -31,8 +31,9 @@ def run_demo_stage(
     pretrained encoder folder, else a freshly initialised encoder) and return its validation box and
     mask AP / AP50 (COCO's definitions, in [0, 1])."""
     from flyeva.config import load_config, recipe_path
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.detect import DETECT
     from flyeva.tasks.detect.recipe import DetectConfig
-    from flyeva.tasks.detect.train import run_train
 
     overrides = [
         *DEMO_OVERRIDES,
@@ -45,11 +46,11 @@ def run_demo_stage(
         f"train.max_steps={steps}",
         f"optim.decay_steps=[{int(steps * 5 / 6)}]",  # x0.1 at 5/6 of the run, as 250 of 300
     ]
-    summary = run_train(load_config(DetectConfig, recipe_path("detect", "miniature"), overrides))
-    stats = summary["eval"]
+    record = run_stage(DETECT, load_config(DetectConfig, recipe_path("detect", "miniature"), overrides))
+    metrics = record["metrics"]
     return {
-        "box_AP": stats["bbox"]["AP"],
-        "box_AP50": stats["bbox"]["AP50"],
-        "mask_AP": stats["segm"]["AP"],
-        "mask_AP50": stats["segm"]["AP50"],
+        "box_AP": metrics["bbox_AP"],
+        "box_AP50": metrics["bbox_AP50"],
+        "mask_AP": metrics["segm_AP"],
+        "mask_AP50": metrics["segm_AP50"],
     }

@@ -78,6 +78,19 @@ def cap_per_image(results: list[dict], max_per_image: int) -> list[dict]:
     return capped
 
 
+def federated_results(ground_truth: dict, results: list[dict]) -> list[dict]:
+    """The results LVIS's federated protocol counts: category annotated on the image or in its negatives.
+
+    The others are never scored; dropping them first spares faster-coco-eval 1.8's mask path, which
+    fails (`unordered_map::at`) on an image without ground truth whose detections are all dropped.
+    Results on images the set lacks are kept, so that loading them still fails loudly.
+    """
+    images = {image["id"] for image in ground_truth["images"]}
+    kept = {(ann["image_id"], ann["category_id"]) for ann in ground_truth["annotations"]}
+    kept |= {(image["id"], c) for image in ground_truth["images"] for c in image.get("neg_category_ids", [])}
+    return [r for r in results if (r["image_id"], r["category_id"]) in kept or r["image_id"] not in images]
+
+
 def coco_evaluate(
     ground_truth: str | dict,
     results: list[dict],
@@ -85,17 +98,29 @@ def coco_evaluate(
     lvis: bool = False,
     max_per_image: int = 100,
 ) -> dict[str, dict[str, float]]:
-    """{"bbox": {"AP": ..., ...}, "segm": {...}} in [0, 1]; -1 where a stat is undefined (COCO's)."""
+    """{"bbox": {"AP": ..., ...}, "segm": {...}} in [0, 1]; -1 where a stat is undefined (COCO's).
+
+    No detections score 0 where the set has instances and -1 where it has none, as COCOeval defines
+    it; mask stats are all -1 when detections exist but none has a mask. Mask results lose their box
+    before evaluation (detectron2's COCO and LVIS evaluators), so the mask's area bins them by size.
+    """
     from faster_coco_eval import COCO, COCOeval_faster
 
     gt = COCO(str(ground_truth) if not isinstance(ground_truth, dict) else ground_truth)
+    names = LVIS_NAMES if lvis else COCO_NAMES
     results = cap_per_image(results, max_per_image)
+    has_masks = not results or any("segmentation" in r for r in results)
+    if lvis:  # after the cap, as LVISResults caps before LVISEval filters
+        results = federated_results(gt.dataset, results)
     out: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
-        chosen = [r for r in results if iou_type == "bbox" or "segmentation" in r]
-        if not chosen:
-            out[iou_type] = {name: 0.0 for name in (LVIS_NAMES if lvis else COCO_NAMES).values()}
+        if iou_type == "segm" and not has_masks:
+            out[iou_type] = dict.fromkeys(names.values(), -1.0)
             continue
+        if iou_type == "segm":
+            chosen = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+        else:
+            chosen = results
         # loadRes rewrites segmentations in place (bytes counts): it gets a copy
         evaluator = COCOeval_faster(
             gt, gt.loadRes(copy.deepcopy(chosen)), iou_type, lvis_style=lvis, print_function=logger.debug
@@ -105,7 +130,6 @@ def coco_evaluate(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        names = LVIS_NAMES if lvis else COCO_NAMES
         out[iou_type] = {names[k]: float(v) for k, v in evaluator.stats_as_dict.items() if k in names}
     return out
 

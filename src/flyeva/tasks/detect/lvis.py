@@ -21,8 +21,19 @@ REPEAT_THRESHOLD = 0.001
 
 
 def fed_loss_weights(image_counts: Sequence[int], power: float = FED_LOSS_POWER) -> torch.Tensor:
-    """Sampling weight of each class for the federated loss: image_count ** power."""
-    return torch.tensor([float(count) for count in image_counts]) ** power
+    """Sampling weight of each class for the federated loss: image_count ** power.
+
+    A negative or non-finite count is a ValueError: its weight would be NaN, and negatives would
+    be drawn by garbage probabilities for the rest of the run.
+    """
+    counts = torch.tensor([float(count) for count in image_counts], dtype=torch.float64)
+    bad = (~torch.isfinite(counts) | (counts < 0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"image_count of class {bad[0]} is {counts[bad[0]].item()} ({len(bad)} bad in all); "
+            "counts of images must be finite and >= 0: fix the categories' image_count in the annotation file"
+        )
+    return counts.to(torch.float32) ** power
 
 
 def fed_loss_classes(
@@ -44,6 +55,8 @@ def fed_loss_classes(
     prob = weights.to(torch.float32).clone()
     prob[present] = 0
     count = min(num_sampled - len(present), int((prob > 0).sum()))
+    if count == 0:  # no class with images is left to draw (one class, or all counts zero)
+        return present
     sampled = torch.multinomial(prob, count, replacement=False, generator=generator)
     return torch.cat([present, sampled.to(present.device)])
 

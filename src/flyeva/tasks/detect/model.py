@@ -98,6 +98,20 @@ class EvaDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.net.blocks)
+
+    @staticmethod
+    def layer_id(name: str, num_layers: int) -> int:
+        """The release's `get_vit_lr_decay_rate`: embeddings 0, block i -> i + 1, pyramid and heads L + 1."""
+        if name.startswith("backbone.net."):
+            if ".pos_embed" in name or ".patch_embed" in name or name.endswith("pos_embed"):
+                return 0
+            if ".blocks." in name:
+                return int(name.split(".blocks.")[1].split(".")[0]) + 1
+        return num_layers + 1
+
     def preprocess(self, images: torch.Tensor | list[torch.Tensor], sizes=None) -> ImageList:
         """Normalise (ImageNet, 0-255), zero-pad bottom/right to `square_size` (or the largest image)."""
         images = list(images) if isinstance(images, (list, tuple)) else list(images.unbind(0))
@@ -219,13 +233,3 @@ def backbone_from_encoder(
             f"unexpected {unexpected[:5]}"
         )
     return net
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """The release's `get_vit_lr_decay_rate`: embeddings 0, block i -> i + 1, pyramid and heads L + 1."""
-    if name.startswith("backbone.net."):
-        if ".pos_embed" in name or ".patch_embed" in name or name.endswith("pos_embed"):
-            return 0
-        if ".blocks." in name:
-            return int(name.split(".blocks.")[1].split(".")[0]) + 1
-    return num_layers + 1

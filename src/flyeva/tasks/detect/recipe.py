@@ -26,6 +26,9 @@ class ModelSection:
     patch_size: int = 16  # EVA's 14 resized bicubically (release `EVA-01/det`)
     img_size: int = 1280  # the LSJ crop and square pad
     window: int = 16
+    # rel-pos tables resized to another grid (1536 test of 1280 training): "beit" is the release's cubic
+    # fit on geometric offsets (`cascade_mask_rcnn_vitdet_eva_1536.py`), "linear" ViTDet's (docs/detect.md)
+    rel_pos_interp: str = "beit"
     global_blocks: list[int] = field(default_factory=list)  # empty: evenly spaced (g 3,7,...,39; B 2,5,8,11)
     pos_grid: int = 0  # 0: the encoder's table at its pretraining size (224 / 16 = 14, as the release)
     pyramid_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
@@ -78,7 +81,6 @@ class TestSection:
     extra_caps: list[int] = field(default_factory=list)  # also evaluate at these per-image caps (LVIS 1000)
     batch_size: int = 1
     max_images: int = 0  # evaluate on the first N images only (0 = all)
-    during_training: bool = True  # evaluate after each `eval_every_epochs` epochs
 
 
 def _optim() -> OptimConfig:
@@ -111,11 +113,13 @@ class DetectConfig:
 CLASSIFIERS = ("softmax", "sigmoid_fed")
 
 
-def validate(cfg: DetectConfig) -> None:
+def validate(cfg: DetectConfig, need_train: bool = True) -> None:
     """Reject bad values before any work starts: one line each, naming the key."""
     m, d, t = cfg.model, cfg.data, cfg.test
     if m.classifier not in CLASSIFIERS:
         raise ConfigError(f"model.classifier={m.classifier!r} is not one of {list(CLASSIFIERS)}")
+    if m.rel_pos_interp not in ("linear", "beit"):
+        raise ConfigError(f"model.rel_pos_interp={m.rel_pos_interp!r} must be 'linear' or 'beit'")
     if t.nms not in ("soft", "hard"):
         raise ConfigError(f"test.nms={t.nms!r} must be 'soft' or 'hard'")
     if m.img_size % (m.patch_size * 2) or m.img_size <= 0:
@@ -129,7 +133,7 @@ def validate(cfg: DetectConfig) -> None:
         raise ConfigError(
             f"data.lsj_min_scale/lsj_max_scale must satisfy 0 < min <= max, got {d.lsj_min_scale}"
         )
-    if not d.train_json and d.shapeworld_train <= 0:
+    if need_train and not d.train_json and d.shapeworld_train <= 0:
         raise ConfigError("data.train_json is empty; set it (COCO-format json) or data.shapeworld_train=N")
     cfg.train.check()  # before any data is prepared
     if cfg.optim.schedule != "step" and cfg.optim.decay_steps:

@@ -10,9 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyeva.config import ConfigError, write_config
+from flyeva.config import ConfigError
 from flyeva.engine import distributed as D
-from flyeva.engine.loop import PRECISIONS, StepContext, train
+from flyeva.engine.loop import PRECISIONS, StepContext
+from flyeva.engine.run import RunLock
+from flyeva.engine.stage import EVAL_FILE, Built, result_record, write_result
+from flyeva.tasks.detect.annotations import check_usable, evaluation_ground_truth
 from flyeva.tasks.detect.data import CocoDetectionDataset
 from flyeva.tasks.detect.recipe import DetectConfig, validate
 
@@ -21,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 class DetectionObjective:
     """The sum of RPN, cascade-stage and mask losses; each term is logged."""
+
+    handles_backward = False
+    input_key = "images"
 
     def __call__(
         self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
@@ -34,31 +40,28 @@ class DetectionObjective:
 
 
 def prepare_data(cfg: DetectConfig, out: Path, need_train: bool = True) -> tuple[Path, Path | None, str, str]:
-    """(train json, val json or None, train image root, val image root); ShapeWorld is exported if asked.
-
-    The ShapeWorld validation images follow the training ones (indices from data.shapeworld_train).
-    """
+    """(train json, val json or None, train image root, val image root); ShapeWorld is exported where a
+    split's json is not given. The ShapeWorld validation images follow the training ones."""
     d = cfg.data
-    if d.train_json:
-        return Path(d.train_json), Path(d.val_json) if d.val_json else None, d.train_images, d.val_images
-    from flyeva.data.export import export_split
-    from flyeva.data.synthetic import ShapeWorld
-
-    world = ShapeWorld(image_size=d.shapeworld_size, seed=d.shapeworld_seed)
     root = out / "shapeworld"
-    train_json, val_json = (
-        root / "train" / "coco" / "instances.json",
-        root / "val" / "coco" / "instances.json",
-    )
-    if D.is_main():  # deterministic: an existing export is the same images
-        if need_train and not train_json.is_file():
+    train_json = Path(d.train_json) if d.train_json else root / "train" / "coco" / "instances.json"
+    val_json = Path(d.val_json) if d.val_json else root / "val" / "coco" / "instances.json"
+    export_train = need_train and not d.train_json and not train_json.is_file()
+    export_val = not d.val_json and d.shapeworld_val > 0 and not val_json.is_file()
+    if (export_train or export_val) and D.is_main():  # deterministic: an existing export is the same images
+        from flyeva.data.export import export_split
+        from flyeva.data.synthetic import ShapeWorld
+
+        world = ShapeWorld(image_size=d.shapeworld_size, seed=d.shapeworld_seed)
+        if export_train:
             export_split(world, root / "train", d.shapeworld_train, formats=("coco",))
-        if d.shapeworld_val and not val_json.is_file():
+        if export_val:
             export_split(
                 world, root / "val", d.shapeworld_val, formats=("coco",), start_index=d.shapeworld_train
             )
     D.barrier()
-    return train_json, val_json if d.shapeworld_val else None, "", ""
+    has_val = bool(d.val_json) or d.shapeworld_val > 0
+    return train_json, val_json if has_val else None, d.train_images, d.val_images
 
 
 class DetectionEvaluator:
@@ -66,9 +69,11 @@ class DetectionEvaluator:
 
     def __init__(self, dataset: CocoDetectionDataset, json_path: Path, cfg: DetectConfig):
         self.dataset, self.json_path, self.cfg = dataset, json_path, cfg
+        # without what the evaluator cannot score (a NaN polygon would exhaust its memory)
+        self.ground_truth = evaluation_ground_truth(json_path)
+        self.out = Path(cfg.train.output_dir)
         self.last_results: list[dict] = []
         self.last_stats: dict[str, dict[str, float]] = {}
-        self.last_step = -1  # the optimizer step of the last evaluation
 
     def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
         from flyeva.tasks.detect.evaluate import coco_evaluate, gather_results, predict_dataset
@@ -86,9 +91,10 @@ class DetectionEvaluator:
         results = gather_results(results)
         if not D.is_main():
             return {}
-        stats = coco_evaluate(self.json_path, results, lvis=t.lvis, max_per_image=t.detections_per_image)
+        truth = self.ground_truth
+        stats = coco_evaluate(truth, results, lvis=t.lvis, max_per_image=t.detections_per_image)
         for cap in t.extra_caps:
-            extra = coco_evaluate(self.json_path, results, lvis=t.lvis, max_per_image=cap)
+            extra = coco_evaluate(truth, results, lvis=t.lvis, max_per_image=cap)
             stats.update({f"{kind}@{cap}": values for kind, values in extra.items()})
         self.last_results, self.last_stats = results, stats
         if skipped:
@@ -96,16 +102,23 @@ class DetectionEvaluator:
         return stats
 
     def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        stats = self.evaluate(model)
-        self.last_step = ctx.step
-        return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}
+        return flat_stats(self.evaluate(model))
 
-    def write(self, out: Path) -> dict[str, Any]:
-        """OUTPUT/eval.json (stats by name) and OUTPUT/detections.json (COCO results)."""
-        document = dict(self.last_stats, detections_per_image=self.cfg.test.detections_per_image)
-        (out / "eval.json").write_text(json.dumps(document, indent=2) + "\n")
-        (out / "detections.json").write_text(json.dumps(self.last_results))
-        return document
+    def details(self) -> dict[str, Any]:
+        """The last evaluation's COCO results go to OUTPUT/detections.json (written by rank 0)."""
+        if not self.last_results and not self.last_stats:
+            return {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "detections.json").write_text(json.dumps(self.last_results))
+        return {
+            "detections": str(self.out / "detections.json"),
+            "detections_per_image": self.cfg.test.detections_per_image,
+        }
+
+
+def flat_stats(stats: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"bbox": {"AP": ..}} -> {"bbox_AP": ..}: the flat metric names the engine logs."""
+    return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}
 
 
 def _fed_weights(cfg: DetectConfig, dataset: CocoDetectionDataset) -> torch.Tensor | None:
@@ -114,21 +127,18 @@ def _fed_weights(cfg: DetectConfig, dataset: CocoDetectionDataset) -> torch.Tens
     return fed_loss_weights(dataset.image_counts) if cfg.model.classifier == "sigmoid_fed" else None
 
 
-def run_train(cfg: DetectConfig) -> dict[str, Any]:
-    """Train on the shared engine; write final/ (weights, kind `detector`), eval.json, detections.json."""
-    from flyeva.engine.checkpoint import full_model_state
+def build_train(cfg: DetectConfig) -> Built:
+    """The detector, its loss and its data on the shared engine; final/ holds a `detector` folder."""
     from flyeva.models.weights import save_weights
     from flyeva.tasks.detect.build import build_detector, release_param_groups
     from flyeva.tasks.detect.lvis import repeat_factors
     from flyeva.tasks.detect.stream import DetectionBatchStream
     from flyeva.tasks.detect.transforms import LargeScaleJitter
 
-    validate(cfg)
-    D.init_distributed(cfg.train.device)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train_json, val_json, train_root, val_root = prepare_data(cfg, out)
     dataset = CocoDetectionDataset(train_json, train_root or None)
+    check_usable(dataset)  # no usable sample, or most of them dropped: one line, before any training
     val = CocoDetectionDataset(val_json, val_root or None) if val_json else None
     factors = None
     if cfg.data.repeat_threshold > 0:
@@ -140,29 +150,17 @@ def run_train(cfg: DetectConfig) -> dict[str, Any]:
     stream = DetectionBatchStream(
         dataset, transform, cfg.train.batch_size, D.rank(), D.world_size(), cfg.train.seed, factors
     )
-    evaluator = DetectionEvaluator(val, val_json, cfg) if val is not None else None
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(
-        model,
-        DetectionObjective(),
-        stream,
-        cfg.train,
-        cfg.optim,
+    arch = model.arch
+    extra = {"classes": dataset.class_names, "category_ids": dataset.category_ids}
+    return Built(
+        model=model,
+        objective=DetectionObjective(),
+        stream=stream,
+        save_final=lambda state, folder: save_weights(state, folder, kind="detector", arch=arch, extra=extra),
+        evaluator=DetectionEvaluator(val, val_json, cfg) if val is not None else None,
         groups_fn=lambda m: release_param_groups(m, cfg.optim, cfg.model.weight_decay_all),
-        evaluate=evaluator if cfg.test.during_training else None,
+        facts={"num_classes": dataset.num_classes, "train_images": len(dataset)},
     )
-    state = full_model_state(result.model)
-    summary: dict[str, Any] = {"steps": result.step, "skipped_images": result.skipped_images}
-    if D.is_main():
-        extra = {"classes": dataset.class_names, "category_ids": dataset.category_ids}
-        save_weights(state, out / "final", kind="detector", arch=D.unwrap(result.model).arch, extra=extra)
-    if evaluator is not None:
-        if evaluator.last_step != result.step:  # the engine evaluates only at the end of an epoch
-            evaluator.evaluate(result.model)
-        if D.is_main():
-            summary["eval"] = evaluator.write(out)
-    return summary
 
 
 def _load_detector(cfg: DetectConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -187,15 +185,21 @@ def _load_detector(cfg: DetectConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 def run_eval(cfg: DetectConfig) -> dict[str, Any]:
     """Evaluate `model.init` (a detector) on the validation set; write OUTPUT/eval.json and detections."""
-    D.init_distributed(cfg.train.device)
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    validate(cfg, need_train=False)
+    device = D.init_distributed(cfg.train.device)
     if not cfg.data.val_json and cfg.data.shapeworld_val <= 0:
         raise ConfigError("data.val_json is empty; set it (COCO-format json) or data.shapeworld_val=N")
-    model, _ = _load_detector(cfg)
-    _, val_json, _, val_root = prepare_data(cfg, out, need_train=False)
-    val = CocoDetectionDataset(val_json, val_root or None)
-    model.to(D.init_distributed(cfg.train.device))
-    evaluator = DetectionEvaluator(val, val_json, cfg)
-    evaluator.evaluate(model)
-    return evaluator.write(out) if D.is_main() else {}
+    out = Path(cfg.train.output_dir)
+    with RunLock.hold(out, enabled=D.is_main()):  # never write beside a training run of this folder
+        model, _ = _load_detector(cfg)
+        _, val_json, _, val_root = prepare_data(cfg, out, need_train=False)
+        val = CocoDetectionDataset(val_json, val_root or None)
+        evaluator = DetectionEvaluator(val, val_json, cfg)
+        metrics = evaluator(model.to(device), StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
+        if not D.is_main():
+            return {}
+        record = result_record(
+            "detect", "eval", evaluations=[metrics], weights=cfg.model.init, details=evaluator.details()
+        )
+        write_result(out, record, EVAL_FILE)
+    return record

@@ -3,7 +3,7 @@
     flyeva report runs/miniature_clip                       # -> runs/miniature_clip/report/
     flyeva report runs/a runs/b --out compare/ --recipe clip/miniature
 
-Reads what the engine writes (OUTPUT/metrics.jsonl, config.yaml, summary.json); modules: `runs`
+Reads what the engine writes (OUTPUT/metrics.jsonl, config.yaml, result.json); modules: `runs`
 (reading a run folder), `plots` (matplotlib Agg PNGs, runs overlaid), `summary` (the markdown).
 This file stays import-light: the CLI imports it on every call.
 """

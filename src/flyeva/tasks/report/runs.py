@@ -1,4 +1,4 @@
-"""One training run as the engine left it: metrics.jsonl records, config.yaml, summary.json."""
+"""One training run as the engine left it: metrics.jsonl records, config.yaml, result.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE, CONFIG_FILE, SUMMARY_FILE = "metrics.jsonl", "config.yaml", "summary.json"
+METRICS_FILE, CONFIG_FILE, SUMMARY_FILE = "metrics.jsonl", "config.yaml", "result.json"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The markdown summary of runs: results per run, the plots, and config differences.
 
 Every number in it is read from the run folder: metrics.jsonl (train / eval / epoch records),
-summary.json (the run's own counts) and config.yaml (the resolved config).
+result.json (the run's result record, the same schema for every stage) and config.yaml (the resolved config).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ class Report:
 
 
 def run_facts(run: RunLog) -> dict[str, Any]:
-    """The results of one run, each read from its log or summary.json (None where the run has none)."""
+    """The results of one run, each read from its log or result.json (None where the run has none)."""
     _, losses = run.series("loss")
     _, rates = run.series("steps_per_s")
     times = [
         r["time"] for r in (*run.train, *run.evals, *run.epochs) if isinstance(r.get("time"), (int, float))
     ]
-    final_eval = {}
-    for record in run.evals:  # the latest value of each metric
+    final_eval = dict(run.summary.get("metrics") or {})  # the evaluation at the run's last step
+    for record in run.evals if not final_eval else ():  # a run that stopped early: the latest of each
         final_eval.update({k: v for k, v in record.items() if k not in ("kind", "step", "time")})
     return {
         "steps": max((r["step"] for r in run.train), default=0),
@@ -46,7 +46,7 @@ def run_facts(run: RunLog) -> dict[str, Any]:
         "images": sum(r.get("images", 0) for r in run.epochs),
         "skipped_inputs": sum(r.get("skipped_images", 0) for r in run.epochs),
         "skipped_steps_logged": sum(1 for r in run.train if r.get("skipped") or r.get("loss") is None),
-        "nonfinite_steps": run.summary.get("nonfinite_steps"),
+        "nonfinite_steps": (run.summary.get("counts") or {}).get("nonfinite_steps"),
         **{f"eval {k}": v for k, v in sorted(final_eval.items())},
     }
 
@@ -62,7 +62,7 @@ FACT_LABELS = {
     "images": "images seen (epoch records)",
     "skipped_inputs": "unreadable inputs skipped",
     "skipped_steps_logged": "skipped steps in the log (null loss)",
-    "nonfinite_steps": "non-finite steps (summary.json)",
+    "nonfinite_steps": "non-finite steps (result.json)",
 }
 
 

@@ -17,7 +17,31 @@ import torch
 from timm.models.eva import Eva
 from torch import nn
 
+from flyeva.engine.optim import layer_id_for_vit
 from flyeva.models.eva import EvaSize, eva_kwargs, resize_patch_embed, set_image_size
+
+ENCODER_PREFIX = "backbone.encoder."
+
+
+class BackboneLayers:
+    """Layer ids of a segmenter for layer decay (`engine.optim.layer_decay_groups`): encoder embeddings
+    0, block i -> i + 1; the neck and the whole decoder num_layers + 1 (full lr).
+
+    The release's builder puts Mask2Former's query and level embeddings at layer 0 (lr x 0.95^41);
+    here every decoder parameter gets the full lr (docs/segment.md).
+    """
+
+    backbone: EvaBackbone
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    @staticmethod
+    def layer_id(name: str, num_layers: int) -> int:
+        if name.startswith(ENCODER_PREFIX):
+            return layer_id_for_vit(name.removeprefix(ENCODER_PREFIX), num_layers)
+        return num_layers + 1
 
 
 class FeaturePyramidNeck(nn.Module):

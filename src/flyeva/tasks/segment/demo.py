@@ -27,7 +27,9 @@ def run_demo_stage(
     """Train `flyeva segment train --config miniature` for `steps` steps (EVA init when `init` is a
     pretrained folder, else the release's random init) and return its validation mIoU, mAcc, aAcc."""
     from flyeva.config import load_config, recipe_path
-    from flyeva.tasks.segment.recipe import SegmentConfig, run_train
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.segment import SEGMENT
+    from flyeva.tasks.segment.recipe import SegmentConfig
 
     epochs = 3  # evaluated after each: the curve from chance upward
     overrides = [
@@ -40,5 +42,5 @@ def run_demo_stage(
         f"train.steps_per_epoch={max(1, steps // epochs)}",
         f"data.shapeworld_seed={seed}",
     ]
-    summary = run_train(load_config(SegmentConfig, recipe_path("segment", "miniature"), overrides))
-    return {key: float(summary[key]) for key in ("mIoU", "mAcc", "aAcc")}
+    record = run_stage(SEGMENT, load_config(SegmentConfig, recipe_path("segment", "miniature"), overrides))
+    return {key: float(record["metrics"][key]) for key in ("mIoU", "mAcc", "aAcc")}

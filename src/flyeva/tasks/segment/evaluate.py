@@ -52,18 +52,31 @@ def check_eval_section(cfg: EvalSection) -> None:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C, C] int64 counts, rows = label class, columns = predicted class; label 255 is skipped."""
+    """[C + 1, C + 1] int64 counts, rows = label class, columns = predicted class; label 255 is skipped.
+
+    Row and column C count labels and predictions outside [0, C) (a prediction of 255 included):
+    mmseg's `intersect_and_union` histograms drop them, so such a prediction on a labelled pixel is a
+    missed pixel of the label's class, and such a label adds only to the prediction's area.
+    """
     keep = target != IGNORE_INDEX
-    codes = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(codes, minlength=num_classes**2).reshape(num_classes, num_classes)
+    labels, preds = target[keep].long(), pred[keep].long()
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    preds = torch.where((preds >= 0) & (preds < num_classes), preds, num_classes)
+    size = num_classes + 1
+    return torch.bincount(labels * size + preds, minlength=size**2).reshape(size, size)
 
 
 def segmentation_metrics(confusion: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """mIoU, mAcc, aAcc and per-class IoU / accuracy (None where undefined) from a confusion matrix."""
+    """mIoU, mAcc, aAcc and per-class IoU / accuracy (None where undefined) from a confusion matrix.
+
+    `confusion` is `confusion_matrix`'s [C + 1, C + 1] (or a plain [C, C]): as mmseg, a class's
+    labelled area counts every prediction, its predicted area every label, inside [0, C) or not.
+    """
+    num_classes = len(classes)
     confusion = confusion.double()
-    true_positive = confusion.diag()
-    labelled = confusion.sum(1)
-    predicted = confusion.sum(0)
+    true_positive = confusion[:num_classes, :num_classes].diag()
+    labelled = confusion[:num_classes].sum(1)
+    predicted = confusion[:, :num_classes].sum(0)
     union = labelled + predicted - true_positive
     iou = true_positive / union  # NaN where a class is neither labelled nor predicted
     accuracy = true_positive / labelled  # NaN where a class is never labelled
@@ -190,7 +203,7 @@ class Evaluator:
         base = D.unwrap(model)
         probabilities = getattr(base, "scores_are_probabilities", False)
         divisor = base.backbone.size_divisor
-        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        confusion = torch.zeros(self.num_classes + 1, self.num_classes + 1, dtype=torch.int64)
         skipped: list[str] = []
         was_training = model.training
         model.eval()
@@ -210,6 +223,10 @@ class Evaluator:
             skipped = [item for part in D.all_gather_objects(skipped) for item in part]
         self.last = segmentation_metrics(confusion, self.pairs.classes) | {"skipped": skipped}
         return self.last
+
+    def details(self) -> dict[str, Any]:
+        """Per-class IoU and accuracy, and the skipped files, of the last evaluation."""
+        return {k: v for k, v in self.last.items() if k not in ("mIoU", "mAcc", "aAcc")}
 
     def __call__(self, model: nn.Module, ctx: Any) -> dict[str, float]:
         metrics = self.run(model, ctx.device)

@@ -25,7 +25,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
-from flyeva.tasks.segment.backbone import EvaBackbone
+from flyeva.tasks.segment.backbone import BackboneLayers, EvaBackbone
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.upernet import loss_of_no_images
 
@@ -111,7 +111,7 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> to
     return torch.einsum("bqc,bqhw->bchw", probabilities, mask_logits.float().sigmoid())
 
 
-class EvaMask2Former(nn.Module):
+class EvaMask2Former(BackboneLayers, nn.Module):
     """EVA backbone + neck + Mask2Former; `forward(images)` gives semantic scores at input resolution,
     `forward(images, labels)` gives (loss, metrics) summed over every decoder layer's predictions."""
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from flyeva.engine.optim import layer_id_for_vit, param_groups
 from flyeva.models.eva import EvaSize, get_size, init_finetune_weights, size_with
 from flyeva.tasks.segment.backbone import EvaBackbone, load_pretrained_encoder
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
@@ -29,7 +28,6 @@ OUT_INDICES_BY_DEPTH: dict[int, list[int]] = {
     24: [7, 11, 15, 23],
     40: [9, 19, 29, 39],
 }
-ENCODER_PREFIX = "backbone.encoder."
 
 
 @dataclass
@@ -183,23 +181,3 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     )
 
 
-def segmenter_layer_id(name: str, num_layers: int) -> int:
-    """Encoder embeddings 0, block i -> i + 1; the neck and the whole decoder num_layers + 1 (full lr).
-
-    The release's builder puts Mask2Former's query and level embeddings at layer 0 (lr x 0.95^41);
-    here every decoder parameter gets the full lr (docs/segment.md).
-    """
-    if name.startswith(ENCODER_PREFIX):
-        return layer_id_for_vit(name.removeprefix(ENCODER_PREFIX), num_layers)
-    return num_layers + 1
-
-
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with `lr_scale` = layer_decay ** (num_layers + 1 - layer) (paper section 4.2)."""
-    return param_groups(
-        model,
-        weight_decay,
-        layer_decay=layer_decay,
-        num_layers=model.backbone.num_layers,
-        layer_id_fn=segmenter_layer_id,
-    )

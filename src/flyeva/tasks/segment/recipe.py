@@ -1,4 +1,4 @@
-"""`flyeva segment train|eval`: the recipe schema and the runs on the shared engine.
+"""`flyeva segment train|eval`: the recipe schema, the stage on the shared engine, the evaluation.
 
 Schema defaults are the release's EVA-g + Mask2Former ADE20K stage (paper section 4.2, release
 `EVA-01/seg`): crop 896, AdamW (0.9, 0.999) lr 2.5e-5, wd 0.05, layer decay 0.95, poly (power 1)
@@ -8,7 +8,6 @@ to 0 after a 500-iteration warmup, 20k iterations at batch 64, drop path 0.5, sl
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,12 @@ from typing import Any
 
 import torch
 
-from flyeva.config import ConfigError, write_config
+from flyeva.config import ConfigError
 from flyeva.engine import distributed as D
-from flyeva.engine.checkpoint import full_model_state
-from flyeva.engine.loop import StepContext, TrainConfig, train
+from flyeva.engine.loop import StepContext, TrainConfig
 from flyeva.engine.optim import OptimConfig, check_schedule
+from flyeva.engine.run import RunLock
+from flyeva.engine.stage import Built, write_evaluation
 from flyeva.tasks.segment.data import DataSection, check_data_section, ensure_shapeworld, open_split
 from flyeva.tasks.segment.evaluate import EvalSection, Evaluator, check_eval_section
 from flyeva.tasks.segment.model import (
@@ -28,7 +28,6 @@ from flyeva.tasks.segment.model import (
     build_from_arch,
     build_segmenter,
     check_model_section,
-    layer_decay_groups,
     segmenter_arch,
 )
 from flyeva.tasks.segment.stream import SegmentationBatchStream
@@ -98,6 +97,9 @@ def resolve(cfg: SegmentConfig) -> SegmentConfig:
 class SegmentationObjective:
     """Loss of a batch: the model's own (cross-entropy for UperNet, matched mask losses for Mask2Former)."""
 
+    handles_backward = False
+    input_key = "images"
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext):
         return model(batch["images"], batch["labels"])
 
@@ -110,14 +112,14 @@ def save_segmenter(model: torch.nn.Module, folder: Path, classes: list[str], sou
     )
 
 
-def run_train(cfg: SegmentConfig) -> dict[str, Any]:
-    """Train on the shared engine; write OUTPUT/final (segmenter weights) and OUTPUT/eval.json."""
-    cfg = resolve(cfg)
+def build_segment(cfg: SegmentConfig) -> Built:
+    """The segmenter (UperNet or Mask2Former on EVA), its loss and the data on the shared engine."""
     device = D.init_distributed(cfg.train.device)
     out = Path(cfg.train.output_dir)
     data = ensure_shapeworld(cfg.data, out)
     train_pairs, val_pairs = open_split(data, "train"), open_split(data, "val")
     model = build_segmenter(cfg.model, len(train_pairs.classes), cfg.aug.crop_size, cfg.train.seed)
+    arch = segmenter_arch(model)
     if D.world_size() > 1 and device.type == "cuda" and cfg.train.strategy != "fsdp":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg trains with SyncBN (CUDA only)
     rank, world = D.rank(), D.world_size()
@@ -130,35 +132,21 @@ def run_train(cfg: SegmentConfig) -> dict[str, Any]:
         cfg.train.seed,
         batches_per_epoch=cfg.train.steps_per_epoch * cfg.train.accum_steps,
     )
-    evaluator = Evaluator(val_pairs, cfg.eval, rank, world, shard=cfg.train.strategy != "fsdp")
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(
+    source = {"init": cfg.model.init, "recipe": "segment train"}
+
+    def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
+        final = build_from_arch(arch)
+        final.load_state_dict(state)
+        save_segmenter(final, folder, train_pairs.classes, source)
+
+    return Built(
         model,
         SegmentationObjective(),
         stream,
-        cfg.train,
-        cfg.optim,
-        groups_fn=lambda m: layer_decay_groups(m, cfg.optim.weight_decay, cfg.optim.layer_decay),
-        evaluate=evaluator,
+        save_final,
+        evaluator=Evaluator(val_pairs, cfg.eval, rank, world, shard=cfg.train.strategy != "fsdp"),
+        facts={"num_classes": len(train_pairs.classes), "train_pairs": len(train_pairs)},
     )
-    if not evaluator.last:  # stopped by max_steps inside an epoch: evaluate the final weights (every rank)
-        evaluator.run(result.model, device)
-    state = full_model_state(result.model)  # collective under FSDP2
-    if not D.is_main():
-        return {}
-    final = build_from_arch(segmenter_arch(D.unwrap(result.model)))
-    final.load_state_dict(state)
-    source = {"init": cfg.model.init, "recipe": "segment train", "steps": result.step}
-    save_segmenter(final, out / "final", train_pairs.classes, source)
-    return write_eval(out, evaluator.last, result.step)
-
-
-def write_eval(out: Path, metrics: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-    summary = {"step": step, **metrics} if step is not None else dict(metrics)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def load_segmenter(path: str) -> torch.nn.Module:
@@ -181,12 +169,16 @@ def run_eval(cfg: SegmentConfig) -> dict[str, Any]:
     device = D.init_distributed(cfg.train.device)
     model = load_segmenter(cfg.weights).to(device)
     out = Path(cfg.train.output_dir)
-    data = ensure_shapeworld(cfg.data, out)
-    val_pairs = open_split(data, "val")
-    if model.num_classes != len(val_pairs.classes):
-        raise ConfigError(
-            f"{cfg.weights} predicts {model.num_classes} classes but the data has {len(val_pairs.classes)}; "
-            "evaluate on the dataset it was trained for"
-        )
-    metrics = Evaluator(val_pairs, cfg.eval, D.rank(), D.world_size()).run(model, device)
-    return write_eval(out, metrics) if D.is_main() else {}
+    with RunLock.hold(out, enabled=D.is_main()):  # never write beside a training run of this folder
+        data = ensure_shapeworld(cfg.data, out)
+        val_pairs = open_split(data, "val")
+        if model.num_classes != len(val_pairs.classes):
+            raise ConfigError(
+                f"{cfg.weights} predicts {model.num_classes} classes but the data has "
+                f"{len(val_pairs.classes)}; evaluate on the dataset it was trained for"
+            )
+        evaluator = Evaluator(val_pairs, cfg.eval, D.rank(), D.world_size())
+        metrics = evaluator(model, StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
+        if not D.is_main():
+            return {}
+        return write_evaluation(out, "segment", metrics, weights=cfg.weights, details=evaluator.details())

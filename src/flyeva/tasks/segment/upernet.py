@@ -17,7 +17,7 @@ from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
-from flyeva.tasks.segment.backbone import EvaBackbone
+from flyeva.tasks.segment.backbone import BackboneLayers, EvaBackbone
 
 IGNORE_INDEX = 255
 
@@ -32,7 +32,7 @@ class UperNetSection:
     aux_weight: float = 0.4  # mmseg FCNHead loss_weight
 
 
-class EvaUperNet(nn.Module):
+class EvaUperNet(BackboneLayers, nn.Module):
     """EVA backbone + neck + UperNet head + FCN auxiliary head.
 
     `forward(images)` gives per-class logits at the input resolution; `forward(images, labels)`

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from flyeva.data.video.datasets import read_class_names
 from flyeva.models.checkpoint import load_weights
 from flyeva.models.eva import EvaSize, get_size, size_with
-from flyeva.tasks.video.convert import load_init, map_classifier_rows, read_class_names
+from flyeva.tasks.video.convert import load_init, map_classifier_rows
 from flyeva.tasks.video.model import FINAL_NORMS, HEAD_INIT_SCALE, VideoEva, build_video_model, init_head
 
 logger = logging.getLogger(__name__)

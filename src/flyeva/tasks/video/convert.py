@@ -50,17 +50,6 @@ def map_classifier_rows(
     return {"head.weight": head["head.weight"][rows], "head.bias": head["head.bias"][rows]}
 
 
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names, one per line, or a Kinetics labels CSV (`id,name` rows after a header)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if lines and "," in lines[0] and lines[0].lower().replace(" ", "") in ("id,name", "label,name"):
-        return [line.split(",", 1)[1].strip() for line in lines[1:]]
-    return lines
-
-
 def load_init(path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(state, arch, kind) of `model.init`: a video folder or release video checkpoint ("video"),
     else an image encoder (MIM / encoder folder, release image checkpoint) ("image", arch = size)."""

@@ -17,7 +17,9 @@ QUICK_OVERRIDES = ["data.train.num_samples=128", "data.val.num_samples=64", "tra
 def _run(
     out_dir: Path, data: dict[str, Path], init: str, seed: int, overrides: list[str]
 ) -> dict[str, float]:
-    from flyeva.tasks.video.recipe import VideoConfig, run_train
+    from flyeva.engine.stage import run_stage
+    from flyeva.tasks.video import VIDEO
+    from flyeva.tasks.video.recipe import VideoConfig
 
     settings = [
         f"train.output_dir={out_dir}",
@@ -32,9 +34,8 @@ def _run(
         "train.num_workers=0",
         *overrides,
     ]
-    summary = run_train(load_config(VideoConfig, recipe_path("video", "miniature"), settings))
-    final = summary["epochs"][-1]
-    return {"top1": final["top1"], "mean_class_top1": final["mean_class_top1"]}
+    record = run_stage(VIDEO, load_config(VideoConfig, recipe_path("video", "miniature"), settings))
+    return {"top1": record["metrics"]["top1"], "mean_class_top1": record["metrics"]["mean_class_top1"]}
 
 
 def run_demo_stage(out_dir: Path, init: str | None, seed: int, *, quick: bool = False) -> dict[str, float]:
@@ -43,7 +44,7 @@ def run_demo_stage(out_dir: Path, init: str | None, seed: int, *, quick: bool = 
     Returns `eva_top1`, `eva_mean_class_top1` (when `init` is given), `random_top1`,
     `random_mean_class_top1` and `chance_top1` (percent, on held-out clips).
     """
-    from flyeva.tasks.video.datasets import write_shapeworld_clips
+    from flyeva.data.video.datasets import write_shapeworld_clips
     from flyeva.tasks.video.recipe import VideoConfig
 
     out_dir = Path(out_dir)

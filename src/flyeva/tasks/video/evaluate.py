@@ -15,7 +15,7 @@ from torch import nn
 
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import StepContext
-from flyeva.tasks.classify.objective import (
+from flyeva.eval.classification import (
     CONFUSION_MAX_CLASSES,
     ClassificationObjective,
     Evaluator,
@@ -45,9 +45,14 @@ def average_views(logits: torch.Tensor) -> torch.Tensor:
 class VideoEvaluator(Evaluator):
     """Multi-view top-1/top-5/mean-class accuracy (percent) over all ranks; batches [B, V, T, C, H, W]."""
 
-    def __init__(self, stream: Any, num_classes: int, precision: str = "fp32", max_batches: int = 0):
-        super().__init__(stream, num_classes, precision, max_batches)
+    def __init__(
+        self, stream: Any, num_classes: int, precision: str = "fp32", max_batches: int = 0, classes=None
+    ):
+        super().__init__(stream, num_classes, precision, max_batches, classes)
         self.last: dict[str, Any] = {}
+
+    def details(self) -> dict[str, Any]:
+        return {**self.last, **super().details()}
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:

@@ -8,7 +8,6 @@ Mixup, label smoothing 0.1, AdamW (0.9, 0.98) eps 1e-6 wd 0.05, batch 256 in tot
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,19 +15,19 @@ from typing import Any
 
 import torch
 
-from flyeva.config import write_config
+from flyeva.data.video.datasets import LIST_TYPES, VideoList, load_video_list, write_shapeworld_clips
+from flyeva.data.video.decode import get_decoder
+from flyeva.data.video.stream import ClipBatchStream, VideoSource, eval_clip_stream
+from flyeva.data.video.transforms import MULTI_SCALES, ClipEvalTransform, ClipTrainTransform
 from flyeva.engine import distributed as D
-from flyeva.engine.checkpoint import full_model_state
-from flyeva.engine.loop import StepContext, TrainConfig, train
-from flyeva.engine.optim import OptimConfig, param_groups
+from flyeva.engine.loop import StepContext, TrainConfig
+from flyeva.engine.optim import OptimConfig
+from flyeva.engine.run import RunLock
+from flyeva.engine.stage import Built, write_evaluation
 from flyeva.models.weights import save_weights
 from flyeva.tasks.video.build import ModelSection, build_model, check_model_section
-from flyeva.tasks.video.datasets import LIST_TYPES, VideoList, load_video_list, write_shapeworld_clips
-from flyeva.tasks.video.decode import get_decoder
 from flyeva.tasks.video.evaluate import VideoEvaluator, VideoObjective
 from flyeva.tasks.video.model import VideoEva, video_arch
-from flyeva.tasks.video.stream import ClipBatchStream, VideoSource, eval_clip_stream
-from flyeva.tasks.video.transforms import MULTI_SCALES, ClipEvalTransform, ClipTrainTransform
 
 logger = logging.getLogger(__name__)
 
@@ -146,19 +145,12 @@ def make_evaluator(cfg: VideoConfig, videos: VideoList, model: VideoEva) -> Vide
     batch = cfg.data.val_batch_size or cfg.train.batch_size
     empty = (views * cfg.data.test_crops, *clip_shape(model))
     stream = eval_clip_stream(source, transform, batch, D.rank(), D.world_size(), empty)
-    return VideoEvaluator(stream, len(videos.classes), cfg.train.precision, cfg.data.max_val_batches)
+    precision, batches = cfg.train.precision, cfg.data.max_val_batches
+    return VideoEvaluator(stream, len(videos.classes), precision, batches, videos.classes)
 
 
-def layer_decay_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
-    """Embeddings layer 0, block i -> i + 1, fc_norm and head L + 1 (the image recipe's rule)."""
-    return param_groups(
-        model, optim.weight_decay, layer_decay=optim.layer_decay, num_layers=len(model.blocks)
-    )
-
-
-def run_train(cfg: VideoConfig) -> dict[str, Any]:
-    """Fine-tune on clips with the shared engine; write OUTPUT/final (kind `video`) and summary.json."""
-    check_config(cfg)
+def build_video(cfg: VideoConfig) -> Built:
+    """The inflated video EVA, its loss (Mixup on clips, smoothing) and the clip stream."""
     D.init_distributed(cfg.train.device)
     train_videos = resolve_split(cfg.data.train, "train", cfg)
     val_videos = resolve_split(cfg.data.val, "val", cfg)
@@ -178,35 +170,18 @@ def run_train(cfg: VideoConfig) -> dict[str, Any]:
     mixup = dict(
         mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob
     )
-    objective = VideoObjective(len(classes), aug.smoothing, mixup)
-    evaluator = make_evaluator(cfg, val_videos, model) if val_videos is not None else None
-    out = Path(cfg.train.output_dir)
-    if D.is_main():
-        write_config(cfg, out)
-    result = train(
-        model, objective, stream, cfg.train, cfg.optim,
-        groups_fn=lambda m: layer_decay_groups(m, cfg.optim), evaluate=evaluator,
-    )  # fmt: skip
-    state = full_model_state(result.model)  # collective under FSDP2
-    if not D.is_main():
-        return {}
-    final = D.unwrap(result.model)
-    source_info = {"init": cfg.model.init, "recipe": "flyeva video train"}
-    save_weights(
-        state,
-        out / "final",
-        kind="video",
-        arch=video_arch(final),
-        source=source_info,
-        extra={"classes": classes},
-    )
-    from flyeva.tasks.classify.report import write_summary
+    arch, info = video_arch(model), {"init": cfg.model.init, "recipe": "flyeva video train"}
 
-    return write_summary(
-        out,
-        evaluator,
-        classes,
-        extra={"num_classes": len(classes), "skipped_train_videos": result.skipped_images},
+    def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
+        save_weights(state, folder, kind="video", arch=arch, source=info, extra={"classes": classes})
+
+    return Built(
+        model,
+        VideoObjective(len(classes), aug.smoothing, mixup),
+        stream,
+        save_final,
+        evaluator=make_evaluator(cfg, val_videos, model) if val_videos is not None else None,
+        facts={"num_classes": len(classes), "train_videos": len(train_videos)},
     )
 
 
@@ -219,23 +194,19 @@ def run_eval(cfg: VideoConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no model to evaluate at {init}; set model.init or run `flyeva video train` first"
         )
-    videos = resolve_split(cfg.data.val, "val", cfg)
-    if videos is None:
-        raise ValueError("data.val.type=none: give a validation list to evaluate on")
-    cfg.model.init = init
-    model = build_model(cfg.model, videos.classes, cfg.train.seed).to(device).eval()
-    evaluator = make_evaluator(cfg, videos, model)
-    metrics = evaluator(model, StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
-    report = {
-        **metrics, **evaluator.last, "views": cfg.data.test_clips, "crops": cfg.data.test_crops,
-        "num_frames": model.num_frames, "model": init, "classes": len(videos.classes),
-    }  # fmt: skip
-    if evaluator.confusion is not None:
-        from flyeva.tasks.classify.objective import confusion_summary
-
-        report["confusion"] = confusion_summary(evaluator.confusion, videos.classes)
-    if D.is_main():
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    out = Path(cfg.train.output_dir)
+    with RunLock.hold(out, enabled=D.is_main()):  # never write beside a training run of this folder
+        videos = resolve_split(cfg.data.val, "val", cfg)
+        if videos is None:
+            raise ValueError("data.val.type=none: give a validation list to evaluate on")
+        cfg.model.init = init
+        model = build_model(cfg.model, videos.classes, cfg.train.seed).to(device).eval()
+        evaluator = make_evaluator(cfg, videos, model)
+        metrics = evaluator(model, StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
+        if not D.is_main():
+            return {}
+        facts = {
+            "views": cfg.data.test_clips, "crops": cfg.data.test_crops, "num_frames": model.num_frames,
+            "classes": len(videos.classes),
+        }  # fmt: skip
+        return write_evaluation(out, "video", metrics, weights=init, facts=facts, details=evaluator.details())

@@ -1,4 +1,5 @@
-"""The classification objective (Mixup/CutMix, label smoothing) and top-1/top-5 evaluation."""
+"""The classification objective (Mixup/CutMix, label smoothing), top-1/top-5 evaluation; image
+classification and video recognition both use them."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class ClassificationObjective:
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    handles_backward = False
     input_key = "images"  # the batch entry the model reads (videos: "clips")
 
     def mix(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +75,29 @@ class Evaluator:
     (`confusion`) and of its EMA (`ema_confusion`).
     """
 
-    def __init__(self, stream: Any, num_classes: int, precision: str = "fp32", max_batches: int = 0):
-        self.stream, self.num_classes = stream, num_classes
+    def __init__(
+        self,
+        stream: Any,
+        num_classes: int,
+        precision: str = "fp32",
+        max_batches: int = 0,
+        classes: list[str] | None = None,
+    ):
+        self.stream, self.num_classes, self.classes = stream, num_classes, classes
         self.autocast_dtype = PRECISIONS[precision]
         self.max_batches = max_batches
         self.confusion: torch.Tensor | None = None
         self.ema_confusion: torch.Tensor | None = None
         self._trained_model: nn.Module | None = None
+
+    def details(self) -> dict[str, Any]:
+        """Per-class top-1 and the most-confused pairs of the last evaluation (and of the EMA model)."""
+        found = {}
+        if self.confusion is not None:
+            found["confusion"] = confusion_summary(self.confusion, self.classes)
+        if self.ema_confusion is not None:
+            found["ema_confusion"] = confusion_summary(self.ema_confusion, self.classes)
+        return found
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         self.stream.set_epoch(0)
@@ -169,3 +187,4 @@ def confusion_summary(
         true, predicted = divmod(index, len(names))
         pairs.append({"true": names[true], "predicted": names[predicted], "count": int(value)})
     return {"per_class_top1": accuracy, "most_confused": pairs}
+

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from flyeva.data.sharding import RankShard
 from flyeva.data.stream import ImageBatchStream, PendingSample, seeded_call
-from flyeva.tasks.classify.data import RankShard
-from flyeva.tasks.video.datasets import VideoList
-from flyeva.tasks.video.decode import VideoReadError
-from flyeva.tasks.video.transforms import multi_view_indices, tsn_train_indices
+from flyeva.data.video.datasets import VideoList
+from flyeva.data.video.decode import VideoReadError
+from flyeva.data.video.transforms import multi_view_indices, tsn_train_indices
 
 
 class VideoSource:

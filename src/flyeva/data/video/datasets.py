@@ -21,11 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from flyeva.data.synthetic import ShapeWorld
-from flyeva.tasks.video.convert import read_class_names
 
 logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 LIST_TYPES = ("list", "kinetics", "folder", "shapeworld")
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one per line, or a Kinetics labels CSV (`id,name` rows after a header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if lines and "," in lines[0] and lines[0].lower().replace(" ", "") in ("id,name", "label,name"):
+        return [line.split(",", 1)[1].strip() for line in lines[1:]]
+    return lines
 
 
 @dataclass
@@ -171,7 +181,7 @@ def write_shapeworld_clips(
 
     Written once: an existing complete list is reused. Returns the list file.
     """
-    from flyeva.tasks.video.decode import write_video
+    from flyeva.data.video.decode import write_video
 
     out_dir = Path(out_dir)
     list_file = out_dir / "list.csv"

@@ -3,26 +3,24 @@
 A video's embedding is the mean of its frames' L2-normalised image embeddings (num_frames TSN
 segment centres per view, every view), renormalised; the classifier is the per-class mean of the
 normalised text embeddings of the class prompts (`flyeva.tasks.clip.zeroshot.build_classifier`).
+`flyeva clip zeroshot` runs it for the video sets of its suite (video_list, kinetics, video_folder).
 Frames: short side = the CLIP's image size, centre crop, CLIP mean/std (the tower's own inputs).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD
-from flyeva.tasks.video.datasets import VideoList, load_video_list, write_shapeworld_clips
-from flyeva.tasks.video.decode import get_decoder
-from flyeva.tasks.video.stream import VideoSource, eval_clip_stream
-from flyeva.tasks.video.transforms import ClipEvalTransform
+from flyeva.data.video.datasets import VideoList
+from flyeva.data.video.decode import get_decoder
+from flyeva.data.video.stream import VideoSource, eval_clip_stream
+from flyeva.data.video.transforms import ClipEvalTransform
 
 logger = logging.getLogger(__name__)
 
@@ -102,47 +100,3 @@ def evaluate_video_zeroshot(
         "num_frames": num_frames,
         "views": views,
     }
-
-
-def clip_image_size(cfg: Any) -> int:
-    from flyeva.models.eva import get_size
-
-    return cfg.vision.img_size or get_size(cfg.vision.size).img_size
-
-
-def run_zeroshot_cli(args: argparse.Namespace) -> dict[str, Any]:
-    """`flyeva video zeroshot --checkpoint CLIP_FOLDER [--list ...]`: prints and writes a JSON report."""
-    from flyeva.tasks.clip.model import load_clip
-    from flyeva.tasks.clip.zeroshot import choose_templates, resolve_device
-
-    if args.num_frames < 1 or args.views < 1 or args.batch_size < 1:
-        raise ValueError("--num-frames, --views and --batch-size must be at least 1")
-    get_decoder(args.decoder)
-    model, cfg = load_clip(args.checkpoint)
-    device = resolve_device("auto")
-    model.to(device)
-    image_size = clip_image_size(cfg)
-    fallback = list(VIDEO_TEMPLATES)
-    if args.list:
-        videos = load_video_list(args.type, args.list, args.root, args.classes)
-    else:  # ShapeWorld clips, the motion is the class
-        folder = Path(args.checkpoint) / "zeroshot_video_data"
-        list_file = write_shapeworld_clips(
-            folder, 256, seed=1000, image_size=max(32, image_size), num_frames=16
-        )
-        videos = load_video_list("shapeworld", str(list_file), "", str(folder / "classes.txt"))
-        fallback = list(SHAPEWORLD_TEMPLATES)
-    templates = choose_templates([], args.templates, fallback)
-    report = evaluate_video_zeroshot(
-        model, videos, templates, image_size=image_size, num_frames=args.num_frames, views=args.views,
-        decoder=args.decoder, batch_size=args.batch_size, device=device,
-    )  # fmt: skip
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "zeroshot_video.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**report, "checkpoint": args.checkpoint, "list": args.list}, indent=2) + "\n")
-    print(
-        f"video zero-shot: {report['videos']} videos ({report['skipped_videos']} unreadable), "
-        f"{report['classes']} classes: top-1 {report['top1']:.2f} top-5 {report['top5']:.2f} "
-        f"mean class {report['mean_class_top1']:.2f}; wrote {out}"
-    )
-    return report
