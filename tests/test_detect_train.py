@@ -172,6 +172,16 @@ def test_cli_train_eval_predict_and_weights_round_trip(tmp_path, capsys):
     assert main([*evaluate, *TINY_RUN]) == 0
     again = json.loads((evaluated / "eval.json").read_text())["metrics"]
     assert again == pytest.approx(trained)
+    # data.val_json alone (no train_json) is the set evaluated, never the ShapeWorld default
+    other = tmp_path / "other"
+    export = ["shapeworld", "export", "--out", str(other), "--num", "3", "--start", "100"]
+    assert main([*export, "--formats", "coco", "--image-size", "32"]) == 0
+    val_json = other / "coco" / "instances.json"
+    elsewhere = [f"train.output_dir={tmp_path / 'eval_other'}", f"data.val_json={val_json}"]
+    assert main([*evaluate[:3], *TINY_RUN, *elsewhere, "data.shapeworld_val=0"]) == 0
+    ids = {image["id"] for image in json.loads(val_json.read_text())["images"]}
+    detections = json.loads((tmp_path / "eval_other" / "detections.json").read_text())
+    assert len(ids) == 3 and {d["image_id"] for d in detections} == ids  # threshold 0: every image has some
     images = out / "shapeworld" / "val" / "coco" / "images"
     main(["detect", "predict", str(images), f"model.init={out / 'final'}", *TINY_RUN,
           "--out", str(tmp_path / "drawn"), "--threshold", "0.0"])  # fmt: skip

@@ -228,3 +228,95 @@ def test_layers_import_downward_only():
         if name.startswith("flyeva.tasks")
     ]
     assert not upward, "\n".join(upward)
+
+
+def _toy_run(tmp_path, evaluate, **changes):
+    from engine_run import train
+    from test_engine import config
+
+    from flyeva.engine.optim import OptimConfig
+
+    torch.manual_seed(0)
+    cfg = config(tmp_path, epochs=2, resume="auto", **changes)
+    optim = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.0, schedule="constant")
+    return train(torch.nn.Linear(1, 1), ToyObjective(), ToyStream(2.0), cfg, optim, evaluate=evaluate)
+
+
+def test_a_signal_during_an_evaluation_writes_the_checkpoint_of_that_step(tmp_path):
+    """SIGTERM while the epoch-end evaluation runs: the evaluation ends, then step 4 is checkpointed."""
+    import os
+    import signal
+
+    from flyeva.engine.checkpoint import list_checkpoints
+    from flyeva.engine.preemption import Interrupted
+
+    def evaluate(model, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's preemption notice, mid-evaluation
+        return {"neg_loss": 0.0}
+
+    with pytest.raises(Interrupted) as stopped:
+        _toy_run(tmp_path, evaluate)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-000000004.pt"]
+    assert "checkpoint-000000004.pt written" in str(stopped.value)
+    result = _toy_run(tmp_path, lambda model, ctx: {"neg_loss": 0.0})  # the same command resumes
+    assert result.step == 8 and [h["step"] for h in result.history if "eval" in h] == [8]
+
+
+def test_a_checkpoint_of_another_model_is_an_error_never_a_fresh_start(tmp_path, capsys):
+    """A checkpoint that does not fit the model stops the run; nothing in the folder changes."""
+    from flyeva.engine.checkpoint import CheckpointMismatchError
+
+    _toy_run(tmp_path, None)
+    (tmp_path / "run" / "run.json").unlink()  # an older folder without a manifest: only the weights can tell
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    from engine_run import train
+    from test_engine import config
+
+    from flyeva.engine.optim import OptimConfig
+
+    cfg = config(tmp_path, epochs=2, resume="auto")
+    with pytest.raises(CheckpointMismatchError, match="does not fit this model"):
+        train(torch.nn.Linear(1, 2), ToyObjective(), ToyStream(2.0), cfg, OptimConfig(warmup_steps=0))
+    after = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    assert set(before) <= set(after) and not (tmp_path / "run" / "final").exists()
+
+
+def test_an_evaluation_verb_takes_the_folder_of_a_running_training(tmp_path, capsys):
+    """`segment eval` into a folder a training run holds: refused with one line, nothing written."""
+    from flyeva.engine.run import RunLock
+
+    folder = tmp_path / "busy"
+    with RunLock.hold(folder):
+        code = subprocess_main(["segment", "eval", f"train.output_dir={folder}", "weights=missing"], tmp_path)
+    assert code.returncode == 2 and "in use by another flyeva run" in code.stderr, code.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+
+
+def subprocess_main(argv, cwd):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "flyeva.cli", *argv], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_run_that_cannot_read_most_of_its_data_stops_without_weights(tmp_path, capsys):
+    """6 of 8 images unreadable: one line naming the count, exit 2, no final/ (the rest would train)."""
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for index in range(2):
+        Image.new("RGB", (32, 32), (40 * index, 90, 200)).save(data / f"good_{index}.png")
+    for index in range(6):
+        (data / f"broken_{index}.jpg").write_bytes(b"not an image")
+    _, tiny, _, _ = STAGES["pretrain"]
+    out = tmp_path / "run"
+    source = f"data.sources=[{{type: folder, path: {data}}}]"
+    args = ["pretrain", *QUIET, *tiny, source, "train.batch_size=4", f"train.output_dir={out}"]
+    assert main([*args, "train.max_steps=2"]) == 2
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]  # the warnings above it name the unreadable files
+    assert last.startswith("flyeva: error: epoch 0: 6 of 8 training samples were unreadable"), error
+    assert not (out / "final").exists() and not (out / "result.json").exists()

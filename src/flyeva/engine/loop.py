@@ -86,6 +86,8 @@ class TrainConfig:
     eval_every_epochs: int = 1
     max_consecutive_nonfinite: int = 5  # then roll back to the last checkpoint from before the streak
     max_rollbacks: int = 3
+    # an epoch that could read at most this fraction of its samples stops the run (bad data, not noise)
+    max_skipped_fraction: float = 0.5
     max_steps: int = 0  # stop after this many optimizer steps (0 = every epoch); see `epochs` = 0
     ema_decay: float = 0.0  # model EMA (0 = off); evaluation then also reports ema_* metrics
     fp16_init_scale: float = 65536.0  # docs/recipes.md §3: initial scale 2^16
@@ -124,6 +126,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.device={self.device} but this machine has no usable CUDA GPU; use auto or cpu"
             )
+        if not 0.0 <= self.max_skipped_fraction < 1.0:
+            raise ConfigError(f"train.max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -622,6 +626,12 @@ def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evalu
         )  # a short stream ends the epoch; the schedule keeps its length
     seen, skipped = D.all_reduce_sum(images).tolist()
     state.result.skipped_images += int(skipped)
+    if skipped > cfg.max_skipped_fraction * (seen + skipped):
+        raise ConfigError(
+            f"epoch {state.epoch}: {int(skipped)} of {int(seen + skipped)} training samples were unreadable "
+            f"(more than train.max_skipped_fraction={cfg.max_skipped_fraction}); the warnings above name "
+            "them. Fix or remove them; no weights were written"
+        )
     if state.micro_in_epoch >= state.micro_per_epoch:
         state.log.line(f"epoch {state.epoch}: {int(seen)} images, {int(skipped)} unreadable images skipped")
         state.log.log(state.step, {"images": int(seen), "skipped_images": int(skipped)}, kind="epoch")

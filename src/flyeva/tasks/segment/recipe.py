@@ -167,9 +167,9 @@ def run_eval(cfg: SegmentConfig) -> dict[str, Any]:
     """Evaluate `cfg.weights` on the validation split; write OUTPUT/eval.json."""
     cfg = resolve(cfg)
     device = D.init_distributed(cfg.train.device)
-    model = load_segmenter(cfg.weights).to(device)
     out = Path(cfg.train.output_dir)
     with RunLock.hold(out, enabled=D.is_main()):  # never write beside a training run of this folder
+        model = load_segmenter(cfg.weights).to(device)
         data = ensure_shapeworld(cfg.data, out)
         val_pairs = open_split(data, "val")
         if model.num_classes != len(val_pairs.classes):
