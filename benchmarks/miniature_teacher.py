@@ -34,7 +34,7 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 def scene_caption(world: ShapeWorld, index: int) -> str:
-    """The caption ShapeWorld wrote until the sixth session: the class, then each small shape's place."""
+    """The longer caption (the class, then each small shape's place), measured against the class-only one."""
     objects = world.sample(index).objects
     largest = max(objects, key=lambda obj: obj["size"])
     parts = [world.caption(index)]

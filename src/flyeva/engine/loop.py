@@ -127,7 +127,8 @@ class TrainConfig:
                 f"train.device={self.device} but this machine has no usable CUDA GPU; use auto or cpu"
             )
         if not 0.0 <= self.max_skipped_fraction < 1.0:
-            raise ConfigError(f"train.max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}")
+            fraction = self.max_skipped_fraction
+            raise ConfigError(f"train.max_skipped_fraction must be in [0, 1), got {fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -306,11 +307,7 @@ def setup_run(
     if isinstance(objective, nn.Module):
         objective.to(device)
     base = D.unwrap(wrapped)
-    groups = (
-        groups_fn(base)
-        if groups_fn
-        else layer_decay_groups(base, optim_cfg)
-    )
+    groups = groups_fn(base) if groups_fn else layer_decay_groups(base, optim_cfg)
     world = D.world_size()
     if optimizer_fn is None:
         optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)

@@ -151,7 +151,7 @@ def claim_folder(
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # retention must never mix runs
             logger.warning("train.overwrite=true: deleted the checkpoints of the previous run in %s", folder)
         elif has_checkpoints:
-            logger.warning("%s has checkpoints but no %s (flyeva 0.1.0): continuing them", folder, MANIFEST)
+            logger.warning("%s has checkpoints but no %s: continuing them", folder, MANIFEST)
         manifest = {"run_id": uuid.uuid4().hex[:12], "config": config}
         write_manifest(folder, manifest)
         return manifest

@@ -161,7 +161,7 @@ class Stage:
 
     @property
     def name(self) -> str:
-        """"detect", "classify finetune", "pretrain": the command line that trains it."""
+        """The command line that trains it: "detect", "classify finetune", "pretrain"."""
         return " ".join(filter(None, (self.command, "" if self.verb == "train" else self.verb)))
 
 

@@ -187,4 +187,3 @@ def confusion_summary(
         true, predicted = divmod(index, len(names))
         pairs.append({"true": names[true], "predicted": names[predicted], "count": int(value)})
     return {"per_class_top1": accuracy, "most_confused": pairs}
-

@@ -22,7 +22,7 @@ from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-FORMAT_VERSION = 2  # 1 = flyeva 0.1.0 (no `arch`, kind-specific keys); still read by `load`
+FORMAT_VERSION = 2  # 1: no `arch`, kind-specific keys; still read by `load`
 
 # kind -> "module:function" taking the `arch` dict and returning an un-initialised module.
 BUILDERS: dict[str, str] = {
@@ -160,7 +160,7 @@ def check_shapes(
 
 
 def _arch_of_version_1(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """flyeva 0.1.0 folders kept the architecture at the top level of config.json."""
+    """Format-1 folders keep the architecture at the top level of config.json."""
     if config["kind"] == "classifier":
         return {"timm_kwargs": config["timm_kwargs"]}
     if "size" not in config:

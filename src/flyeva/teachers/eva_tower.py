@@ -17,7 +17,7 @@ from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
 from flyeva.models.weights import CONFIG_FILE, WEIGHTS_FILE, WeightsError, read_config
 from flyeva.teachers.frozen import FrozenTeacher
 
-# flyeva 0.1.0's CLIP folder; newer folders are flyeva weights folders of kind "clip".
+# The two-file CLIP layout (weights format 1); other folders are weights folders of kind "clip".
 LEGACY_CLIP_CONFIG, LEGACY_CLIP_WEIGHTS = "clip.json", "clip.safetensors"
 
 

@@ -127,7 +127,7 @@ def load_pretrained(path: str | Path, num_heads: int = 0) -> PretrainedWeights:
         head = {k: state.pop(k) for k in HEAD_KEYS if k in state}
         if "fc_norm.weight" in state:  # the final norm, wherever the classifier kept it, becomes `norm`
             state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
-        size = EvaSize(**config.get("arch", config)["size"])  # 0.1.0 kept `size` at the top level
+        size = EvaSize(**config.get("arch", config)["size"])  # format 1 kept `size` at the top level
         return PretrainedWeights(state, size, head or None, config.get("classes"), str(path))
     raw = extract_state_dict(read_checkpoint(path))
     head = {k: raw.pop(k) for k in HEAD_KEYS if k in raw}  # a release fine-tuned head (e.g. IN-21K)
@@ -226,7 +226,7 @@ def build_from_arch(arch: dict[str, Any]) -> Eva:
 
 
 def load_classifier(path: str | Path) -> tuple[Eva, dict[str, Any]]:
-    """A classifier written by `save_classifier` (or flyeva 0.1.0), and its config."""
+    """A classifier written by `save_classifier` (or in the format-1 layout), and its config."""
     config = read_config(path)
     if config.get("kind") != "classifier":
         raise CheckpointError(

@@ -32,7 +32,7 @@ from flyeva.teachers.eva_tower import is_eva_clip_folder
 
 logger = logging.getLogger(__name__)
 
-# flyeva 0.1.0 wrote its own CLIP folder layout; `load_clip` still reads it.
+# The two-file CLIP layout (`clip.json` + `clip.safetensors`, weights format 1): `load_clip` reads it.
 LEGACY_CLIP_WEIGHTS = "clip.safetensors"
 LEGACY_CLIP_CONFIG = "clip.json"
 LEGACY_CLIP_FORMAT = "flyeva-clip-v1"
@@ -266,7 +266,7 @@ def save_clip(model: EvaClip, cfg: ClipModelSection, out_dir: str | Path, extra:
 
 
 def _load_legacy_clip(folder: Path) -> tuple[EvaClip, ClipModelSection]:
-    """A folder written by flyeva 0.1.0 (`clip.json` + `clip.safetensors`)."""
+    """A folder in the two-file layout (`clip.json` + `clip.safetensors`, weights format 1)."""
     config = json.loads((folder / LEGACY_CLIP_CONFIG).read_text())
     if config.get("format") != LEGACY_CLIP_FORMAT:
         raise CheckpointError(
@@ -283,7 +283,7 @@ is_clip_folder = is_eva_clip_folder  # one definition, in teachers/eva_tower.py
 
 def load_clip(path: str | Path) -> tuple[EvaClip, ClipModelSection]:
     """Load a flyeva EVA-CLIP folder (`flyeva clip train`'s OUTPUT/final, `flyeva clip convert`'s --out),
-    also one written by flyeva 0.1.0."""
+    also one in the two-file layout."""
     folder = Path(path)
     if (folder / LEGACY_CLIP_CONFIG).is_file():
         return _load_legacy_clip(folder)

@@ -43,7 +43,7 @@ class DemoBudget:
     teacher_epochs: int = 8  # 512 steps: the from-scratch vision tower leaves its plateau near 300
     pretrain_samples: int = 4096
     # 768 steps, once per arm, shared by the seeds: the CLIP-feature student leaves its loss plateau
-    # near step 300, and 128 steps per seed (the sixth session's budget) left every MIM arm at chance.
+    # near step 300, and 128 steps per seed left every MIM arm at chance (docs/demo.md).
     pretrain_epochs: int = 12
     probe_train: int = 2048
     probe_epochs: int = 10
