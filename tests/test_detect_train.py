@@ -1,6 +1,8 @@
 """Detection end to end: release key map, weights format, layer decay, config checks, the CLI."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,3 +241,19 @@ def test_fsdp_shards_the_detector_backbone_blocks():
     detector = EvaDetector(tiny_arch())
     units = shard_units(detector)
     assert units == list(detector.backbone.net.blocks) and len(units) == 2  # not the whole detector
+
+
+@pytest.mark.slow
+def test_a_diverging_detector_exits_3_with_one_line_and_writes_no_final(tmp_path):
+    """lr 1e30: boxes go non-finite and every proposal is dropped; the engine's non-finite handling
+    (skip, roll back, give up) ends it with exit 3, not a data error."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "flyeva.cli", "detect", "train", f"train.output_dir={out}", *TINY_RUN]
+    command += ["optim.lr=1e30", "optim.warmup_steps=0", "train.max_steps=12", "train.checkpoint_every=1",
+                "train.max_consecutive_nonfinite=2", "train.max_rollbacks=1"]  # fmt: skip
+    command.append("data.shapeworld_val=0")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("flyeva:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], done.stderr[-2000:]
+    assert not (out / "final").exists()

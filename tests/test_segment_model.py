@@ -268,3 +268,21 @@ def test_init_from_a_segmenter_keeps_all_but_the_class_dependent_weights(tmp_pat
         "decode_head.criterion.empty_weight",
     ]
     assert tuple(after["backbone.encoder.pos_embed"].shape) == (1, 1 + 144, 96)
+
+
+def test_upernet_trains_on_one_image_as_on_a_batch_of_that_image_twice():
+    """Batch 1 per GPU: the pooling module's 1x1 BatchNorm would refuse one value per channel. The loss
+    and every gradient equal those of a plain batch holding the image twice (both copies labelled)."""
+    torch.manual_seed(0)
+    model = _segmenter("upernet", 4).train()
+    image, label = torch.randn(1, 3, 32, 32), torch.randint(0, 4, (1, 32, 32))
+    loss, _ = model(image, label)
+    loss.backward()
+    one = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    twice, _ = model(torch.cat([image, image]), torch.cat([label, label]))
+    twice.backward()
+    assert loss.item() == pytest.approx(twice.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(one[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

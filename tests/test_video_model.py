@@ -149,3 +149,18 @@ def test_k722_head_rows_are_picked_by_class_name():
     assert picked["head.weight"].tolist() == [[8.0, 9.0], [0.0, 1.0], [2.0, 3.0]]
     with pytest.raises(ValueError, match="not in the checkpoint"):
         map_classifier_rows(head, k722, ["surfing"])
+
+
+def test_a_batch_with_no_readable_clip_trains_nothing_and_does_not_crash():
+    """Batch 1 per GPU (the release's recipes): one broken video must not end the run."""
+    from flyeva.engine.loop import StepContext
+    from flyeva.tasks.video.evaluate import VideoObjective
+
+    model = build_video_model(SIZE, 3, num_frames=2, tubelet_size=1)
+    empty = {"clips": torch.zeros(0, 2, 3, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}
+    ctx = StepContext(0, 0, 0, 0, 0, torch.device("cpu"))
+    loss, metrics = VideoObjective(3, smoothing=0.1)(model, empty, ctx)
+    loss.backward()
+    assert loss.item() == 0.0 and metrics == {}
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and not g.any() for g in grads)  # every weight joins, none moves

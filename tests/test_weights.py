@@ -149,3 +149,23 @@ def test_models_import_nothing_from_tasks_teachers_or_engine():
                 if n.startswith(("flyeva.tasks", "flyeva.teachers", "flyeva.engine"))
             ]
     assert upward == []
+
+
+def test_every_loader_refuses_nan_weights_naming_the_tensor(tmp_path):
+    """A folder whose safetensors holds a NaN (a diverged run's, edited by hand) never evaluates."""
+    from safetensors.torch import load_file, save_file
+
+    from flyeva.models.checkpoint import load_weights
+    from flyeva.models.eva import build_encoder, size_arch
+    from flyeva.models.weights import WeightsError, load, save_weights
+
+    encoder = build_encoder(TINY)
+    folder = save_weights(encoder, tmp_path / "enc", kind="encoder", arch=size_arch(encoder))
+    state = load_file(str(folder / "model.safetensors"))
+    state["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"blocks\.1\.mlp\.fc1\.weight holds NaN or Inf"):
+        load(folder)
+    state["blocks.1.mlp.fc1.weight"][0, 0] = float("inf")
+    with pytest.raises(WeightsError, match=r"blocks\.1\.mlp\.fc1\.weight holds NaN or Inf"):
+        load_weights(build_encoder(TINY), state)  # the path release checkpoints take

@@ -43,6 +43,10 @@ class ClassificationObjective:
     handles_backward = False
     input_key = "images"  # the batch entry the model reads (videos: "clips")
 
+    def nothing(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """A zero loss through the model's forward (every DDP rank joins the gradient all-reduce)."""
+        return model(inputs).sum() * 0.0
+
     def mix(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm's Mixup/CutMix on [B, C, H, W]; subclasses reshape other inputs around it."""
         return self.mixup(inputs, labels)
@@ -57,9 +61,9 @@ class ClassificationObjective:
         if self.mixup is not None and len(inputs):
             with seeded_host_rngs(mix_seed(ctx.seed, ctx.rank, ctx.step, ctx.micro)):
                 inputs, targets = self.mix(inputs, labels)
-        logits = model(inputs)
         if len(inputs) == 0:  # every sample of the batch was unreadable: contribute nothing
-            return logits.sum() * 0.0, {}
+            return self.nothing(model, inputs), {}
+        logits = model(inputs)
         loss = self.criterion(logits.float(), targets)
         metrics = {}
         if self.mixup is None:

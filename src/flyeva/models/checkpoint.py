@@ -130,6 +130,9 @@ def load_weights(
         ignore_missing,
         fix="check the model size (--size / config.json) or convert the file with `flyeva convert`",
     )
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise WeightsError(f"the checkpoint's {broken[0]} holds NaN or Inf values: not trained weights")
     cast = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=not ignore_missing)
 

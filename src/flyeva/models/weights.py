@@ -203,6 +203,11 @@ def load(path: str | Path, *, kind: str | None = None, map_location: str = "cpu"
     with safe_open(str(file), framework="pt", device=map_location) as handle:
         for key in found:
             state[key] = handle.get_tensor(key)
+            if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+                raise WeightsError(
+                    f"{file}: {key} holds NaN or Inf values; these are not trained weights (a diverged run's "
+                    "folder?): use the weights of a run that finished"
+                )
     target = model.state_dict()
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=False)
     model.weights_config = config  # where it came from, for callers that want classes, pool, ...

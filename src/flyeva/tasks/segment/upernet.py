@@ -69,6 +69,8 @@ class EvaUperNet(BackboneLayers, nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if labels is not None and len(images) == 0:
             return loss_of_no_images(self, images, labels)
+        if self.training and len(images) == 1:
+            return loss_of_one_image(self, images, labels)
         features = self.backbone(images)
         logits = _upsample(self.decode_head(features), images.shape[-2:])
         if labels is None:
@@ -111,6 +113,20 @@ def loss_of_no_images(
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
     return loss * 0.0, {name: value * 0.0 for name, value in metrics.items()}
+
+
+def loss_of_one_image(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One image (batch 1 per GPU, or one readable sample): BatchNorm refuses one value per channel in
+    the pooling module's 1x1 maps, so the image is paired with a copy whose pixels are all ignored.
+    The pair's batch statistics are the image's own, and the loss (a mean over every pixel) is doubled
+    back to the image's."""
+    pair = torch.cat([images, images])
+    if labels is None:
+        return model(pair)[:1]
+    loss, metrics = model(pair, torch.cat([labels, torch.full_like(labels, IGNORE_INDEX)]))
+    return loss * 2, {name: value * 2 for name, value in metrics.items()}
 
 
 def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:

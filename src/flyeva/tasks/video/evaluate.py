@@ -32,6 +32,10 @@ class VideoObjective(ClassificationObjective):
 
     input_key = "clips"
 
+    def nothing(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        """The 3D patch embedding cannot take an empty batch: one blank clip, at weight 0."""
+        return model(clips.new_zeros((1, *clips.shape[1:]))).sum() * 0.0
+
     def mix(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         folded, targets = self.mixup(clips.flatten(1, 2).clone(), labels)
         return folded.view_as(clips), targets
