@@ -1,6 +1,7 @@
 """Detection end to end: release key map, weights format, layer decay, config checks, the CLI."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -257,3 +258,76 @@ def test_a_diverging_detector_exits_3_with_one_line_and_writes_no_final(tmp_path
     errors = [line for line in done.stderr.splitlines() if line.startswith("flyeva:")]
     assert len(errors) == 1 and "training diverged" in errors[0], done.stderr[-2000:]
     assert not (out / "final").exists()
+
+
+def to_release_layout(state: dict[str, torch.Tensor], num_box_convs: int) -> dict[str, torch.Tensor]:
+    """flyeva's detector names -> detectron2's, written independently of flyeva's key map."""
+    rules = [
+        (r"^proposal_generator\.head\.conv\.(\d+)\.0\.", r"proposal_generator.rpn_head.conv.conv\1."),
+        (r"^proposal_generator\.head\.cls_logits\.", "proposal_generator.rpn_head.objectness_logits."),
+        (r"^proposal_generator\.head\.bbox_pred\.", "proposal_generator.rpn_head.anchor_deltas."),
+        (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_heads.mask_head.deconv."),
+        (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_heads.mask_head.predictor."),
+    ]
+    released = {}
+    for key, value in state.items():
+        new = next((re.sub(p, r, key) for p, r in rules if re.match(p, key)), key)
+        if match := re.match(r"^roi_heads\.box_head\.(\d+)\.(\d+)\.(.*)$", key):
+            stage, index, rest = match.groups()
+            if int(index) == num_box_convs + 1:  # after the convs and a Flatten
+                new = f"roi_heads.box_head.{stage}.fc1.{rest}"
+            else:
+                norm = "norm." if rest.startswith("1.") else ""
+                new = f"roi_heads.box_head.{stage}.conv{int(index) + 1}.{norm}{rest[2:]}"
+        elif match := re.match(r"^roi_heads\.mask_head\.(\d+)\.(\d)\.(.*)$", key):
+            index, part, rest = match.groups()
+            norm = "norm." if part == "1" else ""
+            new = f"roi_heads.mask_head.mask_fcn{int(index) + 1}.{norm}{rest}"
+        released[new] = value
+    return released
+
+
+@pytest.mark.slow
+def test_a_release_layout_detector_of_another_label_set_evaluates_as_the_detector_that_wrote_it(
+    tmp_path, caplog
+):
+    """The label set (5 ShapeWorld classes), the heads (3 of width 96) and the window come from the file:
+    `detect eval` gives the trained detector's numbers; a training start keeps every layer but the class
+    layers of another label set; a backbone-only file initialises the backbone."""
+    from safetensors.torch import load_file
+
+    from flyeva.models.weights import read_config
+
+    out = tmp_path / "run"
+    run = ["detect", "train", f"train.output_dir={out}", *TINY_RUN, "model.size=miniature"]
+    assert main(run) == 0
+    trained = json.loads((out / "result.json").read_text())["metrics"]
+    state = load_file(str(out / "final" / "model.safetensors"))
+    arch = read_config(out / "final")["arch"]
+    released = to_release_layout(state, len(arch["roi_heads"]["conv_dims"]))
+    assert detector_state_from_release(released, len(arch["roi_heads"]["conv_dims"])).keys() == state.keys()
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": released, "iteration": 3}, path)
+    evaluate = ["detect", "eval", f"model.init={path}", f"train.output_dir={tmp_path / 'eval'}", *TINY_RUN]
+    assert main([*evaluate, "model.window=2"]) == 0  # the file's window (4) applies, not the config's
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
+    assert again == pytest.approx(trained, abs=1e-6)
+    # Training from it on a 3-class set: only the class layers start fresh, named with their count.
+    cfg = load_config(DetectConfig, recipe_path("detect", "miniature"), [*TINY_RUN, f"model.init={path}"])
+    with caplog.at_level("INFO"):
+        detector = build_detector(cfg, 3)
+    # cls_score (weight, bias) of 3 stages and the mask predictor's logits
+    assert "8 class-specific tensors start fresh" in caplog.text
+    own = detector.state_dict()
+    kept = [k for k in state if ".cls_score." not in k and ".mask_fcn_logits." not in k]
+    assert all(torch.equal(own[k], state[k]) for k in kept)
+    assert own["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 3
+    # ... and evaluating it with 3 classes instead of the file's 5 is one clear error.
+    with pytest.raises(ConfigError, match="predicts 5 classes"):
+        build_detector(cfg, 3, training=False)
+    # A backbone-only file (`backbone.net.*`) is a detector initialisation.
+    backbone = {k: v for k, v in released.items() if k.startswith("backbone.net.")}
+    torch.save({"model": backbone}, tmp_path / "backbone.pth")
+    cfg.model.init = str(tmp_path / "backbone.pth")
+    detector = build_detector(cfg, 3)
+    assert all(torch.equal(detector.state_dict()[k], v) for k, v in backbone.items())

@@ -382,10 +382,8 @@ def detectron2_key(key: str, num_box_convs: int) -> str | None:
 
 
 def is_release_detector(state: dict[str, Any]) -> bool:
-    """A detectron2 EVA detector: ViTDet backbone blocks and ROI heads."""
-    return any(k.startswith("backbone.net.blocks.") for k in state) and any(
-        k.startswith("roi_heads.") for k in state
-    )
+    """A detectron2 EVA detector, or its ViTDet backbone alone (`backbone.net.*`)."""
+    return any(k.startswith("backbone.net.blocks.") for k in state)
 
 
 def detector_state_from_release(state: dict[str, Tensor], num_box_convs: int = 4) -> dict[str, Tensor]:
@@ -405,5 +403,24 @@ def release_detector_arch(state: dict[str, Tensor]) -> dict[str, Any]:
         "mlp_dim": state["backbone.net.blocks.0.mlp.fc1.weight"].shape[0],
         "patch_size": state["backbone.net.patch_embed.proj.weight"].shape[-1],
         "pos_grid": round((state["backbone.net.pos_embed"].shape[1] - 1) ** 0.5),
-        "num_classes": state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1,
+        "num_classes": state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1
+        if "roi_heads.box_predictor.0.cls_score.weight" in state
+        else None,  # a backbone-only file
+        **_attention_geometry(state),
+    }
+
+
+def _attention_geometry(state: dict[str, Tensor]) -> dict[str, Any]:
+    """Window size, global blocks and heads from the rel-pos tables: 2 window - 1 rows (more in global
+    blocks), one column per channel of a head."""
+    columns = state["backbone.net.blocks.0.attn.rel_pos_h"].shape[1]
+    rows = [
+        state[f"backbone.net.blocks.{i}.attn.rel_pos_h"].shape[0]
+        for i in range(block_count(state, "backbone.net.blocks."))
+    ]
+    window_rows = min(rows)
+    return {
+        "window": (window_rows + 1) // 2,
+        "global_blocks": [i for i, n in enumerate(rows) if n != window_rows],
+        "num_heads": state["backbone.net.patch_embed.proj.weight"].shape[0] // columns,
     }

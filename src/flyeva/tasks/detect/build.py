@@ -26,51 +26,112 @@ def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
     }
 
 
-def _load_matching(detector: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load what fits; class-specific layers of another label set start fresh (e.g. Objects365 -> COCO)."""
+# The layers whose rows are classes: another label set (Objects365 -> COCO) gives them other shapes.
+CLASS_LAYERS = (".cls_score.", ".mask_fcn_logits.")
+
+
+def _shape_of(state: dict[str, torch.Tensor], key: str) -> str:
+    return str(tuple(state[key].shape)) if key in state else "absent"
+
+
+def _load_matching(
+    detector: nn.Module, state: dict[str, torch.Tensor], where: str, *, new_classes: bool, fresh_prefix=""
+) -> None:
+    """Load every tensor; nothing starts fresh but the class layers of another label set (`new_classes`,
+    training only) and, for a backbone-only file, everything outside `fresh_prefix`'s complement."""
     own = detector.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
+    fresh = [k for k in own if k not in state and fresh_prefix and not k.startswith(fresh_prefix)]
+    classes = [
+        k for k in own if k in state and own[k].shape != state[k].shape and any(c in k for c in CLASS_LAYERS)
+    ]
+    wrong = [
+        k for k in own if k not in fresh and k not in classes and _shape_of(state, k) != _shape_of(own, k)
+    ]
+    wrong += [k for k in state if k not in own]
+    if wrong:
+        key = wrong[0]
         raise ConfigError(
-            f"{where} holds weights this detector lacks (e.g. {unexpected[0]}); check model.* sizes"
+            f"{where} does not fit this detector: {len(wrong)} tensors differ, e.g. {key} is "
+            f"{_shape_of(state, key)} in the file and {_shape_of(own, key)} here; set model.* (img_size, "
+            "head sizes) to the file's"
         )
-    fresh = [k for k in own if k not in fitting]
+    if classes and not new_classes:
+        file_classes = state[next(k for k in classes if "cls_score.weight" in k)].shape[0] - 1
+        raise ConfigError(
+            f"{where} predicts {file_classes} classes, this detector "
+            f"{detector.arch['roi_heads']['num_classes']}; evaluate on the label set it was trained for"
+        )
+    if classes:
+        logger.info(
+            "%s: another label set: %d class-specific tensors start fresh (%s)",
+            where,
+            len(classes),
+            classes[0],
+        )
     if fresh:
-        logger.warning("%s: %d tensors start fresh (other shapes), e.g. %s", where, len(fresh), fresh[:3])
-    detector.load_state_dict(fitting, strict=False)
+        logger.info(
+            "%s holds a backbone only: %d tensors of the pyramid and heads start fresh", where, len(fresh)
+        )
+    detector.load_state_dict({k: v for k, v in state.items() if k not in classes}, strict=False)
 
 
-def _from_detector_folder(cfg: DetectConfig, path: Path, num_classes: int, fed_weights) -> EvaDetector:
+def _from_detector_folder(
+    cfg: DetectConfig, path: Path, num_classes: int | None, fed_weights, training: bool
+) -> EvaDetector:
     from safetensors.torch import load_file
 
     from flyeva.models.weights import WEIGHTS_FILE, read_config
 
     config = read_config(path)
     arch = apply_test_settings(config["arch"], cfg.test, cfg.model.img_size)
-    arch["roi_heads"]["num_classes"] = num_classes
+    arch["roi_heads"]["num_classes"] = num_classes or arch["roi_heads"]["num_classes"]
     detector = EvaDetector(arch, fed_weights)
-    _load_matching(detector, load_file(str(path / WEIGHTS_FILE)), str(path))
+    _load_matching(detector, load_file(str(path / WEIGHTS_FILE)), str(path), new_classes=training)
     return detector
 
 
-def _from_release_file(cfg: DetectConfig, state: dict, num_classes: int, fed_weights) -> EvaDetector:
+def _from_release_file(
+    cfg: DetectConfig, state: dict, num_classes: int | None, fed_weights, training: bool
+) -> EvaDetector:
+    """The release's detectron2 file (or its backbone alone): sizes, window and global blocks from the
+    file, so a config that says otherwise cannot re-initialise the rel-pos tables."""
+    from dataclasses import replace
+
     from flyeva.models.convert import detector_state_from_release, release_detector_arch
 
     sizes = release_detector_arch(state)
-    dims = {k: sizes[k] for k in ("embed_dim", "depth", "mlp_dim")}
-    dims["num_heads"] = 16 if sizes["embed_dim"] in (1024, 1408) else max(1, sizes["embed_dim"] // 64)
-    arch = arch_from_config(cfg, dims | {"pos_grid": sizes["pos_grid"]}, num_classes)
+    backbone_only = sizes["num_classes"] is None
+    if backbone_only and not training:
+        raise ConfigError(
+            "the release file holds a backbone only (no roi_heads.*); evaluate a whole detector"
+        )
+    dims = {k: sizes[k] for k in ("embed_dim", "depth", "mlp_dim", "num_heads")}
+    geometry = {"window": sizes["window"], "global_blocks": sizes["global_blocks"]}
+    if (cfg.model.window, list(cfg.model.global_blocks) or sizes["global_blocks"]) != tuple(
+        geometry.values()
+    ):
+        logger.info("the release file's window %d and global blocks %s apply", *geometry.values())
+    cfg = replace(cfg, model=replace(cfg.model, **geometry))
+    classes = num_classes or sizes["num_classes"]
+    arch = arch_from_config(cfg, dims | {"pos_grid": sizes["pos_grid"]}, classes)
     detector = EvaDetector(arch, fed_weights)
     renamed = detector_state_from_release(state, len(cfg.model.box_conv_dims))
-    _load_matching(detector, renamed, "release detection checkpoint")
+    where = "the release detection checkpoint"
+    _load_matching(
+        detector, renamed, where, new_classes=training, fresh_prefix="backbone.net." if backbone_only else ""
+    )
     return detector
 
 
 def build_detector(
-    cfg: DetectConfig, num_classes: int, fed_weights: torch.Tensor | None = None
+    cfg: DetectConfig,
+    num_classes: int | None,
+    fed_weights: torch.Tensor | None = None,
+    *,
+    training: bool = True,
 ) -> EvaDetector:
-    """The detector of `cfg.model` for `num_classes` classes; training options (drop path ...) applied."""
+    """The detector of `cfg.model` for `num_classes` classes (None: the weights file's); training options
+    (drop path ...) applied. Only training may start class layers of another label set fresh."""
     from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
     from flyeva.models.convert import is_release_detector
     from flyeva.models.eva import build_encoder, get_size
@@ -83,13 +144,13 @@ def build_detector(
     if path is not None and not path.exists():
         raise FileNotFoundError(f"model.init={m.init} does not exist; give encoder or detector weights")
     if path is not None and path.is_dir() and read_config(path)["kind"] == "detector":
-        detector = _from_detector_folder(cfg, path, num_classes, fed_weights)
+        detector = _from_detector_folder(cfg, path, num_classes, fed_weights, training)
     elif (
         path is not None
         and path.is_file()
         and is_release_detector(state := extract_state_dict(read_checkpoint(path)))
     ):
-        detector = _from_release_file(cfg, state, num_classes, fed_weights)
+        detector = _from_release_file(cfg, state, num_classes, fed_weights, training)
     else:
         encoder = load_any(path, kind="encoder") if path is not None else build_encoder(get_size(m.size))
         net = backbone_from_encoder(
@@ -98,7 +159,7 @@ def build_detector(
         )  # fmt: skip
         dims = _encoder_dims(encoder) | {"pos_grid": net.pos_embed.shape[1] - 1}
         dims["pos_grid"] = round(dims["pos_grid"] ** 0.5)
-        detector = EvaDetector(arch_from_config(cfg, dims, num_classes), fed_weights)
+        detector = EvaDetector(arch_from_config(cfg, dims, num_classes or 80), fed_weights)
         detector.backbone.net.load_state_dict(net.state_dict())
     set_training_options(detector, m.drop_path_rate, m.grad_checkpointing, m.freeze_patch_embed)
     set_rel_pos_interp(detector, m.rel_pos_interp)

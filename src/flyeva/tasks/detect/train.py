@@ -187,8 +187,8 @@ def _load_detector(cfg: DetectConfig) -> tuple[nn.Module, dict[str, Any]]:
         raise ConfigError(
             f"{path} holds a {config['kind']!r}, not a detector; give OUTPUT/final of a detect run"
         )
-    num_classes = config.get("arch", {}).get("roi_heads", {}).get("num_classes", 80)
-    return build_detector(cfg, num_classes).eval(), config
+    # the label set and the backbone geometry are the file's; nothing may start fresh
+    return build_detector(cfg, None, training=False).eval(), config
 
 
 def run_eval(cfg: DetectConfig) -> dict[str, Any]:
