@@ -87,6 +87,10 @@ def test_a_resume_that_changes_model_or_data_is_refused_in_every_stage(stage, tm
         "stage", "verb", "run_id", "step", "metrics", "final", "best", "best_ema", "evaluations", "weights",
         "counts", "facts", "details",
     }  # fmt: skip
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0  # any stage's run
+    report = (tmp_path / "report" / "report.md").read_text()
+    for name in record["metrics"]:  # the evaluation of the last step, from result.json
+        assert f"eval {name}" in report, name
     config_before = (out / "config.yaml").read_text()
     for change in (changed_model, changed_data):
         capsys.readouterr()
