@@ -146,11 +146,7 @@ def test_skipped_steps_skipped_inputs_and_a_torn_line_are_counted(runs, tmp_path
     assert "Unreadable metrics.jsonl lines skipped: damaged: 1." in report.markdown.read_text()
 
 
-def test_flyeva_cli_runs_the_command_and_turns_a_wrong_folder_into_exit_code_2(
-    runs, tmp_path, monkeypatch, capsys
-):
-    if "flyeva.tasks.report" not in cli.TASK_MODULES:  # until the CLI's module list names it
-        monkeypatch.setattr(cli, "TASK_MODULES", (*cli.TASK_MODULES, "flyeva.tasks.report"))
+def test_flyeva_cli_runs_the_command_and_turns_a_wrong_folder_into_exit_code_2(runs, tmp_path, capsys):
     assert cli.main(["report", str(runs[0]), "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.md").is_file()
     assert cli.main(["report", str(tmp_path / "r")]) == 2

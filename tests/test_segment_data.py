@@ -157,3 +157,24 @@ def test_an_epoch_is_its_stretch_of_the_endless_passes(tmp_path):
     order = stream.rank_order().tolist()
     assert order == [2, 6, 7, 9, 0, 5, 3, 8, 4, 9, 5, 1]  # the permutations of seed 0, passes 1 and 2
     assert len(set(order[:8])) == 8 and len(set(order[8:])) == 4
+
+
+def test_a_16_bit_label_above_255_and_a_label_bomb_are_unreadable_pairs_not_ignore(tmp_path, monkeypatch):
+    """A value of 300 in a 16-bit PNG was read as 255 (ignore), silently; a PNG whose header claims more
+    than the pixel cap is named before it is decoded."""
+    from flyeva.data.sources import UnreadableTargetError
+    from flyeva.tasks.segment import data as segment_data
+
+    images, labels = tmp_path / "val/images", tmp_path / "val/labels"
+    _write_pair(images, labels, "wide", None, size=(4, 2))
+    Image.fromarray(np.array([[0, 1, 300, 1], [1, 1, 1, 0]], dtype=np.uint16)).save(labels / "wide.png")
+    _write_pair(images, labels, "fine", None, size=(4, 2))
+    Image.fromarray(np.array([[0, 1, 255, 1], [1, 1, 1, 0]], dtype=np.uint16)).save(labels / "fine.png")
+    pairs = open_split(DataSection(format="folder", root=str(tmp_path), classes=["a", "b"]), "val")
+    by_name = {p[1].name: i for i, p in enumerate(pairs.pairs)}
+    assert pairs.load_pair(by_name["fine.png"])[1].tolist() == [[0, 1, 255, 1], [1, 1, 1, 0]]
+    with pytest.raises(UnreadableTargetError, match=r"wide\.png holds label values up to 300"):
+        pairs.load_pair(by_name["wide.png"])
+    monkeypatch.setattr(segment_data, "DEFAULT_MAX_PIXELS", 7)  # 4 x 2 = 8 pixels: over the cap
+    with pytest.raises(UnreadableTargetError, match=r"fine\.png claims 4x2 pixels"):
+        pairs.load_pair(by_name["fine.png"])

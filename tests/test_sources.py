@@ -85,3 +85,25 @@ def test_cifar_batches_are_a_labelled_source(tmp_path):
         build_source({"type": "cifar100", "path": str(root)}, target="label")
     with pytest.raises(FileNotFoundError, match=r"CIFAR file .*test does not exist"):
         build_source({"type": "cifar100", "path": str(root), "split": "test"}, target="label")
+
+
+def test_one_extension_list_finds_images_in_folders_and_webdataset_members(tmp_path):
+    import io
+    import tarfile
+
+    from flyeva.data.sources import IMAGE_EXTENSIONS, find_images
+
+    write_image(tmp_path / "folder" / "a.BMP", 5)
+    (tmp_path / "folder" / "notes.txt").write_text("not an image")
+    assert [path.name for path in find_images(tmp_path / "folder")] == ["a.BMP"]
+    image = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(image, "BMP")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, data in (("s0.bmp", image.getvalue()), ("s0.cls", b"1"), ("s1.cls", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = build_source({"type": "wds", "path": str(tmp_path / "shard.tar")}, target="label")
+    (key, data, label), (other, missing, _) = source.iter_shard(str(tmp_path / "shard.tar"))
+    assert (key, source.parse_target(key, label), other, missing) == ("s0", 1, "s1", None)
+    assert ".bmp" in IMAGE_EXTENSIONS and data == image.getvalue()

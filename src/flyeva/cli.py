@@ -40,7 +40,9 @@ def _train(stage, args: argparse.Namespace) -> None:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
-    if stage.prepare:
+    if stage.prepare:  # e.g. a teacher trained for minutes: only once every value has been checked
+        if stage.check:
+            resolve(stage.check)(cfg)
         resolve(stage.prepare)(cfg)
     record = run_stage(stage, cfg)
     if not record:  # ranks other than 0

@@ -17,25 +17,17 @@ on decoding, and so resuming is exact. Batch b of a rank belongs to logical work
 that worker's batch number b // N ("index"); the DataLoader takes batches from workers round-robin,
 so a loader yields batches in the order b = 0, 1, 2, ...
 
-Order of an epoch.
-- Indexable sources (folder, list, synthetic): one permutation of all N indices seeded by
-  (seed, epoch); its first N - N % world_size entries are cut into world_size equal contiguous
-  parts, one per rank, so every rank runs the same number of batches (DDP never waits on a
-  missing rank). Batch contents do not depend on the number of workers.
-- WebDatasetSource: the shard list is permuted by (seed, epoch) and dealt to the world_size * N
-  (rank, worker) slots, slot = rank * N + worker. With `num_samples`, a rank's epoch is
-  num_samples // world_size raw samples, cut into batches as above; each worker reads its own
-  shards front to back, starting again at its first shard if they run out, and stops after its
-  batches. Every sample is read exactly once per epoch when the slots' shards hold exactly the
-  samples their batches need (e.g. equal shards and shards evenly dealt); otherwise some samples
-  repeat and others wait for the next epoch, webdataset's usual `with_epoch` semantics. Without
-  `num_samples` each worker reads its shards once and the epoch length is unknown
-  (`num_batches` is None; ranks may then run different numbers of batches, avoid under DDP;
-  drop_last then drops each worker's last partial batch).
-- MixtureSource: a rank's epoch is samples_per_epoch // world_size raw samples; each worker
-  draws the child source of every sample from the weights with an RNG seeded by (seed, epoch,
-  rank, worker); an indexable child walks its own (seed, epoch)-permutation with stride
-  world_size * N from offset slot (wrapping), a webdataset child reads its slot's shards (wrapping).
+Order of an epoch, as the source declares it (flyeva.data.sources):
+- Indexable sources: one permutation of all N indices seeded by (seed, epoch); its first
+  N - N % world_size entries are cut into world_size equal contiguous parts, one per rank, so every
+  rank runs the same number of batches (DDP never waits on a missing rank). Batch contents do not
+  depend on the number of workers.
+- Streaming sources (`flyeva.data.sources.wds`, `MixtureSource`): a rank's epoch is
+  num_samples // world_size raw samples, cut into batches as above, from what the source gives
+  each worker (`source.samples(stream, worker, num_workers, wrap)`). Without `num_samples` each
+  worker reads its share once and the epoch length is unknown (`num_batches` is None; ranks may
+  then run different numbers of batches, avoid under DDP; drop_last drops each worker's last
+  partial batch).
 
 Transform randomness. Before each sample's transform, torch's CPU generator is seeded from
 (seed, epoch, position) and restored afterwards, so a crop depends only on the sample's place
@@ -58,100 +50,36 @@ become a batch (`collate`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from flyeva.data.sources import (
+from flyeva.data.sources.base import (
     DEFAULT_MAX_PIXELS,
-    SHARD_READ_ERRORS,
-    MixtureSource,
+    TAG_STREAM_TRANSFORM,
+    TAG_TRANSFORM,
+    PendingSample,
     UnreadableImageError,
     UnreadableTargetError,
-    WebDatasetSource,
-    decode_rgb,
+    is_indexable,
+    mix_seed,
+    stream_target_type,
 )
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
-# Tags keep the seeds of different random streams apart when their other inputs coincide.
-_TAG_TRANSFORM, _TAG_STREAM_TRANSFORM, _TAG_SHARDS, _TAG_MIXTURE, _TAG_CHILD = range(1, 6)
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 rounds), cheap enough to call per sample."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1
-
-
-def _is_indexable(source: Any) -> bool:
-    return hasattr(source, "__len__") and hasattr(source, "load")
-
-
-def _target_type(source: Any) -> type | None:
-    """int (labels), str (captions) or None: what targets `source` gives the stream."""
-    if isinstance(source, MixtureSource):
-        kinds = [_target_type(child) for child in source.sources]
-        if None in kinds:
-            if any(kinds):
-                logger.warning("some mixture children give no targets, so batches carry images only")
-            return None
-        if len(set(kinds)) > 1:
-            raise ValueError(
-                "mixture children give both labels and captions; mix sources of one target kind "
-                "(or turn targets off)"
-            )
-        class_lists = {tuple(child.classes) for child in source.sources if getattr(child, "classes", None)}
-        if len(class_lists) > 1:  # the same index would mean different classes in different children
-            raise ValueError(
-                "mixture children have different class lists, so their label indices disagree; "
-                "mix only sources labelled with the same classes"
-            )
-        return kinds[0]
-    if isinstance(source, WebDatasetSource) or hasattr(source, "target"):
-        return getattr(source, "target_type", None)
-    return None
-
-
-@dataclass(frozen=True)
-class PendingSample:
-    """A raw sample chosen for a batch but not decoded yet."""
-
-    key: str
-    index: int  # index in its source, -1 for webdataset samples
-    source_id: int  # which child of a MixtureSource, else 0
-    transform_seed: int
-    load: Callable[[], Image.Image]
-    load_target: Callable[[], int | str] | None  # None when the stream carries no targets
-
-
-def _no_image_member(key: str) -> Image.Image:
-    raise UnreadableImageError(f"webdataset sample {key} has no jpg/jpeg/png/webp member")
-
-
-def _target_loader(source: Any, index: int, target_type: type | None) -> Callable[[], int | str] | None:
-    return functools.partial(source.target, index) if target_type is not None else None
 
 
 class ImageBatchStream(IterableDataset):
     """Decoded, transformed batches of one rank's share of each epoch; see the module docstring."""
 
-    transform_tag = _TAG_TRANSFORM  # a task stream's own tag keeps its crops apart from pretraining's
+    transform_tag = TAG_TRANSFORM  # a task stream's own tag keeps its crops apart from pretraining's
 
     def __init__(
         self,
@@ -169,20 +97,13 @@ class ImageBatchStream(IterableDataset):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if not (_is_indexable(source) or isinstance(source, WebDatasetSource | MixtureSource)):
+        if not (is_indexable(source) or hasattr(source, "samples")):
             raise TypeError(f"unsupported source {type(source).__name__}; build one with flyeva.data.sources")
-        self.source = source
-        self.transform = transform
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.max_pixels = max_pixels
-        self.return_ids = return_ids
-        self.epoch = 0
-        self.skip: tuple[int, ...] = ()
-        self.target_type = _target_type(source)
+        self.source, self.transform, self.batch_size, self.seed = source, transform, batch_size, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.max_pixels, self.return_ids = max_pixels, return_ids
+        self.epoch, self.skip = 0, ()
+        self.target_type = stream_target_type(source)
         self._reported: set[str] = set()
         self.check_epoch_size()
 
@@ -203,9 +124,6 @@ class ImageBatchStream(IterableDataset):
     @property
     def classes(self) -> list[str] | None:
         """The source's class names (index = label), or None when it has none."""
-        if isinstance(self.source, MixtureSource):  # children's lists were checked equal in __init__
-            class_lists = [getattr(child, "classes", None) for child in self.source.sources]
-            return class_lists[0] if self.target_type is int and all(class_lists) else None
         return getattr(self.source, "classes", None)
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
@@ -219,13 +137,9 @@ class ImageBatchStream(IterableDataset):
         self.skip = tuple(int(count) for count in skip)
 
     def samples_per_rank(self) -> int | None:
-        """Raw samples each rank reads per epoch, or None for webdataset without num_samples."""
-        if isinstance(self.source, MixtureSource):
-            return self.source.samples_per_epoch // self.world_size
-        if isinstance(self.source, WebDatasetSource):
-            total = self.source.num_samples
-            return None if total is None else total // self.world_size
-        return len(self.source) // self.world_size
+        """Raw samples each rank reads per epoch, or None for a streaming source without num_samples."""
+        total = len(self.source) if is_indexable(self.source) else self.source.num_samples
+        return None if total is None else total // self.world_size
 
     def num_batches(self, num_workers: int = 0) -> int | None:
         """Batches per rank per epoch (the same for any num_workers), or None when unknown."""
@@ -258,11 +172,11 @@ class ImageBatchStream(IterableDataset):
     def _worker_batches(
         self, worker: int, num_workers: int, first_index: int
     ) -> Iterator[tuple[int, list[PendingSample]]]:
-        if _is_indexable(self.source):
+        if is_indexable(self.source):
             yield from self._indexable_batches(worker, num_workers, first_index)
             return
         raw = self._stream_samples(worker, num_workers)
-        if self.samples_per_rank() is None:  # webdataset, one pass over this worker's shards
+        if self.samples_per_rank() is None:  # one pass over this worker's share
             for index in itertools.count():
                 chunk = list(itertools.islice(raw, self.batch_size))
                 if not chunk or (self.drop_last and len(chunk) < self.batch_size):
@@ -278,21 +192,17 @@ class ImageBatchStream(IterableDataset):
     def _indexable_batches(
         self, worker: int, num_workers: int, first_index: int
     ) -> Iterator[tuple[int, list[PendingSample]]]:
-        rank_order = self.rank_order()
+        rank_order, targets = self.rank_order(), self.target_type is not None
         batch_sizes = self._batch_sizes(worker, num_workers)
         for index, size in enumerate(itertools.islice(batch_sizes, first_index, None), start=first_index):
             start = (worker + index * num_workers) * self.batch_size
             chunk = []
             for offset, source_index in enumerate(rank_order[start : start + size].tolist(), start=start):
+                load = functools.partial(self.source.load, source_index, self.max_pixels)
+                load_target = functools.partial(self.source.target, source_index) if targets else None
+                seed = self.sample_seed(offset)
                 chunk.append(
-                    PendingSample(
-                        key=self.source.key(source_index),
-                        index=source_index,
-                        source_id=0,
-                        transform_seed=self.sample_seed(offset),
-                        load=functools.partial(self.source.load, source_index, self.max_pixels),
-                        load_target=_target_loader(self.source, source_index, self.target_type),
-                    )
+                    PendingSample(self.source.key(source_index), source_index, 0, seed, load, load_target)
                 )
             yield index, chunk
 
@@ -306,98 +216,11 @@ class ImageBatchStream(IterableDataset):
         return mix_seed(self.transform_tag, self.seed, self.epoch, position)
 
     def _stream_samples(self, worker: int, num_workers: int) -> Iterator[PendingSample]:
-        """This worker's raw samples for a webdataset or mixture source, lazily, in order."""
-        if isinstance(self.source, WebDatasetSource):
-            wrap = self.source.num_samples is not None
-            streams = [self._webdataset_samples(self.source, worker, num_workers, wrap)]
-            choices: Iterator[int] = itertools.repeat(0)
-        else:
-            streams = [
-                self._child_samples(child, child_id, worker, num_workers)
-                for child_id, child in enumerate(self.source.sources)
-            ]
-            choices = self._mixture_choices(worker)
-        for position, choice in enumerate(choices):
-            try:
-                key, index, load, load_target = next(streams[choice])
-            except StopIteration:
-                return
-            yield PendingSample(
-                key=key if isinstance(self.source, WebDatasetSource) else f"{choice}:{key}",
-                index=index,
-                source_id=choice,
-                transform_seed=mix_seed(
-                    _TAG_STREAM_TRANSFORM, self.seed, self.epoch, self.rank, worker, position
-                ),
-                load=load,
-                load_target=load_target,
-            )
-
-    def _mixture_choices(self, worker: int) -> Iterator[int]:
-        rng = np.random.default_rng(mix_seed(_TAG_MIXTURE, self.seed, self.epoch, self.rank, worker))
-        while True:  # fixed chunk size keeps the sequence independent of how much is consumed
-            yield from rng.choice(len(self.source.sources), size=4096, p=self.source.weights).tolist()
-
-    def _child_samples(
-        self, child: Any, child_id: int, worker: int, num_workers: int
-    ) -> Iterator[tuple[str, int, Callable, Callable | None]]:
-        if isinstance(child, WebDatasetSource):
-            yield from self._webdataset_samples(child, worker, num_workers, wrap=True)
-            return
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        seed = mix_seed(_TAG_CHILD, self.seed, self.epoch, child_id)
-        order = torch.randperm(len(child), generator=torch.Generator().manual_seed(seed))
-        for step in itertools.count():
-            source_index = int(order[(slot + step * slots) % len(order)])
-            load = functools.partial(child.load, source_index, self.max_pixels)
-            load_target = _target_loader(child, source_index, self.target_type)
-            yield child.key(source_index), source_index, load, load_target
-
-    def _webdataset_samples(
-        self, source: WebDatasetSource, worker: int, num_workers: int, wrap: bool
-    ) -> Iterator[tuple[str, int, Callable, Callable | None]]:
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        generator = torch.Generator().manual_seed(mix_seed(_TAG_SHARDS, self.seed, self.epoch))
-        order = torch.randperm(len(source.shards), generator=generator).tolist()
-        shards = [source.shards[i] for i in order[slot::slots]]
-        if not shards:
-            if not wrap:
-                return
-            raise ValueError(
-                f"{len(source.shards)} webdataset shards cannot feed {self.world_size} ranks x {num_workers} "
-                f"workers: write at least {slots} shards or use fewer workers"
-            )
-        while True:
-            produced = 0
-            for shard in shards:
-                for key, data, target_data in self._read_shard(source, shard):
-                    produced += 1
-                    load = functools.partial(_no_image_member, key)
-                    if data is not None:
-                        load = functools.partial(decode_rgb, data, self.max_pixels)
-                    load_target = None
-                    if self.target_type is not None:
-                        load_target = functools.partial(source.parse_target, key, target_data)
-                    yield key, -1, load, load_target
-            if not wrap:
-                return
-            if produced == 0:
-                raise ValueError(
-                    f"webdataset shards {shards} hold no samples; check that they are valid tars"
-                )
-
-    def _read_shard(
-        self, source: WebDatasetSource, shard: str
-    ) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-        count = 0
-        try:
-            for sample in source.iter_shard(shard):
-                count += 1
-                yield sample
-        except SHARD_READ_ERRORS as error:  # a damaged shard costs its tail, not the run
-            logger.warning(
-                "webdataset shard %s unreadable after %d samples (%s); skipped rest", shard, count, error
-            )
+        """This worker's raw samples from a streaming source, lazily, in order."""
+        wrap = self.samples_per_rank() is not None  # an epoch of known length starts the worker's data again
+        for position, sample in enumerate(self.source.samples(self, worker, num_workers, wrap)):
+            seed = mix_seed(TAG_STREAM_TRANSFORM, self.seed, self.epoch, self.rank, worker, position)
+            yield dataclasses.replace(sample, transform_seed=seed)
 
     # ----- decoding and collation -------------------------------------------------------------------
 

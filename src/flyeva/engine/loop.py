@@ -34,6 +34,7 @@ from flyeva.engine.checkpoint import (
 )
 from flyeva.engine.memory import keep_freed_memory
 from flyeva.engine.metrics import MetricsLogger
+from flyeva.engine.nonfinite import NonFiniteGuard, TrainingDiverged
 from flyeva.engine.optim import (
     OptimConfig,
     adamw_flags,
@@ -158,10 +159,6 @@ class TrainResult:
     eval_epochs: list[int] = field(default_factory=list)  # the epoch of each evaluation in `history`
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients stayed non-finite and rollbacks could not fix it; weights not written."""
-
-
 @dataclass
 class RunState:
     """Everything `train` carries from step to step; one place to read what a run is."""
@@ -184,9 +181,7 @@ class RunState:
     epoch: int = 0
     micro_in_epoch: int = 0
     skip: list[int] = field(default_factory=list)
-    streak_start: int | None = None  # first step of the current run of non-finite steps
-    streak: int = 0
-    rollbacks: int = 0
+    guard: NonFiniteGuard | None = None
     log: MetricsLogger | None = None
     result: TrainResult | None = None
     stop: StopRequest = field(default_factory=StopRequest)
@@ -338,6 +333,7 @@ def setup_run(
         total_steps=total,
         warmup_steps=warmup_steps,
         stop_at=min(total, cfg.max_steps) if cfg.max_steps else total,
+        guard=NonFiniteGuard(cfg.max_consecutive_nonfinite, cfg.max_rollbacks),
         skip=[0] * max(1, cfg.num_workers),
     )
 
@@ -417,28 +413,20 @@ def resume_run(state: RunState) -> None:
 def roll_back(state: RunState) -> None:
     """Weights, optimizer and scaler from the newest checkpoint known healthy; the data position goes on.
 
-    No checkpoint is written during a streak. The one named `streak_start` (if any) holds the weights
-    that produced the first non-finite step: it is set aside as `*.nonfinite`, never restored.
+    No checkpoint is written during a streak. The one named by the guard's `streak_start` (if any) holds
+    the weights that produced the first non-finite step: it is set aside as `*.nonfinite`, never restored.
     """
-    state.rollbacks += 1
-    if state.rollbacks > state.cfg.max_rollbacks:
-        raise TrainingDiverged(
-            f"the loss went non-finite again after {state.cfg.max_rollbacks} rollbacks (from step "
-            f"{state.streak_start}); lower optim.lr, raise warmup, or train in bf16/fp32; the last good "
-            f"checkpoint is in {state.checkpoints}"
-        )
+    guard = state.guard
+    guard.start_rollback(str(state.checkpoints))
     for suspect in list_checkpoints(state.checkpoints):
-        if _step_of(suspect) >= state.streak_start:  # its weights produced the first non-finite step
+        if _step_of(suspect) >= guard.streak_start:  # its weights produced the first non-finite step
             suspect.rename(suspect.with_name(suspect.name + ".nonfinite"))
     healthy = list_checkpoints(state.checkpoints)
     if not healthy:
-        raise TrainingDiverged(
-            f"the loss or gradients were non-finite for {state.streak} steps from step {state.streak_start} "
-            "and no checkpoint from before that exists to roll back to; lower optim.lr or raise the warmup"
-        )
+        raise guard.no_checkpoint_to_roll_back_to()
     _restore(state, healthy[-1])
-    state.log.line(f"step {state.step}: rolled back weights to {healthy[-1].name} ({state.rollbacks})")
-    state.streak, state.streak_start = 0, None
+    state.log.line(f"step {state.step}: rolled back weights to {healthy[-1].name} ({guard.rollbacks})")
+    guard.rolled_back()
 
 
 def _step_of(path: Path) -> int:
@@ -496,24 +484,21 @@ def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str
             skipped = f"non-finite gradient norm ({grad_norm})"
     if skipped:
         result.nonfinite_steps += 1
-        state.streak += 1
-        state.streak_start = state.step if state.streak_start is None else state.streak_start
         log.line(f"step {state.step}: {skipped}, update skipped")
     elif samples:
         state.scaler.step(state.optimizer)  # fp16: skips by itself on overflow and lowers the scale
         state.scaler.update()
         if state.ema is not None:
             state.ema.update(state.base)  # constant decay from step 1 (timm warms it up when given a step)
-        state.streak, state.streak_start = 0, None
     state.optimizer.zero_grad(set_to_none=True)
-    if state.streak >= cfg.max_consecutive_nonfinite:
+    if samples and state.guard.record(state.step, skipped is not None):
         roll_back(state)
     state.step += 1
     _log_step(state, loss_sum, nonfinite, grad_norm, metrics, skipped is not None)
     if stop:
         state.stop.signum = state.stop.signum or 15  # another rank was signalled: stop here too
     due = state.step % cfg.checkpoint_every == 0 or state.step == state.stop_at or state.stop.requested
-    if due and state.streak == 0:  # never checkpoint weights that just produced a non-finite step
+    if due and state.guard.healthy:  # never checkpoint weights that just produced a non-finite step
         checkpoint_now(state)
 
 
@@ -639,12 +624,7 @@ def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evalu
 
 def finish_run(state: RunState) -> None:
     """Refuse to hand back weights that a non-finite step left behind (final/ is never written then)."""
-    if state.streak:
-        raise TrainingDiverged(
-            f"the run ended inside {state.streak} non-finite steps (from step {state.streak_start}); its "
-            "weights are not trustworthy. Lower optim.lr, or resume from the last checkpoint with other "
-            "settings"
-        )
+    state.guard.check_end()
     for name, param in state.model.named_parameters():
         local = param.to_local() if hasattr(param, "to_local") else param
         if not bool(torch.isfinite(local).all()):
@@ -657,7 +637,7 @@ def _stop(state: RunState) -> Interrupted:
     """A signal stopped the run: checkpoint the current step unless one holds it (e.g. a signal that came
     during an evaluation, after the step's own checkpoint decision), then say how to resume."""
     written = state.last_checkpoint is not None and _step_of(state.last_checkpoint) == state.step
-    if not written and state.streak == 0 and state.step > 0:
+    if not written and state.guard.healthy and state.step > 0:
         checkpoint_now(state)
     where = f"checkpoint {state.last_checkpoint} written" if state.last_checkpoint else "no checkpoint"
     return Interrupted(

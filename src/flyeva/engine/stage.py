@@ -252,8 +252,9 @@ def run_stage(stage: Stage, cfg: Any) -> dict[str, Any]:
     D.init_distributed(cfg.train.device)
     folder = Path(cfg.train.output_dir)
     # The folder is this run's before anything is written into it (data exports, config.yaml).
-    with RunLock.hold(folder):
+    with RunLock.hold(folder, enabled=D.is_main()):
         built: Built = resolve(stage.build)(cfg)
+        evaluator = as_evaluator(built.evaluator)
         result = train(
             built.model,
             built.objective,
@@ -261,7 +262,7 @@ def run_stage(stage: Stage, cfg: Any) -> dict[str, Any]:
             cfg.train,
             cfg.optim,
             groups_fn=built.groups_fn,
-            evaluate=built.evaluator,
+            evaluate=evaluator,
             optimizer_fn=built.optimizer_fn,
             run_config=to_dict(cfg),
         )
@@ -282,7 +283,7 @@ def run_stage(stage: Stage, cfg: Any) -> dict[str, Any]:
             weights=str(folder / "final"),
             counts={"skipped_samples": result.skipped_images, "nonfinite_steps": result.nonfinite_steps},
             facts=facts,
-            details=built.evaluator.details() if built.evaluator is not None else {},
+            details=evaluator.details() if evaluator is not None else {},
         )
         write_result(folder, record)
     return record

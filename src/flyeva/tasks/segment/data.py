@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flyeva.data.sources import IMAGE_EXTENSIONS, UnreadableTargetError, decode_rgb
+from flyeva.data.sources import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableTargetError, decode_rgb
 from flyeva.tasks.segment.classes import ADE20K_CLASSES, COCO_STUFF_CLASSES, COCO_STUFF_UNUSED_RAW
 
 logger = logging.getLogger(__name__)
@@ -98,14 +98,22 @@ class SegmentationPairs:
                     raise UnreadableTargetError(
                         f"{path} is a {handle.mode} image; labels are 1-channel index PNGs"
                     )
+                if handle.size[0] * handle.size[1] > DEFAULT_MAX_PIXELS:  # from the header, before decoding
+                    raise UnreadableTargetError(f"{path} claims {handle.size[0]}x{handle.size[1]} pixels")
                 stored = np.array(handle)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableTargetError(f"{path} is not a readable PNG ({error})") from error
         if stored.shape != (size[1], size[0]):
             raise UnreadableTargetError(
                 f"{path} is {stored.shape[1]}x{stored.shape[0]} but its image is {size[0]}x{size[1]}"
             )
-        stored = np.clip(stored, 0, 255).astype(np.uint8) if stored.dtype != np.uint8 else stored
+        if stored.dtype != np.uint8:
+            if stored.max() > IGNORE_INDEX or stored.min() < 0:  # a 16-bit label: never clip a class away
+                raise UnreadableTargetError(
+                    f"{path} holds label values up to {stored.max()}; labels are class indices 0-254 "
+                    "(255 = ignore): convert the file"
+                )
+            stored = stored.astype(np.uint8)
         bad = ~self.stored_valid[stored]
         if bad.any() and str(path) not in self.reported:
             self.reported.add(str(path))

@@ -179,5 +179,3 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     return _assemble(
         EvaSize(**arch["encoder"]), list(arch["out_indices"]), arch["num_classes"], arch["decoder"], sections
     )
-
-
