@@ -288,9 +288,7 @@ def to_release_layout(state: dict[str, torch.Tensor], num_box_convs: int) -> dic
 
 
 @pytest.mark.slow
-def test_a_release_layout_detector_of_another_label_set_evaluates_as_the_detector_that_wrote_it(
-    tmp_path, caplog
-):
+def test_a_release_layout_detector_evaluates_as_the_detector_that_wrote_it(tmp_path, caplog):
     """The label set (5 ShapeWorld classes), the heads (3 of width 96) and the window come from the file:
     `detect eval` gives the trained detector's numbers; a training start keeps every layer but the class
     layers of another label set; a backbone-only file initialises the backbone."""
