@@ -329,3 +329,20 @@ def test_a_release_layout_detector_evaluates_as_the_detector_that_wrote_it(tmp_p
     cfg.model.init = str(tmp_path / "backbone.pth")
     detector = build_detector(cfg, 3)
     assert all(torch.equal(detector.state_dict()[k], v) for k, v in backbone.items())
+
+
+def test_an_evaluation_that_could_read_no_image_is_an_error_not_zero_ap(tmp_path):
+    """Every validation image missing: AP 0.0 would read as a detector that found nothing."""
+    from flyeva.tasks.detect.data import CocoDetectionDataset
+    from flyeva.tasks.detect.train import DetectionEvaluator
+
+    assert main(["shapeworld", "export", "--out", str(tmp_path), "--num", "2", "--formats", "coco"]) == 0
+    val_json = tmp_path / "coco" / "instances.json"
+    for image in (tmp_path / "coco" / "images").iterdir():
+        image.unlink()
+    cfg = load_config(
+        DetectConfig, recipe_path("detect", "miniature"), [*TINY_RUN, f"data.val_json={val_json}"]
+    )
+    evaluator = DetectionEvaluator(CocoDetectionDataset(val_json), val_json, cfg)
+    with pytest.raises(ValueError, match="none of the 2 validation images"):
+        evaluator.evaluate(build_detector(cfg, 5).eval())

@@ -286,3 +286,20 @@ def test_upernet_trains_on_one_image_as_on_a_batch_of_that_image_twice():
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(one[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_evaluation_that_could_read_no_pair_is_an_error_not_zero_miou(tmp_path):
+    """Every validation label missing: mIoU 0.0 would read as a model that learned nothing."""
+    from PIL import Image
+
+    from flyeva.tasks.segment.data import DataSection, open_split
+    from flyeva.tasks.segment.evaluate import EvalSection, Evaluator
+
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "labels").mkdir()
+    for stem in ("a", "b"):
+        Image.new("RGB", (32, 32)).save(tmp_path / "val" / "images" / f"{stem}.png")
+    pairs = open_split(DataSection(format="folder", root=str(tmp_path), classes=["x", "y", "z"]), "val")
+    evaluator = Evaluator(pairs, EvalSection(mode="whole", crop_size=32, scale=[32, 32]))
+    with pytest.raises(ValueError, match=r"none of the 2 validation pairs could be read \(first: .*a\.png"):
+        evaluator.run(_segmenter("upernet", 3), torch.device("cpu"))

@@ -97,6 +97,13 @@ class DetectionEvaluator:
         finally:
             base.square_size = square
         results = gather_results(results)
+        skipped = sum(D.all_gather_objects(skipped))
+        evaluated = min(len(self.dataset), t.max_images or len(self.dataset))
+        if evaluated and skipped >= evaluated:  # metrics of no image would read as a model scoring 0
+            raise ValueError(
+                f"none of the {evaluated} validation images of {self.json_path} could be read; check "
+                "data.val_images (the warnings above name the files)"
+            )
         if not D.is_main():
             return {}
         truth = self.ground_truth

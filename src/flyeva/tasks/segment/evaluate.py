@@ -221,6 +221,11 @@ class Evaluator:
         if self.shard:
             confusion = D.all_reduce_sum(confusion.to(device)).cpu()
             skipped = [item for part in D.all_gather_objects(skipped) for item in part]
+        if skipped and int(confusion.sum()) == 0:  # no pair could be read: metrics of nothing
+            raise ValueError(
+                f"none of the {len(skipped)} validation pairs could be read (first: {skipped[0]}); fix "
+                "the validation data (data.*) or its path"
+            )
         self.last = segmentation_metrics(confusion, self.pairs.classes) | {"skipped": skipped}
         return self.last
 
