@@ -346,3 +346,23 @@ def test_an_evaluation_that_could_read_no_image_is_an_error_not_zero_ap(tmp_path
     evaluator = DetectionEvaluator(CocoDetectionDataset(val_json), val_json, cfg)
     with pytest.raises(ValueError, match="none of the 2 validation images"):
         evaluator.evaluate(build_detector(cfg, 5).eval())
+
+
+def test_a_detector_folder_claiming_a_giant_architecture_is_refused_before_allocation(tmp_path):
+    """config.json edited to EVA-g sizes over tiny weights: one error from the header, no 4 GB build."""
+    import resource
+
+    from flyeva.models.weights import save_weights
+
+    detector = EvaDetector(tiny_arch())
+    folder = save_weights(detector, tmp_path / "det", kind="detector", arch=detector.arch)
+    config = json.loads((folder / "config.json").read_text())
+    config["arch"]["backbone"].update(
+        embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, global_blocks=[39]
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = load_config(DetectConfig, None, [f"model.init={folder}", "model.img_size=64"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=r"does not fit this detector: .* tensors differ"):
+        build_detector(cfg, None, training=False)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below EVA-g

@@ -30,36 +30,27 @@ def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
 CLASS_LAYERS = (".cls_score.", ".mask_fcn_logits.")
 
 
-def _shape_of(state: dict[str, torch.Tensor], key: str) -> str:
-    return str(tuple(state[key].shape)) if key in state else "absent"
-
-
-def _load_matching(
-    detector: nn.Module, state: dict[str, torch.Tensor], where: str, *, new_classes: bool, fresh_prefix=""
-) -> None:
-    """Load every tensor; nothing starts fresh but the class layers of another label set (`new_classes`,
-    training only) and, for a backbone-only file, everything outside `fresh_prefix`'s complement."""
-    own = detector.state_dict()
-    fresh = [k for k in own if k not in state and fresh_prefix and not k.startswith(fresh_prefix)]
-    classes = [
-        k for k in own if k in state and own[k].shape != state[k].shape and any(c in k for c in CLASS_LAYERS)
-    ]
-    wrong = [
-        k for k in own if k not in fresh and k not in classes and _shape_of(state, k) != _shape_of(own, k)
-    ]
-    wrong += [k for k in state if k not in own]
+def _fit(
+    own: dict[str, tuple], found: dict[str, tuple], where: str, *, new_classes: bool, fresh_prefix: str = ""
+) -> tuple[list[str], list[str]]:
+    """(class layers of another label set, tensors a backbone-only file leaves fresh), from shapes
+    alone; any other difference is one error. Only training (`new_classes`) may start classes fresh."""
+    fresh = [k for k in own if k not in found and fresh_prefix and not k.startswith(fresh_prefix)]
+    classes = [k for k in own if k in found and own[k] != found[k] and any(c in k for c in CLASS_LAYERS)]
+    wrong = [k for k in own if k not in fresh and k not in classes and own[k] != found.get(k)]
+    wrong += [k for k in found if k not in own]
     if wrong:
         key = wrong[0]
         raise ConfigError(
             f"{where} does not fit this detector: {len(wrong)} tensors differ, e.g. {key} is "
-            f"{_shape_of(state, key)} in the file and {_shape_of(own, key)} here; set model.* (img_size, "
-            "head sizes) to the file's"
+            f"{found.get(key, 'absent')} in the file and {own.get(key, 'absent')} here; set model.* "
+            "(img_size, head sizes) to the file's"
         )
     if classes and not new_classes:
-        file_classes = state[next(k for k in classes if "cls_score.weight" in k)].shape[0] - 1
+        scores = next(k for k in classes if "cls_score.weight" in k)
         raise ConfigError(
-            f"{where} predicts {file_classes} classes, this detector "
-            f"{detector.arch['roi_heads']['num_classes']}; evaluate on the label set it was trained for"
+            f"{where} predicts {found[scores][0] - 1} classes, this detector {own[scores][0] - 1}; "
+            "evaluate on the label set it was trained for"
         )
     if classes:
         logger.info(
@@ -72,6 +63,24 @@ def _load_matching(
         logger.info(
             "%s holds a backbone only: %d tensors of the pyramid and heads start fresh", where, len(fresh)
         )
+    return classes, fresh
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _load_matching(
+    detector: nn.Module, state: dict[str, torch.Tensor], where: str, *, new_classes: bool, fresh_prefix=""
+) -> None:
+    """Load every tensor of `state`, but the class layers of another label set (training only)."""
+    classes, _ = _fit(
+        _shapes(detector.state_dict()),
+        _shapes(state),
+        where,
+        new_classes=new_classes,
+        fresh_prefix=fresh_prefix,
+    )
     detector.load_state_dict({k: v for k, v in state.items() if k not in classes}, strict=False)
 
 
@@ -80,13 +89,17 @@ def _from_detector_folder(
 ) -> EvaDetector:
     from safetensors.torch import load_file
 
-    from flyeva.models.weights import WEIGHTS_FILE, read_config
+    from flyeva.models.weights import WEIGHTS_FILE, header_shapes, read_config
 
     config = read_config(path)
     arch = apply_test_settings(config["arch"], cfg.test, cfg.model.img_size)
     arch["roi_heads"]["num_classes"] = num_classes or arch["roi_heads"]["num_classes"]
+    with torch.device("meta"):  # config.json is checked against the file's header before any allocation
+        skeleton = _shapes(EvaDetector(arch).state_dict())
+    classes, _ = _fit(skeleton, header_shapes(path / WEIGHTS_FILE), str(path), new_classes=training)
     detector = EvaDetector(arch, fed_weights)
-    _load_matching(detector, load_file(str(path / WEIGHTS_FILE)), str(path), new_classes=training)
+    state = load_file(str(path / WEIGHTS_FILE))
+    detector.load_state_dict({k: v for k, v in state.items() if k not in classes}, strict=False)
     return detector
 
 
