@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flyeva.data.export import class_folder_name, encode_rle, export_split
+from flyeva.data.export import FORMATS, class_folder_name, encode_rle, export_split
 from flyeva.data.synthetic import COLOURS, SHAPES, ShapeWorld, ShapeWorldSource
 
 WORLD = ShapeWorld(image_size=64, seed=0)
@@ -229,7 +229,10 @@ def test_rle_encoding_matches_pycocotools():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapeworld")
-    return export_split(WORLD, out, num_samples=24, start_index=5, shard_size=10)
+    others = [name for name in FORMATS if name != "imagefolder"]
+    written = export_split(WORLD, out, num_samples=24, start_index=5, shard_size=10, formats=others)
+    # 73 uniform draws from index 5 on are the first to give each of the 20 classes an image
+    return written | export_split(WORLD, out, num_samples=80, start_index=5, formats=["imagefolder"])
 
 
 def test_coco_export_scores_perfect_ap_for_ground_truth_predictions(exported):
@@ -260,11 +263,11 @@ def test_coco_export_scores_perfect_ap_for_ground_truth_predictions(exported):
 def test_imagefolder_export_orders_classes_like_labels(exported):
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(exported["imagefolder"]), allow_empty=True)
+    dataset = ImageFolder(str(exported["imagefolder"]))  # every class holds an image
     assert dataset.classes == [class_folder_name(k, n) for k, n in enumerate(WORLD.class_names)]
     assert dataset.classes[9] == "09_triangle_in_the_top_right"
     indices = [int(Path(path).stem) for path, _ in dataset.samples]
-    assert sorted(indices) == list(range(5, 29))
+    assert sorted(indices) == list(range(5, 85))
     assert [label for _, label in dataset.samples] == [WORLD.label(index) for index in indices]
     path, _ = dataset.samples[0]
     assert np.array_equal(pixels(Image.open(path).convert("RGB")), pixels(WORLD.render(indices[0])))
@@ -314,3 +317,15 @@ def test_coco_json_is_plain_json(exported):
     assert document["categories"] == WORLD.categories
     assert {a["image_id"] for a in document["annotations"]} == set(range(6, 30))
     assert sum(len(WORLD.sample(i).objects) for i in range(5, 29)) == len(document["annotations"])
+
+
+def test_an_imagefolder_export_that_would_leave_a_class_empty_is_refused_before_writing(tmp_path, capsys):
+    """Every ImageFolder reader refuses an empty class folder: the export says so first, writing nothing."""
+    from flyeva.cli import main
+
+    code = main(["shapeworld", "export", "--out", str(tmp_path / "few"), "--num", "3"])
+    error = capsys.readouterr().err
+    assert code == 2 and "3 images leave" in error and "--num" in error, error
+    assert not (tmp_path / "few").exists()
+    boxes = ["shapeworld", "export", "--out", str(tmp_path / "boxes"), "--num", "3", "--formats", "coco"]
+    assert main(boxes) == 0

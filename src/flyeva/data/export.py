@@ -68,6 +68,14 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
 
 def _write_imagefolder(world: ShapeWorld, root: Path, names: dict[int, str]) -> Path:
     folder = root / "imagefolder"
+    drawn = {world.label(index) for index in names}
+    if len(drawn) < world.num_classes:  # an empty class folder is refused by every ImageFolder reader
+        missing = [name for k, name in enumerate(world.class_names) if k not in drawn]
+        raise ValueError(
+            f"{len(names)} images leave {len(missing)} of the {world.num_classes} ShapeWorld classes without "
+            f"an image (e.g. {missing[0]}); export more (--num {8 * world.num_classes} gives every class "
+            "several), or leave out the imagefolder format (--formats)"
+        )
     class_dirs = [folder / class_folder_name(k, name) for k, name in enumerate(world.class_names)]
     for class_dir in class_dirs:
         class_dir.mkdir(parents=True, exist_ok=True)
