@@ -304,6 +304,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         ("train.device=foo", "train.device must be auto, cpu, cuda or cuda:N"),
         ("mask.target=foo", "mask.target must be one of ['clip', 'pixels']"),
         ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
+        ("model.init=", "override 'model.init=' has no value; for an empty string write \"model.init=''\""),
+        ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction must be in [0, 1)"),
     ],
 )
 def test_bad_values_fail_before_any_work_with_one_line(tmp_path, capsys, monkeypatch, override, message):

@@ -121,6 +121,9 @@ def load_config(
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must look like key=value")
+        if override.endswith("="):  # the shell ate the quotes of key=''
+            key = override[:-1]
+            raise ConfigError(f"override {override!r} has no value; for an empty string write \"{key}=''\"")
         merged = _merge(merged, OmegaConf.from_dotlist([override]), f"override {override!r}")
     return OmegaConf.to_object(merged)
 
