@@ -169,3 +169,17 @@ def test_every_loader_refuses_nan_weights_naming_the_tensor(tmp_path):
     state["blocks.1.mlp.fc1.weight"][0, 0] = float("inf")
     with pytest.raises(WeightsError, match=r"blocks\.1\.mlp\.fc1\.weight holds NaN or Inf"):
         load_weights(build_encoder(TINY), state)  # the path release checkpoints take
+
+
+def test_weights_files_follow_the_umask_for_shared_storage(tmp_path):
+    """safetensors writes owner-only files; a weights folder on shared storage must be readable."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        encoder = build_encoder(TINY)
+        folder = save_weights(encoder, tmp_path / "enc", kind="encoder", arch={"size": TINY.__dict__})
+    finally:
+        os.umask(previous)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (folder / "config.json").stat().st_mode & 0o777 == 0o644

@@ -88,6 +88,9 @@ def save_weights(
     weights_tmp, config_tmp = folder / f"{WEIGHTS_FILE}.tmp", folder / f"{CONFIG_FILE}.tmp"
     try:
         save_file(state, str(weights_tmp), metadata={"format": "flyeva", "kind": kind})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(weights_tmp, 0o666 & ~umask)  # safetensors writes 0600; shared storage needs the umask's
         config_tmp.write_text(json.dumps(config, indent=2) + "\n")
         for tmp in (weights_tmp, config_tmp):
             fsync_path(tmp)
