@@ -107,3 +107,23 @@ def test_one_extension_list_finds_images_in_folders_and_webdataset_members(tmp_p
     (key, data, label), (other, missing, _) = source.iter_shard(str(tmp_path / "shard.tar"))
     assert (key, source.parse_target(key, label), other, missing) == ("s0", 1, "s1", None)
     assert ".bmp" in IMAGE_EXTENSIONS and data == image.getvalue()
+
+
+def test_predict_inputs_are_a_folders_own_images_and_never_share_an_output_name(tmp_path, capsys):
+    """`predict FOLDER`: label PNGs in a subfolder are not inputs; a.jpg and a.png would both write a.png."""
+    from PIL import Image
+
+    from flyeva.cli import main
+    from flyeva.data.sources import input_images
+
+    (tmp_path / "labels").mkdir()
+    for name in ("a.jpg", "b.png", "labels/a.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert [p.name for p in input_images([tmp_path])] == ["a.jpg", "b.png"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"a\.jpg and .*a\.png would write the same output a\.png"):
+        input_images([tmp_path])
+    out = tmp_path / "drawn"
+    code = main(["segment", "predict", str(tmp_path), "--weights", str(tmp_path / "none"), "--out", str(out)])
+    assert code == 2 and "would write the same output a.png" in capsys.readouterr().err
+    assert not out.exists()

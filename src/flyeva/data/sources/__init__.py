@@ -32,6 +32,7 @@ from flyeva.data.sources.base import (
     UnreadableTargetError,
     decode_rgb,
     find_images,
+    input_images,
     is_indexable,
     read_lines,
 )

@@ -103,6 +103,30 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def input_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files as given, and the images directly inside given folders (sorted): the inputs of a
+    `predict` verb, whose outputs are named by stem, so two inputs of one stem are refused."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither an image file nor a folder of images")
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
+    first: dict[str, Path] = {}
+    for path in found:
+        if first.setdefault(path.stem, path) != path:
+            raise ValueError(
+                f"{first[path.stem]} and {path} would write the same output {path.stem}.png; rename one, "
+                "or predict them into separate --out folders"
+            )
+    return found
+
+
 def shown(items: Sequence[Any], limit: int = 3) -> str:
     """The first `limit` items for a message, and how many more there are."""
     more = f" and {len(items) - limit} more" if len(items) > limit else ""

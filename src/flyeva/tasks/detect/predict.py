@@ -8,28 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flyeva.data.sources import UnreadableImageError, decode_rgb
+from flyeva.data.sources import UnreadableImageError, decode_rgb, input_images
 from flyeva.tasks.detect.recipe import DetectConfig
 from flyeva.tasks.detect.transforms import ResizeLongestSide
 
 logger = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def list_images(paths: list[str]) -> list[Path]:
-    """Files as given, and the images inside given folders (sorted)."""
-    found: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{path} is neither an image nor a folder of images")
-    if not found:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {paths}")
-    return found
 
 
 def draw(image: torch.Tensor, detection: dict[str, torch.Tensor], class_names: list[str], threshold: float):
@@ -53,7 +36,7 @@ def run_predict(cfg: DetectConfig, images: list[str], out_dir: str, threshold: f
     from flyeva.engine import distributed as D
     from flyeva.tasks.detect.train import _load_detector
 
-    paths = list_images(images)
+    paths = input_images(images)
     model, config = _load_detector(cfg)
     device = D.init_distributed(cfg.train.device)
     model.to(device).square_size = cfg.test.size

@@ -49,5 +49,5 @@ def eval_verb(cfg, args: argparse.Namespace) -> None:
 def predict_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.segment.predict import run_predict
 
-    written = [path for images in args.inputs for path in run_predict(cfg, args.weights, images, args.out)]
+    written = run_predict(cfg, args.weights, args.inputs, args.out)
     print(f"wrote {len(written)} overlays to {args.out}")

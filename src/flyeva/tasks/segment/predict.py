@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flyeva.data.sources import IMAGE_EXTENSIONS, UnreadableImageError, decode_rgb
+from flyeva.data.sources import UnreadableImageError, decode_rgb, input_images
 from flyeva.tasks.segment.evaluate import predict_probabilities
 from flyeva.tasks.segment.transforms import normalize
 
@@ -27,25 +27,13 @@ def overlay(image: Image.Image, prediction: np.ndarray, colours: np.ndarray) -> 
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
-def _image_files(images: str) -> list[Path]:
-    path = Path(images)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{images} is neither an image file nor a folder")
-    found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not found:
-        raise FileNotFoundError(f"no images under {images}")
-    return found
-
-
 @torch.no_grad()
-def run_predict(cfg: Any, weights: str, images: str, out_dir: str) -> list[Path]:
+def run_predict(cfg: Any, weights: str, images: list[str], out_dir: str) -> list[Path]:
     """Predict every image; write <stem>.png (overlay), <stem>_labels.png (class indices) and legend.json."""
     from flyeva.tasks.segment.recipe import load_segmenter, resolve
 
     cfg = resolve(cfg)
-    files = _image_files(images)
+    files = input_images(images)
     model = load_segmenter(weights).eval()
     classes = model.weights_config.get("classes") or [str(k) for k in range(model.num_classes)]
     colours = palette(model.num_classes)
