@@ -35,7 +35,7 @@ from matmul_ceiling import DTYPES, matmul_gflops, peak_memory_mib, sync
 from flyeva.config import load_config, recipe_path
 from flyeva.engine.optim import build_adamw
 from flyeva.tasks.detect.build import build_detector, release_param_groups
-from flyeva.tasks.detect.recipe import DetectConfig
+from flyeva.tasks.detect.config import DetectConfig
 
 
 def backbone_flops(net, img_size: int) -> float:

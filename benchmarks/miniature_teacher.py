@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from flyeva.config import load_config, recipe_path
 from flyeva.data.synthetic import ShapeWorld
+from flyeva.tasks.clip.config import ClipConfig
 from flyeva.tasks.clip.init_weights import build_clip_from_config
-from flyeva.tasks.clip.recipe import ClipConfig
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

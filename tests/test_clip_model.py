@@ -14,6 +14,7 @@ from flyeva.engine.optim import OptimConfig, apply_lr, build_adamw
 from flyeva.models import weights
 from flyeva.models.checkpoint import CheckpointError, save_flyeva
 from flyeva.models.eva import EvaSize, build_mim_model
+from flyeva.tasks.clip.config import ClipConfig, check_config
 from flyeva.tasks.clip.init_weights import load_text_init, load_vision_init
 from flyeva.tasks.clip.model import (
     ClipModelSection,
@@ -26,7 +27,6 @@ from flyeva.tasks.clip.model import (
     load_clip,
     save_clip,
 )
-from flyeva.tasks.clip.recipe import ClipConfig, check_config
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 from flyeva.teachers.eva_tower import is_eva_clip_folder, load_eva_clip_teacher
 

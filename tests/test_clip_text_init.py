@@ -12,9 +12,9 @@ import torch
 
 from flyeva.config import load_config, recipe_path
 from flyeva.models.convert import EVA_CLIP_RELEASE, split_clip_state
+from flyeva.tasks.clip.config import ClipConfig
 from flyeva.tasks.clip.init_weights import build_clip_from_config
 from flyeva.tasks.clip.model import INIT_LOGIT_SCALE, build_clip
-from flyeva.tasks.clip.recipe import ClipConfig
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 
 RELEASE_TEMPERATURE = math.log(50.0)

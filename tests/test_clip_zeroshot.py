@@ -12,7 +12,7 @@ from PIL import Image
 
 from flyeva.config import ConfigError, load_config
 from flyeva.data.sources import imagenet_wnids, read_cifar_pickle
-from flyeva.tasks.clip.recipe import ClipConfig
+from flyeva.tasks.clip.config import ClipConfig
 from flyeva.tasks.clip.zeroshot import (
     EvalDatasetSection,
     build_classifier,

@@ -5,7 +5,8 @@ import pytest
 from flyeva.cli import main
 from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.data.masking import BlockMaskGenerator
-from flyeva.pretrain.recipe import MaskSection, PretrainConfig, masked_patches
+from flyeva.pretrain.config import MaskSection, PretrainConfig
+from flyeva.pretrain.run import masked_patches
 
 
 def test_a_recipe_on_a_base_resolves_to_the_base_plus_its_delta(tmp_path):

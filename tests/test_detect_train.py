@@ -14,8 +14,8 @@ from flyeva.engine.optim import OptimConfig
 from flyeva.models.convert import detector_state_from_release
 from flyeva.models.weights import load
 from flyeva.tasks.detect.build import build_detector, release_param_groups
+from flyeva.tasks.detect.config import DetectConfig, validate
 from flyeva.tasks.detect.model import EvaDetector, default_arch
-from flyeva.tasks.detect.recipe import DetectConfig, validate
 
 torch.set_num_threads(1)
 DIM, C, FC, K = 32, 16, 32, 3
@@ -334,7 +334,7 @@ def test_a_release_layout_detector_evaluates_as_the_detector_that_wrote_it(tmp_p
 def test_an_evaluation_that_could_read_no_image_is_an_error_not_zero_ap(tmp_path):
     """Every validation image missing: AP 0.0 would read as a detector that found nothing."""
     from flyeva.tasks.detect.data import CocoDetectionDataset
-    from flyeva.tasks.detect.train import DetectionEvaluator
+    from flyeva.tasks.detect.run import DetectionEvaluator
 
     assert main(["shapeworld", "export", "--out", str(tmp_path), "--num", "2", "--formats", "coco"]) == 0
     val_json = tmp_path / "coco" / "instances.json"

@@ -14,8 +14,8 @@ from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.data.masking import BlockMaskGenerator
 from flyeva.engine.stage import run_stage
 from flyeva.pretrain import PRETRAIN
+from flyeva.pretrain.config import PretrainConfig
 from flyeva.pretrain.objective import MIMObjective, mim_loss, pixel_targets
-from flyeva.pretrain.recipe import PretrainConfig
 from flyeva.teachers import has_native_bf16
 
 

@@ -21,7 +21,7 @@ from flyeva.engine.optim import OptimConfig
 from flyeva.models.checkpoint import export_release
 from flyeva.models.eva import build_mim_model
 from flyeva.pretrain.objective import MIMObjective
-from flyeva.pretrain.recipe import load_init
+from flyeva.pretrain.run import load_init
 
 SIZE = tiny_encoder(16)
 STEPS, WARMUP, BATCH, TEACHER_DIM, SEED = 10, 4, 4, 24, 3

@@ -365,7 +365,7 @@ def test_disk_full_during_a_save_names_the_folder_and_keeps_the_previous_checkpo
 @pytest.mark.parametrize("bad", ["nan", "int"])
 def test_model_init_with_nan_or_integer_weights_is_refused(tmp_path, bad):
     from flyeva.models.checkpoint import save_flyeva
-    from flyeva.pretrain.recipe import load_init
+    from flyeva.pretrain.run import load_init
 
     model = build_mim_model("miniature")
     folder = save_flyeva(model, tmp_path / "init")

@@ -10,7 +10,7 @@ from PIL import Image
 from flyeva.cli import main
 from flyeva.config import load_config, recipe_path
 from flyeva.models.weights import read_config
-from flyeva.tasks.segment.recipe import SegmentConfig
+from flyeva.tasks.segment.config import SegmentConfig
 
 # A few 64 px images, a 2-step run: the miniature recipe's path through the engine, not its accuracy.
 TINY = [

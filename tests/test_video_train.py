@@ -12,8 +12,8 @@ from flyeva.cli import main
 from flyeva.config import load_config, recipe_path
 from flyeva.engine.loop import StepContext
 from flyeva.models.weights import load
+from flyeva.tasks.video.config import VideoConfig
 from flyeva.tasks.video.evaluate import VideoEvaluator, VideoObjective, average_views
-from flyeva.tasks.video.recipe import VideoConfig
 
 RECIPES = (
     "miniature",

@@ -10,9 +10,9 @@ PRETRAIN = Stage(
     command="pretrain",
     verb="",
     help=HELP,
-    config="flyeva.pretrain.recipe:PretrainConfig",
-    build="flyeva.pretrain.recipe:build_pretrain",
-    check="flyeva.pretrain.recipe:check_pretrain_config",
+    config="flyeva.pretrain.config:PretrainConfig",
+    build="flyeva.pretrain.run:build_pretrain",
+    check="flyeva.pretrain.config:check_pretrain_config",
     # the miniature recipe trains its tiny CLIP teacher first (teacher.train_recipe)
     prepare="flyeva.tasks.demo.teacher:ensure_recipe_teacher",
     primary="",

@@ -37,7 +37,7 @@ def parse_dataset(text: str) -> dict[str, str]:
 
 
 def zeroshot_verb(cfg, args: argparse.Namespace) -> None:
-    from flyeva.tasks.clip.recipe import run_zeroshot
+    from flyeva.tasks.clip.run import run_zeroshot
     from flyeva.tasks.clip.zeroshot import EvalDatasetSection, RetrievalSection
 
     if args.checkpoint:
@@ -106,9 +106,9 @@ HELP = "EVA-CLIP: training, zero-shot evaluation, conversion"
 CLIP_TRAIN = Stage(
     command="clip",
     help="contrastive training (default: the miniature recipe)",
-    config="flyeva.tasks.clip.recipe:ClipConfig",
-    build="flyeva.tasks.clip.recipe:build_clip_train",
-    check="flyeva.tasks.clip.recipe:check_config",
+    config="flyeva.tasks.clip.config:ClipConfig",
+    build="flyeva.tasks.clip.run:build_clip_train",
+    check="flyeva.tasks.clip.config:check_config",
     primary="average_top1",
     verbs={
         "zeroshot": Verb(

@@ -106,7 +106,7 @@ def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
 def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[str, Any]:
     from flyeva.engine.stage import run_stage
     from flyeva.pretrain import PRETRAIN
-    from flyeva.pretrain.recipe import PretrainConfig
+    from flyeva.pretrain.config import PretrainConfig
 
     overrides = [
         *COMMON,
@@ -169,7 +169,7 @@ def finetune(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, A
 def eva_clip(out: Path, vision_init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
     from flyeva.engine.stage import run_stage
     from flyeva.tasks.clip import CLIP_TRAIN
-    from flyeva.tasks.clip.recipe import ClipConfig
+    from flyeva.tasks.clip.config import ClipConfig
 
     overrides = [
         *COMMON,

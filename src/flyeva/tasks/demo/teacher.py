@@ -30,7 +30,7 @@ def ensure_teacher(
     """
     from flyeva.engine.stage import run_stage
     from flyeva.tasks.clip import CLIP_TRAIN
-    from flyeva.tasks.clip.recipe import ClipConfig
+    from flyeva.tasks.clip.config import ClipConfig
 
     if final.name != "final":
         raise ConfigError(f"teacher.path {final} must be the `final` folder that `flyeva clip train` writes")

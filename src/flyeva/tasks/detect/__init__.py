@@ -15,9 +15,9 @@ HELP = "detection and instance segmentation: train, eval, predict"
 DETECT = Stage(
     command="detect",
     help="train a detector (default: the miniature recipe on ShapeWorld)",
-    config="flyeva.tasks.detect.recipe:DetectConfig",
-    build="flyeva.tasks.detect.train:build_train",
-    check="flyeva.tasks.detect.recipe:validate",
+    config="flyeva.tasks.detect.config:DetectConfig",
+    build="flyeva.tasks.detect.run:build_train",
+    check="flyeva.tasks.detect.config:validate",
     primary="bbox_AP",
     verbs={
         "eval": Verb(
@@ -39,7 +39,7 @@ STAGES = (DETECT,)
 
 
 def eval_verb(cfg, args: argparse.Namespace) -> None:
-    from flyeva.tasks.detect.train import run_eval
+    from flyeva.tasks.detect.run import run_eval
 
     record = run_eval(cfg)
     metrics = record.get("metrics", {})

@@ -10,8 +10,8 @@ from torch import nn
 
 from flyeva.config import ConfigError
 from flyeva.engine.optim import OptimConfig, layer_decay_groups
+from flyeva.tasks.detect.config import DetectConfig, apply_test_settings, arch_from_config
 from flyeva.tasks.detect.model import EvaDetector, backbone_from_encoder
-from flyeva.tasks.detect.recipe import DetectConfig, apply_test_settings, arch_from_config
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ def run_demo_stage(
     from flyeva.config import load_config, recipe_path
     from flyeva.engine.stage import run_stage
     from flyeva.tasks.detect import DETECT
-    from flyeva.tasks.detect.recipe import DetectConfig
+    from flyeva.tasks.detect.config import DetectConfig
 
     overrides = [
         *DEMO_OVERRIDES,

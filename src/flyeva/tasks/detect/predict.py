@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from flyeva.data.sources import UnreadableImageError, decode_rgb, input_images
-from flyeva.tasks.detect.recipe import DetectConfig
+from flyeva.tasks.detect.config import DetectConfig
 from flyeva.tasks.detect.transforms import ResizeLongestSide
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def run_predict(cfg: DetectConfig, images: list[str], out_dir: str, threshold: f
     from PIL import Image
 
     from flyeva.engine import distributed as D
-    from flyeva.tasks.detect.train import _load_detector
+    from flyeva.tasks.detect.run import _load_detector
 
     paths = input_images(images)
     model, config = _load_detector(cfg)

@@ -14,9 +14,9 @@ HELP = "semantic segmentation: train, eval, predict"
 SEGMENT = Stage(
     command="segment",
     help="train a segmenter (UperNet or Mask2Former on EVA) on the shared engine",
-    config="flyeva.tasks.segment.recipe:SegmentConfig",
-    build="flyeva.tasks.segment.recipe:build_segment",
-    check="flyeva.tasks.segment.recipe:resolve",
+    config="flyeva.tasks.segment.config:SegmentConfig",
+    build="flyeva.tasks.segment.run:build_segment",
+    check="flyeva.tasks.segment.config:resolve",
     primary="mIoU",
     verbs={
         "eval": Verb(
@@ -38,7 +38,7 @@ STAGES = (SEGMENT,)
 
 
 def eval_verb(cfg, args: argparse.Namespace) -> None:
-    from flyeva.tasks.segment.recipe import run_eval
+    from flyeva.tasks.segment.run import run_eval
 
     record = run_eval(cfg)
     if record:

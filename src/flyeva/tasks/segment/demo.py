@@ -29,7 +29,7 @@ def run_demo_stage(
     from flyeva.config import load_config, recipe_path
     from flyeva.engine.stage import run_stage
     from flyeva.tasks.segment import SEGMENT
-    from flyeva.tasks.segment.recipe import SegmentConfig
+    from flyeva.tasks.segment.config import SegmentConfig
 
     epochs = 3  # evaluated after each: the curve from chance upward
     overrides = [

@@ -30,7 +30,8 @@ def overlay(image: Image.Image, prediction: np.ndarray, colours: np.ndarray) -> 
 @torch.no_grad()
 def run_predict(cfg: Any, weights: str, images: list[str], out_dir: str) -> list[Path]:
     """Predict every image; write <stem>.png (overlay), <stem>_labels.png (class indices) and legend.json."""
-    from flyeva.tasks.segment.recipe import load_segmenter, resolve
+    from flyeva.tasks.segment.config import resolve
+    from flyeva.tasks.segment.run import load_segmenter
 
     cfg = resolve(cfg)
     files = input_images(images)

@@ -16,9 +16,9 @@ HELP = "video action recognition: train, eval"
 VIDEO = Stage(
     command="video",
     help="fine-tune a video EVA on clips (default: the miniature recipe)",
-    config="flyeva.tasks.video.recipe:VideoConfig",
-    build="flyeva.tasks.video.recipe:build_video",
-    check="flyeva.tasks.video.recipe:check_config",
+    config="flyeva.tasks.video.config:VideoConfig",
+    build="flyeva.tasks.video.run:build_video",
+    check="flyeva.tasks.video.config:check_config",
     primary="top1",
     verbs={
         "eval": Verb(
@@ -31,7 +31,7 @@ STAGES = (VIDEO,)
 
 
 def eval_verb(cfg, args: argparse.Namespace) -> None:
-    from flyeva.tasks.video.recipe import run_eval
+    from flyeva.tasks.video.run import run_eval
 
     record = run_eval(cfg)
     if record:

@@ -19,7 +19,7 @@ def _run(
 ) -> dict[str, float]:
     from flyeva.engine.stage import run_stage
     from flyeva.tasks.video import VIDEO
-    from flyeva.tasks.video.recipe import VideoConfig
+    from flyeva.tasks.video.config import VideoConfig
 
     settings = [
         f"train.output_dir={out_dir}",
@@ -45,7 +45,7 @@ def run_demo_stage(out_dir: Path, init: str | None, seed: int, *, quick: bool = 
     `random_mean_class_top1` and `chance_top1` (percent, on held-out clips).
     """
     from flyeva.data.video.datasets import write_shapeworld_clips
-    from flyeva.tasks.video.recipe import VideoConfig
+    from flyeva.tasks.video.config import VideoConfig
 
     out_dir = Path(out_dir)
     recipe = load_config(VideoConfig, recipe_path("video", "miniature"), QUICK_OVERRIDES if quick else [])

@@ -1,15 +1,7 @@
-"""`flyeva segment train|eval`: the recipe schema, the stage on the shared engine, the evaluation.
-
-Schema defaults are the release's EVA-g + Mask2Former ADE20K stage (paper section 4.2, release
-`EVA-01/seg`): crop 896, AdamW (0.9, 0.999) lr 2.5e-5, wd 0.05, layer decay 0.95, poly (power 1)
-to 0 after a 500-iteration warmup, 20k iterations at batch 64, drop path 0.5, slide inference
-896 / 512. Recipes in configs/segment/ change only what differs (docs/segment.md).
-"""
+"""`flyeva segment train|eval`: the stage on the shared engine (build) and the evaluation verb."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,81 +9,22 @@ import torch
 
 from flyeva.config import ConfigError
 from flyeva.engine import distributed as D
-from flyeva.engine.loop import StepContext, TrainConfig
-from flyeva.engine.optim import OptimConfig, check_schedule
+from flyeva.engine.loop import StepContext
 from flyeva.engine.run import RunLock
 from flyeva.engine.stage import Built, write_evaluation
-from flyeva.tasks.segment.data import DataSection, check_data_section, ensure_shapeworld, open_split
-from flyeva.tasks.segment.evaluate import EvalSection, Evaluator, check_eval_section
+from flyeva.tasks.segment.config import (
+    SegmentConfig,
+    resolve,
+)
+from flyeva.tasks.segment.data import ensure_shapeworld, open_split
+from flyeva.tasks.segment.evaluate import Evaluator
 from flyeva.tasks.segment.model import (
-    ModelSection,
     build_from_arch,
     build_segmenter,
-    check_model_section,
     segmenter_arch,
 )
 from flyeva.tasks.segment.stream import SegmentationBatchStream
-from flyeva.tasks.segment.transforms import AugSection, TrainTransform
-
-logger = logging.getLogger(__name__)
-
-
-def _segment_optim() -> OptimConfig:
-    # mmseg's AdamW and poly schedule: warmup from lr x 1e-6 (warmup_ratio), to min_lr 0, no clipping.
-    return OptimConfig(
-        lr=2.5e-5,
-        min_lr=0.0,
-        weight_decay=0.05,
-        betas=[0.9, 0.999],
-        eps=1e-8,
-        layer_decay=0.95,
-        warmup_steps=500,
-        warmup="factor",
-        warmup_factor=1e-6,
-        schedule="poly",
-        poly_power=1.0,
-        clip_grad=0.0,
-    )
-
-
-def _segment_train() -> TrainConfig:
-    # 20k iterations as 10 engine epochs of 2000 (evaluation after each); 64 = 8 GPUs x 8 images.
-    return TrainConfig(
-        output_dir="runs/segment",
-        epochs=10,
-        steps_per_epoch=2000,
-        batch_size=8,
-        precision="fp16",
-        strategy="ddp",
-        num_workers=4,
-        checkpoint_every=2000,
-    )
-
-
-@dataclass
-class SegmentConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    aug: AugSection = field(default_factory=AugSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    optim: OptimConfig = field(default_factory=_segment_optim)
-    train: TrainConfig = field(default_factory=_segment_train)
-    weights: str = ""  # eval / predict: a segmenter weights folder (OUTPUT/final of `segment train`)
-
-
-def resolve(cfg: SegmentConfig) -> SegmentConfig:
-    """Check every value before any work, and fill the eval defaults that follow the augmentation."""
-    try:
-        check_model_section(cfg.model)
-        check_data_section(cfg.data)
-        cfg.eval.crop_size = cfg.eval.crop_size or cfg.aug.crop_size
-        cfg.eval.scale = list(cfg.eval.scale or cfg.aug.scale)
-        check_eval_section(cfg.eval)
-        check_schedule(cfg.optim)
-        TrainTransform(cfg.aug)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return cfg
+from flyeva.tasks.segment.transforms import TrainTransform
 
 
 class SegmentationObjective:

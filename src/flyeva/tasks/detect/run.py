@@ -16,8 +16,8 @@ from flyeva.engine.loop import PRECISIONS, StepContext
 from flyeva.engine.run import RunLock
 from flyeva.engine.stage import EVAL_FILE, Built, result_record, write_result
 from flyeva.tasks.detect.annotations import check_usable, evaluation_ground_truth
+from flyeva.tasks.detect.config import DetectConfig, validate
 from flyeva.tasks.detect.data import CocoDetectionDataset
-from flyeva.tasks.detect.recipe import DetectConfig, validate
 
 logger = logging.getLogger(__name__)
 
