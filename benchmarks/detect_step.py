@@ -9,6 +9,11 @@ input), the heads (the rest of forward + backward) and the optimizer step.
     python benchmarks/detect_step.py                                     # miniature@64 and eva_base@1024, CPU
     python benchmarks/detect_step.py --configs eva_base@1024,eva_base@1280,eva_base@1536 --steps 1
     python benchmarks/detect_step.py --device cuda --configs eva_giant@1280 --grad-checkpointing
+    python benchmarks/detect_step.py --backbone-only --rel-pos mask,channels --configs eva_base@1024
+
+`--rel-pos mask` runs the global blocks' decomposed rel-pos as SDPA's [heads, N, N] float mask (the
+explicit form); `channels` (flyeva's) as extra query/key channels with no mask; a comma list runs
+both, in one run, each in its own process. `--backbone-only` times the ViT + pyramid step alone.
 
 Backbone FLOPs per image (forward; x3 with backward): patch embedding, qkv/proj/MLP linears, q.k and
 attn.v over each block's window (or the whole grid in global blocks), and the rel-pos einsums.
@@ -70,7 +75,19 @@ def synthetic_batch(batch: int, img_size: int, device: torch.device, objects: in
     return images, targets
 
 
+def explicit_bias_attention(q, k, v, rel_pos_h, rel_pos_w, hw, interp="linear"):
+    """The rel-pos bias as SDPA's float mask: the [B, heads, N, N] tensor the channel form avoids."""
+    from flyeva.tasks.detect.backbone import decomposed_rel_pos_bias
+
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, hw, interp).to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 def measure(config: str, args: argparse.Namespace) -> dict:
+    if args.rel_pos == "mask":
+        import flyeva.tasks.detect.backbone as backbone
+
+        backbone.rel_pos_attention = explicit_bias_attention
     size, img_size = config.split("@")
     img_size = int(img_size)
     device = torch.device(args.device)
@@ -111,6 +128,14 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if args.backbone_only:
+        backbone_s = statistics.median(backbone_step() for _ in range(args.warmup + args.steps))
+        flops = 3 * backbone_flops(detector.backbone.net, img_size) * args.batch
+        return dict(
+            config=config, rel_pos=args.rel_pos, batch=args.batch, step_s=float("nan"),
+            images_per_s=float("nan"), backbone_s=backbone_s, heads_s=float("nan"), optimizer_s=float("nan"),
+            backbone_gflops=flops / backbone_s / 1e9, peak_mib=peak_memory_mib(device),
+        )  # fmt: skip
     for _ in range(args.warmup):
         full_step()
     steps = [full_step() for _ in range(args.steps)]
@@ -120,7 +145,8 @@ def measure(config: str, args: argparse.Namespace) -> dict:
     step_s = forward_backward_s + optimizer_s
     flops = 3 * backbone_flops(detector.backbone.net, img_size) * args.batch
     return dict(
-        config=config, batch=args.batch, step_s=step_s, images_per_s=args.batch / step_s,
+        config=config, rel_pos=args.rel_pos, batch=args.batch, step_s=step_s,
+        images_per_s=args.batch / step_s,
         backbone_s=backbone_s, heads_s=max(0.0, forward_backward_s - backbone_s), optimizer_s=optimizer_s,
         backbone_gflops=flops / backbone_s / 1e9, peak_mib=peak_memory_mib(device),
     )  # fmt: skip
@@ -144,6 +170,8 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--json", action="store_true", help="one JSON row per config, no ceiling")
+    parser.add_argument("--rel-pos", default="channels", help="channels | mask | channels,mask (both)")
+    parser.add_argument("--backbone-only", action="store_true", help="time the ViT + pyramid step alone")
     args = parser.parse_args()
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.threads:
@@ -156,22 +184,29 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = []
     for config in configs:
-        command = [sys.executable, __file__, "--json", "--configs", config]
-        for key in ("batch", "steps", "warmup", "device", "precision", "threads"):
-            command += [f"--{key}", str(getattr(args, key))]
-        command += ["--grad-checkpointing"] if args.grad_checkpointing else []
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            sys.exit(f"{config} failed (exit {result.returncode}); run it alone with --json to see why")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        for rel_pos in args.rel_pos.split(","):
+            command = [sys.executable, __file__, "--json", "--configs", config, "--rel-pos", rel_pos]
+            for key in ("batch", "steps", "warmup", "device", "precision", "threads"):
+                command += [f"--{key}", str(getattr(args, key))]
+            command += ["--grad-checkpointing"] if args.grad_checkpointing else []
+            command += ["--backbone-only"] if args.backbone_only else []
+            result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            if result.returncode != 0:  # e.g. killed for memory: the row says so, the others still run
+                rows.append(dict(config=config, rel_pos=rel_pos, failed=result.returncode))
+                continue
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     ceiling = matmul_gflops(args.matmul_size, device=args.device, dtype=DTYPES[args.precision])
     print(f"torch {torch.__version__}, {args.device}, {args.precision}, {torch.get_num_threads()} threads, "
           f"grad checkpointing {args.grad_checkpointing}")  # fmt: skip
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s")
-    print(f"{'config':>15} {'batch':>5} {'s/step':>7} {'img/s':>6} {'backbone s':>10} {'heads s':>8} "
-          f"{'optim s':>7} {'bb GFLOP/s':>10} {'bb %ceil':>8} {'peak MiB':>8}")  # fmt: skip
+    print(f"{'config':>15} {'rel-pos':>8} {'batch':>5} {'s/step':>7} {'img/s':>6} {'backbone s':>10} "
+          f"{'heads s':>8} {'optim s':>7} {'bb GFLOP/s':>10} {'bb %ceil':>8} {'peak MiB':>8}")  # fmt: skip
     for row in rows:
-        print(f"{row['config']:>15} {row['batch']:>5} {row['step_s']:>7.2f} {row['images_per_s']:>6.3f} "
+        if "failed" in row:
+            print(f"{row['config']:>15} {row['rel_pos']:>8} failed with exit code {row['failed']} (memory?)")
+            continue
+        print(f"{row['config']:>15} {row['rel_pos']:>8} {row['batch']:>5} {row['step_s']:>7.2f} "
+              f"{row['images_per_s']:>6.3f} "
               f"{row['backbone_s']:>10.2f} {row['heads_s']:>8.2f} {row['optimizer_s']:>7.2f} "
               f"{row['backbone_gflops']:>10.1f} {100 * row['backbone_gflops'] / ceiling:>7.0f}% "
               f"{row['peak_mib']:>8.0f}")  # fmt: skip

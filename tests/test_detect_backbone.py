@@ -258,3 +258,29 @@ def test_rel_pos_interp_is_set_on_every_block_and_checked():
         set_rel_pos_interp(net, "cubic")
     with pytest.raises(ValueError, match="rel_pos_interp='vitdet'"):
         EvaViTDet(32, 4, 16, 1, 2, 32, pos_grid=8, rel_pos_interp="vitdet")
+
+
+@pytest.mark.parametrize(("height", "width", "interp"), [(3, 4, "linear"), (6, 6, "beit"), (5, 7, "linear")])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rel_pos_as_key_channels_equals_the_explicit_bias_with_gradients(
+    height, width, interp, dtype, tolerance
+):
+    """The maskless form (extra q/k channels) against SDPA with the [heads, N, N] float bias: equal in
+    float64 to rounding, and within 1e-5 in fp32 at a block's scales (unit q/k/v, tables of 0.1;
+    gradients within 1e-5 of their largest entry, which is 4 to 111 here)."""
+    from flyeva.tasks.detect.backbone import rel_pos_attention
+
+    torch.manual_seed(0)
+    dim, table = 8, 2 * 4 - 1  # a table of another size is resized, as at a 1536 test of 1280 training
+    shape = (2, 3, height * width, dim)
+    leaves = [torch.randn(shape, dtype=dtype).requires_grad_() for _ in range(3)]
+    leaves += [(0.1 * torch.randn(table, dim, dtype=dtype)).requires_grad_() for _ in range(2)]
+    q, k, v, rel_h, rel_w = leaves
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (height, width), interp)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    grads_reference = torch.autograd.grad(reference.square().sum(), leaves)
+    out = rel_pos_attention(q, k, v, rel_h, rel_w, (height, width), interp)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    torch.testing.assert_close(out, reference, atol=tolerance, rtol=0)
+    for got, want in zip(grads, grads_reference):  # gradients: within tolerance x their largest entry
+        torch.testing.assert_close(got, want, atol=tolerance * max(1.0, want.abs().max().item()), rtol=0)

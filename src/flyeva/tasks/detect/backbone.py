@@ -114,6 +114,42 @@ def decomposed_rel_pos_bias(
     return bias.reshape(batch, heads, height * width, height * width)
 
 
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: tuple[int, int],
+    interp: str = "linear",
+) -> torch.Tensor:
+    """softmax(q.k / sqrt(C) + q.Rh + q.Rw) v without the [heads, N, N] bias tensor.
+
+    The bias of query i and key (kh, kw) is rel_h[i, kh] + rel_w[i, kw]: a per-key-row term plus a
+    per-key-column term. It is the dot product of extra query channels (q.Rh for every key row, q.Rw
+    for every key column, times sqrt(C) to undo SDPA's scale) with one-hot key channels, so SDPA runs
+    maskless: its fused (flash) kernels never hold N x N scores, and memory grows linearly in pixels.
+    v is zero-padded to the same width (the fused kernels want one head width) and cut back after.
+    """
+    height, width = hw
+    batch, heads, tokens, dim = q.shape
+    table_h = get_rel_pos(height, height, rel_pos_h, interp).to(q.dtype)
+    table_w = get_rel_pos(width, width, rel_pos_w, interp).to(q.dtype)
+    grid_q = q.reshape(batch, heads, height, width, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, heads, tokens, height)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, heads, tokens, width)
+    rows = torch.arange(tokens, device=q.device)
+    one_hot = torch.cat([F.one_hot(rows // width, height), F.one_hot(rows % width, width)], dim=-1).to(
+        q.dtype
+    )  # [N, H + W]: key (kh, kw) -> its row and column
+    scale = dim**-0.5
+    q_wide = torch.cat([q, (rel_h / scale), (rel_w / scale)], dim=-1)
+    k_wide = torch.cat([k, one_hot.expand(batch, heads, tokens, height + width)], dim=-1)
+    v_wide = F.pad(v, (0, height + width))
+    out = F.scaled_dot_product_attention(q_wide, k_wide, v_wide, scale=scale)
+    return out[..., :dim]
+
+
 def set_rel_pos_interp(module: nn.Module, interp: str) -> int:
     """Use `interp` ("linear" | "beit") for every relative-position table under `module`; returns how many."""
     if interp not in REL_POS_INTERPS:
@@ -146,10 +182,7 @@ class RelPosAttention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x.reshape(batch, height * width, channels), self.qkv.weight, bias)
         q, k, v = qkv.reshape(batch, -1, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
-        rel_bias = decomposed_rel_pos_bias(
-            q, self.rel_pos_h, self.rel_pos_w, (height, width), self.rel_pos_interp
-        )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias.to(q.dtype))
+        out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width), self.rel_pos_interp)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj(out)
 
