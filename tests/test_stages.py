@@ -324,3 +324,28 @@ def test_a_run_that_cannot_read_most_of_its_data_stops_without_weights(tmp_path,
     last = error.strip().splitlines()[-1]  # the warnings above it name the unreadable files
     assert last.startswith("flyeva: error: epoch 0: 6 of 8 training samples were unreadable"), error
     assert not (out / "final").exists() and not (out / "result.json").exists()
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_record(tmp_path):
+    """log_every=4: each record's loss is the mean of its 4 steps' losses, not the 4th step's alone."""
+    seen = []
+
+    class Recording(ToyObjective):
+        def __call__(self, model, batch, ctx):
+            loss, metrics = super().__call__(model, batch, ctx)
+            seen.append(float(loss))
+            return loss, metrics
+
+    from engine_run import train
+    from test_engine import config
+
+    from flyeva.engine.optim import OptimConfig
+
+    torch.manual_seed(0)
+    cfg = config(tmp_path, epochs=2, log_every=4)
+    optim = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.0, schedule="constant")
+    train(torch.nn.Linear(1, 1), Recording(), ToyStream(2.0), cfg, optim)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(seen) == 8 and len(logged) == 2
+    assert logged == pytest.approx([sum(seen[:4]) / 4, sum(seen[4:]) / 4], rel=1e-12)

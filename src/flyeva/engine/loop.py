@@ -188,6 +188,7 @@ class RunState:
     last_checkpoint: Path | None = None
     last_time: float = field(default_factory=time.time)
     last_step: int = 0
+    interval_losses: list[float] = field(default_factory=list)  # since the last metrics record
 
     @property
     def checkpoints(self) -> Path:
@@ -504,9 +505,12 @@ def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str
 
 def _log_step(state: RunState, loss_sum: float, nonfinite: float, grad_norm, metrics, skipped: bool) -> None:
     cfg, step = state.cfg, state.step
+    loss = None if skipped else loss_sum / (D.world_size() * cfg.accum_steps)
+    if loss is not None:
+        state.interval_losses.append(loss)
     values: dict[str, Any] = {
         # A skipped step has no loss: null in metrics.jsonl, never 0.0.
-        "loss": None if skipped else loss_sum / (D.world_size() * cfg.accum_steps),
+        "loss": loss,
         "lr": state.optimizer.param_groups[0]["lr"] / state.optimizer.param_groups[0].get("lr_scale", 1.0),
         "epoch": state.epoch,
     }
@@ -520,6 +524,9 @@ def _log_step(state: RunState, loss_sum: float, nonfinite: float, grad_norm, met
         now = time.time()
         values["steps_per_s"] = (step - state.last_step) / max(1e-9, now - state.last_time)
         values.update({k: float(v) for k, v in metrics.items()})
+        # The record's loss is the mean since the last record: one batch every log_every steps is noise.
+        losses, state.interval_losses = state.interval_losses, []
+        values["loss"] = sum(losses) / len(losses) if losses and not skipped else None
         state.last_time, state.last_step = now, step
         state.log.log(step, values)
         state.result.history.append({"step": step, **values})
