@@ -164,3 +164,29 @@ def test_a_batch_with_no_readable_clip_trains_nothing_and_does_not_crash():
     assert loss.item() == 0.0 and metrics == {}
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and not g.any() for g in grads)  # every weight joins, none moves
+
+
+def test_a_release_video_checkpoint_of_an_unnamed_size_converts_and_loads_with_its_head_count(
+    tmp_path, capsys
+):
+    """Width 40 with 5 heads matches no named size: `convert release --num-heads` and
+    `model.num_heads` are the two ways in; without them, one line says which to pass."""
+    from dataclasses import replace
+
+    from flyeva.cli import main
+    from flyeva.models.weights import load
+    from flyeva.tasks.video.convert import load_init
+
+    odd = replace(SIZE, img_size=224, patch_size=16, embed_dim=40, num_heads=5, mlp_dim=80)
+    torch.manual_seed(0)
+    model = build_video_model(odd, 3, num_frames=2, tubelet_size=1)
+    path = tmp_path / "release_video.pth"
+    torch.save({"model": model.state_dict()}, path)
+    convert = ["convert", "release", str(path), "--out", str(tmp_path / "video")]
+    assert main(convert) == 2 and "--num-heads" in capsys.readouterr().err
+    assert main([*convert, "--num-heads", "5"]) == 0
+    loaded = load(tmp_path / "video")
+    assert loaded.blocks[0].attn.num_heads == 5 and loaded.weights_config["kind"] == "video"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    _, arch, kind = load_init(path, 224, num_heads=5)  # `model.num_heads=5` of a video config
+    assert kind == "video" and arch["size"]["num_heads"] == 5 and arch["num_frames"] == 2

@@ -141,6 +141,12 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"wrote {convert_openai_torchscript(args.openai_torchscript, args.out)}")
         return
     if args.what == "release":
+        from flyeva.tasks.video.convert import convert_release_video
+
+        video = convert_release_video(args.src, args.out, args.num_heads, args.trust_pickle)
+        if video is not None:  # a Conv3d patch kernel: the release's video models
+            print(f"wrote {video} (a video model)")
+            return
         model = ckpt.load_release_checkpoint(
             args.src, kind=args.kind, num_heads=args.num_heads, trust_pickle=args.trust_pickle
         )

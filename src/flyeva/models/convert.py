@@ -37,7 +37,7 @@ def named_heads(embed_dim: int, depth: int, mlp_dim: int) -> int:
             return size.num_heads
     raise WeightsError(
         f"weights of width {embed_dim}, depth {depth}, MLP {mlp_dim} match no named size; "
-        "pass the number of attention heads (--num-heads)"
+        "pass the number of attention heads (--num-heads; model.num_heads in a video config)"
     )
 
 

@@ -38,6 +38,7 @@ class ModelSection:
     # k722_to_k400_mapping.npy) or one index per line; "" = by class name when the label sets differ.
     class_mapping: str = ""
     size: str = "eva_giant"  # only without init
+    num_heads: int = 0  # a release video checkpoint of a size `flyeva models` does not name (0 = by size)
     img_size: int = 224
     num_frames: int = 16
     tubelet_size: int = 1  # the release's EVA video models use 1
@@ -111,7 +112,7 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     if not cfg.init:
         size = size_with(get_size(cfg.size), img_size=cfg.img_size)
         return build_video_model(size, len(classes), num_frames=cfg.num_frames, **options)
-    state, arch, kind = load_init(cfg.init, cfg.img_size)
+    state, arch, kind = load_init(cfg.init, cfg.img_size, cfg.num_heads or None)
     size = EvaSize(**arch["size"])
     if kind == "image":
         from flyeva.tasks.video.model import inflate_image_state

@@ -50,7 +50,28 @@ def map_classifier_rows(
     return {"head.weight": head["head.weight"][rows], "head.bias": head["head.bias"][rows]}
 
 
-def load_init(path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+def convert_release_video(
+    src: str | Path, out: str | Path, num_heads: int | None = None, trust_pickle: bool = False
+) -> Path | None:
+    """A release video checkpoint (Conv3d patch kernel) -> a `video` weights folder; None when `src`
+    holds image weights (the caller converts those)."""
+    from flyeva.models.checkpoint import load_weights
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.video.model import build_from_arch
+
+    raw = extract_state_dict(read_checkpoint(src, trust_pickle=trust_pickle))
+    kernel = strip_wrappers(raw).get("patch_embed.proj.weight")
+    if kernel is None or kernel.ndim != 5:
+        return None
+    state, arch = release_video_state(raw, 224, num_heads)  # the release's video models run at 224
+    model = build_from_arch(arch)
+    load_weights(model, state)
+    return save_weights(model, out, kind="video", arch=arch, source={"release": str(src)})
+
+
+def load_init(
+    path: str | Path, img_size: int = 224, num_heads: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(state, arch, kind) of `model.init`: a video folder or release video checkpoint ("video"),
     else an image encoder (MIM / encoder folder, release image checkpoint) ("image", arch = size)."""
     path = Path(path)
@@ -70,7 +91,7 @@ def load_init(path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Te
         raw = extract_state_dict(read_checkpoint(path))
         kernel = strip_wrappers(raw).get("patch_embed.proj.weight")
         if kernel is not None and kernel.ndim == 5:
-            state, arch = release_video_state(raw, img_size)
+            state, arch = release_video_state(raw, img_size, num_heads)
             return state, arch, "video"
     encoder = load_any(path, kind="encoder")
     return encoder.state_dict(), {"size": size_arch(encoder)["size"]}, "image"
