@@ -36,7 +36,7 @@ def _train(stage, args: argparse.Namespace) -> None:
     from flyeva.engine.stage import resolve, run_stage
     from flyeva.tasks.report import report_hint
 
-    cfg = _load_stage_config(stage.config, stage.recipe_folder, args)
+    cfg = _load_stage_config(stage.config, stage.command, args)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
@@ -65,7 +65,7 @@ def _verb(stage, verb, args: argparse.Namespace) -> None:
         return
     if verb.positional:
         _split_inputs(args)
-    cfg = _load_stage_config(verb.config or stage.config, stage.recipe_folder, args)
+    cfg = _load_stage_config(verb.config or stage.config, stage.command, args)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
@@ -86,20 +86,20 @@ def add_stages(commands: argparse._SubParsersAction, help_text: str, stages) -> 
     first = stages[0]
     if len(stages) == 1 and not first.verb:  # a command without verbs: `flyeva pretrain`
         parser = commands.add_parser(first.command, help=help_text)
-        _common_arguments(parser, first.recipe_folder, first.default_recipe, "")
+        _common_arguments(parser, first.command, first.default_recipe, "")
         parser.set_defaults(func=functools.partial(_train, first))
         return
     parser = commands.add_parser(first.command, help=help_text)
     verbs = parser.add_subparsers(dest=f"{first.command}_verb", required=True)
     for stage in stages:
         sub = verbs.add_parser(stage.verb, help=stage.help)
-        _common_arguments(sub, stage.recipe_folder, stage.default_recipe, "")
+        _common_arguments(sub, stage.command, stage.default_recipe, "")
         sub.set_defaults(func=functools.partial(_train, stage))
         for name, verb in stage.verbs.items():
             sub = verbs.add_parser(name, help=verb.help)
             if verb.takes_config:
                 default = verb.default_recipe or stage.default_recipe
-                _common_arguments(sub, stage.recipe_folder, default, verb.positional)
+                _common_arguments(sub, stage.command, default, verb.positional)
             for flags, kwargs in verb.arguments:
                 sub.add_argument(*flags, **kwargs)
             sub.set_defaults(func=functools.partial(_verb, stage, verb))

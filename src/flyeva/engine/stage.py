@@ -140,7 +140,7 @@ class Stage:
 
     `verb` is the training verb ("train"; "finetune" for classification; "" for a command without
     verbs, e.g. `flyeva pretrain`); `verbs` are the stage's other commands; recipes live in
-    `configs/<recipes>/`; `primary` is the metric that picks the best evaluation (higher is better).
+    `configs/<command>/`; `primary` is the metric that picks the best evaluation (higher is better).
     """
 
     command: str
@@ -150,14 +150,9 @@ class Stage:
     check: str = ""  # "module:function", `check(cfg)` raises ConfigError before any work
     prepare: str = ""  # "module:function", `prepare(cfg)` run by the CLI before training (a teacher)
     verb: str = "train"
-    recipes: str = ""
     default_recipe: str = "miniature"
     primary: str = ""
     verbs: Mapping[str, Verb] = field(default_factory=dict)
-
-    @property
-    def recipe_folder(self) -> str:
-        return self.recipes or self.command
 
     @property
     def name(self) -> str:

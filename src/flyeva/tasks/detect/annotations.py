@@ -51,6 +51,21 @@ def _refuse(path: Path, where: str, problem: str, fix: str = FIX) -> None:
     raise ValueError(f"{path}: {where}: {problem}; {fix}")
 
 
+def _check_record(section: str, kind: str, index: int, record: Any, seen: dict[int, int], path: Path) -> str:
+    """Where `record` is (for messages), once it is an object with an integer id not seen before."""
+    where = _where(section, index, record)
+    if type(record) is not dict:
+        _refuse(path, where, f"must be an object, got {_show(record)}")
+    record_id = record.get("id")
+    if type(record_id) is not int:
+        _refuse(path, where, f"'id' must be an integer, got {_show(record_id)}")
+    if record_id in seen:
+        fix = f"{kind} ids must be unique; renumber or remove one"
+        _refuse(path, where, f"duplicate {kind} id {record_id} (also {section}[{seen[record_id]}])", fix)
+    seen[record_id] = index
+    return where
+
+
 def rle_string_total(counts: str) -> int | None:
     """The summed runs of a COCO compressed RLE string (pycocotools' rleFrString), None if malformed."""
     runs: list[int] = []
@@ -93,16 +108,7 @@ def _check_section(document: dict, name: str, path: Path) -> list:
 def _check_categories(categories: list, path: Path) -> None:
     seen: dict[int, int] = {}
     for index, category in enumerate(categories):
-        where = _where("categories", index, category)
-        if type(category) is not dict:
-            _refuse(path, where, f"must be an object, got {_show(category)}")
-        category_id = category.get("id")
-        if type(category_id) is not int:
-            _refuse(path, where, f"'id' must be an integer, got {_show(category_id)}")
-        if category_id in seen:
-            earlier = seen[category_id]
-            _refuse(path, where, f"duplicate category id {category_id} (also categories[{earlier}])")
-        seen[category_id] = index
+        where = _check_record("categories", "category", index, category, seen, path)
         if "name" in category and type(category["name"]) is not str:
             _refuse(path, where, f"'name' must be a string, got {_show(category['name'])}")
         count = category.get("image_count", 0)
@@ -118,20 +124,7 @@ def _check_images(images: list, path: Path) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
     first: dict[int, int] = {}
     for index, image in enumerate(images):
-        where = _where("images", index, image)
-        if type(image) is not dict:
-            _refuse(path, where, f"must be an object, got {_show(image)}")
-        image_id = image.get("id")
-        if type(image_id) is not int:
-            _refuse(path, where, f"'id' must be an integer, got {_show(image_id)}")
-        if image_id in first:
-            _refuse(
-                path,
-                where,
-                f"duplicate image id {image_id} (also images[{first[image_id]}])",
-                "image ids must be unique; renumber or remove one",
-            )
-        first[image_id] = index
+        where = _check_record("images", "image", index, image, first, path)
         for key in ("height", "width"):
             value = image.get(key)
             if type(value) is not int or not 0 < value < 2**31:
@@ -142,7 +135,7 @@ def _check_images(images: list, path: Path) -> dict[int, tuple[int, int]]:
             ids = image.get(key, [])
             if type(ids) is not list or any(type(v) is not int for v in ids):
                 _refuse(path, where, f"'{key}' must be a list of category ids, got {_show(ids)}")
-        sizes[image_id] = (image["height"], image["width"])
+        sizes[image["id"]] = (image["height"], image["width"])
     return sizes
 
 
@@ -170,22 +163,9 @@ def _check_rle(rle: dict, where: str, path: Path, size: tuple[int, int] | None) 
 
 
 def _check_annotations(annotations: list, sizes: dict[int, tuple[int, int]], path: Path) -> None:
-    seen: set[int] = set()
+    seen: dict[int, int] = {}
     for index, annotation in enumerate(annotations):
-        if type(annotation) is not dict:
-            _refuse(path, f"annotations[{index}]", f"must be an object, got {_show(annotation)}")
-        annotation_id = annotation.get("id")
-        if type(annotation_id) is not int:
-            _refuse(path, f"annotations[{index}]", f"'id' must be an integer, got {_show(annotation_id)}")
-        if annotation_id in seen:
-            earlier = next(k for k, a in enumerate(annotations) if a.get("id") == annotation_id)
-            _refuse(
-                path,
-                _where("annotations", index, annotation),
-                f"duplicate annotation id {annotation_id} (also annotations[{earlier}])",
-                "annotation ids must be unique; renumber them",
-            )
-        seen.add(annotation_id)
+        _check_record("annotations", "annotation", index, annotation, seen, path)
         for key in ("image_id", "category_id"):
             if type(annotation.get(key)) is not int:
                 where = _where("annotations", index, annotation)
