@@ -11,11 +11,11 @@ import torch
 from flyeva.cli import main
 from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.engine.optim import OptimConfig
-from flyeva.models.convert import detector_state_from_release
 from flyeva.models.weights import load
 from flyeva.tasks.detect.build import build_detector, release_param_groups
 from flyeva.tasks.detect.config import DetectConfig, validate
 from flyeva.tasks.detect.model import EvaDetector, default_arch
+from flyeva.tasks.detect.release import detector_state_from_release
 
 torch.set_num_threads(1)
 DIM, C, FC, K = 32, 16, 32, 3

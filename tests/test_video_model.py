@@ -8,10 +8,9 @@ import pytest
 import torch
 from timm.models.eva import Eva
 
-from flyeva.models.convert import release_video_state
 from flyeva.models.eva import EvaSize, eva_kwargs
 from flyeva.models.weights import load, save_weights
-from flyeva.tasks.video.convert import map_classifier_rows
+from flyeva.tasks.video.convert import map_classifier_rows, release_video_state
 from flyeva.tasks.video.model import (
     build_from_arch,
     build_video_model,

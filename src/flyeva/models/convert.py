@@ -1,7 +1,8 @@
-"""Every foreign-weights key map, dicts of tensors in and out, and the architectures read off shapes.
+"""Foreign key maps of the encoder and the CLIP towers, dicts of tensors in and out, and sizes read off shapes.
 
-Sources: the EVA release (image, video, EVA-CLIP, detection), open_clip's EVA01, OpenAI and Hugging
-Face CLIP towers; targets: flyeva's modules and timm's `Eva`. No file is read and no module built
+Sources: the EVA release (image encoders, EVA-CLIP), open_clip's EVA01, OpenAI and Hugging Face CLIP
+towers; targets: flyeva's modules and timm's `Eva`. The detector's and the video model's maps sit
+beside those models (`tasks/detect/release.py`, `tasks/video/convert.py`). No file is read and no module built
 here, and nothing from tasks or teachers is imported: they call these maps and build their modules.
 """
 
@@ -121,51 +122,6 @@ def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
-
-
-def release_video_state(
-    raw: dict[str, Tensor], img_size: int = 224, num_heads: int | None = None
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict for `VideoEva`, its `arch`) from a release video checkpoint's state dict."""
-    state: dict[str, Tensor] = {}
-    for key, value in strip_wrappers(raw).items():
-        if key.endswith("attn.qkv.bias"):
-            state.update(split_qkv_bias(key, value))
-        elif key.startswith("norm.") or key.endswith("relative_position_index"):
-            logger.info(
-                "dropping %s (the release's video model has no per-token norm when mean pooling)", key
-            )
-        else:
-            state[key] = value
-    try:
-        kernel = state["patch_embed.proj.weight"]
-        depth = block_count(state)
-        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
-        positions = state["pos_embed"].shape[1] - 1
-    except (KeyError, ValueError) as error:
-        raise WeightsError(f"not an EVA video state dict (missing {error}); check the file") from error
-    if kernel.ndim != 5:
-        raise WeightsError(
-            f"patch_embed.proj.weight has shape {tuple(kernel.shape)}, not a Conv3d kernel; for image "
-            "weights set model.init to the encoder and the model is inflated"
-        )
-    embed_dim, _, tubelet, patch, _ = kernel.shape
-    grid = img_size // patch
-    if positions % (grid * grid):
-        raise WeightsError(
-            f"pos_embed has {positions} patch positions, not a multiple of {grid}x{grid}; "
-            "pass the checkpoint's image size (model.img_size)"
-        )
-    if num_heads is None:
-        num_heads = named_heads(embed_dim, depth, mlp_dim)
-    size = EvaSize(img_size, patch, embed_dim, depth, num_heads, mlp_dim)
-    arch = {
-        "size": size.__dict__,
-        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
-        "num_frames": positions // (grid * grid) * tubelet,
-        "tubelet_size": tubelet,
-    }
-    return state, arch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,94 +289,3 @@ def hf_to_open_clip_visual(hf_state: dict[str, Tensor], source: str) -> dict[str
             [parts["q"], parts["k"], parts["v"]], dim=0
         )
     return visual
-
-
-# ---------------------------------------------------------------------------------------------------
-# Release detection checkpoints (`EVA-01/det`, detectron2 names) -> flyeva's `EvaDetector`, whose
-# RPN and heads are torchvision's parts. Buffers detectron2 stores (pixel statistics, anchors) are
-# dropped; any other unknown key is an error that names it.
-
-DETECTRON2_DROPPED = ("pixel_mean", "pixel_std", "proposal_generator.anchor_generator.")
-# (detectron2 pattern, flyeva replacement)
-_DETECTRON2_RULES = [
-    (r"^proposal_generator\.rpn_head\.conv\.conv(\d+)\.", r"proposal_generator.head.conv.\1.0."),
-    (r"^proposal_generator\.rpn_head\.objectness_logits\.", "proposal_generator.head.cls_logits."),
-    (r"^proposal_generator\.rpn_head\.anchor_deltas\.", "proposal_generator.head.bbox_pred."),
-    (r"^roi_heads\.mask_head\.deconv\.", "roi_heads.mask_predictor.conv5_mask."),
-    (r"^roi_heads\.mask_head\.predictor\.", "roi_heads.mask_predictor.mask_fcn_logits."),
-]
-
-
-def _shift(match: re.Match, template: str) -> str:
-    """conv1 -> 0 (torchvision's Sequential counts from 0, detectron2's names from 1)."""
-    return template.format(stage=match.group(1), index=int(match.group(2)) - 1)
-
-
-def detectron2_key(key: str, num_box_convs: int) -> str | None:
-    """The flyeva name of one detectron2 key; None for buffers flyeva does not keep."""
-    if key.startswith(DETECTRON2_DROPPED):
-        return None
-    if key.startswith(("backbone.", "roi_heads.box_predictor.")):
-        return key  # same module tree
-    for pattern, replacement in _DETECTRON2_RULES:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
-    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.conv(\d+)\.norm\.(weight|bias)$", key):
-        return _shift(match, "roi_heads.box_head.{stage}.{index}.1.") + match.group(3)
-    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.conv(\d+)\.weight$", key):
-        return _shift(match, "roi_heads.box_head.{stage}.{index}.0.weight")
-    if match := re.match(r"^roi_heads\.box_head\.(\d+)\.fc1\.(weight|bias)$", key):
-        # torchvision's FastRCNNConvFCHead: convs, Flatten, then the Linear
-        return f"roi_heads.box_head.{match.group(1)}.{num_box_convs + 1}.{match.group(2)}"
-    if match := re.match(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(weight|bias)$", key):
-        return f"roi_heads.mask_head.{int(match.group(1)) - 1}.1.{match.group(2)}"
-    if match := re.match(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.weight$", key):
-        return f"roi_heads.mask_head.{int(match.group(1)) - 1}.0.weight"
-    raise ValueError(
-        f"release detection checkpoint key {key!r} has no flyeva counterpart; is this an EVA-01/det file?"
-    )
-
-
-def is_release_detector(state: dict[str, Any]) -> bool:
-    """A detectron2 EVA detector, or its ViTDet backbone alone (`backbone.net.*`)."""
-    return any(k.startswith("backbone.net.blocks.") for k in state)
-
-
-def detector_state_from_release(state: dict[str, Tensor], num_box_convs: int = 4) -> dict[str, Tensor]:
-    """A detectron2 EVA Cascade Mask R-CNN state dict renamed to flyeva's `EvaDetector`."""
-    renamed = {}
-    for key, value in state.items():
-        if (new_key := detectron2_key(key, num_box_convs)) is not None:
-            renamed[new_key] = value
-    return renamed
-
-
-def release_detector_arch(state: dict[str, Tensor]) -> dict[str, Any]:
-    """Backbone and head sizes read off a release detector state dict (for `default_arch` overrides)."""
-    return {
-        "embed_dim": state["backbone.net.patch_embed.proj.weight"].shape[0],
-        "depth": block_count(state, "backbone.net.blocks."),
-        "mlp_dim": state["backbone.net.blocks.0.mlp.fc1.weight"].shape[0],
-        "patch_size": state["backbone.net.patch_embed.proj.weight"].shape[-1],
-        "pos_grid": round((state["backbone.net.pos_embed"].shape[1] - 1) ** 0.5),
-        "num_classes": state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1
-        if "roi_heads.box_predictor.0.cls_score.weight" in state
-        else None,  # a backbone-only file
-        **_attention_geometry(state),
-    }
-
-
-def _attention_geometry(state: dict[str, Tensor]) -> dict[str, Any]:
-    """Window size, global blocks and heads from the rel-pos tables: 2 window - 1 rows (more in global
-    blocks), one column per channel of a head."""
-    columns = state["backbone.net.blocks.0.attn.rel_pos_h"].shape[1]
-    rows = [
-        state[f"backbone.net.blocks.{i}.attn.rel_pos_h"].shape[0]
-        for i in range(block_count(state, "backbone.net.blocks."))
-    ]
-    window_rows = min(rows)
-    return {
-        "window": (window_rows + 1) // 2,
-        "global_blocks": [i for i, n in enumerate(rows) if n != window_rows],
-        "num_heads": state["backbone.net.patch_embed.proj.weight"].shape[0] // columns,
-    }

@@ -110,7 +110,7 @@ def _from_release_file(
     file, so a config that says otherwise cannot re-initialise the rel-pos tables."""
     from dataclasses import replace
 
-    from flyeva.models.convert import detector_state_from_release, release_detector_arch
+    from flyeva.tasks.detect.release import detector_state_from_release, release_detector_arch
 
     sizes = release_detector_arch(state)
     backbone_only = sizes["num_classes"] is None
@@ -146,11 +146,11 @@ def build_detector(
     """The detector of `cfg.model` for `num_classes` classes (None: the weights file's); training options
     (drop path ...) applied. Only training may start class layers of another label set fresh."""
     from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
-    from flyeva.models.convert import is_release_detector
     from flyeva.models.eva import build_encoder, get_size
     from flyeva.models.weights import read_config
     from flyeva.tasks.detect.backbone import set_rel_pos_interp
     from flyeva.tasks.detect.model import set_training_options
+    from flyeva.tasks.detect.release import is_release_detector
 
     m = cfg.model
     path = Path(m.init) if m.init else None

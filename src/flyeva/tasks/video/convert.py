@@ -2,13 +2,14 @@
 
 The release's video checkpoints (`EVA-01/video`, saved as {"model": state_dict}) use the image
 model's names plus `patch_embed.proj.weight` [D, 3, t, p, p], `pos_embed` [1, 1 + T/t * N, D],
-`fc_norm.*` and `head.*`; wrappers may prefix `module.`. `flyeva.models.convert.release_video_state`
+`fc_norm.*` and `head.*`; wrappers may prefix `module.`. `release_video_state`
 maps them onto `VideoEva` (an MAE-style fused `qkv.bias` is split into q/v biases) and reads the
 architecture off the shapes. Classifier rows move between label sets by class name (K722 -> K400/600/700).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,56 @@ from typing import Any
 import torch
 
 from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
-from flyeva.models.convert import release_video_state, strip_wrappers
-from flyeva.models.eva import size_arch
-from flyeva.models.weights import is_weights_folder, read_config
+from flyeva.models.convert import block_count, named_heads, split_qkv_bias, strip_wrappers
+from flyeva.models.eva import EvaSize, size_arch
+from flyeva.models.weights import WeightsError, is_weights_folder, read_config
+
+logger = logging.getLogger(__name__)
+
+
+def release_video_state(
+    raw: dict[str, torch.Tensor], img_size: int = 224, num_heads: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict for `VideoEva`, its `arch`) from a release video checkpoint's state dict."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in strip_wrappers(raw).items():
+        if key.endswith("attn.qkv.bias"):
+            state.update(split_qkv_bias(key, value))
+        elif key.startswith("norm.") or key.endswith("relative_position_index"):
+            logger.info(
+                "dropping %s (the release's video model has no per-token norm when mean pooling)", key
+            )
+        else:
+            state[key] = value
+    try:
+        kernel = state["patch_embed.proj.weight"]
+        depth = block_count(state)
+        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+        positions = state["pos_embed"].shape[1] - 1
+    except (KeyError, ValueError) as error:
+        raise WeightsError(f"not an EVA video state dict (missing {error}); check the file") from error
+    if kernel.ndim != 5:
+        raise WeightsError(
+            f"patch_embed.proj.weight has shape {tuple(kernel.shape)}, not a Conv3d kernel; for image "
+            "weights set model.init to the encoder and the model is inflated"
+        )
+    embed_dim, _, tubelet, patch, _ = kernel.shape
+    grid = img_size // patch
+    if positions % (grid * grid):
+        raise WeightsError(
+            f"pos_embed has {positions} patch positions, not a multiple of {grid}x{grid}; "
+            "pass the checkpoint's image size (model.img_size)"
+        )
+    if num_heads is None:
+        num_heads = named_heads(embed_dim, depth, mlp_dim)
+    size = EvaSize(img_size, patch, embed_dim, depth, num_heads, mlp_dim)
+    arch = {
+        "size": size.__dict__,
+        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
+        "num_frames": positions // (grid * grid) * tubelet,
+        "tubelet_size": tubelet,
+    }
+    return state, arch
 
 
 def normalise_class_name(name: str) -> str:
