@@ -166,7 +166,7 @@ def test_checkpoints_keep_last_k_load_weights_only_and_record_fp16_scaler(tmp_pa
     assert [p.name for p in found] == ["checkpoint-000000004.pt", "checkpoint-000000005.pt"]
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
     state = torch.load(found[-1], weights_only=True)
-    assert state["step"] == 5 and state["skip"] == [5]
+    assert state["run"]["step"] == 5 and state["run"]["skip"] == [5]
     # docs/recipes.md §3: dynamic loss scaling from 2^16 with a growth window of 500.
     assert state["scaler"]["growth_interval"] == 500 and state["scaler"]["scale"] in (65536.0, 32768.0)
     assert set(state["optimizer"]["state"]) == set(range(sum(1 for _ in model.parameters())))

@@ -117,7 +117,7 @@ def test_fsdp_matches_single_process_and_checkpoints_dcp_folder(runs):
     assert_matches_reference(runs, "fsdp", ranks=(0,))  # full_model_state gathered the shards
     folder = runs["workdir"] / "fsdp" / "run" / "checkpoints" / "checkpoint-000000004"
     assert folder.is_dir() and (folder / ".metadata").exists() and (folder / "meta.pt").exists()
-    assert torch.load(folder / "meta.pt", weights_only=True)["step"] == 4
+    assert torch.load(folder / "meta.pt", weights_only=True)["run"]["step"] == 4
     dcp_to_torch_save(folder, runs["workdir"] / "fsdp_consolidated.pt")
     saved = torch.load(runs["workdir"] / "fsdp_consolidated.pt", weights_only=True)["model"]
     diff = max_abs_diff(saved, runs["single_b8"]["state"])

@@ -1,7 +1,8 @@
 """Training checkpoints: atomic, keep-last-K, weights-only loadable, sharded (DCP) under FSDP2.
 
-A checkpoint is a plain dict of tensors and numbers: model, optimizer, scaler, step, data
-position and every rank's RNG states, so an interrupted run continues exactly.
+A checkpoint is a plain dict of tensors and numbers: the model, the optimizer, one entry per stateful
+part (the run's position, the loss scaler, the EMA weights) and every rank's RNG states, so an
+interrupted run continues exactly. `Checkpointer` is the one writer and reader of that dict.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -166,8 +167,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
     state = read_training_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CheckpointReadError(f"{path} is not a flyeva training checkpoint (no model/step)")
+    if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+        raise CheckpointReadError(f"{path} is not a flyeva training checkpoint (no model/optimizer)")
     try:
         D.unwrap(model).load_state_dict(state.pop("model"))
     except RuntimeError as error:
@@ -186,6 +187,50 @@ def restore_rng(extra: dict[str, Any]) -> None:
     states = extra.get("rng", [])
     if len(states) == D.world_size():
         set_rng_state(states[D.rank()])
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class Checkpointer:
+    """Writes and reads a run's training state: the model and optimizer, then each named stateful part
+    under its name (as torchtitan's CheckpointManager keeps its `states`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+        keep_last: int,
+    ) -> None:
+        self.folder, self.model, self.optimizer = folder, model, optimizer
+        self.parts, self.keep_last = parts, keep_last
+
+    def list(self) -> list[Path]:
+        return list_checkpoints(self.folder)
+
+    def save(self, step: int) -> Path:
+        """checkpoint-<step> with every part; collective."""
+        parts = {name: part.state_dict() for name, part in self.parts.items()}
+        return save_checkpoint(self.folder, step, self.model, self.optimizer, parts, self.keep_last)
+
+    def load(self, path: Path, only: tuple[str, ...] | None = None) -> None:
+        """Restore the model, the optimizer and the parts named in `only` (all, and the RNG, if None)."""
+        saved = load_checkpoint(path, self.model, self.optimizer)
+        missing = [name for name in only or self.parts if name not in saved]
+        if missing:
+            raise CheckpointMismatchError(
+                f"{path} holds no {', '.join(missing)} state; it was written by a run with other training "
+                "settings (e.g. train.ema_decay): resume with that run's config or a new train.output_dir"
+            )
+        for name in only or self.parts:
+            self.parts[name].load_state_dict(saved[name])
+        if only is None:
+            restore_rng(saved)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -25,12 +25,10 @@ from flyeva.config import ConfigError, write_config
 from flyeva.data.stream import build_loader
 from flyeva.engine import distributed as D
 from flyeva.engine.checkpoint import (
+    Checkpointer,
     CheckpointMismatchError,
     CheckpointReadError,
     list_checkpoints,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
 )
 from flyeva.engine.memory import keep_freed_memory
 from flyeva.engine.metrics import MetricsLogger
@@ -189,10 +187,31 @@ class RunState:
     last_time: float = field(default_factory=time.time)
     last_step: int = 0
     interval_losses: list[float] = field(default_factory=list)  # since the last metrics record
+    checkpointer: Checkpointer | None = None
 
     @property
     def checkpoints(self) -> Path:
         return self.folder / "checkpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's position, its stateful part of a checkpoint: the step and each data worker's place."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "micro_in_epoch": self.micro_in_epoch,
+            "skip": list(self.skip),
+            "run_id": self.run_id,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        workers = len(saved["skip"])
+        if workers != len(self.skip) and saved["micro_in_epoch"] % self.micro_per_epoch:
+            raise ConfigError(
+                f"the checkpoint was written mid-epoch with train.num_workers={workers}; resume with the "
+                "same num_workers so the data continues exactly (it may change at an epoch boundary)"
+            )
+        self.step, self.epoch, self.micro_in_epoch = saved["step"], saved["epoch"], saved["micro_in_epoch"]
+        self.skip = list(saved["skip"]) if workers == len(self.skip) else [0] * len(self.skip)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,7 +338,7 @@ def setup_run(
 
         ema = ModelEmaV3(base, decay=cfg.ema_decay)
     total = total_steps
-    return RunState(
+    state = RunState(
         cfg=cfg,
         optim_cfg=optim_cfg,
         model=wrapped,
@@ -337,6 +356,9 @@ def setup_run(
         guard=NonFiniteGuard(cfg.max_consecutive_nonfinite, cfg.max_rollbacks),
         skip=[0] * max(1, cfg.num_workers),
     )
+    parts = {"run": state, "scaler": state.scaler} | ({"ema": ema.module} if ema is not None else {})
+    state.checkpointer = Checkpointer(state.checkpoints, wrapped, optimizer, parts, cfg.keep_last)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,27 +366,7 @@ def setup_run(
 
 
 def checkpoint_now(state: RunState) -> None:
-    extra = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "micro_in_epoch": state.micro_in_epoch,
-        "skip": state.skip,
-        "scaler": state.scaler.state_dict(),
-        "run_id": state.run_id,
-    }
-    if state.ema is not None:
-        extra["ema"] = state.ema.module.state_dict()
-    state.last_checkpoint = save_checkpoint(
-        state.checkpoints, state.step, state.model, state.optimizer, extra, state.cfg.keep_last
-    )
-
-
-def _restore(state: RunState, path: Path) -> dict[str, Any]:
-    extra = load_checkpoint(path, state.model, state.optimizer)
-    state.scaler.load_state_dict(extra["scaler"])
-    if state.ema is not None:
-        state.ema.module.load_state_dict(extra["ema"])
-    return extra
+    state.last_checkpoint = state.checkpointer.save(state.step)
 
 
 def resume_run(state: RunState) -> None:
@@ -373,7 +375,7 @@ def resume_run(state: RunState) -> None:
     if cfg.resume == "never":
         return
     if cfg.resume == "auto":
-        candidates = list_checkpoints(state.checkpoints)[::-1]
+        candidates = state.checkpointer.list()[::-1]
     else:
         candidates = [Path(cfg.resume)]
         if not candidates[0].exists():
@@ -383,7 +385,7 @@ def resume_run(state: RunState) -> None:
     unreadable = []
     for path in candidates:
         try:
-            extra = _restore(state, path)
+            state.checkpointer.load(path)
             break
         except CheckpointMismatchError:
             raise  # another model's checkpoint: an error, never a fresh start over it
@@ -399,15 +401,6 @@ def resume_run(state: RunState) -> None:
                 "to start over, or train.resume=never train.overwrite=true to replace the run"
             )
         return  # no checkpoint yet: a fresh start
-    saved_workers = len(extra["skip"])
-    if saved_workers != len(state.skip) and extra["micro_in_epoch"] % state.micro_per_epoch:
-        raise ConfigError(
-            f"{path} was written mid-epoch with train.num_workers={saved_workers}; resume with the same "
-            "num_workers so the data continues exactly (it may change at an epoch boundary)"
-        )
-    state.step, state.epoch, state.micro_in_epoch = extra["step"], extra["epoch"], extra["micro_in_epoch"]
-    state.skip = list(extra["skip"]) if saved_workers == len(state.skip) else [0] * len(state.skip)
-    restore_rng(extra)
     logger.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 
@@ -419,13 +412,13 @@ def roll_back(state: RunState) -> None:
     """
     guard = state.guard
     guard.start_rollback(str(state.checkpoints))
-    for suspect in list_checkpoints(state.checkpoints):
+    for suspect in state.checkpointer.list():
         if _step_of(suspect) >= guard.streak_start:  # its weights produced the first non-finite step
             suspect.rename(suspect.with_name(suspect.name + ".nonfinite"))
-    healthy = list_checkpoints(state.checkpoints)
+    healthy = state.checkpointer.list()
     if not healthy:
         raise guard.no_checkpoint_to_roll_back_to()
-    _restore(state, healthy[-1])
+    state.checkpointer.load(healthy[-1], only=tuple(p for p in state.checkpointer.parts if p != "run"))
     state.log.line(f"step {state.step}: rolled back weights to {healthy[-1].name} ({guard.rollbacks})")
     guard.rolled_back()
 
@@ -466,36 +459,44 @@ def _grad_norm(state: RunState) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str, Any]) -> None:
+def optimizer_step(state: RunState, nonfinite: float, samples: float) -> tuple[float | None, str | None]:
     """Apply the accumulated gradients, unless the loss or the gradient norm is non-finite or no rank
-    had a readable sample (then AdamW's momentum and weight decay would move weights on no data)."""
-    cfg, log, result = state.cfg, state.log, state.result
-    loss_sum, nonfinite, stop, samples = D.all_reduce_sum(accumulated).tolist()
-    accumulated.zero_()
+    had a readable sample (then AdamW's momentum and weight decay would move weights on no data).
+    Returns (gradient norm, why the update was skipped)."""
     apply_lr(state.optimizer, lr_at(state.step, state.total_steps, state.warmup_steps, state.optim_cfg))
     grad_norm, skipped = None, None
-    if not samples:
-        log.line(f"step {state.step}: every sample of the step was unreadable, update skipped")
-    elif nonfinite:
+    if nonfinite:
         skipped = f"non-finite loss on {int(nonfinite)} micro-batch(es)"
-    else:
+    elif samples:
         state.scaler.unscale_(state.optimizer)
         grad_norm = float(_grad_norm(state))
-        if not math.isfinite(grad_norm) and cfg.precision != "fp16":
+        if not math.isfinite(grad_norm) and state.cfg.precision != "fp16":
             skipped = f"non-finite gradient norm ({grad_norm})"
-    if skipped:
-        result.nonfinite_steps += 1
-        log.line(f"step {state.step}: {skipped}, update skipped")
-    elif samples:
+    if samples and not skipped:
         state.scaler.step(state.optimizer)  # fp16: skips by itself on overflow and lowers the scale
         state.scaler.update()
         if state.ema is not None:
             state.ema.update(state.base)  # constant decay from step 1 (timm warms it up when given a step)
     state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def end_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str, Any]) -> None:
+    """One optimizer step and its bookkeeping: the non-finite guard, the log, a stop, the checkpoint."""
+    cfg, log = state.cfg, state.log
+    loss_sum, nonfinite, stop, samples = D.all_reduce_sum(accumulated).tolist()
+    accumulated.zero_()
+    if not samples:
+        log.line(f"step {state.step}: every sample of the step was unreadable, update skipped")
+        nonfinite = 0.0  # no data is not a non-finite step
+    grad_norm, skipped = optimizer_step(state, nonfinite, samples)
+    if skipped:
+        state.result.nonfinite_steps += 1
+        log.line(f"step {state.step}: {skipped}, update skipped")
     if samples and state.guard.record(state.step, skipped is not None):
         roll_back(state)
     state.step += 1
-    _log_step(state, loss_sum, nonfinite, grad_norm, metrics, skipped is not None)
+    _log_step(state, loss_sum, grad_norm, metrics, skipped is not None)
     if stop:
         state.stop.signum = state.stop.signum or 15  # another rank was signalled: stop here too
     due = state.step % cfg.checkpoint_every == 0 or state.step == state.stop_at or state.stop.requested
@@ -503,7 +504,7 @@ def optimizer_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str
         checkpoint_now(state)
 
 
-def _log_step(state: RunState, loss_sum: float, nonfinite: float, grad_norm, metrics, skipped: bool) -> None:
+def _log_step(state: RunState, loss_sum: float, grad_norm, metrics, skipped: bool) -> None:
     cfg, step = state.cfg, state.step
     loss = None if skipped else loss_sum / (D.world_size() * cfg.accum_steps)
     if loss is not None:
@@ -570,7 +571,7 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
         if not last_micro:
             continue
         accumulated[2] = float(state.stop.requested)
-        optimizer_step(state, accumulated, metrics)
+        end_step(state, accumulated, metrics)
         if (
             state.step >= state.stop_at
             or state.micro_in_epoch >= state.micro_per_epoch

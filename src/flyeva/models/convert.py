@@ -1,4 +1,4 @@
-"""Foreign key maps of the encoder and the CLIP towers, dicts of tensors in and out, and sizes read off shapes.
+"""Foreign key maps of the encoder and the CLIP towers (dicts of tensors in and out), sizes read off shapes.
 
 Sources: the EVA release (image encoders, EVA-CLIP), open_clip's EVA01, OpenAI and Hugging Face CLIP
 towers; targets: flyeva's modules and timm's `Eva`. The detector's and the video model's maps sit
