@@ -36,10 +36,11 @@ def test_eval_of_a_folder_and_of_a_release_checkpoint_with_num_heads(tmp_path, c
             [
                 "classify",
                 "eval",
-                "--checkpoint",
+                "--weights",
                 str(tmp_path / "classifier"),
                 *common,
-                f"train.output_dir={tmp_path / 'a'}",
+                "--output",
+                str(tmp_path / "a"),
             ]
         )
         == 0
@@ -54,7 +55,7 @@ def test_eval_of_a_folder_and_of_a_release_checkpoint_with_num_heads(tmp_path, c
         for k, v in model.state_dict().items()
     }
     torch.save({"model": state}, release)  # the release's layout: final norm as `norm`, head as `head`
-    args = ["classify", "eval", "--checkpoint", str(release), *common, f"train.output_dir={tmp_path / 'b'}"]
+    args = ["classify", "eval", "--weights", str(release), *common, "--output", str(tmp_path / "b")]
     assert main(args) == 2
     assert "pass the number of attention heads (--num-heads" in capsys.readouterr().err
     assert main([*args[:4], "--num-heads", "5", *args[4:]]) == 0

@@ -1,6 +1,7 @@
 """Zero-shot evaluation: classifier, top-k, robustness gap, ImageNet subsets, CIFAR pickles, retrieval,
 and the dataset sections, which are data sources (docs/data.md)."""
 
+import logging
 import os
 import pickle
 
@@ -247,3 +248,16 @@ def test_folder_and_list_sets_take_class_names_from_folders_or_a_file(tmp_path, 
     listed.classnames = str(tmp_path / "names.txt")
     dataset = load_eval_set(listed)
     assert dataset.classnames == ["a blue disc", "a red square"] and dataset.labels == [1, 0]
+
+
+def test_convert_says_how_it_read_the_file_once(tmp_path, capsys, caplog):
+    from test_clip_convert import release_state
+
+    from flyeva.cli import main
+
+    caplog.set_level(logging.INFO)  # what a user sees: the printed lines and the INFO log
+    torch.save(release_state(), tmp_path / "eva_clip.pt")
+    argv = ["clip", "convert", str(tmp_path / "eva_clip.pt"), "--out", str(tmp_path / "flyeva")]
+    assert main([*argv, "--num-heads", "2", "--text-heads", "2"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err + caplog.text).count("text activation GELU") == 1

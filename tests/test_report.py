@@ -160,5 +160,23 @@ def test_command_hint_and_missing_log(runs, tmp_path):
     args.func(args)
     assert (tmp_path / "cli" / "report.md").is_file() and (tmp_path / "cli" / "loss.png").is_file()
     assert report_hint("runs/x") == "see the report: flyeva report runs/x"
-    with pytest.raises(FileNotFoundError, match=r"has no metrics\.jsonl; pass a training output folder"):
+    with pytest.raises(FileNotFoundError, match=r"has no metrics\.jsonl and no eval\.json; pass a training"):
         make_report([tmp_path / "cli"])
+
+
+def test_a_detection_run_and_its_evaluation_folder_show_their_ap(tmp_path):
+    """AP comes from result.json (a training run) and from eval.json (`detect eval`'s folder, no log)."""
+    from flyeva.engine.stage import result_record, write_evaluation, write_result
+
+    run, evaluated = tmp_path / "miniature_detect", tmp_path / "detect_eval"
+    run.mkdir()
+    records = [{"kind": "train", "step": 3, "loss": 2.5}, {"kind": "eval", "step": 3, "bbox_AP": 0.125}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    evaluation = [{"step": 3, "epoch": 1, "bbox_AP": 0.125, "segm_AP": 0.0625}]
+    write_result(run, result_record("detect", "train", evaluations=evaluation, primary="bbox_AP", step=3))
+    write_evaluation(evaluated, "detect", {"bbox_AP": 0.25, "segm_AP": 0.5}, weights=str(run / "final"))
+    report = make_report([run, evaluated], tmp_path / "r")
+    assert report.facts["miniature_detect"]["eval bbox_AP"] == 0.125
+    assert report.facts["miniature_detect"]["eval segm_AP"] == 0.0625
+    assert report.facts["detect_eval"]["eval bbox_AP"] == 0.25
+    assert "| eval bbox_AP | 0.125 | 0.25 |" in report.markdown.read_text()

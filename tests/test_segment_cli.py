@@ -55,7 +55,7 @@ def test_train_eval_predict_on_shapeworld(tmp_path):
 
     again = tmp_path / "eval"
     (data,) = (out / "data").iterdir()  # the generated ShapeWorld split
-    overrides = [f"weights={out / 'final'}", f"train.output_dir={again}", f"data.root={data}"]
+    overrides = ["--weights", str(out / "final"), "--output", str(again), f"data.root={data}"]
     overrides += [f"data.val={data / 'val' / 'semantic'}", f"data.train={data / 'train' / 'semantic'}"]
     assert main(["segment", "eval", *overrides, "train.device=cpu"]) in (0, None)
     evaluated = json.loads((again / "eval.json").read_text())["metrics"]
@@ -65,12 +65,14 @@ def test_train_eval_predict_on_shapeworld(tmp_path):
 
     images = data / "val" / "semantic" / "images"
     assert main(
-        ["segment", "predict", str(images), "--weights", str(out / "final"), "--out", str(tmp_path / "p")]
+        ["segment", "predict", str(images), "--weights", str(out / "final"), "--output", str(tmp_path / "p")]
     ) in (0, None)
     overlays = sorted((tmp_path / "p").glob("*[0-9].png"))
-    assert len(overlays) == 6 and Image.open(overlays[0]).size == (64, 64)
-    labels = np.array(Image.open(tmp_path / "p" / f"{overlays[0].stem}_labels.png"))
-    assert labels.shape == (64, 64) and labels.max() < 6
+    width, height = Image.open(overlays[0]).size
+    assert len(overlays) == 6 and width == 2 * 64 * 8 and height > 64 * 8  # x8, beside its label file
+    stored = Image.open(tmp_path / "p" / f"{overlays[0].stem}_labels.png")
+    labels = np.array(stored)
+    assert stored.mode == "P" and labels.shape == (64, 64) and labels.max() < 6
     assert len(json.loads((tmp_path / "p" / "legend.json").read_text())) == 6
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import QUIET_RUN as QUIET
 
 from flyeva.cli import main
+from flyeva.engine.checkpoint import list_checkpoints
 
 SRC = Path(__file__).parents[1] / "src" / "flyeva"
 SHAPES = "{type: shapeworld, num_samples: 16, image_size: 32, seed: 0}"
@@ -170,26 +171,9 @@ class ToyStream(torch.utils.data.IterableDataset):
 
 def test_a_stage_in_one_new_folder_runs_with_no_edit_to_the_engine_or_the_cli(tmp_path, monkeypatch, capsys):
     """A task package dropped into flyeva/tasks/ (here: a folder on the package's path) is a CLI command."""
-    package = tmp_path / "toy"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "from flyeva.engine.stage import Stage\n"
-        "HELP = 'a toy regression'\n"
-        "STAGES = (Stage(command='toy', help='fit y = 2x', config='flyeva.tasks.toy.run:ToyConfig',\n"
-        "                build='flyeva.tasks.toy.run:build', primary='neg_loss'),)\n"
-    )
-    (package / "run.py").write_text(TOY_RUN)
-    import flyeva.tasks
-
-    monkeypatch.setattr(flyeva.tasks, "__path__", [*flyeva.tasks.__path__, str(tmp_path)])
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setattr(sys, "modules", dict(sys.modules))
     out = tmp_path / "run"
-    overrides = [*QUIET, f"train.output_dir={out}", "train.epochs=20", "train.batch_size=8",
-                 "train.precision=fp32", "train.strategy=ddp", "train.checkpoint_every=1000"]  # fmt: skip
-    monkeypatch.setattr("flyeva.config.CONFIG_ROOT", tmp_path / "configs")
-    (tmp_path / "configs" / "toy").mkdir(parents=True)
-    (tmp_path / "configs" / "toy" / "miniature.yaml").write_text("scale: 2.0\n")
+    overrides = [*_toy_stage(tmp_path, monkeypatch), f"train.output_dir={out}", "train.epochs=20",
+                 "train.checkpoint_every=1000"]  # fmt: skip
     assert main(["toy", "train", *overrides]) == 0
     record = json.loads((out / "result.json").read_text())
     assert record["stage"] == "toy" and record["step"] == 80  # 20 epochs x 4 batches
@@ -349,3 +333,55 @@ def test_the_logged_loss_is_the_mean_since_the_last_record(tmp_path):
     logged = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(seen) == 8 and len(logged) == 2
     assert logged == pytest.approx([sum(seen[:4]) / 4, sum(seen[4:]) / 4], rel=1e-12)
+
+
+def _toy_stage(tmp_path: Path, monkeypatch) -> list[str]:
+    """The toy stage of the test above, registered; returns its overrides (one short run)."""
+    package = tmp_path / "toy"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from flyeva.engine.stage import Stage\n"
+        "HELP = 'a toy regression'\n"
+        "STAGES = (Stage(command='toy', help='fit y = 2x', config='flyeva.tasks.toy.run:ToyConfig',\n"
+        "                build='flyeva.tasks.toy.run:build', primary='neg_loss'),)\n"
+    )
+    (package / "run.py").write_text(TOY_RUN)
+    import flyeva.tasks
+
+    monkeypatch.setattr(flyeva.tasks, "__path__", [*flyeva.tasks.__path__, str(tmp_path)])
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setattr("flyeva.config.CONFIG_ROOT", tmp_path / "configs")
+    (tmp_path / "configs" / "toy").mkdir(parents=True)
+    (tmp_path / "configs" / "toy" / "miniature.yaml").write_text("scale: 2.0\n")
+    return [*QUIET, "train.epochs=2", "train.batch_size=8", "train.precision=fp32", "train.strategy=ddp"]
+
+
+def test_a_full_disk_at_the_final_weights_is_one_line_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    overrides = [*_toy_stage(tmp_path, monkeypatch), f"train.output_dir={tmp_path / 'run'}"]
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("flyeva.models.weights.save_file", full_disk)
+        assert main(["toy", "train", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0]
+    assert not (tmp_path / "run" / "final").exists() or not list((tmp_path / "run" / "final").iterdir())
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-000000008.pt"]
+    assert main(["toy", "train", *overrides]) == 0  # resumes at its last step: nothing is trained twice
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["step"] == 8 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_an_output_dir_that_is_a_file_is_one_line_and_the_file_stays(tmp_path, monkeypatch, capsys, where):
+    overrides = _toy_stage(tmp_path, monkeypatch)
+    (tmp_path / "a_file").write_text("keep me\n")
+    assert main(["toy", "train", *overrides, f"train.output_dir={tmp_path / where}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "as the output folder" in err[0] and "train.output_dir" in err[0]
+    assert (tmp_path / "a_file").read_text() == "keep me\n"

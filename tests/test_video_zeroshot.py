@@ -57,14 +57,15 @@ def test_clip_zeroshot_routes_a_video_list_to_the_video_evaluation(tmp_path, cap
     from flyeva.tasks.clip.video_zeroshot import VIDEO_TEMPLATES, evaluate_video_zeroshot
 
     write_clip_and_videos(tmp_path)
-    out = tmp_path / "zs.json"
+    out = tmp_path / "results"
     dataset = (
         f"{{name: ucf, type: video_list, path: {tmp_path / 'list.csv'}, "
         f"classnames: {tmp_path / 'classes.txt'}, num_frames: 4}}"
     )
-    argv = ["clip", "zeroshot", "--checkpoint", str(tmp_path / "clip"), "--json", str(out)]
+    argv = ["clip", "zeroshot", "--weights", str(tmp_path / "clip"), "--output", str(out)]
     assert main([*argv, f"zeroshot.datasets=[{dataset}]"]) == 0
-    routed = json.loads(out.read_text())["datasets"]["ucf"]
+    routed = json.loads((out / "zeroshot.json").read_text())["datasets"]["ucf"]
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["config.json", "model.safetensors"]
     model, _ = load_clip(tmp_path / "clip")
     videos = load_video_list("list", str(tmp_path / "list.csv"), "", str(tmp_path / "classes.txt"))
     direct = evaluate_video_zeroshot(model, videos, VIDEO_TEMPLATES, image_size=32, num_frames=4)

@@ -50,7 +50,13 @@ class RunLock:
     """An exclusive lock on OUTPUT/.lock holding the owner's PID; released on close or death."""
 
     def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file of that name, a file above it, no permission
+            raise ConfigError(
+                f"cannot use {folder} as the output folder ({error.strerror}); set train.output_dir to a "
+                "folder you can write"
+            ) from None
         self.path = folder / LOCK
         self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the whole run)
         try:

@@ -12,6 +12,7 @@ in the one schema `flyeva report` reads. The CLI registers the verbs of every `S
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import json
@@ -134,6 +135,52 @@ class Verb:
     takes_config: bool = True  # False: `run(None, args)` with the verb's own arguments only (convert)
 
 
+OUTPUT_HELP = "folder for the results (default runs/TASK_VERB/WEIGHTS_NAME; never inside the weights folder)"
+
+
+def weights_options(weights_help: str) -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
+    """`--weights` and `--output`: the two options of every eval, predict and zeroshot verb.
+
+    `--checkpoint` and `--out` are kept as hidden spellings of the same two options."""
+    return (
+        (("--weights",), dict(help=weights_help)),
+        (("--checkpoint",), dict(dest="weights", help=argparse.SUPPRESS)),
+        (("--output",), dict(help=OUTPUT_HELP)),
+        (("--out",), dict(dest="output", help=argparse.SUPPRESS)),
+    )
+
+
+def weights_name(weights: str) -> str:
+    """A verb's default output folder name: `runs/miniature_detect/final` -> miniature_detect_final."""
+    path = Path(weights.rstrip("/")) if weights else None
+    if path is None:
+        return "recipe_model"
+    if path.name in ("final", "final_ema") and path.parent.name:
+        return f"{path.parent.name}_{path.name}"
+    return path.stem
+
+
+def verb_output(args: argparse.Namespace, task: str, verb: str, weights: str, configured: str = "") -> Path:
+    """Where an eval / predict / zeroshot verb writes (docs/architecture.md, "Weights and outputs of verbs").
+
+    `--output`, else `train.output_dir=` given on the command line (`configured`), else
+    runs/<task>_<verb>/<weights name>; never inside the weights folder, which stays as it was trained.
+    """
+    from flyeva.config import ConfigError
+
+    given = getattr(args, "output", None)
+    if not given and any(o.startswith("train.output_dir=") for o in getattr(args, "overrides", [])):
+        given = configured
+    out = Path(given) if given else Path("runs") / f"{task}_{verb}" / weights_name(weights)
+    folder = Path(weights) if weights else None
+    if folder is not None and folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(
+            f"--output {out} is inside the weights folder {weights}; write the results elsewhere "
+            f"(the default is runs/{task}_{verb}/{weights_name(weights)})"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class Stage:
     """A training stage: `flyeva COMMAND [VERB] [--config RECIPE] [key=value ...]`.
@@ -216,10 +263,18 @@ def result_record(
 
 def write_result(folder: Path, record: dict[str, Any], name: str = RESULT_FILE) -> Path:
     """Write the record atomically (a reader never sees half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
     path, tmp = folder / name, folder / f"{name}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        from flyeva.config import ConfigError
+
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"could not write {path} ({error.strerror}); free space there and run the same command again"
+        ) from None
     return path
 
 

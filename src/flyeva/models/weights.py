@@ -97,10 +97,14 @@ def save_weights(
         os.replace(weights_tmp, folder / WEIGHTS_FILE)
         os.replace(config_tmp, folder / CONFIG_FILE)
         fsync_path(folder)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)
-        raise WeightsError(f"could not write weights to {folder}: {error.strerror or error}") from error
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise WeightsError(
+            f"could not write weights to {folder}: {reason}; free space there (or choose another "
+            "train.output_dir) and run the same command again: it resumes from the last checkpoint"
+        ) from None
     return folder
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from flyeva.engine.stage import Stage, Verb
+from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
-HELP = "image classification: finetune, linprobe, knn, eval, export-timm"
+HELP = "image classification: finetune, linprobe, knn, eval, predict, export-timm"
+WEIGHTS_HELP = "classifier folder (OUTPUT/final of `classify finetune`) or release fine-tuned checkpoint"
 FINETUNE = Stage(
     command="classify",
     verb="finetune",
@@ -31,8 +32,18 @@ FINETUNE = Stage(
             config="flyeva.tasks.classify.evaluate:ClassifyEvalConfig",
             default_recipe="miniature_eval",
             arguments=(
-                (("--checkpoint",), dict(required=True, help="classifier folder or release checkpoint")),
+                *weights_options(WEIGHTS_HELP),
                 (("--num-heads",), dict(type=int, default=0, help="only for sizes not in `flyeva models`")),
+            ),
+        ),
+        "predict": Verb(
+            "the top-k classes of each image -> OUTPUT/predictions.json and a printed table",
+            "flyeva.tasks.classify:predict_verb",
+            takes_config=False,
+            arguments=(
+                (("images",), dict(nargs="+", help="image files or folders")),
+                *weights_options("classifier folder (OUTPUT/final of `classify finetune`)"),
+                (("--top-k",), dict(type=int, default=5, help="classes listed per image")),
             ),
         ),
         "export-timm": Verb(
@@ -62,9 +73,23 @@ STAGES = (FINETUNE, LINPROBE)
 def eval_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.classify.evaluate import eval_verb as run
 
-    cfg.model.checkpoint = args.checkpoint
+    cfg.model.checkpoint = args.weights or cfg.model.checkpoint
     cfg.model.num_heads = args.num_heads or cfg.model.num_heads
+    output = verb_output(args, "classify", "eval", cfg.model.checkpoint, cfg.train.output_dir)
+    cfg.train.output_dir = str(output)
     run(cfg, args)
+
+
+def predict_verb(cfg, args: argparse.Namespace) -> None:
+    from flyeva.tasks.classify.predict import run_predict
+
+    if not args.weights:
+        raise ValueError(
+            "classify predict: pass --weights FOLDER (OUTPUT/final of `flyeva classify finetune`)"
+        )
+    output = verb_output(args, "classify", "predict", args.weights)
+    path = run_predict(args.weights, args.images, output, args.top_k)
+    print(f"written to {path}")
 
 
 def export_verb(cfg, args: argparse.Namespace) -> None:

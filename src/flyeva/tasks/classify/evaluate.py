@@ -1,6 +1,6 @@
 """`flyeva classify eval`: top-1 / top-5 of a classifier without training it.
 
-The checkpoint is a flyeva classifier folder (`flyeva classify finetune`'s `final`) or a release
+The weights (`--weights`) are a flyeva classifier folder (`flyeva classify finetune`'s `final`) or a release
 fine-tuned checkpoint (its head decides the number of classes); `OUTPUT/eval.json` holds the result.
 """
 
@@ -53,9 +53,7 @@ class ClassifyEvalConfig:
 def load_for_eval(section: EvalModelSection) -> torch.nn.Module:
     """The classifier a checkpoint holds, with its own head."""
     if not section.checkpoint:
-        raise ConfigError(
-            "nothing to evaluate: pass --checkpoint (a classifier folder or release checkpoint)"
-        )
+        raise ConfigError("nothing to evaluate: pass --weights (a classifier folder or release checkpoint)")
     if is_weights_folder(section.checkpoint):
         model, _ = load_classifier(section.checkpoint)
         return model
@@ -107,4 +105,5 @@ def eval_verb(cfg: ClassifyEvalConfig, args: Any) -> None:
     with RunLock.hold(Path(cfg.train.output_dir), enabled=D.is_main()):
         record = run_classify_eval(cfg)
     if record:
-        print(json.dumps({**record["metrics"], **record["facts"], "written": cfg.train.output_dir}))
+        print(json.dumps({**record["metrics"], **record["facts"]}))
+        print(f"written to {Path(cfg.train.output_dir) / 'eval.json'}")

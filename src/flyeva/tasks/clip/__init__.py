@@ -2,7 +2,7 @@
 and weights in and out (the release's EVA-CLIP checkpoints, open_clip).
 
     flyeva clip train [--config NAME|FILE] [key=value ...]         # default recipe: miniature
-    flyeva clip zeroshot --checkpoint RUN/final|RELEASE.pt|OPEN_CLIP.bin --dataset imagenet:/data/in1k/val
+    flyeva clip zeroshot --weights RUN/final|RELEASE.pt|OPEN_CLIP.bin --dataset imagenet:/data/in1k/val
     flyeva clip convert EVA_CLIP_RELEASE.pt --out DIR [--text-act gelu|quickgelu]
     flyeva clip export-open-clip RUN/final --out eva_clip.safetensors
 
@@ -16,8 +16,9 @@ This file stays import-light: the CLI imports it on every call.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from flyeva.engine.stage import Stage, Verb
+from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
 DATASET_HELP = (
     "TYPE:PATH[:NAME], TYPE in folder, imagenet, cifar10, cifar100, video_list, kinetics, video_folder "
@@ -37,17 +38,24 @@ def parse_dataset(text: str) -> dict[str, str]:
 
 
 def zeroshot_verb(cfg, args: argparse.Namespace) -> None:
+    from flyeva.config import ConfigError
     from flyeva.tasks.clip.run import run_zeroshot
     from flyeva.tasks.clip.zeroshot import EvalDatasetSection, RetrievalSection
 
-    if args.checkpoint:
-        cfg.zeroshot.checkpoint = args.checkpoint
+    cfg.zeroshot.checkpoint = args.weights or cfg.zeroshot.checkpoint
+    output = verb_output(args, "clip", "zeroshot", cfg.zeroshot.checkpoint, cfg.train.output_dir)
+    cfg.zeroshot.output = args.json or cfg.zeroshot.output or str(output / "zeroshot.json")
+    weights = Path(cfg.zeroshot.checkpoint)
+    if (
+        cfg.zeroshot.checkpoint
+        and weights.is_dir()
+        and weights.resolve() in Path(cfg.zeroshot.output).resolve().parents
+    ):
+        raise ConfigError(f"{cfg.zeroshot.output} is inside the weights folder {weights}; use --output DIR")
     if args.dataset:
         cfg.zeroshot.datasets = [EvalDatasetSection(**parse_dataset(text)) for text in args.dataset]
     if args.retrieval:
         cfg.zeroshot.retrieval = [RetrievalSection(path=path) for path in args.retrieval]
-    if args.json:
-        cfg.zeroshot.output = args.json
     run_zeroshot(cfg, **_reading_options(args))
 
 
@@ -115,10 +123,12 @@ CLIP_TRAIN = Stage(
             "zero-shot classification and retrieval of a trained CLIP",
             "flyeva.tasks.clip:zeroshot_verb",
             arguments=(
-                (("--checkpoint",), dict(help="a flyeva CLIP folder, a release or open_clip EVA01 file")),
+                *weights_options(
+                    "a flyeva CLIP folder, a release or open_clip EVA01 file (default: the recipe's model)"
+                ),
                 (("--dataset",), dict(action="append", default=[], help=DATASET_HELP)),
                 (("--retrieval",), dict(action="append", default=[], help="caption table or caption folder")),
-                (("--json",), dict(help="where to write the results (default: CHECKPOINT/zeroshot.json)")),
+                (("--json",), dict(help=argparse.SUPPRESS)),  # a file instead of OUTPUT/zeroshot.json
                 *READING_OPTIONS,
             ),
         ),

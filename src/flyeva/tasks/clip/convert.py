@@ -169,7 +169,7 @@ def load_any_clip(
         text_heads=text_heads,
         sidecar=sidecar,
     )
-    logger.info(
+    logger.debug(  # the clip commands print it (flyeva.tasks.clip._read): once, not twice
         "%s: %s layout, text activation %s (%s)",
         path,
         provenance["layout"],

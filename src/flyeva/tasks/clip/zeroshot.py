@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from flyeva.data.sources import SOURCE_KEYS, SourceConfig, SourceSubset, read_lines
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
@@ -81,7 +82,7 @@ class ZeroShotSection:
     num_workers: int = 4
     max_images: int = 0  # per dataset, 0 = all (a quick look at a large set)
     during_training: bool = False  # also evaluate the classification sets at every epoch end
-    output: str = ""  # JSON path ("" = zeroshot.json next to the checkpoint, else in train.output_dir)
+    output: str = ""  # JSON path; `flyeva clip zeroshot` sets OUTPUT/zeroshot.json (docs/architecture.md)
     device: str = "auto"
 
 
@@ -141,6 +142,49 @@ def build_classifier(
         num_classes_per_batch=classes_per_batch,
         device=device,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image in a few lines (docs/clip.md, "Inference in a few lines").
+
+
+def _pixels(model: torch.nn.Module, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
+    """The suite's preprocessing: short side to the tower's size, centre crop, CLIP mean/std."""
+    transform = EvalTransform(model.visual.patch_embed.img_size[0], 1.0, CLIP_MEAN, CLIP_STD)
+    pil = [
+        i.convert("RGB") if isinstance(i, Image.Image) else Image.fromarray(i.permute(1, 2, 0).cpu().numpy())
+        for i in images
+    ]
+    return torch.stack([transform(image) for image in pil]).to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
+    """[N, embed_dim] L2-normalised embeddings of PIL images or uint8 [3, H, W] RGB tensors."""
+    return model.eval().encode_image(_pixels(model, images), normalize=True).float()
+
+
+@torch.no_grad()
+def embed_texts(model: torch.nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    """[N, embed_dim] L2-normalised embeddings of texts (open_clip's tokenizer at the model's context)."""
+    tokens = tokenizer_for(model.context_length)(list(texts)).to(next(model.parameters()).device)
+    return model.eval().encode_text(tokens, normalize=True).float()
+
+
+@torch.no_grad()
+def classify_image(
+    model: torch.nn.Module,
+    image: Image.Image | torch.Tensor,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]] | None = None,
+) -> list[tuple[str, float]]:
+    """Zero-shot (class name, probability) pairs of one image, best first: the suite's classifier
+    (OpenAI's 80 templates unless given) and softmax of the logits scaled by exp(logit_scale)."""
+    device = next(model.parameters()).device
+    classifier = build_classifier(model.eval(), classnames, templates or default_templates(), device).float()
+    logits = model.logit_scale.exp().float() * embed_images(model, [image]) @ classifier
+    ranked = sorted(zip(classnames, logits.softmax(-1)[0].tolist()), key=lambda pair: -pair[1])
+    return [(name, float(p)) for name, p in ranked]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:

@@ -8,10 +8,12 @@ torch is imported when a verb runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from flyeva.engine.stage import Stage, Verb
+from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
 HELP = "detection and instance segmentation: train, eval, predict"
+WEIGHTS_HELP = "detector folder (default: the recipe's OUTPUT/final, e.g. runs/miniature_detect/final)"
 DETECT = Stage(
     command="detect",
     help="train a detector (default: the miniature recipe on ShapeWorld)",
@@ -21,15 +23,16 @@ DETECT = Stage(
     primary="bbox_AP",
     verbs={
         "eval": Verb(
-            "box and mask AP of model.init on the validation set -> OUTPUT/eval.json",
+            "box and mask AP of a detector on the validation set -> OUTPUT/eval.json",
             "flyeva.tasks.detect:eval_verb",
+            arguments=weights_options(WEIGHTS_HELP),
         ),
         "predict": Verb(
-            "draw detections of model.init onto PNGs",
+            "draw a detector's detections onto PNGs",
             "flyeva.tasks.detect:predict_verb",
             positional="image files or folders",
             arguments=(
-                (("--out",), dict(required=True, help="folder for the drawn PNGs")),
+                *weights_options(WEIGHTS_HELP),
                 (("--threshold",), dict(type=float, default=0.5, help="lowest score drawn")),
             ),
         ),
@@ -38,9 +41,16 @@ DETECT = Stage(
 STAGES = (DETECT,)
 
 
+def _weights(cfg, args: argparse.Namespace) -> str:
+    """--weights, else model.init, else the recipe's training output (OUTPUT/final)."""
+    cfg.model.init = args.weights or cfg.model.init or str(Path(cfg.train.output_dir) / "final")
+    return cfg.model.init
+
+
 def eval_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.detect.run import run_eval
 
+    cfg.train.output_dir = str(verb_output(args, "detect", "eval", _weights(cfg, args), cfg.train.output_dir))
     record = run_eval(cfg)
     metrics = record.get("metrics", {})
     if metrics:
@@ -49,11 +59,12 @@ def eval_verb(cfg, args: argparse.Namespace) -> None:
             for kind in ("bbox", "segm")
             if f"{kind}_AP" in metrics
         )
-        print(f"detect eval: {line} (written to {cfg.train.output_dir}/eval.json)")
+        print(f"detect eval: {line}; written to {cfg.train.output_dir}/eval.json")
 
 
 def predict_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.detect.predict import run_predict
 
-    written = run_predict(cfg, args.inputs, args.out, args.threshold)
-    print(f"predict: wrote {len(written)} images to {args.out}")
+    output = verb_output(args, "detect", "predict", _weights(cfg, args), cfg.train.output_dir)
+    written = run_predict(cfg, args.inputs, str(output), args.threshold)
+    print(f"predict: wrote {len(written)} images to {output}")

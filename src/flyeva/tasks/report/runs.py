@@ -1,4 +1,5 @@
-"""One training run as the engine left it: metrics.jsonl records, config.yaml, result.json."""
+"""One run as the engine left it: metrics.jsonl records, config.yaml, result.json; or the eval.json of
+an evaluation without training."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, CONFIG_FILE, SUMMARY_FILE = "metrics.jsonl", "config.yaml", "result.json"
+EVAL_FILE = "eval.json"  # an evaluation without training (`eval` verbs): the same schema, no log
 
 
 @dataclass
@@ -53,13 +55,17 @@ def read_run(folder: str | Path, name: str | None = None) -> RunLog:
     """Read a run folder; a torn last line (a run killed mid-write) is counted and skipped."""
     folder = Path(folder)
     metrics = folder / METRICS_FILE
-    if not metrics.is_file():
+    summary = folder / SUMMARY_FILE if (folder / SUMMARY_FILE).is_file() else folder / EVAL_FILE
+    if not metrics.is_file() and not summary.is_file():
         raise FileNotFoundError(
-            f"{folder} has no {METRICS_FILE}; pass a training output folder (the run's train.output_dir)"
+            f"{folder} has no {METRICS_FILE} and no {EVAL_FILE}; pass a training output folder (the run's "
+            "train.output_dir) or the output folder of an eval verb"
         )
     run = RunLog(name or folder.name, folder, config=_read_yaml(folder / CONFIG_FILE))
-    if (folder / SUMMARY_FILE).is_file():
-        run.summary = json.loads((folder / SUMMARY_FILE).read_text())
+    if summary.is_file():
+        run.summary = json.loads(summary.read_text())
+    if not metrics.is_file():  # an evaluation: its numbers are the summary's
+        return run
     buckets = {"train": run.train, "eval": run.evals, "epoch": run.epochs}
     for line in metrics.read_text().splitlines():
         if not line.strip():

@@ -7,10 +7,12 @@ transformers are imported when a verb runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from flyeva.engine.stage import Stage, Verb
+from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
 HELP = "semantic segmentation: train, eval, predict"
+WEIGHTS_HELP = "segmenter folder (default: the recipe's OUTPUT/final, e.g. runs/miniature_segment/final)"
 SEGMENT = Stage(
     command="segment",
     help="train a segmenter (UperNet or Mask2Former on EVA) on the shared engine",
@@ -20,34 +22,42 @@ SEGMENT = Stage(
     primary="mIoU",
     verbs={
         "eval": Verb(
-            "mIoU / mAcc / aAcc / per-class IoU of weights=FOLDER; writes OUTPUT/eval.json",
+            "mIoU / mAcc / aAcc / per-class IoU of a segmenter -> OUTPUT/eval.json",
             "flyeva.tasks.segment:eval_verb",
+            arguments=weights_options(WEIGHTS_HELP),
         ),
         "predict": Verb(
-            "colour overlays (PNG) of a segmenter's predictions",
+            "colour overlays (PNG, beside the ground truth where a label exists) and paletted label maps",
             "flyeva.tasks.segment:predict_verb",
             positional="image files or folders",
-            arguments=(
-                (("--weights",), dict(required=True, help="a segmenter folder (OUTPUT/final)")),
-                (("--out",), dict(required=True, help="folder for overlays and label PNGs")),
-            ),
+            arguments=weights_options(WEIGHTS_HELP),
         ),
     },
 )
 STAGES = (SEGMENT,)
 
 
+def _weights(cfg, args: argparse.Namespace) -> str:
+    """--weights, else weights=, else the recipe's training output (OUTPUT/final)."""
+    cfg.weights = args.weights or cfg.weights or str(Path(cfg.train.output_dir) / "final")
+    return cfg.weights
+
+
 def eval_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.segment.run import run_eval
 
+    cfg.train.output_dir = str(
+        verb_output(args, "segment", "eval", _weights(cfg, args), cfg.train.output_dir)
+    )
     record = run_eval(cfg)
     if record:
         numbers = ", ".join(f"{k} {record['metrics'][k]:.4f}" for k in ("mIoU", "mAcc", "aAcc"))
-        print(f"segment eval: {numbers}; {cfg.train.output_dir}/eval.json")
+        print(f"segment eval: {numbers}; written to {cfg.train.output_dir}/eval.json")
 
 
 def predict_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.segment.predict import run_predict
 
-    written = run_predict(cfg, args.weights, args.inputs, args.out)
-    print(f"wrote {len(written)} overlays to {args.out}")
+    output = verb_output(args, "segment", "predict", _weights(cfg, args), cfg.train.output_dir)
+    written = run_predict(cfg, cfg.weights, args.inputs, str(output))
+    print(f"wrote {len(written)} overlays to {output}")

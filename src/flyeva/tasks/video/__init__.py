@@ -9,8 +9,9 @@ PyAV are imported when a verb runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from flyeva.engine.stage import Stage, Verb
+from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
 HELP = "video action recognition: train, eval"
 VIDEO = Stage(
@@ -24,6 +25,7 @@ VIDEO = Stage(
         "eval": Verb(
             "multi-view evaluation of a trained video model; writes OUTPUT/eval.json",
             "flyeva.tasks.video:eval_verb",
+            arguments=weights_options("video model folder (default: the recipe's OUTPUT/final)"),
         ),
     },
 )
@@ -33,6 +35,8 @@ STAGES = (VIDEO,)
 def eval_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.video.run import run_eval
 
+    cfg.model.init = args.weights or cfg.model.init or str(Path(cfg.train.output_dir) / "final")
+    cfg.train.output_dir = str(verb_output(args, "video", "eval", cfg.model.init, cfg.train.output_dir))
     record = run_eval(cfg)
     if record:
         metrics, facts, details = record["metrics"], record["facts"], record["details"]
@@ -40,5 +44,5 @@ def eval_verb(cfg, args: argparse.Namespace) -> None:
         numbers = f"top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
         print(
             f"video eval ({views}, {details['skipped_videos']} unreadable): {numbers} "
-            f"mean class {metrics['mean_class_top1']:.2f}; wrote {cfg.train.output_dir}/eval.json"
+            f"mean class {metrics['mean_class_top1']:.2f}; written to {cfg.train.output_dir}/eval.json"
         )
