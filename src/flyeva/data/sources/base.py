@@ -122,7 +122,7 @@ def input_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if first.setdefault(path.stem, path) != path:
             raise ValueError(
                 f"{first[path.stem]} and {path} would write the same output {path.stem}.png; rename one, "
-                "or predict them into separate --out folders"
+                "or predict them into separate --output folders"
             )
     return found
 

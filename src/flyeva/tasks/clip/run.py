@@ -109,14 +109,10 @@ def run_zeroshot(cfg: ClipConfig, **reading: Any) -> dict[str, Any]:
     device = resolve_device(zs.device)
     if zs.checkpoint:
         model, _, _ = load_any_clip(zs.checkpoint, **reading)
-        checkpoint = Path(zs.checkpoint)
-        default_output = (
-            checkpoint / "zeroshot.json" if checkpoint.is_dir() else checkpoint.with_suffix(".zeroshot.json")
-        )
     else:
         logger.info("no zeroshot.checkpoint: evaluating the recipe's initial model (vision/text init)")
         model = build_clip_from_config(cfg.model)
-        default_output = Path(cfg.train.output_dir) / "zeroshot.json"
+    default_output = Path(cfg.train.output_dir) / "zeroshot.json"  # never inside a weights folder
     model.to(device)
     suite = ZeroShotSuite(zs, model.visual.patch_embed.img_size[0])
     results = suite.run(model, device)
