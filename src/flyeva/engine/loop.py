@@ -688,7 +688,10 @@ def train(
             start_step=state.step,
             log_every=cfg.log_every,
             images_per_step=cfg.batch_size * cfg.accum_steps * D.world_size(),
+            name="/".join(state.folder.parts[-2:]),
         )
+        resumed = f", resumed at step {state.step}" if state.step else ""
+        state.log.line(f"training steps 1-{state.stop_at} into {state.folder}{resumed}")
         state.result = TrainResult(
             model=state.model, step=state.step, ema_model=state.ema and state.ema.module, run_id=state.run_id
         )

@@ -25,8 +25,10 @@ class MetricsLogger:
         start_step: int,
         log_every: int = 10,
         images_per_step: int = 0,
+        name: str = "",
     ):
         self.enabled = enabled
+        self.prefix = f"{name}: " if name else ""  # which run a line is from, when runs share a terminal
         self.writer = None
         self.bar = None
         self.plain = False
@@ -66,7 +68,7 @@ class MetricsLogger:
                 {k: "skipped" if v is None else f"{v:.4g}" for k, v in shown.items()}, refresh=False
             )
         elif self.plain and (step % self.log_every == 0 or step == self.total_steps):
-            print(self.plain_line(step, shown), file=sys.stderr, flush=True)
+            print(self.prefix + self.plain_line(step, shown), file=sys.stderr, flush=True)
 
     def plain_line(self, step: int, values: dict[str, Any]) -> str:
         """`step 120/400 loss 0.1234 lr 1.20e-03 12.3 img/s eta 0:01:23`."""
@@ -81,7 +83,7 @@ class MetricsLogger:
     def line(self, text: str) -> None:
         """A summary line that survives the progress bar."""
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            (self.bar.write if self.bar is not None else print)(self.prefix + text)
 
     def close(self) -> None:
         if not self.enabled:
