@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from flyeva.engine import distributed as D
-from flyeva.tasks.clip.loss import ClipObjective
+from flyeva.tasks.clip.objective import ClipObjective
 from flyeva.tasks.clip.model import ClipModelSection, EvaClip, TextSection, VisionSection, build_clip
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 

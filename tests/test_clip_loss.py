@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from clip_dist_worker import CONTEXT, BackwardContext, global_batch, tiny_clip
 
-from flyeva.tasks.clip.loss import ClipObjective, GatheredClipLoss
+from flyeva.tasks.clip.objective import ClipObjective, GatheredClipLoss
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 
 

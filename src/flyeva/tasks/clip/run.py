@@ -45,7 +45,7 @@ def build_clip_train(cfg: ClipConfig) -> Built:
     from flyeva.data.stream import ImageBatchStream
     from flyeva.data.transforms import PretrainTransform
     from flyeva.engine import distributed as D
-    from flyeva.tasks.clip.loss import ClipObjective
+    from flyeva.tasks.clip.objective import ClipObjective
     from flyeva.tasks.clip.model import clip_param_groups
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
 
