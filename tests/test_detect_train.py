@@ -132,8 +132,13 @@ def test_release_layer_decay_and_weight_decay_on_every_parameter():
 
 
 def test_recipes_load_and_bad_values_are_rejected():
-    for name in ("eva_giant_coco", "eva_giant_lvis", "eva_base_coco", "miniature"):
+    for name in ("eva_giant_coco", "eva_giant_lvis", "eva_giant_o365", "eva_base_coco", "miniature"):
         load_config(DetectConfig, recipe_path("detect", name), [])
+    o365 = load_config(DetectConfig, recipe_path("detect", "eva_giant_o365"), ["data.train_json=x"])
+    validate(o365)  # the release's EVA-g Objects365 config (..._1B_attn_1024.py): boxes only, batch 128
+    assert (o365.model.mask_head, o365.model.img_size, o365.test.size) == (False, 1024, 1024)
+    assert (o365.optim.lr, o365.optim.warmup_steps, o365.train.max_steps) == (1e-4, 15000, 350057)
+    assert o365.optim.decay_steps == [350050, 350056] and o365.train.accum_steps * 64 == 128
     lvis = load_config(DetectConfig, recipe_path("detect", "eva_giant_lvis"), [])
     assert (lvis.model.classifier, lvis.data.repeat_threshold, lvis.optim.lr) == ("sigmoid_fed", 0.001, 2e-4)
     with pytest.raises(ConfigError, match=r"data\.train_json"):

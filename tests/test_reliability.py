@@ -6,12 +6,14 @@ Engine faults run `train()` in-process on the miniature MIM model and fixed batc
 
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_run import train
@@ -302,7 +304,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         ("data.sources={type: synthetic}", "gives a value of the wrong kind"),
         ("train.device=cuda", "no usable CUDA GPU"),
         ("train.device=foo", "train.device must be auto, cpu, cuda or cuda:N"),
-        ("mask.target=foo", "mask.target must be one of ['clip', 'pixels']"),
+        ("mask.target=foo", "mask.target must be one of ['clip', 'pixels', 'distill']"),
         ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
         ("model.init=", "override 'model.init=' has no value; for an empty string write \"model.init=''\""),
         ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction must be in [0, 1)"),
@@ -477,3 +479,129 @@ def test_a_class_whose_images_are_all_unreadable_is_an_error_naming_it(tmp_path)
     (tmp_path / "train" / "dog" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ValueError, match=r"1 classes have no readable training image: \['dog'\]"):
         prepare_data(DataSection(root=str(tmp_path)))
+
+
+# ----- detection, segmentation and video: bad input is one line before any work -----------------
+
+
+def _folder_as_it_was(folder: Path) -> bool:
+    """Nothing of a run in `folder`: no config, checkpoint, data or weights (the lock is the engine's)."""
+    return not folder.exists() or sorted(p.name for p in folder.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["detect", "train", "test.size=0"], "test.size=0 must be in [1, 4096] px"),
+        (["detect", "eval", "test.size=0", "model.init=x"], "test.size=0 must be in [1, 4096] px"),
+        (["detect", "train", "test.detections_per_image=0"],
+         "test.detections_per_image and test.extra_caps must be >= 1, got [0]"),
+        (["detect", "train", "test.extra_caps=[1000,0]"], "must be >= 1, got [100, 1000, 0]"),
+        (["detect", "train", "model.img_size=100000", "model.patch_size=16"],
+         "model.img_size=100000 is over the limit of 4096 px"),
+        (["segment", "train", "aug.crop_size=100000"], "aug.crop_size=100000 is over the limit of 4096 px"),
+        (["segment", "train", "eval.crop_size=65536"], "eval.crop_size=65536 is over the limit of 4096 px"),
+    ],
+)  # fmt: skip
+def test_absurd_sizes_and_zero_caps_of_the_task_stages_fail_before_any_work(
+    tmp_path, capsys, monkeypatch, argv, message
+):
+    monkeypatch.chdir(tmp_path)  # the default output folders are under runs/: nothing may appear there
+    assert cli([*argv, f"train.output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and message in error, error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_segmenter_from_a_video_folder_says_what_to_pass_instead(tmp_path, capsys):
+    from flyeva.models.eva import get_size
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.video.model import build_video_model, video_arch
+
+    video = build_video_model(get_size("miniature"), 3, num_frames=2)
+    folder = save_weights(video, tmp_path / "video", kind="video", arch=video_arch(video))
+    out = tmp_path / "run"
+    assert cli(["segment", "train", f"model.init={folder}", f"train.output_dir={out}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"model.init={folder} holds a video model" in error, error
+    assert "pass the image encoder it was inflated from" in error and "re-export" not in error
+    assert not out.exists()  # refused with the config, before the ShapeWorld data is written
+
+
+def test_a_corrupt_detector_folder_is_one_line_naming_the_file(tmp_path, capsys):
+    from test_detect_train import tiny_arch
+
+    from flyeva.models.weights import save_weights
+    from flyeva.tasks.detect.model import EvaDetector
+
+    detector = EvaDetector(tiny_arch())
+    folder = save_weights(detector, tmp_path / "det", kind="detector", arch=detector.arch)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    out = tmp_path / "eval"
+    command = ["detect", "eval", f"model.init={folder}", "model.img_size=64", "data.shapeworld_val=2"]
+    for broken in (data[:40], data[: len(data) // 2], b"\xff" * len(data)):
+        weights.write_bytes(broken)
+        assert cli([*command, f"train.output_dir={out}"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and f"{weights} is truncated or corrupt" in error, error
+        assert _folder_as_it_was(out)
+    weights.write_bytes(data)  # a NaN in a tensor: named, nothing evaluated
+    state = load_file(str(weights))
+    state["roi_heads.box_predictor.0.cls_score.weight"][0, 0] = float("nan")
+    save_file(state, str(weights))
+    assert cli([*command, f"train.output_dir={out}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "roi_heads.box_predictor.0.cls_score.weight holds NaN or Inf" in error and _folder_as_it_was(out)
+
+
+@pytest.mark.slow
+def test_a_second_detect_train_from_another_init_into_the_same_folder_is_refused(tmp_path, capsys):
+    """The first run's numbers are never reported as the second's: the recorded config differs."""
+    from test_detect_train import TINY_RUN
+
+    out = tmp_path / "run"
+    first = ["detect", "train", f"train.output_dir={out}", *TINY_RUN, "data.shapeworld_val=0"]
+    assert cli(first) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    other = tmp_path / "other"
+    shutil.copytree(out / "final", other / "final")
+    assert cli([*first, f"model.init={other / 'final'}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"model.init: '' -> '{other / 'final'}'" in error, error
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # config.yaml, run.json, checkpoints, final/ and result.json as they were
+
+
+def _mini_video(tmp_path) -> Path:
+    from flyeva.data.video.decode import write_video
+
+    frames = [np.full((32, 32, 3), 10 * k, np.uint8) for k in range(8)]
+    return write_video(tmp_path / "clip.mp4", frames)
+
+
+@pytest.mark.parametrize(
+    ("listing", "message"),
+    [
+        (b"clip.mp4 0\nclip.mp4 \xff1\n", "list.txt line 2 is not valid UTF-8 (byte 0xff)"),
+        (b"clip.mp4 0\nclip.mp4 1\nclip.mp4 999\n",
+         "integer labels without data.classes make 1000 classes (0..999), but 997 of them label no video "
+         "(e.g. [2, 3, 4, 5, 6]); the largest label is 999 (line 3)"),
+    ],
+    ids=["non-utf8 list", "integer label typo"],
+)  # fmt: skip
+def test_a_video_list_that_cannot_be_read_as_written_is_one_line(tmp_path, capsys, listing, message):
+    from flyeva.config import recipe_path
+
+    _mini_video(tmp_path)
+    (tmp_path / "list.txt").write_bytes(listing)
+    out = tmp_path / "run"
+    recipe = str(recipe_path("video", "miniature"))
+    listing_file = tmp_path / "list.txt"
+    argv = ["video", "train", "--config", recipe, "data.train.type=list", f"data.train.path={listing_file}",
+            "data.val.type=none", f"train.output_dir={out}"]  # fmt: skip
+    assert cli(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and message in error, error
+    assert _folder_as_it_was(out)

@@ -54,6 +54,9 @@ def test_folder_layout_with_classes_file(tmp_path):
     _write_pair(tmp_path / "val/images", tmp_path / "val/labels", "a", np.ones((6, 8)), image_ext=".png")
     pairs = open_split(DataSection(format="folder", root=str(tmp_path)), "val")
     assert pairs.classes == ["sky", "road"] and pairs.load_pair(0)[1].max() == 1
+    (tmp_path / "classes.txt").write_bytes(b"sky\nr\xf6ad\n")  # Latin-1: one line naming file and line
+    with pytest.raises(ValueError, match=r"classes.txt line 2 is not valid UTF-8"):
+        open_split(DataSection(format="folder", root=str(tmp_path)), "val")
 
 
 def test_bad_pairs_are_skipped_counted_and_named(tmp_path, caplog):

@@ -185,3 +185,65 @@ def test_path_list_kinetics_csv_and_folders(tmp_path, caplog):
 
     folders = read_folder(root)
     assert folders.classes == ["air drumming"] and len(folders) == 1
+
+
+def test_a_raw_h264_stream_decodes_its_frames_in_order(tmp_path):
+    """An elementary stream (no container, no timestamps, no seeking back) gives the frames of the
+    file it was cut from, never a 'PermissionError' skip."""
+    import av
+
+    frames = _index_frames(8, 32, 32)
+    source = write_video(tmp_path / "clip.mp4", frames)
+    raw = tmp_path / "clip.h264"
+    with av.open(str(source)) as container, av.open(str(raw), "w", format="h264") as out:
+        stream = out.add_stream_from_template(container.streams.video[0])
+        for packet in container.demux(container.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    decoder = PyAVDecoder()
+    expected = decoder.read(source, lambda n: [n - 1, 0, 3])
+    assert np.array_equal(decoder.read(raw, lambda n: [n - 1, 0, 3]), expected)
+    assert decoder.read(raw, lambda n: list(range(n))).shape == (8, 32, 32, 3)
+
+
+def test_class_mappings_and_lists_are_read_without_pickle_and_name_the_file(tmp_path):
+    from flyeva.data.video.datasets import read_class_names, read_index_rows
+
+    np.save(tmp_path / "rows.npy", np.array([3, 1, 2]))
+    assert read_index_rows(tmp_path / "rows.npy") == [3, 1, 2]
+    (tmp_path / "rows.txt").write_text("3\n1\n2\n")
+    assert read_index_rows(tmp_path / "rows.txt") == [3, 1, 2]
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"model.class_mapping .*pickled.npy is not a plain .npy array"):
+        read_index_rows(tmp_path / "pickled.npy")
+    np.save(tmp_path / "floats.npy", np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"floats.npy holds float64 values, not integer indices"):
+        read_index_rows(tmp_path / "floats.npy")
+    (tmp_path / "words.txt").write_text("3\nthree\n")
+    with pytest.raises(ValueError, match=r"words.txt: entry 2 'three' is not an integer index"):
+        read_index_rows(tmp_path / "words.txt")
+    (tmp_path / "classes.txt").write_bytes(b"abseiling\nair dr\xe9mming\n")  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"classes.txt line 2 is not valid UTF-8 \(byte 0xe9\)"):
+        read_class_names(tmp_path / "classes.txt")
+
+
+def test_integer_labels_are_classes_0_to_max_each_labelling_a_video_of_the_list(tmp_path):
+    """The rule without data.classes: classes 0..max as the list is written (a class whose videos are
+    all missing on disk still counts); an unused index is a typo or a partial list: one error."""
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("a.mp4 0\ngone.mp4 1\na.mp4 2\n")
+    listed = read_path_list(tmp_path / "list.txt")
+    assert listed.classes == ["0", "1", "2"] and listed.labels == [0, 2]
+    (tmp_path / "typo.txt").write_text("a.mp4 0\na.mp4 1\na.mp4 10\n")
+    with pytest.raises(ValueError, match=r"typo.txt: integer labels without data.classes make 11 classes"):
+        read_path_list(tmp_path / "typo.txt")
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{k}" for k in range(11)) + "\n")
+    assert read_path_list(tmp_path / "typo.txt", classes_file=str(tmp_path / "classes.txt")).labels == [
+        0,
+        1,
+        10,
+    ]
+    (tmp_path / "negative.txt").write_text("a.mp4 0\na.mp4 -1\n")
+    with pytest.raises(ValueError, match="label -1 is negative"):
+        read_path_list(tmp_path / "negative.txt")

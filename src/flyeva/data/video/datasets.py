@@ -7,13 +7,18 @@
   directly in `root` or in `root/<label>/`, ext in mp4/webm/mkv.
 - `folder`: `root/<class>/<video>`; classes in sorted folder order.
 Class names: `data.classes` (a file, one per line) fixes the list and its order; otherwise named
-labels are sorted, and integer labels are named by their index. Listed videos missing on disk
-(common in Kinetics) are dropped once, counted and named in the log.
+labels are sorted, and integer labels 0..N-1 are the classes, named by their index: every index up
+to the largest must label a video of the list, or the list is refused (one stray label such as 999
+in a 10-class list would otherwise make a 1000-class head), naming the unused indices and the line
+of the largest label. Listed videos missing on disk (common in Kinetics) are dropped once, counted
+and named in the log. Lists and class files are UTF-8; a byte that is not is one error naming the
+file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +32,54 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 LIST_TYPES = ("list", "kinetics", "folder", "shapeworld")
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `path`; a byte that is not UTF-8 is a ValueError naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} line {line} is not valid UTF-8 (byte {data[error.start]:#04x}); save the {what} as UTF-8"
+        ) from None
+
+
 def read_class_names(path: str | Path) -> list[str]:
     """Class names, one per line, or a Kinetics labels CSV (`id,name` rows after a header)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in read_utf8(path, "class list").splitlines() if line.strip()]
     if lines and "," in lines[0] and lines[0].lower().replace(" ", "") in ("id,name", "label,name"):
         return [line.split(",", 1)[1].strip() for line in lines[1:]]
     return lines
+
+
+def read_index_rows(path: str | Path, what: str = "model.class_mapping") -> list[int]:
+    """Integer indices from a .npy array (read without unpickling) or a text file of one index per line.
+
+    A pickled or object array, a truncated .npy, a non-UTF-8 byte or a word that is not an integer is
+    one ValueError naming the file (the release ships its K722 -> K400 mapping as a plain int64 .npy).
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    fix = "give a .npy array of integers (numpy.save, no pickle) or one integer per line"
+    if path.suffix == ".npy":
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:  # pickled data, object arrays, bad headers
+            raise ValueError(f"{what} {path} is not a plain .npy array ({error}); {fix}") from None
+        if rows.dtype.kind not in "iu":
+            raise ValueError(f"{what} {path} holds {rows.dtype} values, not integer indices; {fix}")
+        return [int(row) for row in rows.reshape(-1)]
+    words = read_utf8(path, "index list").split()
+    for number, word in enumerate(words, start=1):
+        if not word.lstrip("-").isdigit():
+            raise ValueError(f"{what} {path}: entry {number} {word!r} is not an integer index; {fix}")
+    return [int(word) for word in words]
 
 
 @dataclass
@@ -51,12 +95,38 @@ class VideoList:
         return len(self.paths)
 
 
-def _label_indices(names: list[str], classes_file: str, where: str) -> tuple[list[int], list[str]]:
+def _integer_classes(names: list[str], where: str, lines: list[int] | None) -> list[str]:
+    """Classes 0..max of integer labels, every one of which must label a video of the list."""
+    values = [int(name) for name in names]
+    if any(value < 0 for value in values):
+        raise ValueError(f"{where}: label {min(values)} is negative; class indices start at 0")
+    count = max(values) + 1 if values else 0
+    unused = sorted(set(range(count)) - set(values))
+    if unused:
+        largest = values.index(count - 1)
+        at = f" (line {lines[largest]})" if lines else ""
+        raise ValueError(
+            f"{where}: integer labels without data.classes make {count} classes (0..{count - 1}), but "
+            f"{len(unused)} of them label no video (e.g. {unused[:5]}); the largest label is "
+            f"{count - 1}{at}: "
+            "fix that label, or give data.classes (one class name per line) to fix the class list"
+        )
+    return [str(k) for k in range(count)]
+
+
+def _label_indices(
+    names: list[str],
+    classes_file: str,
+    where: str,
+    listed: list[str] | None = None,
+    lines: list[int] | None = None,
+) -> tuple[list[int], list[str]]:
+    """Class indices of `names` (the labels of the videos found) and the class names. The classes of
+    integer labels come from the whole list as written (`listed`, on `lines`), found on disk or not."""
     if classes_file:
         classes = read_class_names(classes_file)
-    elif all(name.lstrip("-").isdigit() for name in names):
-        count = max(int(name) for name in names) + 1 if names else 0
-        classes = [str(k) for k in range(count)]
+    elif all(name.lstrip("-").isdigit() for name in listed or names):
+        classes = _integer_classes(listed or names, where, lines)
     else:
         classes = sorted(set(names))
     index = {name: k for k, name in enumerate(classes)}
@@ -102,8 +172,8 @@ def read_path_list(path: str | Path, root: str = "", classes_file: str = "") -> 
     if not path.is_file():
         raise FileNotFoundError(f"video list {path} does not exist; set data.train.path / data.val.path")
     base = Path(root) if root else path.parent
-    files, names = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    files, names, numbers = [], [], []
+    for number, line in enumerate(read_utf8(path, "video list").splitlines(), start=1):
         line = line.strip()
         if not line or (number == 1 and line.lower().replace(" ", "") in ("path,label", "video,label")):
             continue
@@ -112,8 +182,9 @@ def read_path_list(path: str | Path, root: str = "", classes_file: str = "") -> 
             raise ValueError(f"{path}:{number}: expected 'path,label' or 'path label', got {line!r}")
         files.append(base / parts[0].strip())
         names.append(parts[1].strip())
+        numbers.append(number)
     kept, kept_names, missing = _keep_existing(files, names, str(path))
-    labels, classes = _label_indices(kept_names, classes_file, str(path))
+    labels, classes = _label_indices(kept_names, classes_file, str(path), names, numbers)
     return VideoList(kept, labels, classes, missing)
 
 
@@ -135,16 +206,17 @@ def read_kinetics_csv(path: str | Path, root: str, classes_file: str = "") -> Vi
         raise ValueError(
             f"{path}: a Kinetics list needs the video folder: set data.train.root / data.val.root"
         )
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(io.StringIO(read_utf8(path, "Kinetics CSV"), newline="")))
     needed = {"youtube_id", "time_start", "time_end", "label"}
     if not rows or not needed <= set(rows[0]):
         raise ValueError(
             f"{path}: a Kinetics CSV needs a header with {sorted(needed)}; use type=list for path,label"
         )
     files = [_kinetics_file(Path(root), row) for row in rows]
-    kept, kept_names, missing = _keep_existing(files, [row["label"] for row in rows], str(path))
-    labels, classes = _label_indices(kept_names, classes_file, str(path))
+    listed = [row["label"] for row in rows]
+    kept, kept_names, missing = _keep_existing(files, listed, str(path))
+    lines = list(range(2, len(rows) + 2))  # after the header (a quoted newline shifts it: rare)
+    labels, classes = _label_indices(kept_names, classes_file, str(path), listed, lines)
     return VideoList(kept, labels, classes, missing)
 
 

@@ -6,7 +6,9 @@ short side is `short_side` (0 = native). Frame i is the i-th frame in presentati
 its own timestamp, so variable-frame-rate videos give the right frames (never i / fps).
 
 - PyAV: the packets are demuxed once (cheap, no decoding) for their timestamps; then the decoder
-  seeks to the keyframe before the first wanted frame and decodes forward to the last one.
+  seeks to the keyframe before the first wanted frame and decodes forward to the last one. A stream
+  without timestamps (a raw `.h264`/`.hevc` elementary stream) is decoded whole, from a fresh open,
+  and its frames counted in decode order.
 - torchcodec (`seek_mode="exact"`: it scans the file for the same frame index). It needs FFmpeg's
   shared libraries on the system (`apt-get install ffmpeg`, or libavcodec/libavformat/libavutil/
   libswscale/libswresample); flyeva never requires it. `data.decoder=auto` uses it when it imports.
@@ -67,7 +69,7 @@ class PyAVDecoder:
                 if not timestamps:
                     raise VideoReadError(f"{path}: no video frames")
                 if any(pts is None for pts in timestamps):  # no timestamps to seek by: count decoded frames
-                    return self._read_sequential(container, stream, path, choose, short_side)
+                    return self._read_sequential(path, choose, short_side)
                 timestamps.sort()
                 indices = _check_indices(choose(len(timestamps)), len(timestamps), path)
                 wanted = {timestamps[i] for i in indices}
@@ -96,13 +98,28 @@ class PyAVDecoder:
         return frames
 
     @staticmethod
-    def _read_sequential(container, stream, path: str, choose: Chooser, short_side: int) -> np.ndarray:
-        container.seek(0)
-        decoded = [frame for frame in container.decode(stream)]
-        if not decoded:
+    def _read_sequential(path: str, choose: Chooser, short_side: int) -> np.ndarray:
+        """Frames in decode order: a raw stream (`.h264`, no container) has no timestamps and cannot
+        seek back to its start (FFmpeg answers EPERM), so it is opened afresh twice: one pass counts
+        the frames, the second keeps the chosen ones (memory for those only)."""
+        import av
+
+        with av.open(path) as container:
+            count = sum(1 for _ in container.decode(container.streams.video[0]))
+        if not count:
             raise VideoReadError(f"{path}: no decodable frames")
-        indices = _check_indices(choose(len(decoded)), len(decoded), path)
-        return np.stack([_to_rgb(decoded[i], short_side) for i in indices])
+        indices = _check_indices(choose(count), count, path)
+        wanted, frames = set(indices), {}
+        with av.open(path) as container:
+            for position, frame in enumerate(container.decode(container.streams.video[0])):
+                if position in wanted:
+                    frames[position] = _to_rgb(frame, short_side)
+                if position >= max(wanted):
+                    break
+        if len(frames) != len(wanted):
+            missing = len(wanted) - len(frames)
+            raise VideoReadError(f"{path}: truncated, {missing} wanted frames never decoded")
+        return np.stack([frames[i] for i in indices])
 
 
 def _to_rgb(frame, short_side: int) -> np.ndarray:

@@ -353,16 +353,16 @@ def check_usable(dataset: CocoDetectionDataset, min_fraction: float = 0.5, probe
     are a warning: those images are skipped and counted as the stream meets them.
     """
     usage, where = dataset.usage, dataset.json_path
+    fix = "fix the annotation file or give another one"
+    if dataset.problems.get("missing segmentation"):  # a box-only file (Objects365) given to a mask detector
+        fix = "a file without masks trains a box-only detector: model.mask_head=false; or " + fix
     if usage.usable_images == 0:
-        raise ValueError(
-            f"{where}: no image has a usable annotation ({usage.summary()}); "
-            "fix the annotation file or give another one"
-        )
+        raise ValueError(f"{where}: no image has a usable annotation ({usage.summary()}); {fix}")
     trainable = usage.annotations - usage.crowd
     if usage.dropped > (1 - min_fraction) * trainable:
         raise ValueError(
             f"{where}: {usage.dropped} of {trainable} annotations were dropped, more than "
-            f"{1 - min_fraction:.0%} ({usage.summary()}); fix the annotation file"
+            f"{1 - min_fraction:.0%} ({usage.summary()}); {fix}"
         )
     usable = [index for index, record in enumerate(dataset.records) if record.instances]
     count = min(probe_images, len(usable))

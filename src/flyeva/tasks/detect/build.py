@@ -28,19 +28,37 @@ def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
 
 # The layers whose rows are classes: another label set (Objects365 -> COCO) gives them other shapes.
 CLASS_LAYERS = (".cls_score.", ".mask_fcn_logits.")
+# The mask branch: a box-only detector (`model.mask_head=false`, Objects365) has none.
+MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
 
 
 def _fit(
     own: dict[str, tuple], found: dict[str, tuple], where: str, *, new_classes: bool, fresh_prefix: str = ""
 ) -> tuple[list[str], list[str]]:
-    """(class layers of another label set, tensors a backbone-only file leaves fresh), from shapes
-    alone; any other difference is one error. Only training (`new_classes`) may start classes fresh."""
+    """(tensors of the file not to load, tensors of this detector left fresh), from shapes alone.
+
+    Training (`new_classes`) may start fresh the class layers of another label set and a mask branch
+    the file lacks (a box-only Objects365 detector -> a COCO mask detector), and leaves out the file's
+    mask branch when this detector has none; all of it is named in one log line with counts. A
+    backbone-only file leaves everything outside `fresh_prefix` fresh. Any other difference, and any
+    difference at all in eval or predict, is one error."""
+    own_masks = [k for k in own if k.startswith(MASK_BRANCH)]
+    found_masks = [k for k in found if k.startswith(MASK_BRANCH)]
     fresh = [k for k in own if k not in found and fresh_prefix and not k.startswith(fresh_prefix)]
+    new_mask = own_masks if new_classes and not found_masks and not fresh else []
+    unused = found_masks if new_classes and not own_masks else []
     classes = [k for k in own if k in found and own[k] != found[k] and any(c in k for c in CLASS_LAYERS)]
-    wrong = [k for k in own if k not in fresh and k not in classes and own[k] != found.get(k)]
-    wrong += [k for k in found if k not in own]
+    skip = set(fresh) | set(new_mask) | set(classes)
+    wrong = [k for k in own if k not in skip and own[k] != found.get(k)]
+    wrong += [k for k in found if k not in own and k not in unused]
     if wrong:
         key = wrong[0]
+        if key.startswith(MASK_BRANCH) and not (own_masks and found_masks):
+            has = "has a mask branch" if found_masks else "has no mask branch"
+            raise ConfigError(
+                f"{where} {has} and this detector {'does not' if found_masks else 'does'}; "
+                f"set model.mask_head={'true' if found_masks else 'false'} to use it as it is"
+            )
         raise ConfigError(
             f"{where} does not fit this detector: {len(wrong)} tensors differ, e.g. {key} is "
             f"{found.get(key, 'absent')} in the file and {own.get(key, 'absent')} here; set model.* "
@@ -52,18 +70,22 @@ def _fit(
             f"{where} predicts {found[scores][0] - 1} classes, this detector {own[scores][0] - 1}; "
             "evaluate on the label set it was trained for"
         )
+    parts = []
     if classes:
-        logger.info(
-            "%s: another label set: %d class-specific tensors start fresh (%s)",
-            where,
-            len(classes),
-            classes[0],
-        )
+        scores = next((k for k in classes if "cls_score.weight" in k), classes[0])
+        change = f"{found[scores][0] - 1} -> {own[scores][0] - 1} classes" if "cls_score" in scores else ""
+        parts.append(f"{len(classes)} class-specific tensors start fresh (another label set: {change})")
+    if new_mask:
+        parts.append(f"{len(new_mask)} mask-branch tensors start fresh (the file has no mask head)")
+    if unused:
+        parts.append(f"{len(unused)} mask-branch tensors of the file are left out (model.mask_head=false)")
+    if parts:
+        logger.info("%s: %s", where, "; ".join(parts))
     if fresh:
         logger.info(
             "%s holds a backbone only: %d tensors of the pyramid and heads start fresh", where, len(fresh)
         )
-    return classes, fresh
+    return classes + unused, fresh + new_mask
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
@@ -73,33 +95,68 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
 def _load_matching(
     detector: nn.Module, state: dict[str, torch.Tensor], where: str, *, new_classes: bool, fresh_prefix=""
 ) -> None:
-    """Load every tensor of `state`, but the class layers of another label set (training only)."""
-    classes, _ = _fit(
+    """Load every tensor of `state`, but those `_fit` lets start fresh (training only)."""
+    skipped, _ = _fit(
         _shapes(detector.state_dict()),
         _shapes(state),
         where,
         new_classes=new_classes,
         fresh_prefix=fresh_prefix,
     )
-    detector.load_state_dict({k: v for k, v in state.items() if k not in classes}, strict=False)
+    detector.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConfigError(
+                f"{where}: {key} holds NaN or Inf values; these are not trained weights (a diverged run's "
+                "folder?): use the weights of a run that finished"
+            )
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or corrupt file, or a NaN, is one error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    from flyeva.models.weights import WeightsError
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise WeightsError(f"{file} is truncated or corrupt ({error}); re-copy or re-download it") from None
+    _check_finite(state, str(file))
+    return state
+
+
+def _mask_dims_for_training(cfg: DetectConfig, arch: dict) -> list[int]:
+    """A training start keeps the file's mask branch, adds `model.mask_dims` where the file has none
+    (Objects365 -> COCO), and drops it with `model.mask_head=false` (or empty `mask_dims`): the
+    branch exists exactly when the data is read with masks (`run.build_train`)."""
+    if not (cfg.model.mask_head and cfg.model.mask_dims):
+        return []
+    return list(arch["roi_heads"]["mask_dims"]) or list(cfg.model.mask_dims)
 
 
 def _from_detector_folder(
     cfg: DetectConfig, path: Path, num_classes: int | None, fed_weights, training: bool
 ) -> EvaDetector:
-    from safetensors.torch import load_file
-
     from flyeva.models.weights import WEIGHTS_FILE, header_shapes, read_config
 
     config = read_config(path)
+    if not isinstance(config.get("arch"), dict) or not isinstance(config["arch"].get("roi_heads"), dict):
+        raise ConfigError(f"{path}/config.json holds no detector architecture ('arch'); re-export the folder")
     arch = apply_test_settings(config["arch"], cfg.test, cfg.model.img_size)
     arch["roi_heads"]["num_classes"] = num_classes or arch["roi_heads"]["num_classes"]
+    if training:
+        arch["roi_heads"]["mask_dims"] = _mask_dims_for_training(cfg, arch)
     with torch.device("meta"):  # config.json is checked against the file's header before any allocation
         skeleton = _shapes(EvaDetector(arch).state_dict())
-    classes, _ = _fit(skeleton, header_shapes(path / WEIGHTS_FILE), str(path), new_classes=training)
+    skipped, _ = _fit(skeleton, header_shapes(path / WEIGHTS_FILE), str(path), new_classes=training)
     detector = EvaDetector(arch, fed_weights)
-    state = load_file(str(path / WEIGHTS_FILE))
-    detector.load_state_dict({k: v for k, v in state.items() if k not in classes}, strict=False)
+    state = read_tensors(path / WEIGHTS_FILE)
+    detector.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     return detector
 
 
@@ -124,12 +181,15 @@ def _from_release_file(
         geometry.values()
     ):
         logger.info("the release file's window %d and global blocks %s apply", *geometry.values())
+    if not sizes["has_masks"] and not (training and cfg.model.mask_head):  # a box-only file (Objects365)
+        geometry["mask_head"] = False
     cfg = replace(cfg, model=replace(cfg.model, **geometry))
     classes = num_classes or sizes["num_classes"]
     arch = arch_from_config(cfg, dims | {"pos_grid": sizes["pos_grid"]}, classes)
     detector = EvaDetector(arch, fed_weights)
     renamed = detector_state_from_release(state, len(cfg.model.box_conv_dims))
     where = "the release detection checkpoint"
+    _check_finite(renamed, where)
     _load_matching(
         detector, renamed, where, new_classes=training, fresh_prefix="backbone.net." if backbone_only else ""
     )

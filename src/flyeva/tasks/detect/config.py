@@ -1,7 +1,7 @@
 """`flyeva detect` configs: schema defaults are the release's EVA-g COCO recipe (release `EVA-01/det`).
 
-Recipes in configs/detect/ are short deltas on these defaults (eva_giant_lvis, eva_base_coco,
-miniature). The detector is built here from the config: from encoder weights (flyeva folder or
+Recipes in configs/detect/ are short deltas on these defaults (eva_giant_lvis, eva_giant_o365,
+eva_base_coco, miniature). The detector is built here from the config: from encoder weights (flyeva folder or
 release checkpoint), from a detector (flyeva `detector` folder or the release's detectron2 file),
 or from scratch.
 """
@@ -46,6 +46,8 @@ class ModelSection:
     box_conv_dims: list[int] = field(default_factory=lambda: [256] * 4)  # 4conv1fc with LayerNorm
     box_fc_dims: list[int] = field(default_factory=lambda: [1024])
     mask_dims: list[int] = field(default_factory=lambda: [256] * 4)
+    # false: Cascade R-CNN boxes only, no mask branch (box-only sets such as Objects365; eva_giant_o365)
+    mask_head: bool = True
     roi_batch_size: int = 512
     roi_positive_fraction: float = 0.25
     classifier: str = "softmax"  # softmax (COCO) | sigmoid_fed (LVIS: sigmoid + federated loss)
@@ -111,6 +113,10 @@ class DetectConfig:
 
 
 CLASSIFIERS = ("softmax", "sigmoid_fed")
+# The largest training crop (model.img_size) and test side (test.size) accepted, in pixels: the
+# release's sides are 1024-1536; a side of 10^5 would build position and rel-pos tables and padded
+# batches that exhaust memory before any check could name the key.
+MAX_SIDE = 4096
 
 
 def validate(cfg: DetectConfig, need_train: bool = True) -> None:
@@ -124,6 +130,21 @@ def validate(cfg: DetectConfig, need_train: bool = True) -> None:
         raise ConfigError(f"test.nms={t.nms!r} must be 'soft' or 'hard'")
     if m.img_size % (m.patch_size * 2) or m.img_size <= 0:
         raise ConfigError(f"model.img_size={m.img_size} must be a positive multiple of 2 x patch_size")
+    if m.img_size > MAX_SIDE:
+        raise ConfigError(
+            f"model.img_size={m.img_size} is over the limit of {MAX_SIDE} px (release: 1024-1280)"
+        )
+    if not 0 < t.size <= MAX_SIDE:
+        raise ConfigError(
+            f"test.size={t.size} must be in [1, {MAX_SIDE}] px (the longest side at test; 1536)"
+        )
+    if t.detections_per_image < 1 or any(cap < 1 for cap in t.extra_caps):
+        caps = [t.detections_per_image, *t.extra_caps]
+        raise ConfigError(f"test.detections_per_image and test.extra_caps must be >= 1, got {caps}")
+    if t.batch_size < 1 or t.max_images < 0:
+        raise ConfigError(
+            f"test.batch_size must be >= 1 and test.max_images >= 0, got {t.batch_size}, {t.max_images}"
+        )
     if len(m.anchor_sizes) != len(m.pyramid_scales) + 1:
         raise ConfigError(
             f"model.anchor_sizes needs {len(m.pyramid_scales) + 1} sizes (pyramid levels + P6), "
@@ -158,7 +179,7 @@ def arch_from_config(cfg: DetectConfig, encoder_dims: dict[str, int], num_classe
     }  # fmt: skip
     heads = {
         "num_classes": num_classes, "conv_dims": list(m.box_conv_dims), "fc_dims": list(m.box_fc_dims),
-        "mask_dims": list(m.mask_dims), "batch_size_per_image": m.roi_batch_size,
+        "mask_dims": list(m.mask_dims) if m.mask_head else [], "batch_size_per_image": m.roi_batch_size,
         "positive_fraction": m.roi_positive_fraction, "classifier": m.classifier,
         "fed_loss_classes": m.fed_loss_classes, "score_threshold": t.score_threshold, "nms": t.nms,
         "nms_threshold": t.nms_threshold, "soft_min_score": t.soft_min_score,

@@ -35,7 +35,7 @@ class Instance:
 
     box: tuple[float, float, float, float]
     label: int
-    segmentation: Any  # list of polygons, or an RLE dict (counts list or string)
+    segmentation: Any  # list of polygons, or an RLE dict (counts list or string); None: box only
 
 
 @dataclass
@@ -55,17 +55,23 @@ def _image_path(image: dict[str, Any], root: Path) -> Path:
 
 class CocoDetectionDataset:
     """Images and annotations of a COCO-format JSON; `problems` counts what was repaired or dropped,
-    `usage` how much of the file is usable (see `annotations.check_usable`)."""
+    `usage` how much of the file is usable (see `annotations.check_usable`).
+
+    With `masks=False` (a detector without a mask branch, `model.mask_head=false`) an annotation needs
+    a box only: one without `segmentation` (Objects365) is kept, and segmentations are not read.
+    """
 
     def __init__(
         self,
         json_path: str | Path,
         image_root: str | Path | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        masks: bool = True,
     ):
         self.json_path = Path(json_path)
         self.root = Path(image_root) if image_root else self.json_path.parent / "images"
         self.max_pixels = max_pixels
+        self.with_masks = masks
         document = load_annotation_file(self.json_path)
         categories = sorted(document["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in categories]
@@ -163,6 +169,8 @@ class CocoDetectionDataset:
             clipped = "box outside the image (clipped)"
             self._problem(clipped, annotation, f"bbox {[x, y, w, h]}", dropped=False)
         segmentation = annotation.get("segmentation")
+        if not self.with_masks:
+            return Instance((x0, y0, x1, y1), label_of[annotation["category_id"]], None)
         if isinstance(segmentation, list):
             polygons, reason = usable_polygons(segmentation, record.height, record.width)
             if not segmentation:
@@ -175,7 +183,8 @@ class CocoDetectionDataset:
                 return None
             segmentation = polygons
         elif segmentation is None:
-            self._problem("missing segmentation", annotation, "no polygon or RLE")
+            detail = "no polygon or RLE (a box-only file trains with model.mask_head=false)"
+            self._problem("missing segmentation", annotation, detail)
             return None
         return Instance((x0, y0, x1, y1), label_of[annotation["category_id"]], segmentation)
 
@@ -211,6 +220,11 @@ class CocoDetectionDataset:
                 rle = segmentation
             out[slot] = mask_util.decode(rle).astype(bool)  # validated: an RLE has its image's size
         return out
+
+    def boxes(self, index: int) -> np.ndarray:
+        """float32 [n, 4] xyxy boxes of image `index` in pixels (clipped to the image)."""
+        instances = self.records[index].instances
+        return np.array([i.box for i in instances], dtype=np.float32).reshape(len(instances), 4)
 
     def image_categories(self) -> list[list[int]]:
         """Classes present in each image (for repeat-factor sampling)."""

@@ -80,6 +80,7 @@ def release_detector_arch(state: dict[str, Tensor]) -> dict[str, Any]:
         "num_classes": state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1
         if "roi_heads.box_predictor.0.cls_score.weight" in state
         else None,  # a backbone-only file
+        "has_masks": any(k.startswith("roi_heads.mask_head.") for k in state),  # Objects365: boxes only
         **_attention_geometry(state),
     }
 

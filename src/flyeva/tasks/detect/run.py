@@ -107,9 +107,14 @@ class DetectionEvaluator:
         if not D.is_main():
             return {}
         truth = self.ground_truth
-        stats = coco_evaluate(truth, results, lvis=t.lvis, max_per_image=t.detections_per_image)
+        # a detector without a mask branch (or a box-only set) is scored on boxes only: no segm numbers
+        masks = base.roi_heads.mask_head is not None and any(
+            "segmentation" in a for a in truth["annotations"]
+        )
+        kinds = ("bbox", "segm") if masks else ("bbox",)
+        stats = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=t.detections_per_image)
         for cap in t.extra_caps:
-            extra = coco_evaluate(truth, results, lvis=t.lvis, max_per_image=cap)
+            extra = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=cap)
             stats.update({f"{kind}@{cap}": values for kind, values in extra.items()})
         self.last_results, self.last_stats = results, stats
         if skipped:
@@ -152,9 +157,10 @@ def build_train(cfg: DetectConfig) -> Built:
 
     out = Path(cfg.train.output_dir)
     train_json, val_json, train_root, val_root = prepare_data(cfg, out)
-    dataset = CocoDetectionDataset(train_json, train_root or None)
+    masks = cfg.model.mask_head and bool(cfg.model.mask_dims)  # false: boxes only (Objects365)
+    dataset = CocoDetectionDataset(train_json, train_root or None, masks=masks)
     check_usable(dataset)  # no usable sample, or most of them dropped: one line, before any training
-    val = CocoDetectionDataset(val_json, val_root or None) if val_json else None
+    val = CocoDetectionDataset(val_json, val_root or None, masks=masks) if val_json else None
     factors = None
     if cfg.data.repeat_threshold > 0:
         factors = repeat_factors(dataset.image_categories(), cfg.data.repeat_threshold)
@@ -208,7 +214,7 @@ def run_eval(cfg: DetectConfig) -> dict[str, Any]:
     with RunLock.hold(out, enabled=D.is_main()):  # never write beside a training run of this folder
         model, _ = _load_detector(cfg)
         _, val_json, _, val_root = prepare_data(cfg, out, need_train=False)
-        val = CocoDetectionDataset(val_json, val_root or None)
+        val = CocoDetectionDataset(val_json, val_root or None, masks=model.roi_heads.mask_head is not None)
         evaluator = DetectionEvaluator(val, val_json, cfg)
         metrics = evaluator(model.to(device), StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
         if not D.is_main():

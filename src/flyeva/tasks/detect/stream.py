@@ -6,7 +6,8 @@ batches; each sample's transform draws from torch's generator seeded by (seed, e
 With repeat factors (LVIS), an epoch's images are drawn by stochastic rounding seeded by (seed,
 epoch), then cut or wrapped to the expected epoch length round(sum of factors) so the schedule
 keeps a fixed number of steps. Each batch: `images` uint8 [b, 3, S, S] (zero-padded),
-`image_sizes` long [b, 2], `targets` (one dict of boxes / labels / masks per image), `image_ids`,
+`image_sizes` long [b, 2], `targets` (one dict of boxes / labels / masks per image; no masks for a
+box-only detector), `image_ids`,
 `num_skipped`, `worker`, `index`.
 """
 
@@ -95,8 +96,11 @@ class DetectionBatchStream(ImageBatchStream):
         except UnreadableImageError as error:
             self.report_skip("skipping image %s: %s", sample.key, error)
             return None
-        masks = self.dataset.masks(sample.index)
         labels = np.array([i.label for i in self.dataset.records[sample.index].instances], dtype=np.int64)
+        if not self.dataset.with_masks:  # a box-only detector: the boxes themselves are transformed
+            boxes = self.dataset.boxes(sample.index)
+            return seeded_call(sample.transform_seed, self.transform, image, None, labels, boxes)
+        masks = self.dataset.masks(sample.index)
         return seeded_call(sample.transform_seed, self.transform, image, masks, labels)
 
     def collate(self, kept: list[PendingSample], items: list[Any]) -> dict[str, Any]:
@@ -109,6 +113,9 @@ class DetectionBatchStream(ImageBatchStream):
         return {
             "images": images,
             "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
-            "targets": [{"boxes": s.boxes, "labels": s.labels, "masks": s.masks} for s in items],
+            "targets": [
+                {"boxes": s.boxes, "labels": s.labels} | ({"masks": s.masks} if s.masks is not None else {})
+                for s in items
+            ],
             "image_ids": torch.tensor(image_ids, dtype=torch.long),
         }

@@ -2,9 +2,11 @@
 
 LSJ (Ghiasi et al. 2021, as ViTDet): horizontal flip, resize by a random scale in [0.1, 2.0] of the
 target size (aspect kept), a random crop of at most target x target, boxes recomputed from the
-cropped masks, emptied instances dropped. Pixels stay 0-255; the model normalises with ImageNet
-statistics and zero-pads to a square. Randomness comes from torch's default generator, which the
-stream seeds per sample, so a resumed run draws the same crops.
+cropped masks, emptied instances dropped; without masks (a box-only detector) the boxes themselves
+are flipped, scaled, shifted and clipped to the crop (detectron2's box transform). Pixels stay
+0-255; the model normalises with ImageNet statistics and zero-pads to a square. Randomness comes
+from torch's default generator, which the stream seeds per sample, so a resumed run draws the same
+crops.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class Sample:
     image: torch.Tensor
     boxes: torch.Tensor  # float [n, 4] xyxy
     labels: torch.Tensor  # long [n]
-    masks: torch.Tensor  # bool [n, h, w]
+    masks: torch.Tensor | None  # bool [n, h, w]; None for a box-only sample
 
 
 def _resize_masks(masks: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -52,23 +54,44 @@ class LargeScaleJitter:
             raise ValueError(f"LSJ needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.size, self.min_scale, self.max_scale, self.flip = size, min_scale, max_scale, flip
 
-    def __call__(self, image: Image.Image, masks: np.ndarray, labels: np.ndarray) -> Sample:
-        if float(torch.rand(())) < self.flip:
+    def __call__(
+        self,
+        image: Image.Image,
+        masks: np.ndarray | None,
+        labels: np.ndarray,
+        boxes: np.ndarray | None = None,
+    ) -> Sample:
+        """`masks` bool [n, H, W] (boxes are recomputed from them), or None with `boxes` [n, 4] xyxy."""
+        flipped = float(torch.rand(())) < self.flip
+        original_width = image.width
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            masks = masks[:, :, ::-1]
+            masks = masks[:, :, ::-1] if masks is not None else None
         scale = self.min_scale + float(torch.rand(())) * (self.max_scale - self.min_scale)
         # detectron2 ResizeScale: fit the scaled target box, aspect ratio kept
         factor = min(scale * self.size / image.height, scale * self.size / image.width)
         height, width = max(1, round(image.height * factor)), max(1, round(image.width * factor))
+        scale_y, scale_x = height / image.height, width / image.width
         image = image.resize((width, height), Image.Resampling.BILINEAR)
         top = int(torch.randint(0, max(0, height - self.size) + 1, ()))
         left = int(torch.randint(0, max(0, width - self.size) + 1, ()))
         bottom, right = min(height, top + self.size), min(width, left + self.size)
         pixels = torch.from_numpy(np.asarray(image)[top:bottom, left:right].copy()).permute(2, 0, 1)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if masks is None:
+            moved = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).clone()
+            if flipped:
+                moved[:, [0, 2]] = original_width - moved[:, [2, 0]]
+            moved *= torch.tensor([scale_x, scale_y, scale_x, scale_y])
+            moved -= torch.tensor([left, top, left, top], dtype=torch.float32)
+            moved[:, 0::2] = moved[:, 0::2].clamp(0, right - left)
+            moved[:, 1::2] = moved[:, 1::2].clamp(0, bottom - top)
+            keep = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])
+            return Sample(pixels, moved[keep], labels[keep], None)
         resized = _resize_masks(np.ascontiguousarray(masks), height, width)[:, top:bottom, left:right]
         boxes = boxes_from_masks(resized)  # release LSJ: boxes recomputed from the cropped masks
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return Sample(pixels, boxes[keep], torch.as_tensor(labels, dtype=torch.long)[keep], resized[keep])
+        return Sample(pixels, boxes[keep], labels[keep], resized[keep])
 
 
 class ResizeLongestSide:

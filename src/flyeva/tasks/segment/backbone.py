@@ -119,11 +119,37 @@ class EvaBackbone(nn.Module):
         return {"size": asdict(self.size), "out_indices": self.out_indices}
 
 
+# Weights kinds that hold no image encoder a segmenter could start from, and what they are instead
+# (a segmenter folder is a start of its own: `model.build_segmenter`).
+NOT_IMAGE_ENCODERS = {
+    "video": "its patch kernel and position table are spatio-temporal; pass the image encoder it was "
+    "inflated from (the video run's model.init) instead",
+    "detector": "a ViTDet backbone with rel-pos tables and a feature pyramid",
+    "probe": "a linear head over a frozen encoder; pass that encoder's folder instead",
+}
+
+
+def check_init_kind(path: str) -> None:
+    """ValueError (before any work) when `path` is a flyeva folder of a kind that holds no image encoder."""
+    from flyeva.models.weights import is_weights_folder, read_config
+
+    if not path or not is_weights_folder(path):
+        return
+    kind = read_config(path)["kind"]
+    if kind in NOT_IMAGE_ENCODERS:
+        raise ValueError(
+            f"model.init={path} holds a {kind} model ({NOT_IMAGE_ENCODERS[kind]}); a segmenter starts from "
+            "image encoder weights: pass model.init=<the `flyeva pretrain` OUTPUT/final (MIM), an encoder or "
+            "classifier folder, or a release EVA image checkpoint>"
+        )
+
+
 def _read_encoder(path: str) -> Eva:
     """A timm `Eva` from a flyeva weights folder (any kind holding an encoder) or a release checkpoint."""
     from flyeva.models.checkpoint import load_any
     from flyeva.models.weights import is_weights_folder, load, read_config
 
+    check_init_kind(path)
     if is_weights_folder(path) and "arch" in read_config(path):
         return load(path, kind="encoder")
     if not Path(path).exists():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from flyeva.config import ConfigError
 from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig, check_schedule
+from flyeva.tasks.segment.backbone import check_init_kind
 from flyeva.tasks.segment.data import DataSection, check_data_section
 from flyeva.tasks.segment.evaluate import EvalSection, check_eval_section
 from flyeva.tasks.segment.model import (
@@ -65,11 +66,20 @@ class SegmentConfig:
     weights: str = ""  # eval / predict: a segmenter weights folder (OUTPUT/final of `segment train`)
 
 
+# The largest crop (aug.crop_size, eval.crop_size) accepted, in pixels: the release's crops are 512-896;
+# a crop of 10^5 would size position tables and padded batches that exhaust memory before any check.
+MAX_CROP = 4096
+
+
 def resolve(cfg: SegmentConfig) -> SegmentConfig:
     """Check every value before any work, and fill the eval defaults that follow the augmentation."""
     try:
         check_model_section(cfg.model)
+        check_init_kind(cfg.model.init)  # a video or detector folder: one line before any data is written
         check_data_section(cfg.data)
+        for key, crop in (("aug.crop_size", cfg.aug.crop_size), ("eval.crop_size", cfg.eval.crop_size)):
+            if crop > MAX_CROP:
+                raise ValueError(f"{key}={crop} is over the limit of {MAX_CROP} px (release: 512-896)")
         cfg.eval.crop_size = cfg.eval.crop_size or cfg.aug.crop_size
         cfg.eval.scale = list(cfg.eval.scale or cfg.aug.scale)
         check_eval_section(cfg.eval)

@@ -151,7 +151,15 @@ def _folder_classes(cfg: DataSection) -> list[str]:
         return list(cfg.classes)
     listing = Path(cfg.root) / "classes.txt"
     if cfg.root and listing.is_file():
-        return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        data = listing.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{listing} line {line} is not valid UTF-8; save the class list as UTF-8"
+            ) from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     raise ValueError("data.format=folder needs class names: set data.classes=[...] or write ROOT/classes.txt")
 
 
