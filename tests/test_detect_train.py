@@ -339,7 +339,7 @@ def test_a_release_layout_detector_evaluates_as_the_detector_that_wrote_it(tmp_p
 def test_an_evaluation_that_could_read_no_image_is_an_error_not_zero_ap(tmp_path):
     """Every validation image missing: AP 0.0 would read as a detector that found nothing."""
     from flyeva.tasks.detect.data import CocoDetectionDataset
-    from flyeva.tasks.detect.run import DetectionEvaluator
+    from flyeva.tasks.detect.evaluate import DetectionEvaluator
 
     assert main(["shapeworld", "export", "--out", str(tmp_path), "--num", "2", "--formats", "coco"]) == 0
     val_json = tmp_path / "coco" / "instances.json"

@@ -9,8 +9,10 @@ contiguous share of the images; rank 0 gathers the results and evaluates.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ from torch import nn
 
 from flyeva.data.sources import UnreadableImageError
 from flyeva.engine import distributed as D
+from flyeva.engine.loop import PRECISIONS, StepContext
+from flyeva.tasks.detect.annotations import evaluation_ground_truth
+from flyeva.tasks.detect.config import DetectConfig
 from flyeva.tasks.detect.data import CocoDetectionDataset
 from flyeva.tasks.detect.transforms import ResizeLongestSide
 
@@ -180,3 +185,70 @@ def gather_results(results: list[dict]) -> list[dict]:
     if D.world_size() == 1:
         return results
     return [r for part in D.all_gather_objects(results) for r in part]
+
+
+class DetectionEvaluator:
+    """COCO (or LVIS) box and mask AP of the model on a validation set; rank 0 gets the numbers."""
+
+    def __init__(self, dataset: CocoDetectionDataset, json_path: Path, cfg: DetectConfig):
+        self.dataset, self.json_path, self.cfg = dataset, json_path, cfg
+        # without what the evaluator cannot score (a NaN polygon would exhaust its memory)
+        self.ground_truth = evaluation_ground_truth(json_path)
+        self.out = Path(cfg.train.output_dir)
+        self.last_results: list[dict] = []
+        self.last_stats: dict[str, dict[str, float]] = {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        t = self.cfg.test
+        base = D.unwrap(model)
+        square = base.square_size
+        base.square_size = t.size  # test images are padded to the test size, not the training crop
+        try:
+            results, skipped = predict_dataset(
+                model, self.dataset, t.size, t.batch_size, t.max_images, PRECISIONS[self.cfg.train.precision]
+            )
+        finally:
+            base.square_size = square
+        results = gather_results(results)
+        skipped = sum(D.all_gather_objects(skipped))
+        evaluated = min(len(self.dataset), t.max_images or len(self.dataset))
+        if evaluated and skipped >= evaluated:  # metrics of no image would read as a model scoring 0
+            raise ValueError(
+                f"none of the {evaluated} validation images of {self.json_path} could be read; check "
+                "data.val_images (the warnings above name the files)"
+            )
+        if not D.is_main():
+            return {}
+        truth = self.ground_truth
+        # a detector without a mask branch (or a box-only set) is scored on boxes only: no segm numbers
+        masks = base.roi_heads.mask_head is not None and any(
+            "segmentation" in a for a in truth["annotations"]
+        )
+        kinds = ("bbox", "segm") if masks else ("bbox",)
+        stats = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=t.detections_per_image)
+        for cap in t.extra_caps:
+            extra = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=cap)
+            stats.update({f"{kind}@{cap}": values for kind, values in extra.items()})
+        self.last_results, self.last_stats = results, stats
+        if skipped:
+            logger.warning("%d unreadable validation images skipped", skipped)
+        return stats
+
+    def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        return flat_stats(self.evaluate(model))
+
+    def details(self) -> dict[str, Any]:
+        """The last evaluation's COCO results go to OUTPUT/detections.json (written by rank 0)."""
+        if not self.last_results and not self.last_stats:
+            return {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "detections.json").write_text(json.dumps(self.last_results))
+        return {
+            "detections": str(self.out / "detections.json"),
+            "detections_per_image": self.cfg.test.detections_per_image,
+        }
+
+
+def flat_stats(stats: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"bbox": {"AP": ..}} -> {"bbox_AP": ..}: the flat metric names the engine logs."""
+    return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,39 +11,16 @@ from torch import nn
 
 from flyeva.config import ConfigError
 from flyeva.engine import distributed as D
-from flyeva.engine.loop import PRECISIONS, StepContext
+from flyeva.engine.loop import StepContext
 from flyeva.engine.run import RunLock
 from flyeva.engine.stage import EVAL_FILE, Built, result_record, write_result
-from flyeva.tasks.detect.annotations import check_usable, evaluation_ground_truth
+from flyeva.tasks.detect.annotations import check_usable
 from flyeva.tasks.detect.config import DetectConfig, validate
 from flyeva.tasks.detect.data import CocoDetectionDataset
+from flyeva.tasks.detect.evaluate import DetectionEvaluator
+from flyeva.tasks.detect.objective import DetectionObjective
 
 logger = logging.getLogger(__name__)
-
-
-class DetectionObjective:
-    """The sum of RPN, cascade-stage and mask losses; each term is logged."""
-
-    handles_backward = False
-    input_key = "images"
-
-    def __call__(
-        self, model: nn.Module, batch: dict[str, Any], ctx: StepContext
-    ) -> tuple[torch.Tensor, dict]:
-        targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in batch["targets"]]
-        if not targets:  # every image of the batch was unreadable: a zero that reaches every weight
-            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0, {}
-        try:
-            losses = model(batch["images"], targets, batch["image_sizes"].tolist())
-        except ValueError as error:
-            if "No proposal boxes" not in str(error):
-                raise
-            # Boxes went non-finite and every proposal was dropped: a diverging model. A NaN loss lets the
-            # engine skip the step, roll back and, if it persists, stop with exit 3 (docs/reliability.md).
-            nan = sum(p.sum() for p in model.parameters() if p.requires_grad) * float("nan")
-            return nan, {}
-        total = sum(losses.values())
-        return total, {k: float(v.detach()) for k, v in losses.items()}
 
 
 def prepare_data(cfg: DetectConfig, out: Path, need_train: bool = True) -> tuple[Path, Path | None, str, str]:
@@ -70,75 +46,6 @@ def prepare_data(cfg: DetectConfig, out: Path, need_train: bool = True) -> tuple
     D.barrier()
     has_val = bool(d.val_json) or d.shapeworld_val > 0
     return train_json, val_json if has_val else None, d.train_images, d.val_images
-
-
-class DetectionEvaluator:
-    """COCO (or LVIS) box and mask AP of the model on a validation set; rank 0 gets the numbers."""
-
-    def __init__(self, dataset: CocoDetectionDataset, json_path: Path, cfg: DetectConfig):
-        self.dataset, self.json_path, self.cfg = dataset, json_path, cfg
-        # without what the evaluator cannot score (a NaN polygon would exhaust its memory)
-        self.ground_truth = evaluation_ground_truth(json_path)
-        self.out = Path(cfg.train.output_dir)
-        self.last_results: list[dict] = []
-        self.last_stats: dict[str, dict[str, float]] = {}
-
-    def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
-        from flyeva.tasks.detect.evaluate import coco_evaluate, gather_results, predict_dataset
-
-        t = self.cfg.test
-        base = D.unwrap(model)
-        square = base.square_size
-        base.square_size = t.size  # test images are padded to the test size, not the training crop
-        try:
-            results, skipped = predict_dataset(
-                model, self.dataset, t.size, t.batch_size, t.max_images, PRECISIONS[self.cfg.train.precision]
-            )
-        finally:
-            base.square_size = square
-        results = gather_results(results)
-        skipped = sum(D.all_gather_objects(skipped))
-        evaluated = min(len(self.dataset), t.max_images or len(self.dataset))
-        if evaluated and skipped >= evaluated:  # metrics of no image would read as a model scoring 0
-            raise ValueError(
-                f"none of the {evaluated} validation images of {self.json_path} could be read; check "
-                "data.val_images (the warnings above name the files)"
-            )
-        if not D.is_main():
-            return {}
-        truth = self.ground_truth
-        # a detector without a mask branch (or a box-only set) is scored on boxes only: no segm numbers
-        masks = base.roi_heads.mask_head is not None and any(
-            "segmentation" in a for a in truth["annotations"]
-        )
-        kinds = ("bbox", "segm") if masks else ("bbox",)
-        stats = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=t.detections_per_image)
-        for cap in t.extra_caps:
-            extra = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=cap)
-            stats.update({f"{kind}@{cap}": values for kind, values in extra.items()})
-        self.last_results, self.last_stats = results, stats
-        if skipped:
-            logger.warning("%d unreadable validation images skipped", skipped)
-        return stats
-
-    def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        return flat_stats(self.evaluate(model))
-
-    def details(self) -> dict[str, Any]:
-        """The last evaluation's COCO results go to OUTPUT/detections.json (written by rank 0)."""
-        if not self.last_results and not self.last_stats:
-            return {}
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "detections.json").write_text(json.dumps(self.last_results))
-        return {
-            "detections": str(self.out / "detections.json"),
-            "detections_per_image": self.cfg.test.detections_per_image,
-        }
-
-
-def flat_stats(stats: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"bbox": {"AP": ..}} -> {"bbox_AP": ..}: the flat metric names the engine logs."""
-    return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}
 
 
 def _fed_weights(cfg: DetectConfig, dataset: CocoDetectionDataset) -> torch.Tensor | None:
