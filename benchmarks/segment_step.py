@@ -7,6 +7,8 @@ machine's matmul ceiling, measured in the same run.
 
     python benchmarks/segment_step.py                                   # eva_base @512, both decoders, CPU
     python benchmarks/segment_step.py --threads 2 --batch 2
+    python benchmarks/segment_step.py --decoders mask2former --profile   # + where one step's time goes
+    python benchmarks/segment_step.py --decoders mask2former_hf,mask2former --profile   # before / after
     python benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former \
         --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing
 
@@ -43,6 +45,15 @@ from flyeva.tasks.segment.upernet import UperNetSection
 
 
 def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
+    """`mask2former_hf`: Mask2Former with transformers' own loss and matcher instead of flyeva's (the
+    same numbers, docs/segment.md), to measure what flyeva's loss saves in one run."""
+    if decoder == "mask2former_hf":
+        from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+        model = build("mask2former", args)
+        head = model.decode_head
+        head.criterion = Mask2FormerLoss(head.config, head.weight_dict)
+        return model
     mask2former = Mask2FormerSection(
         num_queries=args.queries,
         hidden_dim=args.m2f_hidden,
@@ -102,6 +113,8 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
         sync(device)
         step_seconds.append(time.perf_counter() - start)
     seconds = statistics.median(step_seconds)  # robust to another process stealing a step or two
+    if args.profile:
+        profile_step(train_step, decoder, args.profile)
     return dict(
         decoder=decoder,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -114,6 +127,31 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
     )
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution_backward",
+              "aten::mkldnn_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::cudnn_convolution",
+              "aten::_efficient_attention_forward", "aten::_efficient_attention_backward")  # fmt: skip
+
+
+def profile_step(train_step, decoder: str, top: int) -> None:
+    """One more step under torch.profiler: the `top` operators by self time, on stderr, and the share of
+    the step that is not matmul, convolution or attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        train_step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    print(f"{decoder}: one profiled step, {total / 1e6:.2f} s of operator self time; matmul, convolution "
+          f"and attention kernels {100 * matmul / total:.0f}%, the rest {100 - 100 * matmul / total:.0f}%",
+          file=sys.stderr)  # fmt: skip
+    for event in events[:top]:
+        share, seconds = 100 * event.self_cpu_time_total / total, event.self_cpu_time_total / 1e6
+        print(f"  {share:5.1f}%  {seconds:7.3f} s  {event.count:6d} calls  {event.key}", file=sys.stderr)
+
+
 OPTIONS = ("size", "crop", "batch", "steps", "warmup", "device", "precision", "threads", "num_classes")
 OPTIONS += ("upernet_channels", "queries", "m2f_hidden", "m2f_heads", "m2f_ffn", "m2f_layers")
 
@@ -122,6 +160,7 @@ def child_command(decoder: str, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, __file__, "--json", "--decoders", decoder]
     for key in OPTIONS:
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += ["--profile", str(args.profile)] if args.profile else []
     return command + (["--grad-checkpointing"] if args.grad_checkpointing else [])
 
 
@@ -150,6 +189,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--m2f-ffn", type=int, default=2048)
     parser.add_argument("--m2f-layers", type=int, default=9)
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument(
+        "--profile", type=int, nargs="?", const=25, default=0, help="profile a step: top N ops"
+    )
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the ceiling's square matmul")
     parser.add_argument("--json", action="store_true", help="print one JSON row per decoder, no ceiling")
     args = parser.parse_args()

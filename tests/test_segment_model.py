@@ -303,3 +303,50 @@ def test_an_evaluation_that_could_read_no_pair_is_an_error_not_zero_miou(tmp_pat
     evaluator = Evaluator(pairs, EvalSection(mode="whole", crop_size=32, scale=[32, 32]))
     with pytest.raises(ValueError, match=r"none of the 2 validation pairs could be read \(first: .*a\.png"):
         evaluator.run(_segmenter("upernet", 3), torch.device("cpu"))
+
+
+def test_the_loss_and_its_matcher_equal_transformers_with_the_same_draws():
+    """SharedPointMatcher + picked targets against transformers' Mask2FormerLoss: the same random points
+    (one seed for both), so the matches are identical and every loss term agrees to float rounding."""
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    from flyeva.tasks.segment.mask2former import (
+        DistributedMask2FormerLoss,
+        Mask2FormerSection,
+        semantic_targets,
+        transformers_config,
+    )
+
+    config = transformers_config(Mask2FormerSection(train_num_points=2000), num_classes=6)
+    weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (3, 1, 4, 4), generator=generator).float()
+    labels = F.interpolate(labels, size=(64, 64)).long()[:, 0]
+    labels[2] = 255  # an image whose every pixel is ignored: no target mask at all
+    masks, classes = semantic_targets(labels, 6)
+    layers = [
+        {"masks_queries_logits": torch.randn(3, 10, 16, 16, generator=generator, requires_grad=True),
+         "class_queries_logits": torch.randn(3, 10, 7, generator=generator, requires_grad=True)}
+        for _ in range(3)
+    ]  # fmt: skip
+    results = []
+    for criterion in (Mask2FormerLoss(config, weights), DistributedMask2FormerLoss(config, weights)):
+        torch.manual_seed(1)
+        losses = criterion(
+            **layers[-1], mask_labels=masks, class_labels=classes, auxiliary_predictions=layers[:-1]
+        )
+        grads = torch.autograd.grad(sum(losses.values()), [t for layer in layers for t in layer.values()])
+        torch.manual_seed(1)
+        matches = criterion.matcher(
+            layers[0]["masks_queries_logits"], layers[0]["class_queries_logits"], masks, classes
+        )
+        results.append((losses, grads, matches))
+    (reference, reference_grads, reference_matches), (ours, our_grads, our_matches) = results
+    assert len(reference) == len(ours) == 9  # 3 terms x 3 layers
+    for key in reference:
+        assert torch.allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6), key
+    for theirs, mine in zip(reference_grads, our_grads):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
+    assert [len(j) for _, j in our_matches] == [len(m) for m in masks] and len(our_matches[2][0]) == 0
+    for (i_ref, j_ref), (i, j) in zip(reference_matches, our_matches):
+        assert torch.equal(i, i_ref) and torch.equal(j, j_ref)
