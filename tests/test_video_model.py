@@ -189,3 +189,85 @@ def test_a_release_video_checkpoint_of_an_unnamed_size_converts_and_loads_with_i
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     _, arch, kind = load_init(path, 224, num_heads=5)  # `model.num_heads=5` of a video config
     assert kind == "video" and arch["size"]["num_heads"] == 5 and arch["num_frames"] == 2
+
+
+def test_a_tiled_table_is_blind_to_frame_order_and_the_temporal_term_is_not(image_model):
+    from flyeva.tasks.video.model import add_temporal_pos
+
+    video = _video_from_image(image_model, num_frames=4)
+    clips = torch.randn(2, 4, 3, 32, 32)
+    reversed_clips = clips.flip(1)
+    with torch.no_grad():
+        blind = (video(clips) - video(reversed_clips)).abs().max()  # joint attention + mean pool: rounding
+        tiled = video.pos_embed.clone()
+        torch.manual_seed(0)
+        add_temporal_pos(video, 0.02)
+        seeing = (video(clips) - video(reversed_clips)).abs().max()
+    assert blind < 2e-6 and seeing > 5e-5  # (this model's tokens are ~10x a trained one's: a small term)
+    added = (video.pos_embed - tiled)[0]
+    assert torch.equal(added[0], torch.zeros(SIZE.embed_dim))  # CLS untouched
+    per_slot = added[1:].reshape(4, 16, SIZE.embed_dim)  # 4 slots x a 4 x 4 grid
+    assert torch.allclose(per_slot, per_slot[:, :1].expand(-1, 16, -1), atol=1e-6)  # one vector per slot
+    assert 0.016 < per_slot[:, 0].std().item() < 0.024  # 256 draws of N(0, 0.02)
+
+
+def test_the_inflation_terms_touch_image_inits_only_and_release_video_files_load_exactly(tmp_path):
+    from flyeva.models.eva import build_encoder
+    from flyeva.tasks.video.build import ModelSection, build_model
+
+    classes = list("abcde")
+    torch.manual_seed(0)
+    source = build_video_model(SIZE, NUM_CLASSES, num_frames=4, tubelet_size=2)
+    torch.save({"model": source.state_dict()}, tmp_path / "release_video.pth")
+    section = ModelSection(
+        init=str(tmp_path / "release_video.pth"),
+        img_size=32,
+        num_frames=4,
+        tubelet_size=2,
+        num_heads=2,
+        temporal_pos_std=0.02,
+        tubelet_motion=1.0,
+    )
+    loaded = build_model(section, classes).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+    encoder = build_encoder(SIZE)
+    save_weights(encoder, tmp_path / "encoder", kind="encoder", arch={"size": SIZE.__dict__})
+    slots = []
+    for std in (0.0, 0.02):
+        section = ModelSection(
+            init=str(tmp_path / "encoder"), num_frames=4, img_size=32, temporal_pos_std=std
+        )
+        table = build_model(section, classes).pos_embed[0, 1:].detach().reshape(4, 16, SIZE.embed_dim)
+        slots.append(table)
+    assert torch.equal(slots[0], slots[0][:1].expand(4, -1, -1))  # tiled: every slot the image table
+    added = slots[1] - slots[0]
+    assert torch.allclose(added, added[:, :1].expand(-1, 16, -1), atol=1e-6)  # one vector per time slot
+    assert added.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="temporal_pos_std must be >= 0"):
+        build_model(ModelSection(size="miniature", temporal_pos_std=-0.1), classes)
+
+
+def test_the_tubelet_motion_term_keeps_a_static_clip_exact_and_lets_the_kernel_see_motion(image_model):
+    from flyeva.tasks.video.model import add_tubelet_motion
+
+    video = _video_from_image(image_model, num_frames=4, tubelet=2)
+    inflated = video.patch_embed.proj.weight.clone()
+    static = torch.randn(2, 1, 3, 32, 32).expand(-1, 4, -1, -1, -1)
+    moving = torch.randn(2, 4, 3, 32, 32)
+    swapped = moving[:, [1, 0, 3, 2]]  # the frames of each tubelet in the other order
+    with torch.no_grad():
+        before = video(static), video(moving), video(swapped)
+        assert torch.allclose(before[1], before[2], atol=1e-5)  # equal kernel slices: blind inside a tubelet
+        torch.manual_seed(0)
+        add_tubelet_motion(video, 1.0)
+        after = video(static), video(moving), video(swapped)
+    assert torch.allclose(after[0], before[0], atol=1e-5)  # zero-sum over the tubelet's frames
+    assert (after[1] - after[2]).abs().max() > 1e-3
+    added = video.patch_embed.proj.weight - inflated
+    assert torch.allclose(added.sum(dim=2), torch.zeros_like(added[:, :, 0]), atol=1e-6)
+    bound = 1 / math.sqrt(3 * 2 * 8 * 8)  # nn.Conv3d's default: uniform(+-1/sqrt(fan_in)), before centring
+    assert 0.5 * bound < added.abs().max() <= bound
+    single = _video_from_image(image_model, num_frames=4, tubelet=1)
+    kernel = single.patch_embed.proj.weight.clone()
+    add_tubelet_motion(single, 1.0)
+    assert torch.equal(single.patch_embed.proj.weight, kernel)  # one frame per tubelet: nothing to see

@@ -165,7 +165,9 @@ def test_train_then_eval_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_stage_trains_random_and_eva_inits_on_the_same_clips(tmp_path, monkeypatch):
+def test_demo_stage_trains_random_and_eva_inits_on_the_same_clips(tmp_path, monkeypatch, caplog):
+    import logging
+
     from flyeva.models.eva import build_encoder, get_size
     from flyeva.models.weights import save_weights
     from flyeva.tasks.video import demo
@@ -174,17 +176,21 @@ def test_demo_stage_trains_random_and_eva_inits_on_the_same_clips(tmp_path, monk
     monkeypatch.setattr(demo, "QUICK_OVERRIDES", [*tiny, "model.num_frames=2"])
     encoder = build_encoder(get_size("miniature"))
     save_weights(encoder, tmp_path / "mim", kind="encoder", arch={"size": get_size("miniature").__dict__})
-    result = demo.run_demo_stage(tmp_path / "demo", str(tmp_path / "mim"), seed=0, quick=True)
-    assert set(result) == {
-        "chance_top1",
-        "random_top1",
-        "random_mean_class_top1",
-        "eva_top1",
-        "eva_mean_class_top1",
-    }
-    assert result["chance_top1"] == 12.5  # 8 motions
-    assert all(0 <= value <= 100 for value in result.values())
-    assert (tmp_path / "demo" / "eva" / "final" / "model.safetensors").is_file()
+    data = demo.write_demo_clips(tmp_path / "clips", quick=True)
+    assert data["chance_top1"] == 12.5  # 8 motions
+    with caplog.at_level(logging.INFO, logger="flyeva.tasks.video.build"):
+        for name, init in (("random", None), ("eva", str(tmp_path / "mim"))):
+            result = demo.run_demo_stage(tmp_path / name, init, 0, data=data, quick=True)
+            assert set(result) == {"top1", "mean_class_top1"}
+            assert all(0 <= value <= 100 for value in result.values())
+    assert (tmp_path / "eva" / "final" / "model.safetensors").is_file()
+    # From scratch every tensor is new; inflated, every encoder tensor loads (its final norm as fc_norm),
+    # 4 blocks x 13 + cls, pos, patch kernel and bias, fc_norm's 2 = 58, and the head is new.
+    loaded = [r.getMessage() for r in caplog.records if "tensors loaded" in r.getMessage()]
+    assert loaded == [
+        "model.init='': 0 tensors loaded, 60 start fresh",
+        f"model.init={tmp_path / 'mim'}: 58 tensors loaded, 2 start fresh ['head.weight', 'head.bias']",
+    ]
 
 
 def test_the_engine_counts_clips_not_the_first_tensor_of_the_batch():

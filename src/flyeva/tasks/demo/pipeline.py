@@ -11,7 +11,8 @@
 
 Every stage writes `demo.json` when it finishes and is skipped when that exists; a stage that
 was interrupted resumes from its own training checkpoints. The detection, segmentation and video
-stages (`--stages`) start from the EVA pretraining and from random init, one seed each.
+stages (`--stages`) start from the EVA pretraining and from random init (segmentation also from
+pixel MIM), over the budget's seeds, each arm with its recipe (docs/demo.md, the recipe rule).
 """
 
 from __future__ import annotations
@@ -189,69 +190,60 @@ FINETUNED = ENCODERS[:3]  # the claims compare these; the teacher's tower is onl
 
 
 STAGES = ("core", "detect", "segment", "video")  # core: teacher, MIM, classification and CLIP claims
+# The arms of each transfer task, every one over the budget's seeds (docs/demo.md, the recipe rule).
+TASK_ARMS = {
+    "video": ("EVA init", "random init"),
+    "detect": ("EVA init", "random init"),
+    "segment": ("EVA init", "pixel MIM", "random init"),
+}
+QUICK_TASKS = {"detect": {"steps": 20, "train_images": 64, "val_images": 16}, "segment": {"steps": 10}}
 
 
-def _run_task(stage: Callable[..., dict[str, float]], options: dict, folder: Path, init: str | None) -> dict:
-    return stage(folder, init, 0, **options)
+def _run_task(
+    stage: Callable[..., dict[str, float]], options: dict, folder: Path, init: str | None, seed: int
+) -> dict:
+    return stage(folder, init, seed, **options)
 
 
-def _submit_tasks(pool: Executor, out: Path, eva_init: str, stages: tuple[str, ...], quick: bool) -> dict:
-    """Each transfer task from the EVA pretraining and from random init (one seed: docs/demo.md)."""
+def _submit_tasks(
+    pool: Executor,
+    out: Path,
+    inits: dict[str, str | None],
+    stages: tuple[str, ...],
+    seeds: tuple[int, ...],
+    clips: dict[str, Any] | None,
+    quick: bool,
+) -> dict[str, dict[str, dict[int, Future]]]:
+    """Each transfer task from each of its arms' inits, one job per (arm, seed); the longest tasks first."""
     from flyeva.tasks.detect.demo import run_demo_stage as detect_stage
     from flyeva.tasks.segment.demo import run_demo_stage as segment_stage
     from flyeva.tasks.video.demo import run_demo_stage as video_stage
 
-    small = {"detect": {"steps": 20, "train_images": 64, "val_images": 16}, "segment": {"steps": 10}}
-    futures: dict[str, Any] = {}
-    for name, stage in (("detect", detect_stage), ("segment", segment_stage)):
-        if name in stages:
-            run = functools.partial(_run_task, stage, small[name] if quick else {})
-            futures[name] = {
-                label: pool.submit(_stage, out / f"{name}_{label.split()[0].lower()}", run, init)
-                for label, init in (("EVA init", eva_init), ("random init", None))
-            }
-    if "video" in stages:
-        futures["video"] = pool.submit(
-            _stage, out / "video", functools.partial(video_stage, quick=quick), eva_init, 0
-        )
-    return futures
-
-
-def _task_results(futures: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    tasks = {
-        name: {label: job.result() for label, job in jobs.items()}
-        for name, jobs in futures.items()
-        if name != "video"
+    runs = {
+        "video": (video_stage, {"data": clips, "quick": quick}),
+        "detect": (detect_stage, QUICK_TASKS["detect"] if quick else {}),
+        "segment": (segment_stage, QUICK_TASKS["segment"] if quick else {}),
     }
-    if "video" in futures:
-        both = futures["video"].result()
-        tasks["video"] = {
-            label: {k.split("_", 1)[1]: v for k, v in both.items() if k.startswith(prefix)}
-            for label, prefix in (("EVA init", "eva_"), ("random init", "random_"), ("chance", "chance_"))
+    futures: dict[str, dict[str, dict[int, Future]]] = {}
+    for name in (task for task in TASK_ARMS if task in stages):
+        stage, options = runs[name]
+        run = functools.partial(_run_task, stage, options)
+        futures[name] = {
+            arm: {
+                seed: pool.submit(
+                    _stage, out / name / f"{arm.split()[0].lower()}_seed{seed}", run, inits[arm], seed
+                )
+                for seed in seeds
+            }
+            for arm in TASK_ARMS[name]
         }
-    return tasks
-
-
-def _task_section(tasks: dict[str, dict[str, Any]]) -> str:
-    lines = ["## Transfer tasks (one seed; EVA = the CLIP-feature MIM encoder)", ""]
-    for task, rows in tasks.items():
-        metrics = sorted({m for row in rows.values() for m in row if m != "seconds"})
-        lines += [
-            f"### {task}",
-            "",
-            "| init | " + " | ".join(metrics) + " |",
-            "|---" * (len(metrics) + 1) + "|",
-        ]
-        for label, row in rows.items():
-            cells = [f"{row[m]:.4g}" if isinstance(row.get(m), float) else "" for m in metrics]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    return futures
 
 
 def _one_thread() -> None:
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the workers' load lines
     torch.set_num_threads(1)  # two 1-thread workers do ~1.27x the work of one 2-thread process
 
 
@@ -305,13 +297,14 @@ def run_demo(
     example, trains while the pixel-MIM pretraining (which does not need it) runs beside it. Each
     MIM arm pretrains once; the seeds vary its probes and fine-tunes and the CLIPs (docs/demo.md).
     """
-    from flyeva.tasks.demo.report import write_report
+    from flyeva.tasks.demo.report import task_section, write_report
+    from flyeva.tasks.video.demo import write_demo_clips
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown demo stage(s) {unknown}; choose from {list(STAGES)}")
     out, budget, core = Path(out), QUICK if quick else FULL, "core" in stages
-    seeds = budget.seeds if core else ()  # without the core only EVA's pretraining runs, for the tasks
+    seeds = budget.seeds if core else ()  # without the core only the pretraining the tasks need runs
     teacher_final = str(out / "teacher" / "final")
     finals = {arm: str(out / arm / "final") for arm in ("eva", "pixel")}
     chains = {seed: _chains(out / f"seed{seed}", finals, teacher_final, seed, budget) for seed in seeds}
@@ -323,7 +316,14 @@ def run_demo(
             return {(seed, arm): pool.submit(_chain, *chains[seed][arm]) for seed in seeds}
 
         teacher_job = pool.submit(_stage, out / "teacher", train_teacher, budget)
-        pixel_job = pool.submit(_stage, out / "pixel", pretrain, "", budget, "pixels") if core else None
+        pixel_job = (
+            pool.submit(_stage, out / "pixel", pretrain, "", budget, "pixels")
+            if core or "segment" in stages
+            else None
+        )
+        clips_job = (
+            pool.submit(_stage, out / "video_data", write_demo_clips, quick) if "video" in stages else None
+        )
         teacher = teacher_job.result()
         # EVA's pretraining first in the queue: its arm, its CLIP and the task stages wait for it.
         eva_job = pool.submit(_stage, out / "eva", pretrain, teacher_final, budget, "clip")
@@ -332,12 +332,19 @@ def run_demo(
         jobs |= submit("pixel")
         pretrained["eva"] = eva_job.result()
         jobs |= submit("eva")
-        task_jobs = _submit_tasks(pool, out, finals["eva"], stages, quick)
+        inits = {"EVA init": finals["eva"], "pixel MIM": finals["pixel"], "random init": None}
+        clips = clips_job.result() if clips_job else None
+        task_jobs = _submit_tasks(pool, out, inits, stages, budget.seeds, clips, quick)
         results = {
             seed: _seed_results({arm: jobs[seed, arm].result() for arm in chains[seed]}, pretrained)
             for seed in seeds
         }
-        tasks = _task_results(task_jobs)
+        tasks = {
+            name: {
+                arm: {seed: job.result() for seed, job in by_seed.items()} for arm, by_seed in arms.items()
+            }
+            for name, arms in task_jobs.items()
+        }
     report = out / "report.md"
     if "core" in stages:
         write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
@@ -346,5 +353,5 @@ def run_demo(
     if tasks:
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
         with open(report, "a") as handle:
-            handle.write("\n" + _task_section(tasks))
+            handle.write("\n" + task_section(tasks))
     return report

@@ -109,6 +109,9 @@ def build_segmenter(
                 f"{cfg.init} does not hold a complete EVA encoder (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); point model.init at a pretraining or encoder weights folder"
             )
+    loaded = len(state or {})
+    total = len(model.state_dict())
+    logger.info("model.init=%r: %d tensors loaded, %d start fresh", cfg.init, loaded, total - loaded)
     return model
 
 

@@ -20,7 +20,15 @@ from flyeva.data.video.datasets import read_class_names
 from flyeva.models.checkpoint import load_weights
 from flyeva.models.eva import EvaSize, get_size, size_with
 from flyeva.tasks.video.convert import load_init, map_classifier_rows
-from flyeva.tasks.video.model import FINAL_NORMS, HEAD_INIT_SCALE, VideoEva, build_video_model, init_head
+from flyeva.tasks.video.model import (
+    FINAL_NORMS,
+    HEAD_INIT_SCALE,
+    VideoEva,
+    add_temporal_pos,
+    add_tubelet_motion,
+    build_video_model,
+    init_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,12 @@ class ModelSection:
     num_frames: int = 16
     tubelet_size: int = 1  # the release's EVA video models use 1
     final_norm: str = "fc_norm"  # image inits: fc_norm (the encoder's final norm) | drop (fresh fc_norm)
+    # Image inits: one N(0, std) vector per time slot added to the tiled position table, so the model
+    # tells frame order at initialisation (0 = the release: tiled only; docs/video.md).
+    temporal_pos_std: float = 0.0
+    # Image inits with tubelets > 1: a zero-sum random term over each tubelet's frames added to the
+    # inflated kernel, at this times nn.Conv3d's init scale (0 = the release's inflation; docs/video.md).
+    tubelet_motion: float = 0.0
     drop_path_rate: float = 0.2
     head_init_scale: float = HEAD_INIT_SCALE
     grad_checkpointing: bool = True  # the release trains EVA-g video models with it
@@ -57,6 +71,11 @@ def check_model_section(cfg: ModelSection) -> None:
             f"model.num_frames={cfg.num_frames} must be a positive multiple of "
             f"model.tubelet_size={cfg.tubelet_size}"
         )
+    for name in ("temporal_pos_std", "tubelet_motion"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(
+                f"model.{name} must be >= 0 (0 = the release's inflation), got {getattr(cfg, name)}"
+            )
     if not cfg.init:
         get_size(cfg.size)
 
@@ -111,7 +130,9 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     )
     if not cfg.init:
         size = size_with(get_size(cfg.size), img_size=cfg.img_size)
-        return build_video_model(size, len(classes), num_frames=cfg.num_frames, **options)
+        model = build_video_model(size, len(classes), num_frames=cfg.num_frames, **options)
+        logger.info("model.init='': 0 tensors loaded, %d start fresh", len(model.state_dict()))
+        return model
     state, arch, kind = load_init(cfg.init, cfg.img_size, cfg.num_heads or None)
     size = EvaSize(**arch["size"])
     if kind == "image":
@@ -131,9 +152,16 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     fresh = ("head.",) if head is None else ()
     fresh += ("fc_norm.",) if kind == "image" and cfg.final_norm == "drop" else ()
-    load_weights(model, {**state, **(head or {})}, ignore_missing=fresh)
+    loaded = {**state, **(head or {})}
+    load_weights(model, loaded, ignore_missing=fresh)
     if head is None:
         init_head(model.head, cfg.head_init_scale)
+    if kind == "image" and cfg.temporal_pos_std > 0:
+        add_temporal_pos(model, cfg.temporal_pos_std)
+    if kind == "image" and cfg.tubelet_motion > 0:
+        add_tubelet_motion(model, cfg.tubelet_motion)
+    new = [k for k in model.state_dict() if k not in loaded]
+    logger.info("model.init=%s: %d tensors loaded, %d start fresh %s", cfg.init, len(loaded), len(new), new)
     if (frames, size.img_size) != (cfg.num_frames, cfg.img_size):
         logger.info(
             "resizing the position table from %d x %d to %d x %d",

@@ -3,7 +3,11 @@
 - Patch embedding: the Conv2d kernel becomes a Conv3d kernel by unsqueezing time; with a tubelet of
   t > 1 frames it is repeated t times and divided by t, so a static clip embeds as the image does.
 - Position embedding: [CLS, the spatial table tiled over the T / t tubelet slots], no temporal table.
-  Changing T (8 -> 16) resizes the table trilinearly over (T, H, W) with CLS kept.
+  Changing T (8 -> 16) resizes the table trilinearly over (T, H, W) with CLS kept. A tiled table
+  leaves the model blind to frame order at initialisation; `add_temporal_pos` (flyeva's option,
+  `model.temporal_pos_std`) adds one random vector per time slot (docs/video.md). An inflated
+  tubelet kernel is blind to motion inside a tubelet; `add_tubelet_motion` (`model.tubelet_motion`)
+  adds a zero-sum random term over its frames.
 - Joint space-time attention over 1 + (T / t) x N tokens, frame-major (t, h, w), through timm's
   blocks (SDPA); mean of the patch tokens (CLS excluded) -> fc_norm -> head.
 
@@ -143,6 +147,29 @@ def resize_pos_embed(
     resized = F.interpolate(grid, size=new_shape, mode="trilinear", align_corners=False)
     resized = resized.permute(0, 2, 3, 4, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([cls, resized], dim=1)
+
+
+@torch.no_grad()
+def add_temporal_pos(model: VideoEva, std: float) -> None:
+    """Add one vector per time slot, drawn N(0, std) as a from-scratch position table is, to every patch
+    row of that slot (CLS untouched): an inflated model with a tiled table sees a clip and its frames in
+    another order alike (joint attention and mean pooling ignore token order)."""
+    embed = model.patch_embed
+    slots = nn.init.trunc_normal_(torch.empty(embed.time_slots, 1, model.embed_dim), std=std)
+    per_token = slots.expand(-1, embed.grid_size[0] * embed.grid_size[1], -1).reshape(1, -1, model.embed_dim)
+    model.pos_embed[:, 1:] += per_token.to(model.pos_embed.dtype)
+
+
+@torch.no_grad()
+def add_tubelet_motion(model: VideoEva, scale: float) -> None:
+    """Add to an inflated tubelet kernel (equal over its t frames, so blind to motion inside a tubelet)
+    a term drawn as PyTorch's Conv3d init draws a from-scratch kernel, times `scale`, minus its mean
+    over the t frames: a static clip still embeds exactly as the image, a moving one does not."""
+    kernel = model.patch_embed.proj.weight
+    if kernel.shape[2] == 1:
+        return
+    fresh = nn.init.kaiming_uniform_(torch.empty_like(kernel), a=math.sqrt(5))  # nn.Conv3d's default
+    kernel += scale * (fresh - fresh.mean(dim=2, keepdim=True))
 
 
 @torch.no_grad()
