@@ -501,6 +501,7 @@ def _folder_as_it_was(folder: Path) -> bool:
          "model.img_size=100000 is over the limit of 4096 px"),
         (["segment", "train", "aug.crop_size=100000"], "aug.crop_size=100000 is over the limit of 4096 px"),
         (["segment", "train", "eval.crop_size=65536"], "eval.crop_size=65536 is over the limit of 4096 px"),
+        (["video", "train", "model.img_size=5000"], "model.img_size=5000 must be in [1, 1024] px"),
     ],
 )  # fmt: skip
 def test_absurd_sizes_and_zero_caps_of_the_task_stages_fail_before_any_work(

@@ -71,6 +71,8 @@ def check_model_section(cfg: ModelSection) -> None:
             f"model.num_frames={cfg.num_frames} must be a positive multiple of "
             f"model.tubelet_size={cfg.tubelet_size}"
         )
+    if not 0 < cfg.img_size <= 1024:  # release 224; 16 frames at 1024 px are already 85k tokens
+        raise ValueError(f"model.img_size={cfg.img_size} must be in [1, 1024] px (release: 224)")
     for name in ("temporal_pos_std", "tubelet_motion"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(
@@ -81,18 +83,13 @@ def check_model_section(cfg: ModelSection) -> None:
 
 
 def read_row_mapping(path: str, num_classes: int) -> list[int]:
-    """Head rows per data class from a .npy index array or a text file of indices (one per line)."""
-    import numpy as np
+    """Head rows per data class from a .npy index array (never unpickled) or one index per line."""
+    from flyeva.data.video.datasets import read_index_rows
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.class_mapping {path} does not exist")
-    if path.endswith(".npy"):
-        rows = np.load(path, allow_pickle=False).reshape(-1).tolist()
-    else:
-        rows = [int(line) for line in Path(path).read_text().split()]
+    rows = read_index_rows(path, "model.class_mapping")
     if len(rows) != num_classes:
         raise ValueError(f"model.class_mapping {path} has {len(rows)} rows for {num_classes} data classes")
-    return [int(row) for row in rows]
+    return rows
 
 
 def _head_for(
