@@ -208,8 +208,12 @@ def test_demo_stage_from_an_encoder_folder(tmp_path):
     result = run_demo_stage(
         tmp_path / "run", str(tmp_path / "encoder"), seed=0, steps=2, train_images=8, val_images=4
     )
+    counts = {name: result.pop(name) for name in ("tensors_loaded", "tensors_fresh")}
     assert set(result) == {"box_AP", "box_AP50", "mask_AP", "mask_AP50"}
     assert all(0.0 <= value <= 1.0 for value in result.values())
+    # every encoder tensor but the final norm and cls token: 4 blocks x 13 + patch kernel, bias, pos_embed
+    loaded = sum(k.startswith(("blocks.", "patch_embed.", "pos_embed")) for k in encoder.state_dict())
+    assert counts["tensors_loaded"] == loaded == 4 * 13 + 3 and counts["tensors_fresh"] > 0
     weights = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert weights["arch"]["backbone"]["pos_grid"] == 8  # the miniature encoder's 32 / 4 table
 

@@ -234,6 +234,10 @@ def build_detector(
         dims["pos_grid"] = round(dims["pos_grid"] ** 0.5)
         detector = EvaDetector(arch_from_config(cfg, dims, num_classes or 80), fed_weights)
         detector.backbone.net.load_state_dict(net.state_dict())
+        if path is not None:  # which of the detector's tensors are the pretrained encoder's
+            loaded = sum(k.startswith(("blocks.", "patch_embed.", "pos_embed")) for k in encoder.state_dict())
+            total = len(detector.state_dict())
+            logger.info("model.init=%s: %d tensors loaded, %d start fresh", m.init, loaded, total - loaded)
     set_training_options(detector, m.drop_path_rate, m.grad_checkpointing, m.freeze_patch_embed)
     set_rel_pos_interp(detector, m.rel_pos_interp)
     return detector
