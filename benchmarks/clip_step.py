@@ -29,8 +29,8 @@ from flyeva.config import load_config, recipe_path
 from flyeva.engine.optim import build_adamw
 from flyeva.models.eva import encoder_flops, get_size, size_with
 from flyeva.tasks.clip.config import ClipConfig
-from flyeva.tasks.clip.objective import ClipObjective
 from flyeva.tasks.clip.model import build_clip, clip_param_groups
+from flyeva.tasks.clip.objective import ClipObjective
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 
 

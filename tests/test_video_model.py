@@ -153,7 +153,7 @@ def test_k722_head_rows_are_picked_by_class_name():
 def test_a_batch_with_no_readable_clip_trains_nothing_and_does_not_crash():
     """Batch 1 per GPU (the release's recipes): one broken video must not end the run."""
     from flyeva.engine.loop import StepContext
-    from flyeva.tasks.video.evaluate import VideoObjective
+    from flyeva.tasks.video.objective import VideoObjective
 
     model = build_video_model(SIZE, 3, num_frames=2, tubelet_size=1)
     empty = {"clips": torch.zeros(0, 2, 3, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}

@@ -13,7 +13,8 @@ from flyeva.config import load_config, recipe_path
 from flyeva.engine.loop import StepContext
 from flyeva.models.weights import load
 from flyeva.tasks.video.config import VideoConfig
-from flyeva.tasks.video.evaluate import VideoEvaluator, VideoObjective, average_views
+from flyeva.tasks.video.evaluate import VideoEvaluator, average_views
+from flyeva.tasks.video.objective import VideoObjective
 
 RECIPES = (
     "miniature",

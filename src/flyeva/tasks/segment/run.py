@@ -23,18 +23,9 @@ from flyeva.tasks.segment.model import (
     build_segmenter,
     segmenter_arch,
 )
+from flyeva.tasks.segment.objective import SegmentationObjective
 from flyeva.tasks.segment.stream import SegmentationBatchStream
 from flyeva.tasks.segment.transforms import TrainTransform
-
-
-class SegmentationObjective:
-    """Loss of a batch: the model's own (cross-entropy for UperNet, matched mask losses for Mask2Former)."""
-
-    handles_backward = False
-    input_key = "images"
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext):
-        return model(batch["images"], batch["labels"])
 
 
 def save_segmenter(model: torch.nn.Module, folder: Path, classes: list[str], source: dict[str, Any]) -> Path:

@@ -1,4 +1,4 @@
-"""The video objective (Mixup/CutMix over clips, label smoothing) and multi-view evaluation.
+"""Multi-view evaluation of video classification.
 
 Test (paper section 4.2; release `EVA-01/video` main.py `validate`): every video gives views x crops
 clips (4 x 3 for the recipes); the softmax of each is averaged and the average is ranked. Reported:
@@ -17,28 +17,8 @@ from flyeva.engine import distributed as D
 from flyeva.engine.loop import StepContext
 from flyeva.eval.classification import (
     CONFUSION_MAX_CLASSES,
-    ClassificationObjective,
     Evaluator,
 )
-
-
-class VideoObjective(ClassificationObjective):
-    """`ClassificationObjective` on clips [B, T, C, H, W].
-
-    timm's Mixup/CutMix work on [B, C, H, W]; frames are folded into channels for the mix, so a clip
-    is blended with one weight and CutMix cuts the same box out of every frame (the release's
-    `CutmixMixupBlending` on videos).
-    """
-
-    input_key = "clips"
-
-    def nothing(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
-        """The 3D patch embedding cannot take an empty batch: one blank clip, at weight 0."""
-        return model(clips.new_zeros((1, *clips.shape[1:]))).sum() * 0.0
-
-    def mix(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        folded, targets = self.mixup(clips.flatten(1, 2).clone(), labels)
-        return folded.view_as(clips), targets
 
 
 def average_views(logits: torch.Tensor) -> torch.Tensor:

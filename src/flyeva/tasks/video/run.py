@@ -22,8 +22,9 @@ from flyeva.tasks.video.config import (
     VideoConfig,
     check_config,
 )
-from flyeva.tasks.video.evaluate import VideoEvaluator, VideoObjective
+from flyeva.tasks.video.evaluate import VideoEvaluator
 from flyeva.tasks.video.model import VideoEva, video_arch
+from flyeva.tasks.video.objective import VideoObjective
 
 
 def resolve_split(split: SplitSection, role: str, cfg: VideoConfig) -> VideoList | None:
