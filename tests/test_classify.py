@@ -530,3 +530,21 @@ def test_missing_val_folder_and_empty_class_are_one_line_errors(tmp_path, capsys
     assert main(["classify", "finetune", f"data.root={tmp_path / 'data'}"]) == 2
     error = capsys.readouterr().err.strip()
     assert "hold no images" in error and "\n" not in error
+
+
+def test_a_run_from_scratch_names_the_settings_made_for_pretrained_encoders():
+    from flyeva.config import load_config, recipe_path
+    from flyeva.tasks.classify.finetune import FinetuneConfig, from_scratch_warning
+
+    # The schema's defaults are the release's IN-1K stage: all three are on.
+    line = from_scratch_warning(FinetuneConfig())
+    assert line.startswith("model.init is empty: the classifier starts from random weights")
+    assert "start: model.head_init_scale=0.001, optim.layer_decay=0.95, train.ema_decay=0.9999;" in line
+    assert "--config miniature" in line and "\n" not in line
+    # The miniature recipe is the from-scratch one: nothing to name.
+    miniature = load_config(FinetuneConfig, recipe_path("classify", "miniature"))
+    assert from_scratch_warning(miniature) == (
+        "model.init is empty: the classifier starts from random weights (a from-scratch baseline)"
+    )
+    one = load_config(FinetuneConfig, recipe_path("classify", "miniature"), ["optim.layer_decay=0.85"])
+    assert "from-scratch start: optim.layer_decay=0.85; --config miniature" in from_scratch_warning(one)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import tiny_encoder
 from PIL import Image
 
 from flyeva.cli import main as cli
@@ -226,3 +227,63 @@ def test_pixel_target_baseline_trains_without_a_teacher(tmp_path):
     assert result["step"] == 2
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert config["arch"]["teacher_dim"] == 3 * 4 * 4  # normalised pixels of a 4x4 patch
+
+
+class PatchTeacher(torch.nn.Module):
+    """A fixed random projection of each 4x4 patch: [B, N, 8] features that differ per patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = torch.nn.Linear(3 * 4 * 4, 8)
+
+    def forward(self, images):
+        return self.projection(torch.nn.functional.unfold(images, 4, stride=4).transpose(1, 2))
+
+
+def test_distillation_masks_nothing_and_scores_every_patch_by_hand():
+    from flyeva.models import build_mim_model
+
+    torch.manual_seed(0)
+    model = build_mim_model(tiny_encoder(16), teacher_dim=8, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        model.mask_token.fill_(100.0)  # a masked position would change every number below
+    teacher, images = PatchTeacher(), torch.randn(3, 3, 16, 16)
+    objective = MIMObjective(teacher, None, patch_size=4)
+    ctx = SimpleNamespace(seed=0, epoch=0, step=0, micro=0, rank=0)
+    loss, metrics = objective(model, {"images": images}, ctx)
+    assert metrics == {"masked_fraction": 0.0}
+    # By hand: the unmasked encoder's 16 patch tokens per image, the head, the cosine per patch.
+    with torch.no_grad():
+        tokens = model.forward_features(images)[:, 1:]
+        predicted, target = model.lm_head(tokens), teacher(images)
+        assert predicted.shape == target.shape == (3, 16, 8)
+        cosines = [
+            predicted[b, n] @ target[b, n] / (predicted[b, n].norm() * target[b, n].norm())
+            for b in range(3)
+            for n in range(16)
+        ]
+        expected = -sum(cosines) / 48
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        assert model(images, None).shape == (48, 8)
+        assert objective.validation_loss(model, images).item() == pytest.approx(expected.item(), abs=1e-6)
+        # The same student scored as MIM (26% masked) sees mask tokens: another loss.
+        masked = MIMObjective(teacher, BlockMaskGenerator((4, 4), 6, min_num_patches=2), 4)
+        assert abs(masked(model, {"images": images}, ctx)[0].item() - expected.item()) > 1e-3
+
+
+def test_distillation_target_trains_from_the_teacher_and_bad_targets_are_refused(tmp_path, capsys):
+    overrides = [
+        *SMALL,
+        "mask.target=distill",
+        f"train.output_dir={tmp_path}",
+        "data.sources=[{type: synthetic, num_samples: 16}]",
+    ]
+    result = run_stage(PRETRAIN, load_config(PretrainConfig, None, overrides))
+    assert result["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("kind") == "train"]
+    assert steps and all(r["masked_fraction"] == 0.0 and math.isfinite(r["loss"]) for r in steps)
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["arch"]["teacher_dim"] == 16  # the teacher's width, as for mask.target=clip
+    assert cli(["pretrain", "mask.target=distil"]) == 2
+    assert "mask.target must be one of ['clip', 'pixels', 'distill'], got 'distil'" in capsys.readouterr().err

@@ -189,9 +189,15 @@ class EvaForMIM(Eva):
                 x = block(x)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted teacher features at the masked positions only: [num_masked_total, teacher_dim]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Predicted teacher features at the masked positions only: [num_masked_total, teacher_dim].
+
+        `mask=None` masks nothing and predicts every patch of every image, in row-major order: feature
+        distillation, the paper's Table 2 baseline.
+        """
         tokens = self.forward_features(x, mask)[:, self.num_prefix_tokens :]
+        if mask is None:
+            return self.lm_head(tokens.flatten(0, 1))
         return self.lm_head(tokens[mask.reshape(mask.shape[0], -1)])
 
 

@@ -1,4 +1,8 @@
-"""EVA's MIM objective: regress frozen CLIP patch features at masked positions (docs/recipes.md §3)."""
+"""EVA's MIM objective: regress frozen CLIP patch features at masked positions (docs/recipes.md §3).
+
+Without a mask generator it is feature distillation, the baseline of the paper's Table 2: the student
+sees the whole image and regresses the teacher's features at every patch, with the same loss.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +34,10 @@ class MIMObjective(nn.Module):
     handles_backward = False
     input_key = "images"
 
-    def __init__(self, teacher: nn.Module | None, mask_generator: BlockMaskGenerator, patch_size: int):
+    def __init__(self, teacher: nn.Module | None, mask_generator: BlockMaskGenerator | None, patch_size: int):
         super().__init__()
         self.teacher = teacher  # None = normalised-pixel targets
-        self.mask_generator = mask_generator
+        self.mask_generator = mask_generator  # None = no masking: feature distillation
         self.patch_size = patch_size
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,8 @@ class MIMObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict[str, Any], ctx: Any) -> tuple[torch.Tensor, dict]:
         images = batch["images"]
+        if self.mask_generator is None:
+            return self._distillation_loss(model, images), {"masked_fraction": 0.0}
         # Masks depend only on (seed, epoch, step, micro-step, rank): resume reproduces them exactly.
         rng = np.random.default_rng([ctx.seed, ctx.epoch, ctx.step, ctx.micro, ctx.rank])
         mask = generate_masks(self.mask_generator, images.shape[0], rng)
@@ -56,7 +62,12 @@ class MIMObjective(nn.Module):
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Loss with the release's fixed validation mask (every other token masked)."""
+        """Loss with the release's fixed validation mask (every other token); none for distillation."""
+        if self.mask_generator is None:
+            return self._distillation_loss(model, images)
         mask = fixed_validation_mask(self.mask_generator.grid).to(images.device)
         mask = mask.expand(images.shape[0], -1)
         return mim_loss(model(images, mask), self.targets(images)[mask])
+
+    def _distillation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return mim_loss(model(images, None), self.targets(images).flatten(0, 1))

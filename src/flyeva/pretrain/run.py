@@ -40,6 +40,19 @@ def masked_patches(mask: MaskSection, grid_size: int) -> int:
     return max(1, round(mask.ratio * grid_size**2)) if mask.ratio > 0 else mask.num_masking_patches
 
 
+def build_masking(mask: MaskSection, grid_size: int) -> BlockMaskGenerator | None:
+    """The block-wise mask generator; None for `mask.target=distill`, which masks nothing."""
+    if mask.target == "distill":
+        logger.info("mask.target=distill: no masking, the loss is over every patch (paper Table 2)")
+        return None
+    return BlockMaskGenerator(
+        grid=(grid_size, grid_size),
+        num_masking_patches=masked_patches(mask, grid_size),
+        min_num_patches=mask.min_num_patches,
+        min_aspect=mask.min_aspect,
+    )
+
+
 def build_teacher(cfg: TeacherSection) -> torch.nn.Module | None:
     if cfg.path:
         return load_clip_teacher(cfg.path, cfg.model_name or None)
@@ -90,7 +103,7 @@ def build_pretrain(cfg: PretrainConfig) -> Built:
     size = get_size(cfg.model.size)
     if cfg.model.img_size:
         size = size_with(size, img_size=cfg.model.img_size)
-    teacher = build_teacher(cfg.teacher) if cfg.mask.target == "clip" else None
+    teacher = build_teacher(cfg.teacher) if cfg.mask.target != "pixels" else None
     if teacher is not None:
         check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
         teacher_dim = teacher.embed_dim
@@ -111,13 +124,7 @@ def build_pretrain(cfg: PretrainConfig) -> Built:
     if cfg.model.init:
         load_init(model, cfg.model.init)
 
-    masking = BlockMaskGenerator(
-        grid=(size.grid_size, size.grid_size),
-        num_masking_patches=masked_patches(cfg.mask, size.grid_size),
-        min_num_patches=cfg.mask.min_num_patches,
-        min_aspect=cfg.mask.min_aspect,
-    )
-    objective = MIMObjective(teacher, masking, size.patch_size)
+    objective = MIMObjective(teacher, build_masking(cfg.mask, size.grid_size), size.patch_size)
     transform = PretrainTransform(
         image_size=size.img_size,
         scale=tuple(cfg.data.scale),

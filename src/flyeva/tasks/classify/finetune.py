@@ -105,9 +105,33 @@ def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
     return model
 
 
+def from_scratch_warning(cfg: FinetuneConfig) -> str:
+    """The line a run without `model.init` logs, naming the settings on that are made for pretrained encoders.
+
+    The release's head scale, layer decay and EMA protect pretrained weights; from random weights each
+    cost top-1 in the recipe's budget (docs/classify.md), so the `miniature` recipe turns them off.
+    """
+    made_for_pretrained = {
+        "model.head_init_scale": (cfg.model.head_init_scale, cfg.model.head_init_scale < 1),
+        "optim.layer_decay": (cfg.optim.layer_decay, cfg.optim.layer_decay < 1),
+        "train.ema_decay": (cfg.train.ema_decay, cfg.train.ema_decay > 0),
+    }
+    on = [f"{key}={value}" for key, (value, is_on) in made_for_pretrained.items() if is_on]
+    line = "model.init is empty: the classifier starts from random weights (a from-scratch baseline)"
+    if on:
+        line += (
+            f"; settings made for pretrained encoders slow a from-scratch start: {', '.join(on)}; "
+            "--config miniature has the from-scratch ones (head_init_scale=1, layer_decay=1, "
+            "ema_decay=0; docs/classify.md)"
+        )
+    return line
+
+
 def build_finetune(cfg: FinetuneConfig) -> Built:
     """The classifier, its loss (Mixup, smoothing) and the data on the shared engine."""
     D.init_distributed(cfg.train.device)
+    if not cfg.model.init:
+        logger.warning(from_scratch_warning(cfg))
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, cfg.train.seed)
     image_size = model.patch_embed.img_size[0]
