@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from flyeva.engine import distributed as D
-from flyeva.tasks.clip.objective import ClipObjective
 from flyeva.tasks.clip.model import ClipModelSection, EvaClip, TextSection, VisionSection, build_clip
+from flyeva.tasks.clip.objective import ClipObjective
 from flyeva.tasks.clip.zeroshot import tokenizer_for
 
 CONTEXT = 16

@@ -87,3 +87,24 @@ def test_quick_ablation_trains_both_arms_at_both_lengths(tmp_path):
     assert section.count("| CLIP-feature MIM |") == 2 and section.count("| feature distillation |") == 2
     assert "one seed: no spread" in section
     assert math.isfinite(results["seconds"])
+
+
+def test_the_demo_runs_the_ablation_stage_after_its_pool_and_appends_its_section(tmp_path, monkeypatch):
+    """`flyeva demo --stages ablation`: the pipeline hands the stage its seeds and lengths, saves the
+    results and appends the section (the stage's own training is the test above)."""
+    from flyeva.tasks.demo import pipeline
+
+    calls = []
+    canned = _results({MIM: [0.3], DISTILL: [0.4]}, {MIM: [0.6], DISTILL: [0.5]})
+
+    def fake_run_ablation(out, seeds, steps, quick):
+        calls.append((out, seeds, steps, quick))
+        return canned
+
+    monkeypatch.setattr("flyeva.tasks.demo.ablation.run_ablation", fake_run_ablation)
+    report = pipeline.run_demo(tmp_path, quick=True, stages=("ablation",))
+    assert calls == [(tmp_path, pipeline.QUICK.seeds, QUICK_STEPS, True)]
+    assert (tmp_path / "ablation.json").is_file()
+    assert report.read_text().count("| CLIP-feature MIM |") == 2
+    with pytest.raises(ValueError, match="unknown demo stage"):
+        pipeline.run_demo(tmp_path, quick=True, stages=("ablations",))

@@ -45,8 +45,8 @@ def build_clip_train(cfg: ClipConfig) -> Built:
     from flyeva.data.stream import ImageBatchStream
     from flyeva.data.transforms import PretrainTransform
     from flyeva.engine import distributed as D
-    from flyeva.tasks.clip.objective import ClipObjective
     from flyeva.tasks.clip.model import clip_param_groups
+    from flyeva.tasks.clip.objective import ClipObjective
     from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
 
     D.init_distributed(cfg.train.device)  # rank and world size are needed before the engine runs

@@ -17,11 +17,12 @@ def _run(args: argparse.Namespace) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `flyeva demo` to the CLI."""
     demo = commands.add_parser("demo", help="EVA's whole pipeline in the miniature world (ShapeWorld)")
-    demo.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run (one seed, tiny budgets)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run under a minute (tiny budgets)")
     demo.add_argument(
         "--stages",
         default="core",
-        help="comma list of core (teacher, MIM, classification, CLIP), detect, segment, video; or all",
+        help="comma list of core (teacher, MIM, classification, CLIP), detect, segment, video, ablation "
+        "(the paper's pilot study: MIM vs feature distillation); all = core and the three tasks",
     )
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_quick)")
     demo.set_defaults(func=_run)

@@ -189,7 +189,8 @@ ENCODERS = ("EVA (CLIP-feature MIM)", "pixel MIM", "random init", "teacher's vis
 FINETUNED = ENCODERS[:3]  # the claims compare these; the teacher's tower is only probed (time)
 
 
-STAGES = ("core", "detect", "segment", "video")  # core: teacher, MIM, classification and CLIP claims
+# core: teacher, MIM, classification and CLIP claims; ablation: the paper's pilot study (not in `all`)
+STAGES = ("core", "detect", "segment", "video", "ablation")
 # The arms of each transfer task, every one over the budget's seeds (docs/demo.md, the recipe rule).
 TASK_ARMS = {
     "video": ("EVA init", "random init"),
@@ -345,6 +346,12 @@ def run_demo(
             }
             for name, arms in task_jobs.items()
         }
+    ablation = None
+    if "ablation" in stages:  # its own pool of workers, once the core's has finished: never 4 on 2 cores
+        from flyeva.tasks.demo.ablation import QUICK_STEPS, STEPS, run_ablation
+
+        ablation = run_ablation(out, budget.seeds, QUICK_STEPS if quick else STEPS, quick)
+        (out / "ablation.json").write_text(json.dumps(ablation, indent=2))
     report = out / "report.md"
     if "core" in stages:
         write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
@@ -354,4 +361,9 @@ def run_demo(
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
         with open(report, "a") as handle:
             handle.write("\n" + task_section(tasks))
+    if ablation is not None:
+        from flyeva.tasks.demo.ablation import ablation_section
+
+        with open(report, "a") as handle:
+            handle.write("\n" + ablation_section(ablation))
     return report
