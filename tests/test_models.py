@@ -225,3 +225,18 @@ def test_encoders_use_the_release_fine_tuning_init():
     for layer_id, block in enumerate(model.blocks, start=1):
         fc2_std = block.mlp.fc2.weight.std().item()
         assert abs(fc2_std / (FINETUNE_INIT_STD / math.sqrt(2 * layer_id)) - 1) < 0.02
+
+
+def test_the_readme_python_example_runs_as_written_and_its_mask_counts_hold(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # the example saves weights/eva_base in the working folder
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    counts = namespace["masks"].sum(dim=1).tolist()
+    assert counts == [102, 105] and "# 102 and 105 of 256" in code
+    assert namespace["predicted"].shape == (102 + 105, 768)
+    assert (tmp_path / "weights" / "eva_base" / "model.safetensors").is_file()
