@@ -8,7 +8,6 @@ machine's matmul ceiling, measured in the same run.
     python benchmarks/segment_step.py                                   # eva_base @512, both decoders, CPU
     python benchmarks/segment_step.py --threads 2 --batch 2
     python benchmarks/segment_step.py --decoders mask2former --profile   # + where one step's time goes
-    python benchmarks/segment_step.py --decoders mask2former_hf,mask2former --profile   # before / after
     python benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former \
         --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing
 
@@ -45,15 +44,6 @@ from flyeva.tasks.segment.upernet import UperNetSection
 
 
 def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
-    """`mask2former_hf`: Mask2Former with transformers' own loss and matcher instead of flyeva's (the
-    same numbers, docs/segment.md), to measure what flyeva's loss saves in one run."""
-    if decoder == "mask2former_hf":
-        from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
-
-        model = build("mask2former", args)
-        head = model.decode_head
-        head.criterion = Mask2FormerLoss(head.config, head.weight_dict)
-        return model
     mask2former = Mask2FormerSection(
         num_queries=args.queries,
         hidden_dim=args.m2f_hidden,

@@ -16,19 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
-    Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
     Mask2FormerPixelDecoder,
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
-    dice_loss,
-    pair_wise_dice_loss,
-    sample_point,
-    sigmoid_cross_entropy_loss,
 )
 
 from flyeva.tasks.segment.backbone import BackboneLayers, EvaBackbone
@@ -62,62 +56,9 @@ def transformers_config(cfg: Mask2FormerSection, num_classes: int) -> Mask2Forme
     )
 
 
-def _at_shared_points(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] masks at the same P points [1, P, 2] in [0, 1]: [N, P]. One grid over N channels gives
-    transformers' `sample_point` of N repeated grids, with the bilinear weights computed once."""
-    return F.grid_sample(masks[None], 2.0 * points[:, :, None] - 1.0, align_corners=False)[0, :, :, 0]
-
-
-class SharedPointMatcher(Mask2FormerHungarianMatcher):
-    """transformers' matcher (same random points, same costs) at a fraction of its cost: masks are sampled
-    at the shared points as channels, and the pair-wise BCE needs one softplus and one matmul, since
-    BCE(x, 1) - BCE(x, 0) = -x."""
-
-    @torch.no_grad()
-    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
-        indices = []
-        for logits, classes, masks, labels in zip(
-            masks_queries_logits, class_queries_logits, mask_labels, class_labels
-        ):
-            cost_class = -classes.softmax(-1)[:, labels]
-            points = torch.rand(1, self.num_points, 2, device=logits.device)
-            target = _at_shared_points(masks.to(logits), points)
-            predicted = _at_shared_points(logits, points)
-            cost_mask = (F.softplus(predicted).sum(1, keepdim=True) - predicted @ target.T) / self.num_points
-            cost_dice = pair_wise_dice_loss(predicted, target)
-            cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
-            largest = torch.finfo(cost.dtype).max
-            indices.append(linear_sum_assignment(torch.nan_to_num(cost, largest, largest, largest).cpu()))
-        return [
-            (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices
-        ]
-
-
 class DistributedMask2FormerLoss(Mask2FormerLoss):
     """transformers' loss, with the target-mask count averaged over ranks by torch.distributed (as the
-    original Mask2Former does; transformers only does this under accelerate), its matcher sampling shared
-    points as channels, and the matched target masks gathered without padding every layer's batch."""
-
-    def __init__(self, config: Mask2FormerConfig, weight_dict: dict[str, float]) -> None:
-        super().__init__(config, weight_dict)
-        m = self.matcher
-        self.matcher = SharedPointMatcher(m.cost_class, m.cost_mask, m.cost_dice, m.num_points)
-
-    def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks) -> dict[str, torch.Tensor]:
-        """transformers' `loss_masks`: the same draws and terms; the targets are picked, not padded."""
-        predicted = masks_queries_logits[self._get_predictions_permutation_indices(indices)][:, None]
-        targets = torch.cat([masks[j] for masks, (_, j) in zip(mask_labels, indices)])[:, None]
-        with torch.no_grad():
-            points = self.sample_points_using_uncertainty(
-                predicted, self.calculate_uncertainty, self.num_points, self.oversample_ratio,
-                self.importance_sample_ratio,
-            )  # fmt: skip
-            point_labels = sample_point(targets.to(predicted), points, align_corners=False).squeeze(1)
-        point_logits = sample_point(predicted, points, align_corners=False).squeeze(1)
-        return {
-            "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
-            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
-        }
+    original Mask2Former does); transformers only does this under accelerate."""
 
     def get_num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         num_masks = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
