@@ -239,7 +239,7 @@ TASK_METRICS = {
     "detect": ("box_AP50", 0.001, False),
     "segment": ("mIoU", 0.150, False),
 }
-NOT_METRICS = ("seconds", "tensors_loaded", "tensors_fresh")
+NOT_METRICS = ("seconds",)
 
 
 def task_section(tasks: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]]) -> str:

@@ -8,10 +8,7 @@ measured, not tuned to agree (docs/detect.md).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 DEMO_OVERRIDES = [
     "train.device=cpu",
@@ -23,20 +20,6 @@ DEMO_OVERRIDES = [
 # The release's COCO recipe (docs/recipes.md §6): layer decay 0.9 per layer, drop path 0.6 over 40
 # blocks, scaled to the miniature's 4.
 PRETRAINED_OVERRIDES = ["optim.layer_decay=0.9", "model.drop_path_rate=0.06"]
-
-
-def log_loaded(cfg: object) -> dict[str, int]:
-    """One log line: how many of the detector's tensors come from `model.init` and how many start fresh."""
-    from flyeva.models.checkpoint import load_any
-    from flyeva.tasks.detect.build import build_detector
-
-    total = len(build_detector(cfg, 5).state_dict())
-    loaded = 0
-    if cfg.model.init:
-        encoder = load_any(Path(cfg.model.init), kind="encoder").state_dict()
-        loaded = sum(1 for k in encoder if k.startswith(("blocks.", "patch_embed.", "pos_embed")))
-    logger.info("model.init=%r: %d tensors loaded, %d start fresh", cfg.model.init, loaded, total - loaded)
-    return {"tensors_loaded": loaded, "tensors_fresh": total - loaded}
 
 
 def run_demo_stage(
@@ -69,12 +52,10 @@ def run_demo_stage(
         f"optim.decay_steps=[{int(steps * 5 / 6)}]",  # x0.1 at 5/6 of the run, as 250 of 300
     ]
     cfg = load_config(DetectConfig, recipe_path("detect", "miniature"), overrides)
-    counts = log_loaded(cfg)
     metrics = run_stage(DETECT, cfg)["metrics"]
     return {
         "box_AP": metrics["bbox_AP"],
         "box_AP50": metrics["bbox_AP50"],
         "mask_AP": metrics["segm_AP"],
         "mask_AP50": metrics["segm_AP50"],
-        **counts,
     }
