@@ -13,8 +13,8 @@ PRETRAIN = Stage(
     config="flyeva.pretrain.config:PretrainConfig",
     build="flyeva.pretrain.run:build_pretrain",
     check="flyeva.pretrain.config:check_pretrain_config",
-    # the miniature recipe trains its tiny CLIP teacher first (teacher.train_recipe)
-    prepare="flyeva.tasks.demo.teacher:ensure_recipe_teacher",
+    # run by the CLI: the miniature recipe trains its tiny CLIP teacher first (`flyeva clip train`)
+    prepare="flyeva.tasks.clip.teacher:ensure_recipe_teacher",
     primary="",
 )
 STAGES = (PRETRAIN,)

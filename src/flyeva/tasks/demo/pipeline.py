@@ -90,7 +90,7 @@ def _stage(folder: Path, run: Callable[..., dict[str, Any]], *args: Any) -> dict
 
 
 def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.tasks.demo.teacher import ensure_teacher
+    from flyeva.tasks.clip.teacher import ensure_teacher
 
     overrides = [
         *COMMON,

@@ -1,4 +1,4 @@
-"""The miniature world's CLIP teacher: trained once from ShapeWorld captions, then reused.
+"""The miniature world's CLIP teacher: `flyeva clip train` once from ShapeWorld captions, then reused.
 
 `flyeva pretrain` (when its recipe names `teacher.train_recipe`) and `flyeva demo` both come here,
 so the teacher is bootstrapped in one place.
