@@ -1,15 +1,12 @@
 """COCO-format annotation files checked up front: one schema pass, geometry rules, usable-data checks.
 
-The schema is a small explicit validator rather than pydantic because it checks LVIS's 1.2M
-annotations with a few type tests each (no per-record model objects, no new dependency) and words
-every error as the project does: `FILE: annotations[12] (id 345): 'bbox' must be ...; the fix`.
-
-A record whose *types* are wrong (a string bbox, an id that is a list, an image without height)
-makes the whole file invalid: `validate_coco` raises ValueError, and so does anything the evaluator
-would crash on or score silently wrong (duplicate ids, an RLE of the wrong size). A record whose
-*values* cannot be trained on (a non-finite box, a polygon of NaN) is dropped by the reader and
-counted in `Usage`; `check_usable` stops a run whose data is mostly or entirely unusable, and
-`evaluation_ground_truth` gives the evaluator the file without the records that would crash it.
+A small explicit validator rather than pydantic: it checks LVIS's 1.2M annotations with a few type
+tests each and words every error as `FILE: annotations[12] (id 345): 'bbox' must be ...; the fix`.
+A record of the wrong *types* (a string bbox), or one the evaluator would crash on or score wrong
+(duplicate ids, an RLE of the wrong size), makes the whole file invalid. A record whose *values*
+cannot be trained on (a NaN polygon) is dropped by the reader and counted in `Usage`; `check_usable`
+stops a run whose data is mostly unusable, and `evaluation_ground_truth` drops what would crash the
+evaluator.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 if TYPE_CHECKING:
-    from flyeva.tasks.detect.data import CocoDetectionDataset
+    from flyeva.tasks.detect.data import CocoDetectionDataset, ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +93,8 @@ def rle_string_total(counts: str) -> int | None:
 def _check_section(document: dict, name: str, path: Path) -> list:
     section = document.get(name, [])
     if type(section) is not list:
-        _refuse(
-            path,
-            f"'{name}'",
-            f"must be a list of objects, got a {type(section).__name__}",
-            "give a COCO-format instances file",
-        )
+        problem = f"must be a list of objects, got a {type(section).__name__}"
+        _refuse(path, f"'{name}'", problem, "give a COCO-format instances file")
     return section
 
 
@@ -144,13 +137,10 @@ def _check_rle(rle: dict, where: str, path: Path, size: tuple[int, int] | None) 
     if type(shape) is not list or len(shape) != 2 or any(type(v) is not int or v < 0 for v in shape):
         _refuse(path, where, f"RLE 'segmentation.size' must be [height, width], got {_show(shape)}")
     if size is not None and tuple(shape) != size:
-        _refuse(
-            path,
-            where,
-            f"'segmentation' is an RLE of size {shape[0]}x{shape[1]} but its image is {size[0]}x{size[1]} "
-            "(height x width)",
-            "re-encode the mask at its image's size",
+        problem = (
+            f"'segmentation' is an RLE of size {shape[0]}x{shape[1]} but its image is {size[0]}x{size[1]}"
         )
+        _refuse(path, where, problem + " (height x width)", "re-encode the mask at its image's size")
     pixels = shape[0] * shape[1]
     if type(counts) is list:
         if any(type(v) is not int or v < 0 for v in counts) or sum(counts) != pixels:
@@ -162,64 +152,50 @@ def _check_rle(rle: dict, where: str, path: Path, size: tuple[int, int] | None) 
         _refuse(path, where, f"RLE 'segmentation.counts' must be a list or a string, got {_show(counts)}")
 
 
+def _numbers(value: Any) -> bool:
+    """Whether `value` is a list of numbers."""
+    if type(value) is not list:
+        return False
+    try:
+        sum(value)  # a TypeError for any entry that is not a number, in C
+    except TypeError:
+        return False
+    return True
+
+
 def _check_annotations(annotations: list, sizes: dict[int, tuple[int, int]], path: Path) -> None:
     seen: dict[int, int] = {}
     for index, annotation in enumerate(annotations):
-        _check_record("annotations", "annotation", index, annotation, seen, path)
+        where = _check_record("annotations", "annotation", index, annotation, seen, path)
         for key in ("image_id", "category_id"):
             if type(annotation.get(key)) is not int:
-                where = _where("annotations", index, annotation)
                 _refuse(path, where, f"'{key}' must be an integer, got {_show(annotation.get(key))}")
         bbox = annotation.get("bbox")
-        try:
-            if type(bbox) is not list or len(bbox) != 4:
-                raise TypeError
-            sum(bbox)  # a TypeError for any entry that is not a number, in C
-        except TypeError:
-            where = _where("annotations", index, annotation)
+        if type(bbox) is not list or len(bbox) != 4 or not _numbers(bbox):
             _refuse(path, where, f"'bbox' must be 4 numbers [x, y, width, height], got {_show(bbox)}")
         if annotation.get("iscrowd", 0) not in (0, 1):
-            where = _where("annotations", index, annotation)
             _refuse(path, where, f"'iscrowd' must be 0 or 1, got {_show(annotation['iscrowd'])}")
         if "area" in annotation and type(annotation["area"]) not in _NUMBER:
-            where = _where("annotations", index, annotation)
             _refuse(path, where, f"'area' must be a number, got {_show(annotation['area'])}")
         segmentation = annotation.get("segmentation")
         if type(segmentation) is list:
             for polygon in segmentation:
-                try:
-                    if type(polygon) is not list:
-                        raise TypeError
-                    sum(polygon)
-                except TypeError:
-                    where = _where("annotations", index, annotation)
-                    _refuse(
-                        path,
-                        where,
-                        f"'segmentation' polygons must be lists of numbers, got {_show(polygon)}",
-                    )
+                if not _numbers(polygon):
+                    problem = f"'segmentation' polygons must be lists of numbers, got {_show(polygon)}"
+                    _refuse(path, where, problem)
         elif type(segmentation) is dict:
-            where = _where("annotations", index, annotation)
             _check_rle(segmentation, where, path, sizes.get(annotation["image_id"]))
         elif segmentation is not None:
-            where = _where("annotations", index, annotation)
-            _refuse(
-                path,
-                where,
-                f"'segmentation' must be a list of polygons or an RLE object, got {_show(segmentation)}",
-            )
+            problem = f"'segmentation' must be a list of polygons or an RLE object, got {_show(segmentation)}"
+            _refuse(path, where, problem)
 
 
 def validate_coco(document: Any, path: str | Path) -> None:
     """Raise ValueError naming the file, the record and the field of the first schema error."""
     path = Path(path)
     if type(document) is not dict:
-        _refuse(
-            path,
-            "the top level",
-            f"is a {type(document).__name__}, not an object with images, annotations and categories",
-            "give a COCO-format instances file",
-        )
+        problem = f"is a {type(document).__name__}, not an object with images, annotations and categories"
+        _refuse(path, "the top level", problem, "give a COCO-format instances file")
     categories = _check_section(document, "categories", path)
     if not categories:
         raise ValueError(f"{path} lists no categories; a detection dataset needs them")
@@ -329,8 +305,9 @@ class Usage:
         return text
 
 
-def _header_problem(path: Path, height: int, width: int) -> str | None:
-    """Why the image at `path` cannot be used as annotated, from its header alone; None if it can."""
+def _header_problem(record: ImageRecord) -> str | None:
+    """Why the record's image cannot be used as annotated, from its header alone; None if it can."""
+    path = record.path
     if not path.is_file():
         return f"{path} does not exist"
     try:
@@ -338,20 +315,17 @@ def _header_problem(path: Path, height: int, width: int) -> str | None:
             size = image.size
     except Exception as error:  # untrusted bytes: PIL plugins raise many exception types
         return f"{path} is not a readable image ({type(error).__name__})"
-    if size != (width, height):
-        claim = f"{width}x{height} (width x height)"
+    if size != (record.width, record.height):
+        claim = f"{record.width}x{record.height} (width x height)"
         return f"{path} is {size[0]}x{size[1]} but the annotation file claims {claim}"
     return None
 
 
 def check_usable(dataset: CocoDetectionDataset, min_fraction: float = 0.5, probe_images: int = 8) -> None:
-    """Raise ValueError when `dataset` cannot train: no usable image, or most of its data left out.
-
-    Refused: no image with a usable annotation; fewer than `min_fraction` of the non-crowd
-    annotations kept; more than 1 - `min_fraction` of `probe_images` usable images, spread over the
-    dataset, missing, unreadable or of another size than claimed (headers only). Fewer bad probes
-    are a warning: those images are skipped and counted as the stream meets them.
-    """
+    """Raise ValueError when `dataset` cannot train: no image with a usable annotation; fewer than
+    `min_fraction` of the non-crowd annotations kept; or more than 1 - `min_fraction` of `probe_images`
+    usable images, spread over the dataset, missing, unreadable or of another size than claimed
+    (headers only). Fewer bad probes are a warning: the stream skips and counts those images."""
     usage, where = dataset.usage, dataset.json_path
     fix = "fix the annotation file or give another one"
     if dataset.problems.get("missing segmentation"):  # a box-only file (Objects365) given to a mask detector
@@ -364,12 +338,10 @@ def check_usable(dataset: CocoDetectionDataset, min_fraction: float = 0.5, probe
             f"{where}: {usage.dropped} of {trainable} annotations were dropped, more than "
             f"{1 - min_fraction:.0%} ({usage.summary()}); {fix}"
         )
-    usable = [index for index, record in enumerate(dataset.records) if record.instances]
+    usable = [record for record in dataset.records if record.instances]
     count = min(probe_images, len(usable))
-    picks = sorted({usable[k * (len(usable) - 1) // max(count - 1, 1)] for k in range(count)})
-    problems = [
-        problem for index in picks if (problem := _header_problem(*_record_claim(dataset, index))) is not None
-    ]
+    picks = sorted({k * (len(usable) - 1) // max(count - 1, 1) for k in range(count)})
+    problems = [problem for k in picks if (problem := _header_problem(usable[k])) is not None]
     if problems and len(problems) > (1 - min_fraction) * len(picks):
         raise ValueError(
             f"{where}: {len(problems)} of {len(picks)} probed images cannot be used "
@@ -380,8 +352,3 @@ def check_usable(dataset: CocoDetectionDataset, min_fraction: float = 0.5, probe
         logger.warning(
             "%s: %d of %d probed images cannot be used: %s", where, len(problems), len(picks), problems
         )
-
-
-def _record_claim(dataset: CocoDetectionDataset, index: int) -> tuple[Path, int, int]:
-    record = dataset.records[index]
-    return record.path, record.height, record.width

@@ -6,7 +6,6 @@ The release's behaviour is kept where weights depend on it (paper section 4.3, r
 - the relative-position bias is q.Rh + q.Rw with the *unscaled* q, one table per block shared by heads;
 - windows are zero-padded after norm1 with no mask: padded keys get k = 0 and values v_bias;
 - no CLS token and no final norm; the position table (CLS dropped) is resized to the grid every forward.
-The bias enters SDPA as a float mask, so PyTorch's fused attention still runs.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp
+from timm.layers import LayerNorm2d, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,11 +53,9 @@ def window_unpartition(
 def beit_resize_matrix(src: int, dst: int) -> torch.Tensor:
     """[dst, src] float64 map of the release's `interp_type="beit"` table resize (EVA-01/det `get_rel_pos`).
 
-    Source rows sit at 0, +-1, +-(1 + q), +-(1 + q + q^2) ... (BEiT's geometric spacing, q fixed at
-    1.0903078 in the release rather than BEiT's bisection), targets at the integers +-(dst // 2), and
-    each channel is fit by scipy's `interp1d(kind="cubic", fill_value="extrapolate")`, a not-a-knot
-    cubic spline that is linear in the table, so interpolating the identity gives the whole map.
-    Cached and shared: callers must not modify it.
+    Source rows sit at 0, +-1, +-(1 + q), +-(1 + q + q^2) ... (BEiT's spacing, q fixed), targets at the
+    integers +-(dst // 2). The release's scipy `interp1d(kind="cubic")` is a not-a-knot spline, linear
+    in the table, so interpolating the identity gives the whole map. Cached: callers must not modify it.
     """
     from scipy.interpolate import make_interp_spline
 
@@ -81,11 +78,8 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int, interp: str = "linear") -
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor, interp: str = "linear") -> torch.Tensor:
-    """Relative-position embeddings [q_size, k_size, C] for one axis (ViTDet/MViTv2).
-
-    A table trained for another size is resized (`resize_rel_pos`): linearly as ViTDet, or by the
-    release's "beit" cubic fit, which its 1536-px COCO and LVIS evaluations use.
-    """
+    """Relative-position embeddings [q_size, k_size, C] for one axis (ViTDet/MViTv2); a table trained for
+    another size is resized (`resize_rel_pos`; "beit" is the release's 1536-px COCO and LVIS evaluation)."""
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
         rel_pos = resize_rel_pos(rel_pos, max_dist, interp)
@@ -93,6 +87,16 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor, interp: str = "
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
     return rel_pos[relative.long()]
+
+
+def _rel_pos_terms(q: torch.Tensor, rel_pos_h, rel_pos_w, hw: tuple[int, int], interp: str) -> tuple:
+    """q.Rh [B, heads, H, W, kH] and q.Rw [B, heads, H, W, kW] for unscaled q [B, heads, H*W, C]."""
+    height, width = hw
+    table_h = get_rel_pos(height, height, rel_pos_h, interp).to(q.dtype)
+    table_w = get_rel_pos(width, width, rel_pos_w, interp).to(q.dtype)
+    grid_q = q.reshape(*q.shape[:2], height, width, q.shape[-1])
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)
+    return rel_h, torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)
 
 
 def decomposed_rel_pos_bias(
@@ -103,15 +107,9 @@ def decomposed_rel_pos_bias(
     interp: str = "linear",
 ) -> torch.Tensor:
     """The additive logit bias [B, heads, H*W, H*W] = q.Rh + q.Rw for unscaled q [B, heads, H*W, C]."""
-    height, width = hw
-    table_h = get_rel_pos(height, height, rel_pos_h, interp)
-    table_w = get_rel_pos(width, width, rel_pos_w, interp)
-    batch, heads, _, dim = q.shape
-    grid_q = q.reshape(batch, heads, height, width, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h.to(q.dtype))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w.to(q.dtype))
+    rel_h, rel_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, interp)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, n, H, W, kH, kW]
-    return bias.reshape(batch, heads, height * width, height * width)
+    return bias.reshape(*q.shape[:2], hw[0] * hw[1], hw[0] * hw[1])
 
 
 def rel_pos_attention(
@@ -133,18 +131,14 @@ def rel_pos_attention(
     """
     height, width = hw
     batch, heads, tokens, dim = q.shape
-    table_h = get_rel_pos(height, height, rel_pos_h, interp).to(q.dtype)
-    table_w = get_rel_pos(width, width, rel_pos_w, interp).to(q.dtype)
-    grid_q = q.reshape(batch, heads, height, width, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, heads, tokens, height)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, heads, tokens, width)
-    rows = torch.arange(tokens, device=q.device)
-    one_hot = torch.cat([F.one_hot(rows // width, height), F.one_hot(rows % width, width)], dim=-1).to(
-        q.dtype
-    )  # [N, H + W]: key (kh, kw) -> its row and column
+    rel_h, rel_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, interp)
+    rel_h, rel_w = rel_h.reshape(batch, heads, tokens, height), rel_w.reshape(batch, heads, tokens, width)
+    token = torch.arange(tokens, device=q.device)
+    # [N, H + W]: key (kh, kw) -> its row and column
+    one_hot = torch.cat([F.one_hot(token // width, height), F.one_hot(token % width, width)], dim=-1)
     scale = dim**-0.5
     q_wide = torch.cat([q, (rel_h / scale), (rel_w / scale)], dim=-1)
-    k_wide = torch.cat([k, one_hot.expand(batch, heads, tokens, height + width)], dim=-1)
+    k_wide = torch.cat([k, one_hot.to(q.dtype).expand(batch, heads, tokens, height + width)], dim=-1)
     v_wide = F.pad(v, (0, height + width))
     out = F.scaled_dot_product_attention(q_wide, k_wide, v_wide, scale=scale)
     return out[..., :dim]
@@ -197,14 +191,13 @@ class WindowBlock(nn.Module):
         mlp_dim: int,
         window: int,
         grid: tuple[int, int],
-        drop_path: float = 0.0,
         rel_pos_interp: str = "linear",
     ):
         super().__init__()
         self.window = window
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = RelPosAttention(dim, num_heads, (window, window) if window else grid, rel_pos_interp)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = nn.Identity()  # `model.set_training_options` sets the run's drop path
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_dim, act_layer=nn.GELU)
 
@@ -246,35 +239,21 @@ class EvaViTDet(nn.Module):
         pos_grid: int,
         window: int = 16,
         global_blocks: list[int] | None = None,
-        drop_path_rate: float = 0.0,
-        grad_checkpointing: bool = False,
         rel_pos_interp: str = "linear",
     ):
         super().__init__()
-        if rel_pos_interp not in REL_POS_INTERPS:
-            raise ValueError(f"rel_pos_interp={rel_pos_interp!r} is not one of {list(REL_POS_INTERPS)}")
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))  # CLS row unused
         self.global_blocks = list(global_blocks if global_blocks is not None else global_block_indices(depth))
         grid = (img_size // patch_size, img_size // patch_size)
-        rates = [
-            drop_path_rate * i / max(1, depth - 1) for i in range(depth)
-        ]  # linear from 0 (works on meta)
         self.blocks = nn.ModuleList(
-            WindowBlock(
-                embed_dim,
-                num_heads,
-                mlp_dim,
-                0 if i in self.global_blocks else window,
-                grid,
-                rates[i],
-                rel_pos_interp,
-            )
+            WindowBlock(embed_dim, num_heads, mlp_dim, 0 if i in self.global_blocks else window, grid)
             for i in range(depth)
         )
-        self.grad_checkpointing = grad_checkpointing
+        set_rel_pos_interp(self, rel_pos_interp)
+        self.grad_checkpointing = False
 
     def abs_pos(self, height: int, width: int) -> torch.Tensor:
         """The position table without CLS, bicubically resized to the grid: [1, H, W, C]."""
@@ -304,14 +283,8 @@ def _pyramid_stage(scale: float, dim: int, out_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = dim
     if scale == 4.0:
-        half = dim // 2
-        layers = [
-            nn.ConvTranspose2d(dim, half, 2, 2),
-            LayerNorm2d(half, eps=LN_EPS),
-            nn.GELU(),
-            nn.ConvTranspose2d(half, dim // 4, 2, 2),
-        ]
-        channels = dim // 4
+        up = [nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2, eps=LN_EPS), nn.GELU()]
+        layers, channels = [*up, nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)], dim // 4
     elif scale == 2.0:
         layers, channels = [nn.ConvTranspose2d(dim, dim // 2, 2, 2)], dim // 2
     elif scale == 0.5:

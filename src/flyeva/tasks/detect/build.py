@@ -16,16 +16,6 @@ from flyeva.tasks.detect.model import EvaDetector, backbone_from_encoder
 logger = logging.getLogger(__name__)
 
 
-def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
-    block = encoder.blocks[0]
-    return {
-        "embed_dim": encoder.embed_dim,
-        "depth": len(encoder.blocks),
-        "num_heads": block.attn.num_heads,
-        "mlp_dim": block.mlp.fc1.out_features,
-    }
-
-
 # The layers whose rows are classes: another label set (Objects365 -> COCO) gives them other shapes.
 CLASS_LAYERS = (".cls_score.", ".mask_fcn_logits.")
 # The mask branch: a box-only detector (`model.mask_head=false`, Objects365) has none.
@@ -34,8 +24,8 @@ MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
 
 def _fit(
     own: dict[str, tuple], found: dict[str, tuple], where: str, *, new_classes: bool, fresh_prefix: str = ""
-) -> tuple[list[str], list[str]]:
-    """(tensors of the file not to load, tensors of this detector left fresh), from shapes alone.
+) -> list[str]:
+    """The tensors of the file not to load, from shapes alone.
 
     Training (`new_classes`) may start fresh the class layers of another label set and a mask branch
     the file lacks (a box-only Objects365 detector -> a COCO mask detector), and leaves out the file's
@@ -85,25 +75,11 @@ def _fit(
         logger.info(
             "%s holds a backbone only: %d tensors of the pyramid and heads start fresh", where, len(fresh)
         )
-    return classes + unused, fresh + new_mask
+    return classes + unused
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def _load_matching(
-    detector: nn.Module, state: dict[str, torch.Tensor], where: str, *, new_classes: bool, fresh_prefix=""
-) -> None:
-    """Load every tensor of `state`, but those `_fit` lets start fresh (training only)."""
-    skipped, _ = _fit(
-        _shapes(detector.state_dict()),
-        _shapes(state),
-        where,
-        new_classes=new_classes,
-        fresh_prefix=fresh_prefix,
-    )
-    detector.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
 
 
 def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
@@ -130,15 +106,6 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _mask_dims_for_training(cfg: DetectConfig, arch: dict) -> list[int]:
-    """A training start keeps the file's mask branch, adds `model.mask_dims` where the file has none
-    (Objects365 -> COCO), and drops it with `model.mask_head=false` (or empty `mask_dims`): the
-    branch exists exactly when the data is read with masks (`run.build_train`)."""
-    if not (cfg.model.mask_head and cfg.model.mask_dims):
-        return []
-    return list(arch["roi_heads"]["mask_dims"]) or list(cfg.model.mask_dims)
-
-
 def _from_detector_folder(
     cfg: DetectConfig, path: Path, num_classes: int | None, fed_weights, training: bool
 ) -> EvaDetector:
@@ -148,12 +115,16 @@ def _from_detector_folder(
     if not isinstance(config.get("arch"), dict) or not isinstance(config["arch"].get("roi_heads"), dict):
         raise ConfigError(f"{path}/config.json holds no detector architecture ('arch'); re-export the folder")
     arch = apply_test_settings(config["arch"], cfg.test, cfg.model.img_size)
-    arch["roi_heads"]["num_classes"] = num_classes or arch["roi_heads"]["num_classes"]
-    if training:
-        arch["roi_heads"]["mask_dims"] = _mask_dims_for_training(cfg, arch)
+    heads, m = arch["roi_heads"], cfg.model
+    heads["num_classes"] = num_classes or heads["num_classes"]
+    # a training start has a mask branch exactly when its data is read with masks (`run.build_train`)
+    if training and not (m.mask_head and m.mask_dims):
+        heads["mask_dims"] = []
+    elif training:  # the file's branch, or a fresh one where it has none (Objects365 -> COCO)
+        heads["mask_dims"] = list(heads["mask_dims"]) or list(m.mask_dims)
     with torch.device("meta"):  # config.json is checked against the file's header before any allocation
         skeleton = _shapes(EvaDetector(arch).state_dict())
-    skipped, _ = _fit(skeleton, header_shapes(path / WEIGHTS_FILE), str(path), new_classes=training)
+    skipped = _fit(skeleton, header_shapes(path / WEIGHTS_FILE), str(path), new_classes=training)
     detector = EvaDetector(arch, fed_weights)
     state = read_tensors(path / WEIGHTS_FILE)
     detector.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
@@ -175,7 +146,7 @@ def _from_release_file(
         raise ConfigError(
             "the release file holds a backbone only (no roi_heads.*); evaluate a whole detector"
         )
-    dims = {k: sizes[k] for k in ("embed_dim", "depth", "mlp_dim", "num_heads")}
+    dims = {k: sizes[k] for k in ("embed_dim", "depth", "mlp_dim", "num_heads", "pos_grid")}
     geometry = {"window": sizes["window"], "global_blocks": sizes["global_blocks"]}
     if (cfg.model.window, list(cfg.model.global_blocks) or sizes["global_blocks"]) != tuple(
         geometry.values()
@@ -185,14 +156,15 @@ def _from_release_file(
         geometry["mask_head"] = False
     cfg = replace(cfg, model=replace(cfg.model, **geometry))
     classes = num_classes or sizes["num_classes"]
-    arch = arch_from_config(cfg, dims | {"pos_grid": sizes["pos_grid"]}, classes)
+    arch = arch_from_config(cfg, dims, classes)
     detector = EvaDetector(arch, fed_weights)
     renamed = detector_state_from_release(state, len(cfg.model.box_conv_dims))
     where = "the release detection checkpoint"
     _check_finite(renamed, where)
-    _load_matching(
-        detector, renamed, where, new_classes=training, fresh_prefix="backbone.net." if backbone_only else ""
-    )
+    fresh_prefix = "backbone.net." if backbone_only else ""
+    own = _shapes(detector.state_dict())
+    skipped = _fit(own, _shapes(renamed), where, new_classes=training, fresh_prefix=fresh_prefix)
+    detector.load_state_dict({k: v for k, v in renamed.items() if k not in skipped}, strict=False)
     return detector
 
 
@@ -230,8 +202,11 @@ def build_detector(
             encoder, patch_size=m.patch_size, img_size=m.img_size, window=m.window,
             pos_grid=m.pos_grid or None, global_blocks=list(m.global_blocks) or None,
         )  # fmt: skip
-        dims = _encoder_dims(encoder) | {"pos_grid": net.pos_embed.shape[1] - 1}
-        dims["pos_grid"] = round(dims["pos_grid"] ** 0.5)
+        block = net.blocks[0]
+        dims = {
+            "embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": block.attn.num_heads,
+            "mlp_dim": block.mlp.fc1.out_features, "pos_grid": round((net.pos_embed.shape[1] - 1) ** 0.5),
+        }  # fmt: skip
         detector = EvaDetector(arch_from_config(cfg, dims, num_classes or 80), fed_weights)
         detector.backbone.net.load_state_dict(net.state_dict())
         if path is not None:  # which of the detector's tensors are the pretrained encoder's

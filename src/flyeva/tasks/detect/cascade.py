@@ -9,7 +9,9 @@ and the last stage's boxes are kept. Background is the last class index (detectr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +27,7 @@ from flyeva.tasks.detect.pooler import AlignedMultiScaleRoIAlign
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
-
-
-def layer_norm_2d(channels: int) -> nn.Module:
-    return LayerNorm2d(channels, eps=1e-6)  # detectron2 "LN" over channels (ViTDet heads)
+layer_norm_2d = partial(LayerNorm2d, eps=1e-6)  # detectron2 "LN" over channels (ViTDet heads)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -104,19 +103,13 @@ class CascadeRoIHeads(nn.Module):
             cfg.batch_size_per_image, cfg.positive_fraction
         )
         self.mask_pooler = AlignedMultiScaleRoIAlign(cfg.strides, 14)
-        self.mask_head = (
-            MaskRCNNHeads(cfg.channels, cfg.mask_dims, 1, norm_layer=layer_norm_2d) if cfg.mask_dims else None
-        )
-        self.mask_predictor = (
-            MaskRCNNPredictor(cfg.mask_dims[-1], cfg.mask_dims[-1], cfg.num_classes)
-            if cfg.mask_dims
-            else None
-        )
+        self.mask_head = self.mask_predictor = None
+        if cfg.mask_dims:
+            self.mask_head = MaskRCNNHeads(cfg.channels, cfg.mask_dims, 1, norm_layer=layer_norm_2d)
+            self.mask_predictor = MaskRCNNPredictor(cfg.mask_dims[-1], cfg.mask_dims[-1], cfg.num_classes)
         self.register_buffer(
             "fed_weights", fed_weights if fed_weights is not None else torch.zeros(0), persistent=False
         )
-
-    # ----- matching -------------------------------------------------------------------------------
 
     def match(self, proposals: list[torch.Tensor], targets: list[dict], stage: int) -> tuple[list, list]:
         """Per image: class of each proposal (background = K) and its matched ground-truth index."""
@@ -141,8 +134,6 @@ class CascadeRoIHeads(nn.Module):
         binary = [(c != self.cfg.num_classes).long() for c in classes]
         positive, negative = self.sampler(binary)
         return [p[(pos | neg).bool()] for p, pos, neg in zip(proposals, positive, negative)]
-
-    # ----- box stages -----------------------------------------------------------------------------
 
     def run_stage(self, features: list[torch.Tensor], boxes: list[torch.Tensor], stage: int):
         pooled = self.box_pooler(features, boxes)
@@ -181,8 +172,6 @@ class CascadeRoIHeads(nn.Module):
         probs = logits.sigmoid() if self.cfg.classifier == "sigmoid_fed" else logits.softmax(-1)
         return probs[:, : self.cfg.num_classes]
 
-    # ----- masks ----------------------------------------------------------------------------------
-
     def mask_logits(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         return self.mask_predictor(self.mask_head(self.mask_pooler(features, boxes)))
 
@@ -207,48 +196,37 @@ class CascadeRoIHeads(nn.Module):
         chosen = logits[torch.arange(len(cls), device=cls.device), cls]
         return F.binary_cross_entropy_with_logits(chosen, (torch.cat(mask_targets) >= 0.5).to(chosen.dtype))
 
-    # ----- entry points ---------------------------------------------------------------------------
-
-    def forward(self, features, proposals, image_sizes, targets=None):
-        """Training: a loss dict. Test: per image {boxes, scores, labels[, mask_probs 28x28]}."""
-        if self.training:
-            boxes = self.sample(proposals, targets)
-            first_stage_boxes, losses, deltas = boxes, {}, None
-            for stage in range(len(self.box_head)):
-                if deltas is not None:
-                    boxes = self.next_boxes(deltas, boxes, image_sizes, stage - 1)
-                logits, deltas = self.run_stage(features, boxes, stage)
-                losses.update(self.stage_loss(logits, deltas, boxes, targets, stage))
-            if self.mask_head is not None:
-                losses["loss_mask"] = self.mask_loss(features, first_stage_boxes, targets)
-            return losses
-        return self.inference(features, proposals, image_sizes)
-
-    def inference(self, features, proposals, image_sizes) -> list[dict[str, torch.Tensor]]:
-        boxes, stage_probs, deltas = proposals, [], None
+    def stages(self, features, boxes: list[torch.Tensor], image_sizes) -> Iterator[tuple]:
+        """(stage, boxes, logits, deltas) of each stage, on the boxes the stage before refined."""
+        deltas = None
         for stage in range(len(self.box_head)):
             if deltas is not None:
                 boxes = self.next_boxes(deltas, boxes, image_sizes, stage - 1)
             logits, deltas = self.run_stage(features, boxes, stage)
-            stage_probs.append(self.class_probs(logits))
-        final_boxes = self.next_boxes(deltas, boxes, image_sizes, len(self.box_head) - 1)
-        probs = torch.stack(stage_probs).mean(0).split([len(b) for b in boxes])
-        return self.select(features, final_boxes, probs)
+            yield stage, boxes, logits, deltas
+
+    def forward(self, features, proposals, image_sizes, targets=None):
+        """Training: a loss dict. Test: per image {boxes, scores, labels[, mask_probs 28x28]}."""
+        if self.training:
+            sampled, losses = self.sample(proposals, targets), {}
+            for stage, boxes, logits, deltas in self.stages(features, sampled, image_sizes):
+                losses.update(self.stage_loss(logits, deltas, boxes, targets, stage))
+            if self.mask_head is not None:
+                losses["loss_mask"] = self.mask_loss(features, sampled, targets)
+            return losses
+        runs = list(self.stages(features, proposals, image_sizes))
+        stage, boxes, _, deltas = runs[-1]
+        probs = torch.stack([self.class_probs(logits) for _, _, logits, _ in runs]).mean(0)
+        final_boxes = self.next_boxes(deltas, boxes, image_sizes, stage)
+        return self.select(features, final_boxes, probs.split([len(b) for b in boxes]))
 
     def select(self, features, boxes, probs) -> list[dict[str, torch.Tensor]]:
         from flyeva.tasks.detect.postprocess import calibrate_scores, per_class_detections
 
         cfg, results = self.cfg, []
+        args = (cfg.score_threshold, cfg.nms_threshold, cfg.detections_per_image, cfg.nms, cfg.soft_min_score)
         for image_boxes, image_probs in zip(boxes, probs):
-            kept_boxes, scores, labels = per_class_detections(
-                image_boxes,
-                image_probs,
-                cfg.score_threshold,
-                cfg.nms_threshold,
-                cfg.detections_per_image,
-                cfg.nms,
-                cfg.soft_min_score,
-            )
+            kept_boxes, scores, labels = per_class_detections(image_boxes, image_probs, *args)
             results.append({"boxes": kept_boxes, "scores": scores, "labels": labels})
         if self.mask_head is None:
             return results

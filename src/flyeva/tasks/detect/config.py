@@ -1,22 +1,17 @@
 """`flyeva detect` configs: schema defaults are the release's EVA-g COCO recipe (release `EVA-01/det`).
 
 Recipes in configs/detect/ are short deltas on these defaults (eva_giant_lvis, eva_giant_o365,
-eva_base_coco, miniature). The detector is built here from the config: from encoder weights (flyeva folder or
-release checkpoint), from a detector (flyeva `detector` folder or the release's detectron2 file),
-or from scratch.
+eva_base_coco, miniature).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from flyeva.config import ConfigError
 from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,7 +160,7 @@ def arch_from_config(cfg: DetectConfig, encoder_dims: dict[str, int], num_classe
     """The json-able architecture of `EvaDetector` for this config and encoder."""
     from flyeva.tasks.detect.backbone import global_block_indices
 
-    m, t = cfg.model, cfg.test
+    m = cfg.model
     backbone = dict(encoder_dims, img_size=m.img_size, patch_size=m.patch_size, window=m.window)
     backbone.update(
         global_blocks=list(m.global_blocks) or global_block_indices(encoder_dims["depth"]),
@@ -181,11 +176,10 @@ def arch_from_config(cfg: DetectConfig, encoder_dims: dict[str, int], num_classe
         "num_classes": num_classes, "conv_dims": list(m.box_conv_dims), "fc_dims": list(m.box_fc_dims),
         "mask_dims": list(m.mask_dims) if m.mask_head else [], "batch_size_per_image": m.roi_batch_size,
         "positive_fraction": m.roi_positive_fraction, "classifier": m.classifier,
-        "fed_loss_classes": m.fed_loss_classes, "score_threshold": t.score_threshold, "nms": t.nms,
-        "nms_threshold": t.nms_threshold, "soft_min_score": t.soft_min_score,
-        "detections_per_image": max([t.detections_per_image, *t.extra_caps]), "maskness": t.maskness,
+        "fed_loss_classes": m.fed_loss_classes,
     }  # fmt: skip
-    return {"backbone": backbone, "rpn": rpn, "roi_heads": heads, "square_size": m.img_size}
+    arch = {"backbone": backbone, "rpn": rpn, "roi_heads": heads}
+    return apply_test_settings(arch, cfg.test, m.img_size)
 
 
 def apply_test_settings(arch: dict[str, Any], test: TestSection, square_size: int) -> dict[str, Any]:
@@ -193,7 +187,7 @@ def apply_test_settings(arch: dict[str, Any], test: TestSection, square_size: in
     heads = dict(arch["roi_heads"])
     heads.update(
         score_threshold=test.score_threshold, nms=test.nms, nms_threshold=test.nms_threshold,
-        soft_min_score=test.soft_min_score, maskness=test.maskness,
-        detections_per_image=max([test.detections_per_image, *test.extra_caps]),
+        soft_min_score=test.soft_min_score,
+        detections_per_image=max([test.detections_per_image, *test.extra_caps]), maskness=test.maskness,
     )  # fmt: skip
     return dict(arch, roi_heads=heads, square_size=square_size)

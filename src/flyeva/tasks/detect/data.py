@@ -1,15 +1,10 @@
 """COCO-format instance datasets (COCO, LVIS v1, Objects365, the ShapeWorld export) for detection.
 
-One reader for every dataset: a COCO-style JSON and an image folder. LVIS v1 images have no
-`file_name`; their path is the last two parts of `coco_url` (train2017/000000391895.jpg), as
-detectron2 reads them, and the images' `not_exhaustive_category_ids` / `neg_category_ids` stay in
-the JSON that evaluation reads. The file is first checked whole (`annotations.validate_coco`: a
-record of the wrong shape is an error naming the file, record and field). A bad annotation value
-(box outside the image, zero area, non-finite box or polygon, unknown category id, malformed
-polygon) is reported with its file and id, then repaired (box clipped) or dropped and counted in
-`usage`; an image claiming more than `max_pixels` is left out whole, and one whose decoded size
-differs from its claim is unreadable (the stream skips and counts it). Crowd regions are left out
-of training targets (evaluation ignores them instead).
+LVIS v1 images have no `file_name`: their path is the last two parts of `coco_url`, as detectron2
+reads them. The file is checked whole first (`annotations.validate_coco`); a bad annotation value is
+reported with its file and id, then repaired (box clipped) or dropped and counted in `usage`. An
+image claiming more than `max_pixels` is left out whole; crowd regions are left out of training
+targets (evaluation ignores them instead).
 """
 
 from __future__ import annotations
@@ -81,9 +76,7 @@ class CocoDetectionDataset:
         self.usage = Usage()
         self.records = self._read_records(document)
         if not any(self.image_counts):  # COCO, Objects365: count images per class from the annotations
-            counts = Counter(
-                i.label for r in self.records for i in {x.label: x for x in r.instances}.values()
-            )
+            counts = Counter(label for r in self.records for label in {i.label for i in r.instances})
             self.image_counts = [counts.get(k, 0) for k in range(len(categories))]
 
     @property
@@ -203,6 +196,11 @@ class CocoDetectionDataset:
                 "fix height/width in the annotation file or replace the image"
             )
         return image
+
+    load = load_image  # with `key`: an indexable source of `flyeva.data.stream`
+
+    def key(self, index: int) -> str:
+        return str(self.records[index].path)
 
     def masks(self, index: int) -> np.ndarray:
         """bool [n, H, W] instance masks of image `index` (polygons and RLE decoded)."""

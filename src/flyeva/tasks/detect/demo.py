@@ -1,9 +1,8 @@
 """The detection stage of `flyeva demo`: the miniature Cascade Mask R-CNN, pretrained or from scratch.
 
-ShapeWorld at 64 px with the demo encoder's patch 4 (its 8 x 8 position table is resized to the 16 x 16
-grid), so a pretrained miniature EVA loads without resizing its patch kernel. A pretrained start adds
-the release's from-pretrained layer decay and drop path (docs/demo.md, the recipe rule). Reported as
-measured, not tuned to agree (docs/detect.md).
+ShapeWorld at 64 px with the demo encoder's patch 4, so a pretrained miniature EVA loads without
+resizing its patch kernel; a pretrained start adds the release's from-pretrained layer decay and
+drop path (docs/demo.md). Reported as measured, not tuned to agree (docs/detect.md).
 """
 
 from __future__ import annotations

@@ -53,18 +53,14 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 def to_coco_results(detection: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
     """One image's detections as COCO result dicts (bbox xywh; segmentation RLE when masks exist)."""
+    scores, labels, masks = detection["scores"].tolist(), detection["labels"].tolist(), detection.get("masks")
     results = []
-    boxes = detection["boxes"].detach().cpu().double()
-    masks = detection.get("masks")
-    for slot, (box, score, label) in enumerate(
-        zip(boxes, detection["scores"].tolist(), detection["labels"].tolist())
-    ):
-        x0, y0, x1, y1 = box.tolist()
+    for slot, (x0, y0, x1, y1) in enumerate(detection["boxes"].detach().cpu().double().tolist()):
         result = {
             "image_id": int(image_id),
-            "category_id": category_ids[int(label)],
+            "category_id": category_ids[int(labels[slot])],
             "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(score),
+            "score": float(scores[slot]),
         }
         if masks is not None:
             result["segmentation"] = encode_mask(masks[slot].cpu().numpy())
@@ -122,10 +118,9 @@ def coco_evaluate(
         if iou_type == "segm" and not has_masks:
             out[iou_type] = dict.fromkeys(names.values(), -1.0)
             continue
+        chosen = results
         if iou_type == "segm":
             chosen = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
-        else:
-            chosen = results
         # loadRes rewrites segmentations in place (bytes counts): it gets a copy
         evaluator = COCOeval_faster(
             gt, gt.loadRes(copy.deepcopy(chosen)), iou_type, lvis_style=lvis, print_function=logger.debug
@@ -180,13 +175,6 @@ def predict_dataset(
     return results, skipped
 
 
-def gather_results(results: list[dict]) -> list[dict]:
-    """Every rank's results on every rank (one list)."""
-    if D.world_size() == 1:
-        return results
-    return [r for part in D.all_gather_objects(results) for r in part]
-
-
 class DetectionEvaluator:
     """COCO (or LVIS) box and mask AP of the model on a validation set; rank 0 gets the numbers."""
 
@@ -209,7 +197,7 @@ class DetectionEvaluator:
             )
         finally:
             base.square_size = square
-        results = gather_results(results)
+        results = [r for part in D.all_gather_objects(results) for r in part]  # every rank's, on every rank
         skipped = sum(D.all_gather_objects(skipped))
         evaluated = min(len(self.dataset), t.max_images or len(self.dataset))
         if evaluated and skipped >= evaluated:  # metrics of no image would read as a model scoring 0
@@ -221,10 +209,8 @@ class DetectionEvaluator:
             return {}
         truth = self.ground_truth
         # a detector without a mask branch (or a box-only set) is scored on boxes only: no segm numbers
-        masks = base.roi_heads.mask_head is not None and any(
-            "segmentation" in a for a in truth["annotations"]
-        )
-        kinds = ("bbox", "segm") if masks else ("bbox",)
+        segm = base.roi_heads.mask_head is not None and any("segmentation" in a for a in truth["annotations"])
+        kinds = ("bbox", "segm") if segm else ("bbox",)
         stats = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=t.detections_per_image)
         for cap in t.extra_caps:
             extra = coco_evaluate(truth, results, kinds, lvis=t.lvis, max_per_image=cap)
@@ -235,7 +221,9 @@ class DetectionEvaluator:
         return stats
 
     def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        return flat_stats(self.evaluate(model))
+        """The flat metric names the engine logs: {"bbox": {"AP": ..}} -> {"bbox_AP": ..}."""
+        stats = self.evaluate(model)
+        return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}
 
     def details(self) -> dict[str, Any]:
         """The last evaluation's COCO results go to OUTPUT/detections.json (written by rank 0)."""
@@ -247,8 +235,3 @@ class DetectionEvaluator:
             "detections": str(self.out / "detections.json"),
             "detections_per_image": self.cfg.test.detections_per_image,
         }
-
-
-def flat_stats(stats: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"bbox": {"AP": ..}} -> {"bbox_AP": ..}: the flat metric names the engine logs."""
-    return {f"{kind}_{name}": value for kind, values in stats.items() for name, value in values.items()}

@@ -9,6 +9,7 @@ max(1, sqrt(t / f(c))) times for its rarest category c, t = 0.001.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,8 +24,7 @@ REPEAT_THRESHOLD = 0.001
 def fed_loss_weights(image_counts: Sequence[int], power: float = FED_LOSS_POWER) -> torch.Tensor:
     """Sampling weight of each class for the federated loss: image_count ** power.
 
-    A negative or non-finite count is a ValueError: its weight would be NaN, and negatives would
-    be drawn by garbage probabilities for the rest of the run.
+    A negative or non-finite count is refused: its NaN weight would garble every later negative draw.
     """
     counts = torch.tensor([float(count) for count in image_counts], dtype=torch.float64)
     bad = (~torch.isfinite(counts) | (counts < 0)).nonzero().flatten().tolist()
@@ -43,11 +43,8 @@ def fed_loss_classes(
     num_sampled: int = FED_LOSS_CLASSES,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The classes the loss covers: every ground-truth class, then negatives drawn by `weights`.
-
-    detectron2 `get_fed_loss_classes`: background (index num_classes) is never drawn; when the
-    image already has `num_sampled` classes or more, only they count.
-    """
+    """The classes the loss covers: every ground-truth class, then negatives drawn by `weights`
+    (detectron2 `get_fed_loss_classes`; background, index num_classes, is never drawn)."""
     present = torch.unique(gt_classes)
     present = present[present < num_classes]
     if len(present) >= num_sampled:
@@ -68,10 +65,8 @@ def sigmoid_ce_loss(
     num_sampled: int = FED_LOSS_CLASSES,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Per-class BCE over the K foreground logits of [N, K + 1] (background = all zeros), / N.
-
-    With `fed_weights`, only the federated classes contribute (detectron2 `sigmoid_cross_entropy_loss`).
-    """
+    """Per-class BCE over the K foreground logits of [N, K + 1] (background = all zeros), / N; with
+    `fed_weights` only the federated classes count (detectron2 `sigmoid_cross_entropy_loss`)."""
     count, num_classes = logits.shape[0], logits.shape[1] - 1
     if count == 0:
         return logits.sum() * 0.0
@@ -88,15 +83,10 @@ def sigmoid_ce_loss(
 def repeat_factors(
     image_categories: Sequence[Sequence[int]], threshold: float = REPEAT_THRESHOLD
 ) -> np.ndarray:
-    """Per-image repeat factor r(I) = max over its categories c of max(1, sqrt(t / f(c))).
-
-    f(c) is the fraction of training images in which c appears; an image without annotations has r = 1.
-    """
+    """Per-image repeat factor r(I) = max over its categories c of max(1, sqrt(t / f(c))), f(c) the
+    fraction of training images in which c appears; an image without annotations has r = 1."""
     num_images = len(image_categories)
-    counts: dict[int, int] = {}
-    for categories in image_categories:
-        for category in set(categories):
-            counts[category] = counts.get(category, 0) + 1
+    counts = Counter(category for categories in image_categories for category in set(categories))
     category_factor = {c: max(1.0, math.sqrt(threshold / (n / num_images))) for c, n in counts.items()}
     return np.array(
         [max((category_factor[c] for c in set(cats)), default=1.0) for cats in image_categories],

@@ -9,7 +9,6 @@ detector saves as a flyeva weights folder of kind `detector` (`build_from_arch` 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from flyeva.tasks.detect.backbone import PYRAMID_SCALES, EvaViTDet, SimpleFeaturePyramid, global_block_indices
+from flyeva.tasks.detect.backbone import EvaViTDet, SimpleFeaturePyramid
 from flyeva.tasks.detect.cascade import CascadeRoIHeads, RoIHeadsConfig
 
 # ImageNet statistics on the 0-255 scale (release `EVA-01/det`; pretraining used CLIP's: docs/recipes.md §9)
@@ -29,34 +28,14 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def default_arch(num_classes: int = 80) -> dict[str, Any]:
-    """The release's EVA-g COCO model at 1280 px (release `EVA-01/det`)."""
-    return {
-        "backbone": {
-            "img_size": 1280,
-            "patch_size": 16,
-            "embed_dim": 1408,
-            "depth": 40,
-            "num_heads": 16,
-            "mlp_dim": 6144,
-            "pos_grid": 14,  # the release's 224 / 16 table (+ CLS), resized to the grid every forward
-            "window": 16,
-            "global_blocks": global_block_indices(40),
-            "pyramid_scales": list(PYRAMID_SCALES),
-            "out_channels": 256,
-        },
-        "rpn": {
-            "anchor_sizes": [32, 64, 128, 256, 512],
-            "aspect_ratios": [0.5, 1.0, 2.0],
-            "pre_nms_train": 2000,
-            "post_nms_train": 1000,
-            "pre_nms_test": 1000,
-            "post_nms_test": 1000,
-            "nms": 0.7,
-            "batch_size_per_image": 256,
-        },
-        "roi_heads": vars(RoIHeadsConfig(num_classes=num_classes)),
-        "square_size": 1280,
-    }
+    """The release's EVA-g COCO model at 1280 px (release `EVA-01/det`), with the heads' defaults."""
+    from flyeva.tasks.detect.config import DetectConfig, arch_from_config
+
+    # pos_grid 14: the release's 224 / 16 table (+ CLS), resized to the grid every forward
+    dims = {"embed_dim": 1408, "depth": 40, "num_heads": 16, "mlp_dim": 6144, "pos_grid": 14}
+    return dict(
+        arch_from_config(DetectConfig(), dims, num_classes), roi_heads=vars(RoIHeadsConfig(num_classes))
+    )
 
 
 class EvaDetector(nn.Module):
@@ -214,17 +193,10 @@ def backbone_from_encoder(
     )  # fmt: skip
     table = encoder.pos_embed[:, -grid * grid :]
     if pos_grid != grid:
-        table = (
-            F.interpolate(
-                table.reshape(1, grid, grid, -1).permute(0, 3, 1, 2), (pos_grid, pos_grid), mode="bicubic"
-            )
-            .flatten(2)
-            .transpose(1, 2)
-        )
+        table = table.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, (pos_grid, pos_grid), mode="bicubic").flatten(2).transpose(1, 2)
     net.pos_embed.copy_(torch.cat([net.pos_embed[:, :1], table], dim=1))
-    state = OrderedDict(
-        (k, v) for k, v in encoder.state_dict().items() if k.startswith(("blocks.", "patch_embed."))
-    )
+    state = {k: v for k, v in encoder.state_dict().items() if k.startswith(("blocks.", "patch_embed."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("rel_pos_h", "rel_pos_w")) and k != "pos_embed"]
     if missing or unexpected:

@@ -29,7 +29,5 @@ class DetectionObjective:
                 raise
             # Boxes went non-finite and every proposal was dropped: a diverging model. A NaN loss lets the
             # engine skip the step, roll back and, if it persists, stop with exit 3 (docs/reliability.md).
-            nan = sum(p.sum() for p in model.parameters() if p.requires_grad) * float("nan")
-            return nan, {}
-        total = sum(losses.values())
-        return total, {k: float(v.detach()) for k, v in losses.items()}
+            return sum(p.sum() for p in model.parameters() if p.requires_grad) * float("nan"), {}
+        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}

@@ -38,9 +38,7 @@ class AlignedMultiScaleRoIAlign(nn.Module):
     def __init__(self, strides: list[int], output_size: int, sampling_ratio: int = 0):
         super().__init__()
         levels = [math.log2(stride) for stride in strides]
-        if any(level != int(level) for level in levels) or levels != list(
-            range(int(levels[0]), int(levels[-1]) + 1)
-        ):
+        if levels != list(range(int(levels[0]), int(levels[-1]) + 1)):  # integers, one apart
             raise ValueError(f"pooler strides must be consecutive powers of 2, got {strides}")
         self.strides = list(strides)
         self.min_level, self.max_level = int(levels[0]), int(levels[-1])

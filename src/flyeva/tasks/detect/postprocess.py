@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
+SOFT_NMS_METHODS = ("linear", "hard")
 
 
 def soft_nms(
@@ -20,17 +20,15 @@ def soft_nms(
     iou_threshold: float = 0.6,
     min_score: float = 1e-3,
     method: str = "linear",
-    sigma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS of one class (Bodla et al. 2017, the release's loop): indices kept and their new scores.
 
-    Repeatedly keep the top box and decay the others' scores: linear x (1 - IoU) where IoU > threshold,
-    gaussian x exp(-IoU^2 / sigma), hard x 0 where IoU > threshold (= plain NMS); drop scores <= min_score.
+    Repeatedly keep the top box and decay the others' scores where IoU > threshold: linear x (1 - IoU),
+    hard x 0 (= plain NMS); drop scores <= min_score.
     """
     if method not in SOFT_NMS_METHODS:
         raise ValueError(f"soft-NMS method {method!r} is not one of {SOFT_NMS_METHODS}")
     indices = torch.arange(len(boxes), device=boxes.device)
-    scores = scores.clone()
     kept, kept_scores = [], []
     while len(scores):
         top = int(torch.argmax(scores))
@@ -38,12 +36,9 @@ def soft_nms(
         kept_scores.append(scores[top])
         ious = box_iou(boxes[top : top + 1], boxes)[0]
         if method == "linear":
-            decay = torch.where(ious > iou_threshold, 1 - ious, torch.ones_like(ious))
-        elif method == "gaussian":
-            decay = torch.exp(-(ious**2) / sigma)
+            scores = scores * torch.where(ious > iou_threshold, 1 - ious, torch.ones_like(ious))
         else:
-            decay = (ious <= iou_threshold).to(scores.dtype)
-        scores = scores * decay
+            scores = scores * (ious <= iou_threshold).to(scores.dtype)
         remain = scores > min_score
         remain[top] = False
         boxes, scores, indices = boxes[remain], scores[remain], indices[remain]
@@ -78,11 +73,8 @@ def per_class_detections(
     nms: str = "hard",
     soft_min_score: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """detectron2's `fast_rcnn_inference_single_image` for class-agnostic boxes [N, 4], scores [N, K].
-
-    Returns boxes, scores and labels (0..K-1) of at most `topk` detections, by descending score. The
-    cap applies after Soft-NMS too (the release skips it there).
-    """
+    """detectron2's `fast_rcnn_inference_single_image` for class-agnostic boxes [N, 4], scores [N, K]: boxes,
+    scores and labels (0..K-1) of at most `topk` detections (after Soft-NMS too), by descending score."""
     candidates = torch.nonzero(scores > score_threshold)
     rows, labels = candidates[:, 0], candidates[:, 1]
     cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
@@ -95,8 +87,8 @@ def per_class_detections(
         cand_scores = cand_scores[keep]
     else:
         raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
-    keep, cand_scores = keep[:topk], cand_scores[:topk]
-    return cand_boxes[keep], cand_scores, labels[keep]
+    keep = keep[:topk]
+    return cand_boxes[keep], cand_scores[:topk], labels[keep]
 
 
 def maskness(mask_probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

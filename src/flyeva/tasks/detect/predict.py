@@ -16,7 +16,6 @@ from flyeva.tasks.detect.transforms import ResizeLongestSide
 
 logger = logging.getLogger(__name__)
 
-
 MIN_SIDE = 512  # smaller images are scaled up by a whole factor to at least this long side
 
 

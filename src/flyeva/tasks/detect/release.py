@@ -62,40 +62,26 @@ def is_release_detector(state: dict[str, Any]) -> bool:
 
 def detector_state_from_release(state: dict[str, Tensor], num_box_convs: int = 4) -> dict[str, Tensor]:
     """A detectron2 EVA Cascade Mask R-CNN state dict renamed to flyeva's `EvaDetector`."""
-    renamed = {}
-    for key, value in state.items():
-        if (new_key := detectron2_key(key, num_box_convs)) is not None:
-            renamed[new_key] = value
-    return renamed
+    names = {key: detectron2_key(key, num_box_convs) for key in state}
+    return {name: state[key] for key, name in names.items() if name is not None}
 
 
 def release_detector_arch(state: dict[str, Tensor]) -> dict[str, Any]:
-    """Backbone and head sizes read off a release detector state dict (for `default_arch` overrides)."""
+    """Backbone and head sizes read off a release detector state dict. Window, global blocks and heads
+    come from the rel-pos tables: 2 window - 1 rows (more in global blocks), a column per head channel."""
+    depth = block_count(state, "backbone.net.blocks.")
+    rows = [state[f"backbone.net.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+    patch = state["backbone.net.patch_embed.proj.weight"]
+    scores = state.get("roi_heads.box_predictor.0.cls_score.weight")
     return {
-        "embed_dim": state["backbone.net.patch_embed.proj.weight"].shape[0],
-        "depth": block_count(state, "backbone.net.blocks."),
+        "embed_dim": patch.shape[0],
+        "depth": depth,
         "mlp_dim": state["backbone.net.blocks.0.mlp.fc1.weight"].shape[0],
-        "patch_size": state["backbone.net.patch_embed.proj.weight"].shape[-1],
+        "patch_size": patch.shape[-1],
         "pos_grid": round((state["backbone.net.pos_embed"].shape[1] - 1) ** 0.5),
-        "num_classes": state["roi_heads.box_predictor.0.cls_score.weight"].shape[0] - 1
-        if "roi_heads.box_predictor.0.cls_score.weight" in state
-        else None,  # a backbone-only file
+        "num_classes": None if scores is None else scores.shape[0] - 1,  # None: a backbone-only file
         "has_masks": any(k.startswith("roi_heads.mask_head.") for k in state),  # Objects365: boxes only
-        **_attention_geometry(state),
-    }
-
-
-def _attention_geometry(state: dict[str, Tensor]) -> dict[str, Any]:
-    """Window size, global blocks and heads from the rel-pos tables: 2 window - 1 rows (more in global
-    blocks), one column per channel of a head."""
-    columns = state["backbone.net.blocks.0.attn.rel_pos_h"].shape[1]
-    rows = [
-        state[f"backbone.net.blocks.{i}.attn.rel_pos_h"].shape[0]
-        for i in range(block_count(state, "backbone.net.blocks."))
-    ]
-    window_rows = min(rows)
-    return {
-        "window": (window_rows + 1) // 2,
-        "global_blocks": [i for i, n in enumerate(rows) if n != window_rows],
-        "num_heads": state["backbone.net.patch_embed.proj.weight"].shape[0] // columns,
+        "window": (min(rows) + 1) // 2,
+        "global_blocks": [i for i, n in enumerate(rows) if n != min(rows)],
+        "num_heads": patch.shape[0] // state["backbone.net.blocks.0.attn.rel_pos_h"].shape[1],
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ from flyeva.tasks.detect.config import DetectConfig, validate
 from flyeva.tasks.detect.data import CocoDetectionDataset
 from flyeva.tasks.detect.evaluate import DetectionEvaluator
 from flyeva.tasks.detect.objective import DetectionObjective
-
-logger = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: DetectConfig, out: Path, need_train: bool = True) -> tuple[Path, Path | None, str, str]:
@@ -48,17 +45,11 @@ def prepare_data(cfg: DetectConfig, out: Path, need_train: bool = True) -> tuple
     return train_json, val_json if has_val else None, d.train_images, d.val_images
 
 
-def _fed_weights(cfg: DetectConfig, dataset: CocoDetectionDataset) -> torch.Tensor | None:
-    from flyeva.tasks.detect.lvis import fed_loss_weights
-
-    return fed_loss_weights(dataset.image_counts) if cfg.model.classifier == "sigmoid_fed" else None
-
-
 def build_train(cfg: DetectConfig) -> Built:
     """The detector, its loss and its data on the shared engine; final/ holds a `detector` folder."""
     from flyeva.models.weights import save_weights
     from flyeva.tasks.detect.build import build_detector, release_param_groups
-    from flyeva.tasks.detect.lvis import repeat_factors
+    from flyeva.tasks.detect.lvis import fed_loss_weights, repeat_factors
     from flyeva.tasks.detect.stream import DetectionBatchStream
     from flyeva.tasks.detect.transforms import LargeScaleJitter
 
@@ -68,12 +59,13 @@ def build_train(cfg: DetectConfig) -> Built:
     dataset = CocoDetectionDataset(train_json, train_root or None, masks=masks)
     check_usable(dataset)  # no usable sample, or most of them dropped: one line, before any training
     val = CocoDetectionDataset(val_json, val_root or None, masks=masks) if val_json else None
-    factors = None
-    if cfg.data.repeat_threshold > 0:
-        factors = repeat_factors(dataset.image_categories(), cfg.data.repeat_threshold)
-    torch.manual_seed(cfg.train.seed)  # the same fresh weights on every rank and in every run
-    model = build_detector(cfg, dataset.num_classes, _fed_weights(cfg, dataset))
     d = cfg.data
+    factors = (
+        repeat_factors(dataset.image_categories(), d.repeat_threshold) if d.repeat_threshold > 0 else None
+    )
+    fed_weights = fed_loss_weights(dataset.image_counts) if cfg.model.classifier == "sigmoid_fed" else None
+    torch.manual_seed(cfg.train.seed)  # the same fresh weights on every rank and in every run
+    model = build_detector(cfg, dataset.num_classes, fed_weights)
     transform = LargeScaleJitter(cfg.model.img_size, d.lsj_min_scale, d.lsj_max_scale, d.flip)
     stream = DetectionBatchStream(
         dataset, transform, cfg.train.batch_size, D.rank(), D.world_size(), cfg.train.seed, factors

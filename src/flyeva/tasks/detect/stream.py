@@ -1,14 +1,10 @@
 """Batches of LSJ-transformed detection samples: `flyeva.data.stream.ImageBatchStream` over COCO images.
 
-The shared stream's protocol, workers, skip counts and exact resume (see its docstring): an epoch
-is a permutation seeded by (seed, epoch), cut into equal contiguous parts per rank, in whole
-batches; each sample's transform draws from torch's generator seeded by (seed, epoch, position).
-With repeat factors (LVIS), an epoch's images are drawn by stochastic rounding seeded by (seed,
-epoch), then cut or wrapped to the expected epoch length round(sum of factors) so the schedule
-keeps a fixed number of steps. Each batch: `images` uint8 [b, 3, S, S] (zero-padded),
-`image_sizes` long [b, 2], `targets` (one dict of boxes / labels / masks per image; no masks for a
-box-only detector), `image_ids`,
-`num_skipped`, `worker`, `index`.
+An epoch is a permutation seeded by (seed, epoch), cut into equal contiguous parts per rank. With
+repeat factors (LVIS) its images are drawn by stochastic rounding, then cut or wrapped to
+round(sum of factors) so the schedule keeps a fixed number of steps. Each batch: `images` uint8
+[b, 3, S, S] (zero-padded), `image_sizes` long [b, 2], `targets` (boxes / labels / masks per image;
+no masks for a box-only detector), `image_ids`, `num_skipped`, `worker`, `index`.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from flyeva.data.sources import UnreadableImageError
 from flyeva.data.stream import ImageBatchStream, PendingSample, mix_seed, seeded_call
@@ -26,22 +21,6 @@ from flyeva.tasks.detect.lvis import repeated_indices
 from flyeva.tasks.detect.transforms import LargeScaleJitter
 
 _TAG_ORDER, _TAG_REPEAT, _TAG_TRANSFORM = 11, 12, 13
-
-
-class _ImageSource:
-    """A `CocoDetectionDataset` as an indexable stream source of its images."""
-
-    def __init__(self, dataset: CocoDetectionDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def key(self, index: int) -> str:
-        return str(self.dataset.records[index].path)
-
-    def load(self, index: int, max_pixels: int | None) -> Image.Image:
-        return self.dataset.load_image(index, max_pixels)
 
 
 class DetectionBatchStream(ImageBatchStream):
@@ -60,7 +39,7 @@ class DetectionBatchStream(ImageBatchStream):
         repeat_factors: np.ndarray | None = None,
     ):
         self.dataset, self.repeat_factors = dataset, repeat_factors
-        super().__init__(_ImageSource(dataset), transform, batch_size, rank, world_size, seed, drop_last=True)
+        super().__init__(dataset, transform, batch_size, rank, world_size, seed, drop_last=True)
 
     def check_epoch_size(self) -> None:
         if self.num_batches() == 0:

@@ -1,12 +1,9 @@
 """Large-scale jitter for training and the longest-side resize for testing (release `EVA-01/det`).
 
-LSJ (Ghiasi et al. 2021, as ViTDet): horizontal flip, resize by a random scale in [0.1, 2.0] of the
-target size (aspect kept), a random crop of at most target x target, boxes recomputed from the
-cropped masks, emptied instances dropped; without masks (a box-only detector) the boxes themselves
-are flipped, scaled, shifted and clipped to the crop (detectron2's box transform). Pixels stay
-0-255; the model normalises with ImageNet statistics and zero-pads to a square. Randomness comes
-from torch's default generator, which the stream seeds per sample, so a resumed run draws the same
-crops.
+LSJ (Ghiasi et al. 2021, as ViTDet): flip, resize by a random scale of the target size (aspect
+kept), a random crop of at most target x target, boxes recomputed from the cropped masks (without
+masks, detectron2's box transform), emptied instances dropped. Pixels stay 0-255. Randomness comes
+from torch's default generator, which the stream seeds per sample, so a resumed run draws the same crops.
 """
 
 from __future__ import annotations
@@ -100,11 +97,8 @@ class ResizeLongestSide:
     def __init__(self, size: int):
         self.size = size
 
-    def scale(self, height: int, width: int) -> float:
-        return self.size / max(height, width)
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        factor = self.scale(image.height, image.width)
+        factor = self.size / max(image.height, image.width)
         size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
         resized = image.resize(size, Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
