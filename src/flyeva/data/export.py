@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import webdataset
+from faster_coco_eval.core import mask as mask_util
 from PIL import Image
 
 from flyeva.data.synthetic import ShapeWorld
@@ -37,33 +38,9 @@ def class_folder_name(label: int, class_name: str) -> str:
 
 
 def encode_rle(mask: np.ndarray) -> dict:
-    """COCO compressed RLE of a bool [H, W] mask (column-major runs, starting with background)."""
-    height, width = mask.shape
-    flat = mask.flatten(order="F").astype(np.int8)
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:  # COCO runs always start with a (possibly empty) background run
-        runs = [0, *runs]
-    # Same string coding as pycocotools' rleToString: deltas against the run two back, 5 bits per char.
-    chars = []
-    for i, run in enumerate(runs):
-        value = run - runs[i - 2] if i > 2 else run
-        more = True
-        while more:
-            char = value & 0x1F
-            value >>= 5
-            more = value != -1 if char & 0x10 else value != 0
-            if more:
-                char |= 0x20
-            chars.append(chr(char + 48))
-    return {"size": [height, width], "counts": "".join(chars)}
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
+    """COCO compressed RLE of a bool [H, W] mask, as pycocotools encodes it (JSON-ready: counts a str)."""
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode()}
 
 
 def _write_imagefolder(world: ShapeWorld, root: Path, names: dict[int, str]) -> Path:
@@ -92,14 +69,10 @@ def _write_wds(world: ShapeWorld, root: Path, names: dict[int, str], shard_size:
         # A fixed mtime makes shards byte-identical across runs.
         with webdataset.TarWriter(str(folder / f"shard-{shard:06d}.tar"), mtime=0) as sink:
             for index in indices[shard * shard_size : (shard + 1) * shard_size]:
-                scene = world.sample(index)
+                scene, jpg = world.sample(index), io.BytesIO()
+                scene.image.save(jpg, format="JPEG", quality=JPEG_QUALITY)
                 sink.write(
-                    {
-                        "__key__": names[index],
-                        "jpg": _jpeg_bytes(scene.image),
-                        "txt": scene.caption,
-                        "cls": scene.label,
-                    }
+                    {"__key__": names[index], "jpg": jpg.getvalue(), "txt": scene.caption, "cls": scene.label}
                 )
     return folder
 

@@ -1,25 +1,18 @@
 """Block-wise mask generator for MIM pretraining: BEiT's, as used by EVA (docs/recipes.md §3).
 
-The algorithm is the release's `masking_generator.py`, line for line, with three changes that do
-not alter what it samples: the caller passes a `numpy.random.Generator` (no global RNG state), a
-block is filled with one slice assignment instead of a per-pixel loop, and the result is a bool
-array. `random.uniform(a, b)` is `a + (b - a) * u` and `random.randint(0, n)` is
-`int(u * (n + 1))`, with `u` a uniform float, the same laws as Python's `random`.
+The algorithm is the release's `masking_generator.py`, line for line, except that the caller passes
+a `numpy.random.Generator` (no global state), a block is filled by one slice assignment, and the
+result is a bool array. `random.uniform(a, b)` is `a + (b - a) * u` and `random.randint(0, n)` is
+`int(u * (n + 1))`, with `u` a uniform float: the same laws as Python's `random`.
 
 Minimum block size. The paper speaks of blocks of at least 16 patches, but the release only draws
-the *target* area from U(16, budget) and rounds the sides, so a placed rectangle can be smaller:
-area 16 with aspect 0.39 gives 2 x 6 = 12 cells; and once the remaining budget is under 16 the
-area is drawn from U(budget, 16). By default we keep the release's behaviour exactly (the
-masks EVA was trained with). `strict_min_area=True` is a documented deviation: it rejects an
-attempt whose rectangle is smaller than min(min_num_patches, remaining budget), the low end of
-the sampled area. Mean masked fraction over 20,000 masks (benchmarks/masking_speed.py; the release
-port is the one in tests/test_masking.py, python `random`, seed 0):
-    grid / budget     release port   this module   strict_min_area
-    16x16 / 105       0.40798        0.40801       0.40764 (-0.08%)
-    12x20 / 96        0.39782        0.39785       0.39752 (-0.08%)
-The deviation stays well inside 1% whenever budget >= min_num_patches; with a budget below it
-(e.g. 8x8, budget 5, min 16) it rejects most rounded-down rectangles and masks ~7x less.
-Speed: ~45k masks/s on one core for 16x16 (the release's per-pixel loop: ~18k/s).
+the *target* area from U(16, budget) and rounds the sides, so a placed rectangle can be smaller
+(area 16 with aspect 0.39 gives 2 x 6 = 12 cells), and once the remaining budget is under 16 the
+area is drawn from U(budget, 16). The default keeps this (the masks EVA was trained with).
+`strict_min_area=True` is a documented deviation: it rejects a rectangle smaller than
+min(min_num_patches, remaining budget); the mean masked fraction drops by 0.08% (docs/performance.md,
+"Masking speed", which also gives the speed), but with a budget below min_num_patches (e.g. 8x8,
+budget 5, min 16) it rejects most rounded-down rectangles and masks ~7x less.
 """
 
 from __future__ import annotations
@@ -58,7 +51,6 @@ class BlockMaskGenerator:
     `attempts` tries adds nothing, so a mask never has more than `num_masking_patches` cells.
     Defaults are EVA's (docs/recipes.md §3): 16x16 grid, 105 masked (~40%), blocks from 16
     patches, aspect ratio log-uniform in [0.3, 1/0.3], 10 attempts per block.
-    Use `BlockMaskGenerator.from_ratio(grid, 0.4)` to give the budget as a fraction.
     """
 
     grid: tuple[int, int] = (16, 16)
@@ -113,10 +105,6 @@ class BlockMaskGenerator:
             raise ValueError(f"mask_ratio={mask_ratio} must be in (0, 1]")
         return cls(grid=grid, num_masking_patches=round(mask_ratio * grid[0] * grid[1]), **kwargs)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         """One mask: bool array of shape `grid`, True = masked."""
         return self._sample(rng, blocks=None)
@@ -170,10 +158,8 @@ class BlockMaskGenerator:
 def generate_masks(
     generator: BlockMaskGenerator, batch_size: int, rng: np.random.Generator | int
 ) -> torch.Tensor:
-    """`batch_size` masks as a bool tensor [batch_size, height * width] (row-major tokens).
-
-    `rng` is a Generator (consumed) or an int seed; the same seed gives the same batch.
-    """
+    """`batch_size` masks as a bool tensor [batch_size, height * width] (row-major tokens); `rng` is a
+    Generator (consumed) or an int seed."""
     if isinstance(rng, int):
         rng = np.random.default_rng(rng)
     masks = np.stack([generator(rng) for _ in range(batch_size)])
@@ -181,10 +167,7 @@ def generate_masks(
 
 
 def fixed_validation_mask(grid: tuple[int, int]) -> torch.Tensor:
-    """The validation mask "every other token" (docs/recipes.md §3): bool [height * width].
-
-    Tokens are numbered row-major and even indices (0, 2, 4, ...) are masked, so exactly half of
-    an even-sized grid is masked (on an even-width grid that is every other column).
-    """
+    """The validation mask "every other token" (docs/recipes.md §3): bool [height * width], the even
+    row-major indices 0, 2, 4, ... masked."""
     height, width = grid
     return torch.arange(height * width) % 2 == 0

@@ -1,51 +1,37 @@
 """Batches of pretraining images with exact sharding across ranks/workers and exact resume.
 
-`ImageBatchStream` is an IterableDataset that forms whole batches inside each DataLoader worker;
-use it as `DataLoader(stream, batch_size=None, num_workers=N)` (see `build_loader`).
-Each item is `{"images": [b, 3, H, W], "num_skipped": int, "worker": int, "index": int}`, plus
-"keys", "ids" and "sources" with `return_ids=True`.
+`ImageBatchStream` is an IterableDataset that forms whole batches inside each DataLoader worker
+(`build_loader`). Each item is `{"images": [b, 3, H, W], "num_skipped", "worker", "index"}`, plus
+"keys", "ids" and "sources" with `return_ids=True`, and, when the source gives targets (for a
+mixture: every child, all of one kind), the kept images' labels as "labels" (LongTensor [b]) or
+captions as "texts" (list of str). Images and targets are read lazily (skipped batches on resume
+read neither); a sample whose image or target cannot be read is skipped and counted in "num_skipped".
 
-Targets. When the source gives targets (for a mixture: every child, all of one kind), each batch
-also carries those of its kept images, in the same order: integer class labels as "labels"
-(LongTensor [b]) and captions as "texts" (list of b str). A sample whose image or target cannot be
-read is skipped and counted in "num_skipped". Targets are read lazily, like images, so skipped
-batches on resume read neither. `classes` passes the source's class names through.
-
-Batches. Every batch is cut from a fixed run of `batch_size` *raw* samples; an unreadable sample
+Batches. Every batch is cut from a fixed run of `batch_size` *raw* samples: an unreadable sample
 makes its batch smaller instead of borrowing from the next one, so batch boundaries never depend
-on decoding, and so resuming is exact. Batch b of a rank belongs to logical worker b % N and is
-that worker's batch number b // N ("index"); the DataLoader takes batches from workers round-robin,
-so a loader yields batches in the order b = 0, 1, 2, ...
+on decoding and resuming is exact. Batch b of a rank is logical worker b % N's batch b // N
+("index"); the DataLoader takes batches from workers round-robin, so it yields b = 0, 1, 2, ...
 
-Order of an epoch, as the source declares it (flyeva.data.sources):
-- Indexable sources: one permutation of all N indices seeded by (seed, epoch); its first
+Order of an epoch:
+- indexable sources: one permutation of all N indices seeded by (seed, epoch); its first
   N - N % world_size entries are cut into world_size equal contiguous parts, one per rank, so every
-  rank runs the same number of batches (DDP never waits on a missing rank). Batch contents do not
-  depend on the number of workers.
-- Streaming sources (`flyeva.data.sources.wds`, `MixtureSource`): a rank's epoch is
-  num_samples // world_size raw samples, cut into batches as above, from what the source gives
-  each worker (`source.samples(stream, worker, num_workers, wrap)`). Without `num_samples` each
-  worker reads its share once and the epoch length is unknown (`num_batches` is None; ranks may
-  then run different numbers of batches, avoid under DDP; drop_last drops each worker's last
-  partial batch).
+  rank runs the same number of batches, whatever the number of workers;
+- streaming sources (wds, `MixtureSource`): num_samples // world_size raw samples per rank, from
+  `source.samples(stream, worker, num_workers, wrap)`. Without `num_samples` each worker reads its
+  share once and `num_batches` is None (ranks may then differ: avoid under DDP).
 
-Transform randomness. Before each sample's transform, torch's CPU generator is seeded from
-(seed, epoch, position) and restored afterwards, so a crop depends only on the sample's place
-in the epoch: for indexable sources its position in the epoch permutation (independent of the
-number of workers and of resume), for streaming sources (rank, worker, position in the worker).
+Transform randomness: torch's CPU generator is seeded per sample from (seed, epoch, position in
+the epoch permutation) for indexable sources, (seed, epoch, rank, worker, position) for streaming
+ones, and restored afterwards.
 
-Resume. `set_epoch(epoch, skip)` where skip[w] = 1 + the last "index" consumed from "worker" w
-(keep the skip you resumed from for workers that yielded nothing since). sum(skip) batches were
-consumed; skipped batches are not decoded (a webdataset worker still reads their bytes). The
-DataLoader in the resumed run starts with its worker 0, so physical worker p runs logical worker
-(p + sum(skip)) % N: the resumed loader yields the remaining batches in the original order. The
-number of workers must be the same as in the interrupted run.
+Resume: `set_epoch(epoch, skip)` with skip[w] = 1 + the last "index" consumed from worker w.
+Skipped batches are not decoded. The resumed loader's physical worker p runs logical worker
+(p + sum(skip)) % N, so it yields the remaining batches in the original order; the number of
+workers must not change.
 
-Task streams (segmentation, detection, video) subclass `ImageBatchStream` and keep all of the
-above: an indexable task source gives `__len__`, `key(i)` and `load(i, max_pixels)`; the subclass
-may change the epoch (`samples_per_rank`, `num_batches`), the order (`rank_order`), the per-sample
-seed (`sample_seed`), how one sample is read and transformed (`decode`) and how the kept samples
-become a batch (`collate`).
+Task streams subclass it and may change the epoch (`samples_per_rank`, `num_batches`), the order
+(`rank_order`), the per-sample seed (`sample_seed`), how one sample is read (`decode`) and how the
+kept samples become a batch (`collate`).
 """
 
 from __future__ import annotations
@@ -128,9 +114,7 @@ class ImageBatchStream(IterableDataset):
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = ()) -> None:
         """Select the epoch and, to resume, how many batches each logical worker already gave.
-
-        Call it before `iter(loader)`: workers copy the stream when the iterator starts.
-        """
+        Call it before `iter(loader)`: workers copy the stream when the iterator starts."""
         if any(int(count) < 0 for count in skip):
             raise ValueError(f"skip counts must be non-negative, got {list(skip)}")
         self.epoch = int(epoch)
@@ -161,8 +145,6 @@ class ImageBatchStream(IterableDataset):
         for index, samples in self._worker_batches(worker, num_workers, first_index=skip[worker]):
             yield self._make_batch(samples, worker, index)
 
-    # ----- which raw samples each worker batches -------------------------------------------------
-
     def _batch_sizes(self, worker: int, num_workers: int) -> Iterator[int]:
         """Raw sample counts of this worker's batches, index 0, 1, ... (for a known epoch length)."""
         samples, total_batches = self.samples_per_rank(), self.num_batches()
@@ -176,16 +158,12 @@ class ImageBatchStream(IterableDataset):
             yield from self._indexable_batches(worker, num_workers, first_index)
             return
         raw = self._stream_samples(worker, num_workers)
-        if self.samples_per_rank() is None:  # one pass over this worker's share
-            for index in itertools.count():
-                chunk = list(itertools.islice(raw, self.batch_size))
-                if not chunk or (self.drop_last and len(chunk) < self.batch_size):
-                    return
-                if index >= first_index:
-                    yield index, chunk
-            return
-        for index, size in enumerate(self._batch_sizes(worker, num_workers)):
+        known = self.samples_per_rank() is not None  # else one pass over this worker's share
+        sizes = self._batch_sizes(worker, num_workers) if known else itertools.repeat(self.batch_size)
+        for index, size in enumerate(sizes):
             chunk = list(itertools.islice(raw, size))  # read (not decoded) even when skipped
+            if not known and (not chunk or (self.drop_last and len(chunk) < size)):
+                return
             if index >= first_index:
                 yield index, chunk
 
@@ -221,8 +199,6 @@ class ImageBatchStream(IterableDataset):
         for position, sample in enumerate(self.source.samples(self, worker, num_workers, wrap)):
             seed = mix_seed(TAG_STREAM_TRANSFORM, self.seed, self.epoch, self.rank, worker, position)
             yield dataclasses.replace(sample, transform_seed=seed)
-
-    # ----- decoding and collation -------------------------------------------------------------------
 
     def _make_batch(self, samples: list[PendingSample], worker: int, index: int) -> dict[str, Any]:
         kept, items = [], []
@@ -287,11 +263,8 @@ def seeded_call(seed: int, function: Callable[..., Any], *args: Any) -> Any:
 def rank_permutation(
     length: int, seed: int, epoch: int, rank: int, world_size: int, tag: int | None = None
 ) -> torch.Tensor:
-    """This rank's slice of the epoch's permutation of an indexable source (the N % world tail dropped).
-
-    The one definition of the order `ImageBatchStream` (and the cached-feature stream) visit samples in;
-    a task stream passes its own `tag` to draw permutations of its own.
-    """
+    """This rank's slice of the epoch's permutation of an indexable source (the N % world tail dropped);
+    a task stream passes its own `tag` to draw permutations of its own."""
     samples = length // world_size
     key = (seed, epoch) if tag is None else (tag, seed, epoch)
     generator = torch.Generator().manual_seed(mix_seed(*key))
@@ -304,19 +277,16 @@ def build_loader(
     *,
     seed: int | None = None,
     worker_init_fn: Any = None,
-    pin_memory: bool = False,
 ) -> DataLoader:
     """The one DataLoader over whole batches from a stream (training, features, evaluation).
 
-    in_order=True is what makes the loader yield batch 0, 1, 2, ... (round-robin over workers) and
-    resume exact. The loader draws its workers' base seed from a private generator (`seed`, else the
-    stream's), so creating it leaves the training loop's global RNG alone.
+    in_order=True keeps batches in order 0, 1, 2, ... (so resume is exact); the workers' base seed
+    comes from a private generator, so creating the loader leaves the global RNG alone.
     """
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         in_order=True,

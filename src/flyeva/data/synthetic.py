@@ -1,25 +1,16 @@
-"""ShapeWorld: a procedurally generated miniature world for every EVA task on 2 CPU cores.
+"""ShapeWorld: a procedurally generated miniature world for every EVA task on 2 CPU cores (docs/demo.md).
 
-Each scene holds 1-4 flat shapes (circle, square, triangle, star, cross) in named colours, with
-solid/striped/checkered fills, tilted at most 20 degrees, on a plain/gradient/checkered/noisy dark
-background; later shapes may occlude earlier ones. Shapes are lit: brighter than the background.
-A scene is a pure function of (seed, index), built on the fly, and carries the labels of every
-task in docs/recipes.md §4:
-
-- MIM / CLIP pretraining: the image and a caption that names what defines the class, the largest
-  shape and its place ("a large star in the top left"). Colour, fill and background words would
-  let a contrastive model match captions without seeing the class; the small shapes and their
-  relations gave the miniature CLIP nothing it could learn in 800 steps (docs/demo.md).
-- Classification: 20 classes = shape of the largest object x the quadrant of its centre.
-  Colours, fills and backgrounds are drawn independently of the class, and all shapes of one
-  size have the same area, so colour histograms carry no class information.
-- Detection / instance segmentation: visible (post-occlusion) masks, tight xyxy boxes, and
-  categories = shape ids from 1 (COCO style).
-- Semantic segmentation: a uint8 map, 0 = background, c = category id of the topmost object.
-- Video: `clip(index)` moves, turns, grows or shrinks one shape over `num_frames` frames; the
-  action is the label.
-
-`render(index)` is the fast path (image only) that `ShapeWorldSource.load` uses for pretraining.
+A scene (1-4 lit, upright shapes on a dark background, later ones occluding earlier ones) is a pure
+function of (seed, index), built on the fly, and carries the labels of every task:
+- MIM / CLIP: the image and a caption that names only what defines the class ("a large star in the
+  top left"): colour, fill and background words let a contrastive model match captions without
+  seeing the class, and the small shapes gave the miniature CLIP nothing to learn (docs/demo.md).
+- Classification: 20 classes = shape of the largest object x the quadrant of its centre. Colours,
+  fills and backgrounds are independent of the class and all shapes of one size have one area, so
+  colour histograms carry no class information.
+- Detection / segmentation: visible (post-occlusion) masks, tight xyxy boxes, categories = shape ids
+  from 1 (COCO style), and a uint8 semantic map (0 = background, c = the topmost object's category).
+- Video: `clip(index)` moves, turns, grows or shrinks one shape; the action is the label.
 """
 
 from __future__ import annotations
@@ -215,13 +206,10 @@ class Clip:
 
 @dataclass(frozen=True)
 class ShapeWorld:
-    """Deterministic generator of ShapeWorld scenes and clips; see the module docstring.
-
-    `sample(index)` and `clip(index)` depend only on (seed, index, the fields), never on call order.
-    A scene draws its object count uniformly from [min_objects, max_objects]; an object that cannot
-    be placed in 30 tries without hiding half of any object is left out (not seen in 300 scenes of
-    8 objects at 32 or 64 px).
-    """
+    """Deterministic generator of ShapeWorld scenes and clips: `sample(index)` and `clip(index)` depend
+    only on (seed, index, the fields). A scene has min_objects..max_objects objects (uniform); one that
+    cannot be placed in 30 tries without hiding half of any object is left out (not seen in 300 scenes
+    of 8 objects at 32 or 64 px)."""
 
     image_size: int = 64
     seed: int = 0
@@ -229,8 +217,6 @@ class ShapeWorld:
     max_objects: int = 4
     num_frames: int = 8
 
-    SHAPES: ClassVar[tuple[str, ...]] = SHAPES
-    COLOURS: ClassVar[dict[str, tuple[int, int, int]]] = COLOURS
     QUADRANTS: ClassVar[tuple[str, ...]] = QUADRANTS
 
     def __post_init__(self) -> None:
@@ -247,8 +233,6 @@ class ShapeWorld:
             raise ValueError(f"ShapeWorld clips need num_frames >= 2, got {self.num_frames}")
         if self.seed < 0:
             raise ValueError(f"ShapeWorld seed must be >= 0, got {self.seed}")
-
-    # --- task vocabularies -------------------------------------------------------------------
 
     @property
     def class_names(self) -> list[str]:
@@ -275,8 +259,6 @@ class ShapeWorld:
         quadrant = 2 * (y >= image_size / 2) + (x >= image_size / 2)
         return SHAPES.index(largest["shape"]) * len(QUADRANTS) + int(quadrant)
 
-    # --- generation ----------------------------------------------------------------------------
-
     def _rng(self, index: int, stream: int) -> random.Random:
         if index < 0:
             raise IndexError(f"ShapeWorld index must be >= 0, got {index}")
@@ -284,6 +266,10 @@ class ShapeWorld:
 
     def _rasterize(self, obj: dict[str, Any]) -> np.ndarray:
         return shape_mask(obj["shape"], obj["position"], obj["size"], obj["angle"], self.image_size)
+
+    def _anywhere(self, rng: random.Random, reach: float) -> tuple[float, float]:
+        """A uniform centre that keeps a shape of this reach inside the frame (x drawn first)."""
+        return rng.uniform(reach, self.image_size - reach), rng.uniform(reach, self.image_size - reach)
 
     def _new_object(self, rng: random.Random, shape: str, size_range: tuple[float, float]) -> dict[str, Any]:
         colour = rng.choice(list(COLOURS))
@@ -347,15 +333,13 @@ class ShapeWorld:
             candidate = self._new_object(rng, rng.choice(SHAPES), OTHER_SIZE)
             depth, reach = rng.random(), EXTENT[candidate["shape"]] * candidate["size"]
             for _ in range(PLACEMENT_ATTEMPTS):
-                candidate["position"] = (rng.uniform(reach, size - reach), rng.uniform(reach, size - reach))
+                candidate["position"] = self._anywhere(rng, reach)
                 trial = sorted([*placed, (depth, candidate, self._rasterize(candidate))], key=lambda p: p[0])
                 full = np.stack([mask for _, _, mask in trial])
                 if _visible_fraction(full).min() >= MIN_VISIBLE_FRACTION:
                     placed = trial
                     break
-        placed.sort(key=lambda p: p[0])
-        pixels = self._background(rng)
-        return [obj for _, obj, _ in placed], [mask for _, _, mask in placed], pixels, label
+        return [obj for _, obj, _ in placed], [mask for _, _, mask in placed], self._background(rng), label
 
     def _compose(
         self, objects: list[dict], full_masks: list[np.ndarray], background: np.ndarray
@@ -382,9 +366,7 @@ class ShapeWorld:
     def sample(self, index: int) -> Scene:
         """Scene `index` with every annotation."""
         objects, full_masks, background, label = self._place(index)
-        image = self._compose(objects, full_masks, background)
-        full = np.stack(full_masks)
-        owner = _owner_map(full)
+        owner = _owner_map(np.stack(full_masks))
         masks = owner[None] == np.arange(len(objects))[:, None, None]
         categories = np.array([SHAPES.index(obj["shape"]) + 1 for obj in objects], dtype=np.int64)
         semantic = np.concatenate([[0], categories]).astype(np.uint8)[owner + 1]
@@ -395,7 +377,7 @@ class ShapeWorld:
             for obj, mask, whole in zip(objects, masks, full_masks)
         ]
         return Scene(
-            image=image,
+            image=self._compose(objects, full_masks, background),
             caption=self._caption(public),
             label=label,
             class_name=self.class_names[label],
@@ -418,12 +400,12 @@ class ShapeWorld:
         name = ACTIONS[action]
         # A circle looks the same at every angle, so rotations use the other shapes.
         actor = self._new_object(rng, rng.choice(SHAPES[1:] if "rotating" in name else SHAPES), CLIP_SIZE)
-        scale = (1.0, rng.uniform(1.7, 2.0)) if name in ("growing", "shrinking") else (1.0, 1.0)
+        growth = rng.uniform(1.7, 2.0) if name in ("growing", "shrinking") else 1.0
         if name == "shrinking":
-            actor["size"] *= scale[1]
-            scale = (1.0, 1 / scale[1])
-        reach = EXTENT[actor["shape"]] * actor["size"] * max(scale)
-        start = [rng.uniform(reach, size - reach), rng.uniform(reach, size - reach)]
+            actor["size"] *= growth
+            growth = 1 / growth
+        reach = EXTENT[actor["shape"]] * actor["size"] * max(1.0, growth)
+        start = list(self._anywhere(rng, reach))
         shift = [0.0, 0.0]
         if name.startswith("moving"):
             axis = 0 if name in ("moving left", "moving right") else 1
@@ -431,29 +413,21 @@ class ShapeWorld:
             start[axis] = rng.uniform(reach, size - reach - abs(distance)) + max(0.0, -distance)
             shift[axis] = distance
         # Screen y points down, so a growing angle turns the shape clockwise on screen.
-        turn = math.radians(rng.uniform(60, 90)) * {
-            "rotating clockwise": 1,
-            "rotating counter-clockwise": -1,
-        }.get(name, 0)
+        sign = {"rotating clockwise": 1, "rotating counter-clockwise": -1}.get(name, 0)
+        turn = math.radians(rng.uniform(60, 90)) * sign
         still = []
         for _ in range(rng.randint(0, 2)):
             obj = self._new_object(rng, rng.choice(SHAPES), OTHER_SIZE)
-            reach_still = EXTENT[obj["shape"]] * obj["size"]
-            obj["position"] = (
-                rng.uniform(reach_still, size - reach_still),
-                rng.uniform(reach_still, size - reach_still),
-            )
+            obj["position"] = self._anywhere(rng, EXTENT[obj["shape"]] * obj["size"])
             still.append(obj)
         background = self._background(rng)
-        still_masks = [self._rasterize(obj) for obj in still]
-        base = self._compose(still, still_masks, background)
-        base_pixels = np.asarray(base)
+        base_pixels = np.asarray(self._compose(still, [self._rasterize(obj) for obj in still], background))
         frames, masks, states = [], [], []
         for step in range(self.num_frames):
             progress = step / steps
             state = dict(actor)
             state["position"] = (start[0] + shift[0] * progress, start[1] + shift[1] * progress)
-            state["size"] = actor["size"] * (scale[0] + (scale[1] - scale[0]) * progress)
+            state["size"] = actor["size"] * (1.0 + (growth - 1.0) * progress)
             state["angle"] = actor["angle"] + turn * progress
             mask = self._rasterize(state)
             pixels = base_pixels.copy()
@@ -482,13 +456,9 @@ def _owner_map(full_masks: np.ndarray) -> np.ndarray:
     return owner
 
 
-def _visible_counts(full_masks: np.ndarray) -> np.ndarray:
-    owner = _owner_map(full_masks)
-    return np.bincount(owner.ravel() + 1, minlength=len(full_masks) + 1)[1:]
-
-
 def _visible_fraction(full_masks: np.ndarray) -> np.ndarray:
-    return _visible_counts(full_masks) / np.maximum(full_masks.sum(axis=(1, 2)), 1)
+    visible = np.bincount(_owner_map(full_masks).ravel() + 1, minlength=len(full_masks) + 1)[1:]
+    return visible / np.maximum(full_masks.sum(axis=(1, 2)), 1)
 
 
 def _tight_box(mask: np.ndarray) -> list[float]:
@@ -497,11 +467,8 @@ def _tight_box(mask: np.ndarray) -> list[float]:
 
 
 class ShapeWorldSource:
-    """`num_samples` ShapeWorld images as an indexable source for `flyeva.data.stream.ImageBatchStream`.
-
-    `target="label"` makes `target(i)` the class index (and `classes` the class names);
-    `target="caption"` makes it the caption; `None` means images only (pretraining).
-    """
+    """`num_samples` ShapeWorld images as an indexable source; `target(i)` is the class index
+    (`target="label"`), the caption (`"caption"`), or absent (None: images only, for pretraining)."""
 
     def __init__(self, world: ShapeWorld, num_samples: int, target: str | None = None):
         if num_samples <= 0:

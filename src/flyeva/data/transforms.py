@@ -1,10 +1,7 @@
 """Image transforms: EVA's MIM pretraining augmentation and a resize/centre-crop for evaluation.
 
-Pretraining (docs/recipes.md §3, "Augmentation"): flip, RandomResizedCrop(224, scale (0.2, 1),
-ratio (3/4, 4/3), bicubic), no colour jitter, CLIP normalisation. One output tensor feeds both
-the student and the CLIP teacher, so they see the same crop. Randomness comes from torch's global
-RNG (torchvision's own transforms), so seeding torch reproduces a crop exactly;
-`ImageBatchStream` seeds it per sample.
+Pretraining (docs/recipes.md §3, "Augmentation"): one crop feeds both the student and the CLIP
+teacher. Randomness comes from torch's global RNG, which `ImageBatchStream` seeds per sample.
 """
 
 from __future__ import annotations
@@ -36,8 +33,6 @@ class PretrainTransform:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
     ):
         self.image_size = image_size
         # Flip before crop, as in the release's DataAugmentationForEVA; the order does not change the law.
@@ -48,7 +43,7 @@ class PretrainTransform:
                     image_size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC
                 ),
                 transforms.ToTensor(),
-                transforms.Normalize(mean, std),
+                transforms.Normalize(CLIP_MEAN, CLIP_STD),
             ]
         )
 

@@ -1,5 +1,6 @@
 """The EVA encoder on timm's `Eva`, its named sizes, and checkpoint converters."""
 
+# ruff: noqa: F401  (re-exports)
 from flyeva.models.checkpoint import (
     CheckpointError,
     export_release,
@@ -22,24 +23,3 @@ from flyeva.models.eva import (
     resize_patch_embed,
     set_image_size,
 )
-
-__all__ = [
-    "EVA_SIZES",
-    "CheckpointError",
-    "EvaForMIM",
-    "EvaSize",
-    "build_encoder",
-    "build_mim_model",
-    "count_parameters",
-    "encoder_flops",
-    "export_release",
-    "export_timm",
-    "get_size",
-    "init_release_weights",
-    "load_any",
-    "load_flyeva",
-    "load_release_checkpoint",
-    "resize_patch_embed",
-    "save_flyeva",
-    "set_image_size",
-]

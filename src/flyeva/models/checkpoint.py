@@ -1,9 +1,5 @@
-"""Reading and writing encoder weights: the release's formats, flyeva's own, and timm's.
-
-The key maps between those names live in `flyeva.models.convert`; this module reads and writes files.
-
-Nothing here executes code from a file: safetensors or `torch.load(weights_only=True)` only.
-"""
+"""Reading and writing encoder weights: the release's formats, flyeva's own, and timm's (key maps:
+`flyeva.models.convert`). Nothing here executes code from a file (safetensors or weights_only)."""
 
 from __future__ import annotations
 
@@ -44,17 +40,12 @@ from flyeva.models.weights import (
 logger = logging.getLogger(__name__)
 
 FLYEVA_WEIGHTS, FLYEVA_CONFIG = WEIGHTS_FILE, CONFIG_FILE
-
-
 CheckpointError = WeightsError  # one error type for every weights file that cannot be used
 
 
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, pickle_fix: str = "") -> dict[str, Any]:
-    """Load a checkpoint's top-level dict without executing code.
-
-    `trust_pickle=True` is the explicit, one-time escape hatch of `flyeva convert release --trust-pickle`;
-    `pickle_fix` replaces the advice given when a file needs code to unpickle.
-    """
+    """Load a checkpoint's top-level dict without executing code, unless `trust_pickle` (`flyeva convert
+    release --trust-pickle`); `pickle_fix` replaces the advice given when a file needs code to unpickle."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
@@ -141,9 +132,8 @@ def load_release_checkpoint(
     path: str | Path, *, kind: str = "mim", num_heads: int | None = None, trust_pickle: bool = False
 ) -> nn.Module:
     """Build a flyeva model (`kind` = "mim" or "encoder") from a release checkpoint file."""
-    state_dict, notes = release_to_flyeva(
-        extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
-    )
+    raw = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
+    state_dict, notes = release_to_flyeva(raw)
     if notes.dropped:
         logger.info("dropped %d release keys: %s", len(notes.dropped), ", ".join(notes.dropped[:8]))
     size = infer_size(state_dict, num_heads)
@@ -167,9 +157,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 def save_flyeva(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write an encoder or MIM model as a flyeva weights folder (models/weights.py)."""
-    config = model_config(model)
-    kind = config.pop("kind")
-    return save_weights(model, out_dir, kind=kind, arch=config, extra=extra)
+    return save_weights(model, out_dir, kind=model_config(model)["kind"], arch=size_arch(model), extra=extra)
 
 
 def load_flyeva(path: str | Path, *, kind: str | None = None) -> nn.Module:
@@ -183,15 +171,11 @@ def load_flyeva(path: str | Path, *, kind: str | None = None) -> nn.Module:
 
 
 def read_encoder_state(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Weights of a flyeva folder or a release checkpoint under flyeva's encoder/MIM names.
-
-    `mask_token` and `lm_head.*` are kept when the file has them; classifier heads and CLIP
-    projections are dropped (the conversion of `release_to_flyeva`).
-    """
+    """Weights of a flyeva folder or a release checkpoint under flyeva's encoder/MIM names (classifier
+    heads and CLIP projections dropped, `mask_token` and `lm_head.*` kept when present)."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
     if is_weights_folder(path):
-        state = read_checkpoint(folder / FLYEVA_WEIGHTS)
+        state = read_checkpoint((path if path.is_dir() else path.parent) / FLYEVA_WEIGHTS)
     else:
         state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
     return release_to_flyeva(state)[0]

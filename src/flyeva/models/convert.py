@@ -1,9 +1,7 @@
 """Foreign key maps of the encoder and the CLIP towers (dicts of tensors in and out), sizes read off shapes.
 
 Sources: the EVA release (image encoders, EVA-CLIP), open_clip's EVA01, OpenAI and Hugging Face CLIP
-towers; targets: flyeva's modules and timm's `Eva`. The detector's and the video model's maps sit
-beside those models (`tasks/detect/release.py`, `tasks/video/convert.py`). No file is read and no module built
-here, and nothing from tasks or teachers is imported: they call these maps and build their modules.
+towers; targets: flyeva's modules and timm's `Eva`. No file is read and no module built here.
 """
 
 from __future__ import annotations
@@ -48,10 +46,6 @@ def split_qkv_bias(key: str, value: Tensor) -> dict[str, Tensor]:
     if k_bias.abs().max() > 0:
         logger.warning("%s has a non-zero k bias; it is dropped (softmax is invariant to it)", key)
     return {key.replace("qkv.bias", "q_bias"): q_bias, key.replace("qkv.bias", "v_bias"): v_bias}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Release EVA image encoders <-> flyeva <-> timm.
 
 
 @dataclass
@@ -110,9 +104,6 @@ def flyeva_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------
-# Release video checkpoints (`EVA-01/video`): Conv3d patch kernel [D, 3, t, p, p], mean-pooled fc_norm.
-
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "visual.")
 
 
@@ -124,14 +115,9 @@ def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-# ---------------------------------------------------------------------------------------------------
-# EVA-CLIP checkpoints (after `extract_state_dict` unwraps `model` / `module` / `state_dict`):
-# - the release (`EVA-CLIP/rei/eva_clip/model.py`, `eva_vit_model.py`): vision tower under `visual.`
-#   with timm's EVA names and `visual.head` (Linear with bias, width -> embed_dim); text tower under
-#   `text.` (CustomCLIP) or at the top level (CLIP); `logit_scale` at the top level and/or as
-#   `text.logit_scale`, which the release's `load_checkpoint` copies over the top-level one;
-# - open_clip's EVA01-g-14 (`open_clip/model_configs/EVA01-g-14.json`): timm's Eva under
-#   `visual.trunk.` with its `head` as the projection, text under `text.`, `logit_scale`.
+# EVA-CLIP checkpoints: the release's (`EVA-CLIP/rei/eva_clip/model.py`) has the vision tower under
+# `visual.` with `visual.head` as projection, the text tower under `text.` (CustomCLIP) or at the top
+# level (CLIP); open_clip's EVA01-g-14 has timm's Eva under `visual.trunk.` and text under `text.`.
 
 EVA_CLIP_RELEASE, OPEN_CLIP = "eva-clip-release", "open_clip"
 # Keys of an open_clip / release CLIP text tower kept at the top level of the state dict.
@@ -199,10 +185,6 @@ def clip_text_arch(text: dict[str, Tensor], heads: int | None = None) -> dict[st
         vocab_size=vocab_size,
         mlp_ratio=text["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# OpenAI and Hugging Face CLIP vision towers -> open_clip's `VisionTransformer` names.
 
 
 def open_clip_visual_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:

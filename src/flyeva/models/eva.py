@@ -1,15 +1,9 @@
-"""The EVA encoder: timm's `Eva` plus the two things masked image modeling needs.
-
-timm already implements EVA-01's blocks (BEiT-style q/v bias, fused SDPA attention, drop path,
-gradient checkpointing, position-embedding interpolation); `EvaForMIM` only adds the [MASK]
-token and the regression head, under the release's parameter names (docs/recipes.md §2), so a
-flyeva checkpoint loads into timm's `Eva` directly.
-"""
+"""The EVA encoder: timm's `Eva` (EVA-01's blocks) plus the [MASK] token and the regression head that
+masked image modeling needs, under the release's parameter names (docs/recipes.md §2)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -86,10 +80,7 @@ def eva_kwargs(size: EvaSize, **overrides: Any) -> dict[str, Any]:
 def trunc_normal_release_(
     tensor: torch.Tensor, std: float = INIT_STD, bound: float | None = None
 ) -> torch.Tensor:
-    """normal(0, std) truncated at +-bound: by default +-1 std, the MIM model's own `trunc_normal_`.
-
-    The release's fine-tuning model and CLIP tower call timm's `trunc_normal_` instead, whose bound
-    is +-2 absolute (`FINETUNE_INIT_BOUND`): at std 0.02 that is 100 std, a plain normal.
+    """normal(0, std) truncated at +-bound (default +-1 std, the MIM model's own `trunc_normal_`).
 
     Exact rejection sampling: ~60x faster on CPU than `nn.init.trunc_normal_`'s erfinv (20 s for
     EVA-B), since 68% of draws land inside +-1 std and only the rest are drawn again.
@@ -109,11 +100,8 @@ def trunc_normal_release_(
 def init_release_weights(
     model: Eva, std: float = INIT_STD, patch_embed: bool = True, bound: float | None = None
 ) -> None:
-    """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs.
-
-    The MIM model re-initialises the patch embedding too (`patch_embed=True`, BEiT's pretraining
-    init); the fine-tuning and EVA-CLIP models keep PyTorch's default for it (`init_finetune_weights`).
-    """
+    """Initialise like the EVA release (docs/recipes.md §2), then rescale residual outputs; the MIM
+    model re-initialises the patch embedding too (BEiT's pretraining init)."""
     convolutions = (nn.Conv2d, nn.Conv3d) if patch_embed else ()
     for module in model.modules():
         if isinstance(module, (nn.Linear, *convolutions)):
@@ -127,23 +115,19 @@ def init_release_weights(
         param = getattr(model, name, None)
         if param is not None:
             trunc_normal_release_(param, std, bound)
-    for block in model.blocks:
+    for layer_id, block in enumerate(model.blocks, start=1):
         if block.attn.q_bias is not None:
             nn.init.zeros_(block.attn.q_bias)
             nn.init.zeros_(block.attn.v_bias)
-    for layer_id, block in enumerate(model.blocks, start=1):
         # Residual branches are divided by sqrt(2 * layer_id), layer_id from 1 (BEiT `fix_init_weight`).
         block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
 def init_finetune_weights(model: Eva) -> None:
-    """The release's fine-tuning / EVA-CLIP tower init: N(0, 0.02), patch embedding left at PyTorch's default.
-
-    With the pretraining init's std-0.015 patch embedding a from-scratch miniature stayed at chance
-    on a single white shape on mid-grey, which this init learns; with weights cut at +-1 std (half
-    the scale) it left its loss plateau about 100 steps later (docs/demo.md).
-    """
+    """The release's fine-tuning / EVA-CLIP tower init: N(0, 0.02) cut at +-2 (timm's `trunc_normal_`, a
+    plain normal), patch embedding left at PyTorch's default; the MIM init stalls a from-scratch
+    miniature (docs/demo.md)."""
     init_release_weights(model, std=FINETUNE_INIT_STD, patch_embed=False, bound=FINETUNE_INIT_BOUND)
 
 
@@ -201,15 +185,6 @@ class EvaForMIM(Eva):
         return self.lm_head(tokens[mask.reshape(mask.shape[0], -1)])
 
 
-def _apply_options(
-    model: Eva, *, release_init: bool, grad_checkpointing: bool, init: Callable[[Eva], None]
-) -> Eva:
-    if release_init:
-        init(model)
-    model.set_grad_checkpointing(grad_checkpointing)
-    return model
-
-
 def build_mim_model(
     size: str | EvaSize = "eva_giant",
     *,
@@ -224,9 +199,10 @@ def build_mim_model(
     # docs/recipes.md §2: drop path 0.1, linear from 0 over depth.
     kwargs = eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides)
     model = EvaForMIM(teacher_dim=teacher_dim, **kwargs)
-    return _apply_options(
-        model, release_init=release_init, grad_checkpointing=grad_checkpointing, init=init_release_weights
-    )
+    if release_init:
+        init_release_weights(model)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model
 
 
 def build_encoder(
@@ -240,9 +216,10 @@ def build_encoder(
     """A plain timm `Eva` encoder of a named size (no mask token, no head), with the fine-tuning init."""
     size = get_size(size) if isinstance(size, str) else size
     model = Eva(**eva_kwargs(size, drop_path_rate=drop_path_rate, **overrides))
-    return _apply_options(
-        model, release_init=release_init, grad_checkpointing=grad_checkpointing, init=init_finetune_weights
-    )
+    if release_init:
+        init_finetune_weights(model)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model
 
 
 def size_with(size: str | EvaSize, **changes: int) -> EvaSize:

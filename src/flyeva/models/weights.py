@@ -69,11 +69,8 @@ def save_weights(
     source: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` (or a state dict) as a flyeva weights folder; refuses non-finite weights.
-
-    Each file is written to a `.tmp` name, fsynced and renamed, so a crash leaves the old file or
-    the new one, never half of one.
-    """
+    """Write `model` (or a state dict) as a flyeva weights folder; refuses non-finite weights. Each file
+    is written to `.tmp`, fsynced and renamed, so a crash leaves the old file or the new one."""
     state = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -176,18 +173,14 @@ def _arch_of_version_1(config: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, *, kind: str | None = None, map_location: str = "cpu") -> nn.Module:
-    """The module a weights folder holds, of its own kind (or of `kind`, e.g. `encoder` from `mim`).
-
-    The architecture is built on the meta device and compared with the file's header first, so a
-    `config.json` claiming a huge model costs nothing before the mismatch is reported.
-    """
+    """The module a weights folder holds, of its own kind (or of `kind`, e.g. `encoder` from `mim`). The
+    architecture is checked on the meta device against the file's header before any weight is allocated."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     config = read_config(folder)
-    stored_kind, arch = config["kind"], config.get("arch")
+    stored_kind, kind, arch = config["kind"], kind or config["kind"], config.get("arch")
     if arch is None:
         arch = _arch_of_version_1(config, folder)
-    kind = kind or stored_kind
     build = builder_for(kind)
     file = folder / WEIGHTS_FILE
     shapes = header_shapes(file)

@@ -1,7 +1,7 @@
 """Frozen feature teachers for MIM pretraining (docs/recipes.md §3)."""
 
+# ruff: noqa: F401  (re-exports)
 from flyeva.teachers.clip import (
-    CONVERT_COMMAND,
     DEFAULT_TEACHER,
     ClipTeacher,
     TeacherArch,
@@ -19,21 +19,3 @@ from flyeva.teachers.frozen import (
     precision_name,
     resolve_teacher_dtype,
 )
-
-__all__ = [
-    "CONVERT_COMMAND",
-    "DEFAULT_TEACHER",
-    "TEACHER_PRECISIONS",
-    "ClipTeacher",
-    "FrozenTeacher",
-    "TeacherArch",
-    "TeacherLoadError",
-    "build_clip_teacher",
-    "check_token_grid",
-    "convert_openai_torchscript",
-    "has_native_bf16",
-    "load_clip_teacher",
-    "precision_name",
-    "resolve_teacher_dtype",
-    "save_clip_teacher",
-]

@@ -3,7 +3,7 @@
 Target = every patch token of the tower's last block after `ln_post`, CLS dropped, times `proj`
 (1024 -> 768 for OpenAI ViT-L/14), computed under `torch.inference_mode()` on the unmasked crop.
 
-Weights load from local files only, in four layouts (key maps: `flyeva.models.convert`):
+Weights load from local files only, in five layouts (key maps: `flyeva.models.convert`):
 1. flyeva weights folders of kind "teacher" (`save_clip_teacher`, `convert_openai_torchscript`):
    `model.safetensors` + `config.json` whose `arch` describes the tower; no model name needed.
 2. open_clip state dicts (`.pt`/`.pth`/`.bin` via `torch.load(weights_only=True)`, or `.safetensors`)
@@ -13,6 +13,7 @@ Weights load from local files only, in four layouts (key maps: `flyeva.models.co
    `CLIPVisionModelWithProjection` or `CLIPModel`; read with json + safetensors/torch, no transformers.
 4. OpenAI's TorchScript archive (`ViT-L-14.pt`) only through the one-time, explicit
    `flyeva convert teacher --openai-torchscript PATH --out DIR` (`convert_openai_torchscript`).
+5. folders of `flyeva clip train` / `flyeva clip convert`: their EVA vision tower (`teachers/eva_tower.py`).
 
 QuickGELU: OpenAI weights need it and GELU gives silently wrong features (docs/recipes.md §9). It is
 decided by the model name (`-quickgelu`), HF `hidden_act`, or the folder's `arch`; a GELU name warns.
@@ -42,7 +43,6 @@ from flyeva.teachers.frozen import FrozenTeacher
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "ViT-L-14-quickgelu"  # OpenAI CLIP ViT-L/14 @224 with QuickGELU (docs/recipes.md §3)
-CONVERT_COMMAND = "flyeva convert teacher --openai-torchscript PATH --out DIR"
 # transformers' CLIPVisionConfig defaults, for config.json files that omit a field.
 HF_VISION_DEFAULTS = dict(
     hidden_size=768,
@@ -79,11 +79,7 @@ class TeacherArch:
 
 
 class ClipTeacher(FrozenTeacher):
-    """Frozen CLIP vision tower; `forward(images)` returns EVA's MIM targets [B, num_patches, embed_dim].
-
-    Parameters never require grad and the module stays in eval mode even if `.train()` is called.
-    The targets come back in fp32 whatever `teacher.to(dtype)` ran them in (`FrozenTeacher`).
-    """
+    """Frozen CLIP vision tower; `forward(images)` returns EVA's MIM targets [B, num_patches, embed_dim]."""
 
     def __init__(self, arch: TeacherArch):
         super().__init__()
@@ -120,12 +116,8 @@ class ClipTeacher(FrozenTeacher):
 
 
 class InplaceQuickGELU(nn.Module):
-    """QuickGELU, x * sigmoid(1.702 x), computed in place as silu(1.702 x) / 1.702 under inference mode.
-
-    The frozen teacher's MLP activation is its largest elementwise cost: one fused pass over the
-    c_fc output instead of three passes and three new tensors (24.8 -> 8.8 ms for a CLIP-B layer
-    at batch 8 on one CPU core, equal to 1e-6). Outside inference mode it is open_clip's formula.
-    """
+    """QuickGELU, x * sigmoid(1.702 x), computed in place as silu(1.702 x) / 1.702 under inference mode:
+    one fused pass instead of three (24.8 -> 8.8 ms for a CLIP-B layer at batch 8 on one CPU core)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_inference_mode_enabled() and x.is_inference():
@@ -155,10 +147,6 @@ def _check_supported(arch: TeacherArch) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Architectures: open_clip names, flat dicts, HF config.json.
-
-
 def arch_from_model_name(model_name: str) -> TeacherArch:
     """Resolve an open_clip model name with open_clip's bundled configs (never downloads)."""
     import open_clip  # lazy: importing open_clip takes seconds
@@ -175,11 +163,9 @@ def arch_from_model_name(model_name: str) -> TeacherArch:
     quick_gelu = bool(config.get("quick_gelu", False))
     if not quick_gelu:
         logger.warning(
-            "open_clip model '%s' uses GELU. OpenAI CLIP weights need QuickGELU ('%s-quickgelu'), otherwise "
-            "the targets are silently wrong (docs/recipes.md §9); keep '%s' only for GELU-trained weights.",
-            model_name,
-            model_name,
-            model_name,
+            f"open_clip model '{model_name}' uses GELU. OpenAI CLIP weights need QuickGELU "
+            f"('{model_name}-quickgelu'), otherwise the targets are silently wrong (docs/recipes.md §9); "
+            f"keep '{model_name}' only for GELU-trained weights."
         )
     return TeacherArch(config["embed_dim"], dict(config["vision_cfg"]), quick_gelu, name=model_name)
 
@@ -258,10 +244,8 @@ def arch_from_hf_config(config: dict[str, Any], name: str) -> TeacherArch:
 def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | None = None) -> ClipTeacher:
     """A randomly initialised teacher from an open_clip model name or a config dict (see `arch_from_dict`),
     e.g. dict(image_size=32, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4, output_dim=32)."""
-    if isinstance(model_name_or_cfg, str):
-        arch = arch_from_model_name(model_name_or_cfg)
-    else:
-        arch = arch_from_dict(model_name_or_cfg)
+    read_arch = arch_from_model_name if isinstance(model_name_or_cfg, str) else arch_from_dict
+    arch = read_arch(model_name_or_cfg)
     if seed is None:
         return ClipTeacher(arch)
     with torch.random.fork_rng(devices=[]):  # a seeded build leaves the global RNG untouched
@@ -272,10 +256,6 @@ def build_clip_teacher(model_name_or_cfg: str | dict[str, Any], *, seed: int | N
 def build_from_arch(arch: dict[str, Any]) -> ClipTeacher:
     """What `flyeva.models.weights.load` builds for a folder of kind "teacher" (arch: `arch_from_dict`'s)."""
     return ClipTeacher(arch_from_dict(arch))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading weight files.
 
 
 @contextmanager
@@ -332,10 +312,6 @@ def load_visual_state(teacher: ClipTeacher, visual_state: dict[str, Tensor], sou
             + ". Pass the model name the weights were trained with (e.g. 'ViT-B-16' vs 'ViT-L-14-quickgelu')."
         )
     teacher.visual.load_state_dict(visual_state, strict=True)  # copy_ casts fp16 weights to fp32
-
-
-# ---------------------------------------------------------------------------------------------------
-# Public entry points.
 
 
 def save_clip_teacher(teacher: ClipTeacher, folder: str | Path, *, source: str | None = None) -> Path:
@@ -426,17 +402,8 @@ def _arch_and_visual_state(path: Path, model_name: str | None) -> tuple[TeacherA
 def load_clip_teacher(
     path: str | Path, model_name: str | None = None, *, device: str | torch.device = "cpu"
 ) -> ClipTeacher:
-    """Load a frozen CLIP teacher from local files.
-
-    - a weights folder of kind "teacher" (`flyeva convert teacher`): no name needed;
-    - a directory with a Hugging Face config.json: `CLIPVisionModelWithProjection` / `CLIPModel`;
-    - a `.safetensors` with a `.json` beside it (what `flyeva convert teacher` wrote before the
-      weights folder): no name needed;
-    - any other state dict (.pt/.pth/.bin/.safetensors): needs an open_clip `model_name`, for the
-      OpenAI ViT-L/14 weights 'ViT-L-14-quickgelu' (plain 'ViT-L-14' builds GELU and warns);
-    - a TorchScript archive: error naming the one-time `flyeva convert teacher` command;
-    - a folder of `flyeva clip train` / `flyeva clip convert`: its EVA vision tower (`EvaTowerTeacher`).
-    """
+    """A frozen CLIP teacher from local files in any layout of the module docstring; only a bare
+    open_clip state dict needs `model_name` (a TorchScript archive is an error naming the conversion)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise TeacherLoadError(f"teacher weights not found: {path} (flyeva reads local files only)")

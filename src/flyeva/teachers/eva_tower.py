@@ -1,8 +1,5 @@
-"""A flyeva EVA-CLIP's vision tower as MIM teacher (the miniature world trains its own CLIP).
-
-Target = the tower's projection head on its final-norm patch tokens, the analogue of OpenAI
-CLIP's `ln_post` + `proj` (docs/recipes.md section 3).
-"""
+"""A flyeva EVA-CLIP's vision tower as MIM teacher (the miniature world trains its own CLIP); target = its
+projection head on the final-norm patch tokens, like OpenAI CLIP's `ln_post` + `proj` (docs/recipes.md §3)."""
 
 from __future__ import annotations
 

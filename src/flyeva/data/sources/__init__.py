@@ -1,14 +1,10 @@
-"""Image sources, with optional targets: class labels (fine-tuning) or captions (EVA-CLIP).
+"""Image sources, with optional targets: class labels (fine-tuning) or captions (EVA-CLIP); docs/data.md.
 
-A config's `data.sources: [{type: ..., ...}]` names a kind of source. Each kind is a module of this
-package that registers its builder (`register`) with the keys it reads, the targets it gives and its
-epoch order; `SourceConfig` is the one schema they share (OmegaConf needs a fixed one), and
-`check_source` / `build_source` read only the kinds' declarations. Indexable sources give `len`,
-`key(i)`, `load(i, max_pixels)` and `target(i)` (the stream shuffles indices itself); streaming ones
-(wds, `MixtureSource`) give `num_samples` and `samples(stream, worker, num_workers, wrap)`. A source
-gives targets when its `target_type` is `int` (labels) or `str` (captions), read lazily like images;
-an unreadable image or target raises `UnreadableImageError` / `UnreadableTargetError`, which the
-stream skips and counts.
+Each `type` is a module of this package that registers its builder (`register`); `SourceConfig` is
+the one schema they share (OmegaConf needs a fixed one). Indexable sources give `len`, `key(i)`,
+`load(i, max_pixels)` and `target(i)`; streaming ones (wds, `MixtureSource`) give `num_samples` and
+`samples(stream, worker, num_workers, wrap)`. `target_type` is `int` (labels), `str` (captions) or
+None; an unreadable image or target raises `UnreadableImageError` / `UnreadableTargetError`.
 """
 
 # ruff: noqa: E402, F401  (the names other modules import from here, bound after the kinds register)
@@ -42,14 +38,8 @@ TARGETS = ("label", "caption")  # what a stage may ask a source for (None: image
 
 @dataclass
 class SourceConfig:
-    """One data source, as every stage's config lists them (`data.sources: [...]`, docs/data.md).
-
-    What a sample's target is (nothing, a class label or a caption) is decided by the stage that
-    reads the source, not by the config: pretraining reads images only, classification labels,
-    CLIP captions. A caption is one file's whole text (caption folders: `image.txt` beside
-    `image.jpg`) or one table cell (caption tables); never one line of a longer file. Which keys
-    apply is up to the type's kind (`SOURCE_KEYS`); any other key left at its default.
-    """
+    """One data source, as every stage's config lists them (`data.sources: [...]`, docs/data.md); the
+    stage, not the config, decides the target, and keys outside the type's `SOURCE_KEYS` stay at default."""
 
     type: str = "folder"  # a registered kind: folder | imagenet | list | cifar10 | wds | captions | ...
     path: str = ""  # folder, list file, webdataset shard pattern, or caption table
@@ -141,10 +131,8 @@ def check_source(config: SourceConfig, target: str | None = None) -> SourceKind:
 def build_source(
     spec: SourceConfig | dict[str, Any], target: str | None = None, allow_empty_classes: bool = False
 ) -> Any:
-    """The source a `SourceConfig` describes, whose samples carry `target` (None, "label", "caption").
-
-    `allow_empty_classes`: an empty class folder only warns (evaluation sets score every class).
-    """
+    """The source a `SourceConfig` describes, whose samples carry `target` (None, "label", "caption");
+    with `allow_empty_classes` an empty class folder only warns (evaluation sets score every class)."""
     config = source_config(spec)
     kind = check_source(config, target)
     source = kind.build(config, target, allow_empty_classes)

@@ -40,10 +40,8 @@ class UnreadableTargetError(Exception):
 
 
 def decode_rgb(data: bytes | str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file path or encoded bytes into an RGB PIL image, or raise `UnreadableImageError`.
-
-    The pixel count is checked from the header, before any pixel is decoded.
-    """
+    """Decode a file path or encoded bytes into an RGB PIL image, or raise `UnreadableImageError`; the
+    pixel count is checked from the header, before any pixel is decoded."""
     if isinstance(data, bytes | bytearray):
         if len(data) == 0:
             raise UnreadableImageError("zero-byte image")
@@ -208,10 +206,8 @@ class LocalImageFiles:
 
 
 class ConcatSource:
-    """Indexable sources end to end, in order (a split listed as several sources, docs/data.md).
-
-    Every part names the same `classes`, or none does; `paths` and `targets` join the parts'.
-    """
+    """Indexable sources end to end, in order (a split listed as several sources, docs/data.md); every
+    part names the same `classes`, or none does."""
 
     def __init__(self, sources: Sequence[Any]):
         streaming = [source for source in sources if not is_indexable(source)]
@@ -255,10 +251,8 @@ class ConcatSource:
 
 
 class SourceSubset:
-    """Samples `indices` of an indexable source, in that order: one rank's share, or an evaluation's pick.
-
-    `targets`, when given, replace the source's labels (e.g. a zero-shot set's logit columns).
-    """
+    """Samples `indices` of an indexable source, in that order; `targets`, when given, replace the
+    source's labels (e.g. a zero-shot set's logit columns)."""
 
     def __init__(self, source: Any, indices: Sequence[int], targets: Sequence[int] | None = None):
         self.source, self.indices, self.targets = source, indices, targets
@@ -285,11 +279,8 @@ def stream_target_type(source: Any) -> type | None:
 
 
 class MixtureSource:
-    """A weighted mixture of sources; `samples_per_epoch` images in all ranks together per epoch.
-
-    Weights are normalised to sum to 1. It streams: each worker draws the child of every sample from
-    the weights with an RNG seeded by (seed, epoch, rank, worker), so a mixture is deterministic.
-    """
+    """A weighted mixture of sources, `samples_per_epoch` images per epoch over all ranks; it streams:
+    each worker draws every sample's child with an RNG seeded by (seed, epoch, rank, worker)."""
 
     def __init__(self, sources: Sequence[Any], weights: Sequence[float], samples_per_epoch: int):
         if len(sources) == 0 or len(sources) != len(weights):

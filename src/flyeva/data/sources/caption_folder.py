@@ -8,11 +8,7 @@ from flyeva.data.sources.base import LocalImageFiles, UnreadableTargetError, cle
 
 
 class CaptionFolderSource(LocalImageFiles):
-    """Images under `root` (recursively), each captioned by a sidecar file: a.jpg with a.txt.
-
-    Captions are read lazily; an image without its sidecar, or with an empty one, is a bad pair
-    that the stream skips and counts at read time.
-    """
+    """Images under `root` (recursively), each captioned by a sidecar file (a.jpg with a.txt), read lazily."""
 
     target_type = str
 

@@ -20,10 +20,8 @@ def is_clean_utf8(text: str) -> bool:
 class CaptionTableSource(LocalImageFiles):
     """Image-caption pairs from a CSV or TSV table with a header row, as open_clip's CsvDataset reads.
 
-    `path_column` and `caption_column` default to open_clip's "filepath" and "title". `sep` is
-    inferred from the extension when None (.tsv: tab, .csv: comma). Relative paths resolve against
-    `root`, or the table's folder when `root` is None. Files are not checked up front (tables hold
-    millions of rows): a missing image or an empty caption is skipped and counted at read time.
+    `sep` None: from the extension. Relative paths resolve against `root`, else the table's folder.
+    Files are not checked up front (tables hold millions of rows): a missing image is skipped later.
     """
 
     target_type = str

@@ -24,11 +24,8 @@ CIFAR = {
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings, numbers and numpy arrays, and refuses every other global.
-
-    A pickle names the functions it calls; CIFAR's need only numpy's array reconstruction, so
-    anything else (os.system, builtins.eval, ...) is refused instead of executed.
-    """
+    """Unpickles dicts, lists, strings, numbers and numpy arrays: CIFAR's pickles need only numpy's
+    array reconstruction, so any other global they name (os.system, ...) is refused, not executed."""
 
     def __init__(self, file: Any, source: str):
         super().__init__(file, encoding="latin1")  # CIFAR's pickles were written by Python 2
@@ -68,11 +65,7 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class CifarSource:
-    """CIFAR-10/100's python version (data_batch_*, test_batch, batches.meta / train, test, meta).
-
-    `kind` is "cifar10" or "cifar100" (fine labels); `classes` are the meta file's label names.
-    The 32x32 images are held in memory as one uint8 array.
-    """
+    """CIFAR-10/100's python version (CIFAR-100: fine labels), held in memory as one uint8 array."""
 
     target_type = int
 

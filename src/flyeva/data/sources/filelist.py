@@ -8,14 +8,10 @@ from flyeva.data.sources.base import LocalImageFiles
 
 
 class FileListSource(LocalImageFiles):
-    """Images named one per line in a text file, as `path` or `path<whitespace>label`.
-
-    The label column is ignored unless `with_labels=True`; then every line needs one, a
-    non-negative integer, and `target(i)` returns it. Relative paths resolve against `root`, or the
-    list file's folder when `root` is None. Blank lines and lines starting with '#' are skipped.
-    `check_files` stats every path up front (turn it off for lists of millions on a slow file
-    system; missing files are then skipped at read time and counted like any unreadable image).
-    """
+    """Images named one per line in a text file, as `path` or `path<whitespace>label` (labels read only
+    `with_labels`). Relative paths resolve against `root`, else the list's folder. `check_files`
+    stats every path up front (off for millions of files on a slow file system: missing ones are then
+    skipped at read time)."""
 
     def __init__(
         self,
@@ -31,7 +27,6 @@ class FileListSource(LocalImageFiles):
                 f"pass a text file with one image path per line"
             )
         base = Path(root) if root is not None else self.list_file.parent
-        self.with_labels = with_labels
         self.target_type: type | None = int if with_labels else None
         self.paths = []
         self.targets: list[int] | None = [] if with_labels else None

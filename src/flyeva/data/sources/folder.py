@@ -11,19 +11,14 @@ logger = logging.getLogger(__name__)
 
 
 class ImageFolderSource(LocalImageFiles):
-    """Every image under `root`, recursively, in sorted path order.
-
-    With `with_labels=True` it is the ImageNet/torchvision ImageFolder layout: the class of an
-    image is its first-level sub-folder, `classes` are those folder names sorted, `class_to_idx`
-    maps them to 0..C-1 and `target(i)` is image i's class index. Every class folder must hold an
-    image and no image may sit directly under `root`, so label indices never shift silently;
-    `allow_empty_classes` only warns, for evaluation sets whose classes are candidates to score.
-    """
+    """Every image under `root`, recursively, in sorted path order; `with_labels=True` reads the
+    ImageFolder layout (class = first-level sub-folder, sorted). An empty class folder or an image
+    directly under `root` would shift label indices silently, so both are refused
+    (`allow_empty_classes` only warns, for evaluation sets whose classes are candidates to score)."""
 
     def __init__(self, root: str | os.PathLike, with_labels: bool = False, allow_empty_classes: bool = False):
         self.root = self.location = Path(root)
         self.paths = find_images(self.root)
-        self.with_labels = with_labels
         self.target_type: type | None = int if with_labels else None
         self.classes: list[str] | None = None
         self.class_to_idx: dict[str, int] | None = None

@@ -33,10 +33,8 @@ def imagenet_index(entry: str, wnid_to_index: dict[str, int], where: str) -> int
 class ImageNetFolderSource(ImageFolderSource):
     """Class folders labelled with ImageNet-1K class indices: IN-1K and its variants (-V2, -A, -R, -Sketch).
 
-    A folder is named by wnid, by class index (ImageNet-V2's release) or mapped by a `class_map`
-    file ("folder<TAB>wnid or index" lines). `classes` are the 1000 wnids in timm's order and
-    `target(i)` is an index into them; `subset` lists the classes the set covers: its folders', or
-    a `subset_file`'s (wnids or indices, e.g. ImageNet-R's 200), which must include every folder.
+    `classes` are the 1000 wnids in timm's order; `subset` lists the classes the set covers: its
+    folders', or a `subset_file`'s (e.g. ImageNet-R's 200), which must include every folder.
     """
 
     def __init__(

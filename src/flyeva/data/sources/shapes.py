@@ -1,7 +1,4 @@
-"""`type: synthetic`: deterministic coloured rectangles and ellipses, a stand-in for tests and benchmarks.
-
-Not ShapeWorld (`type: shapeworld`): these images carry no labels or captions and need no minimum size.
-"""
+"""`type: synthetic`: coloured rectangles and ellipses, no targets; a stand-in for tests and benchmarks."""
 
 import random
 
@@ -11,11 +8,8 @@ from flyeva.data.sources import SourceConfig, register
 
 
 class SyntheticShapesSource:
-    """Deterministic images of a few coloured rectangles and ellipses on a plain background.
-
-    Image `index` depends only on (seed, index), never on call order: a stand-in dataset for tests
-    and smoke runs that needs no files.
-    """
+    """A few coloured rectangles and ellipses on a plain background; image `index` depends only on
+    (seed, index), never on call order."""
 
     def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0):
         if num_samples <= 0 or image_size <= 0:

@@ -61,10 +61,7 @@ class WebDatasetSource:
     """Local webdataset tar shards; each sample's first member with an image extension is its image.
 
     `urls` is a list of paths, one path, a folder of `*.tar`, or a brace pattern such as
-    `shards/train-{000000..000127}.tar`. `num_samples`, when given, fixes the epoch length (see the
-    module docstring); without it each shard is read once per epoch.
-    `target_key` "cls" gives each sample the integer in its .cls member, "txt" the caption in its
-    .txt member (utf-8, stripped); a sample without it is skipped and counted by the stream.
+    `shards/train-{000000..000127}.tar`. `target_key` "cls" reads integer labels, "txt" captions.
     """
 
     def __init__(
@@ -97,10 +94,7 @@ class WebDatasetSource:
         self.num_samples = num_samples
 
     def iter_shard(self, shard: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-        """Yield (key, image bytes, target member bytes) for one shard; None for a missing member.
-
-        The target is always None when `target_key` is None.
-        """
+        """(key, image bytes, target member bytes) of each sample of one shard; None for a missing member."""
         current_key: str | None = None
         members: dict[str, bytes] = {}
         with open(shard, "rb") as stream:
@@ -110,14 +104,11 @@ class WebDatasetSource:
                     continue
                 if key != current_key:
                     if current_key is not None:
-                        yield current_key, _pick_image(members), self._pick_target(members)
+                        yield current_key, _pick_image(members), members.get(self.target_key)
                     current_key, members = key, {}
                 members[suffix.lower()] = member["data"]
         if current_key is not None:
-            yield current_key, _pick_image(members), self._pick_target(members)
-
-    def _pick_target(self, members: dict[str, bytes]) -> bytes | None:
-        return members.get(self.target_key) if self.target_key is not None else None
+            yield current_key, _pick_image(members), members.get(self.target_key)
 
     def parse_target(self, key: str, data: bytes | None) -> int | str:
         """The label or caption of sample `key` from its target member, or `UnreadableTargetError`."""
@@ -158,9 +149,8 @@ class WebDatasetSource:
                     load = functools.partial(_no_image_member, key)
                     if data is not None:
                         load = functools.partial(decode_rgb, data, stream.max_pixels)
-                    load_target = None
-                    if stream.target_type is not None:
-                        load_target = functools.partial(self.parse_target, key, target_data)
+                    parse = functools.partial(self.parse_target, key, target_data)
+                    load_target = parse if stream.target_type is not None else None
                     yield PendingSample(key, -1, 0, 0, load, load_target)
             if not wrap:
                 return

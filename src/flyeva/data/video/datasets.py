@@ -1,18 +1,8 @@
-"""Labelled video lists: Kinetics-style CSVs, `path label` lists, folders per class, ShapeWorld clips.
+"""Labelled video lists: `path label` lists, Kinetics CSVs, folders per class, ShapeWorld clips.
 
-- `list`: one video per line, `path,label` or `path label` (mmaction's list files), optional header;
-  paths relative to `root` (or to the list's folder). A label is a class index, or a class name.
-- `kinetics`: the official CSVs (`label,youtube_id,time_start,time_end,split`, any column order, with
-  a header); the video of a row is `<id>_<start:06d>_<end:06d>.<ext>` (the usual downloader names)
-  directly in `root` or in `root/<label>/`, ext in mp4/webm/mkv.
-- `folder`: `root/<class>/<video>`; classes in sorted folder order.
-Class names: `data.classes` (a file, one per line) fixes the list and its order; otherwise named
-labels are sorted, and integer labels 0..N-1 are the classes, named by their index: every index up
-to the largest must label a video of the list, or the list is refused (one stray label such as 999
-in a 10-class list would otherwise make a 1000-class head), naming the unused indices and the line
-of the largest label. Listed videos missing on disk (common in Kinetics) are dropped once, counted
-and named in the log. Lists and class files are UTF-8; a byte that is not is one error naming the
-file and line.
+The layouts and the class-name rules are docs/video.md's "Data". Integer labels without
+`data.classes` must use every index up to the largest: one stray label such as 999 in a 10-class
+list would otherwise make a 1000-class head.
 """
 
 from __future__ import annotations
@@ -56,13 +46,8 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def read_index_rows(path: str | Path, what: str = "model.class_mapping") -> list[int]:
-    """Integer indices from a .npy array (read without unpickling) or a text file of one index per line.
-
-    A pickled or object array, a truncated .npy, a non-UTF-8 byte or a word that is not an integer is
-    one ValueError naming the file (the release ships its K722 -> K400 mapping as a plain int64 .npy).
-    """
-    import numpy as np
-
+    """Integer indices from a .npy array (read without unpickling: the release's K722 -> K400 mapping
+    is a plain int64 .npy) or a text file of one index per line; anything else is one ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -95,7 +80,7 @@ class VideoList:
         return len(self.paths)
 
 
-def _integer_classes(names: list[str], where: str, lines: list[int] | None) -> list[str]:
+def _integer_classes(names: list[str], where: str, lines: list[int]) -> list[str]:
     """Classes 0..max of integer labels, every one of which must label a video of the list."""
     values = [int(name) for name in names]
     if any(value < 0 for value in values):
@@ -103,30 +88,36 @@ def _integer_classes(names: list[str], where: str, lines: list[int] | None) -> l
     count = max(values) + 1 if values else 0
     unused = sorted(set(range(count)) - set(values))
     if unused:
-        largest = values.index(count - 1)
-        at = f" (line {lines[largest]})" if lines else ""
         raise ValueError(
             f"{where}: integer labels without data.classes make {count} classes (0..{count - 1}), but "
             f"{len(unused)} of them label no video (e.g. {unused[:5]}); the largest label is "
-            f"{count - 1}{at}: "
+            f"{count - 1} (line {lines[values.index(count - 1)]}): "
             "fix that label, or give data.classes (one class name per line) to fix the class list"
         )
     return [str(k) for k in range(count)]
 
 
-def _label_indices(
-    names: list[str],
-    classes_file: str,
-    where: str,
-    listed: list[str] | None = None,
-    lines: list[int] | None = None,
-) -> tuple[list[int], list[str]]:
-    """Class indices of `names` (the labels of the videos found) and the class names. The classes of
-    integer labels come from the whole list as written (`listed`, on `lines`), found on disk or not."""
+def _video_list(
+    files: list[Path], listed: list[str], lines: list[int], classes_file: str, where: str
+) -> VideoList:
+    """The listed videos that exist (the others named once in the log) with their class indices; the
+    classes of integer labels come from the whole list as written (on `lines`), found on disk or not."""
+    found = [file.is_file() for file in files]
+    kept = [str(file) for file, ok in zip(files, found) if ok]
+    missing = [str(file) for file, ok in zip(files, found) if not ok]
+    if missing:
+        logger.warning(
+            f"{where}: {len(missing)} of {len(files)} listed videos are missing, skipped (e.g. {missing[0]})"
+        )
+    if not kept:
+        raise FileNotFoundError(
+            f"{where}: none of the {len(files)} listed videos exists (e.g. {missing[0]}); check data.*.root"
+        )
+    names = [name for name, ok in zip(listed, found) if ok]
     if classes_file:
         classes = read_class_names(classes_file)
-    elif all(name.lstrip("-").isdigit() for name in listed or names):
-        classes = _integer_classes(listed or names, where, lines)
+    elif all(name.lstrip("-").isdigit() for name in listed):
+        classes = _integer_classes(listed, where, lines)
     else:
         classes = sorted(set(names))
     index = {name: k for k, name in enumerate(classes)}
@@ -140,30 +131,7 @@ def _label_indices(
             raise ValueError(
                 f"{where}: label {name!r} is not in the class list ({len(classes)} classes); fix data.classes"
             )
-    return labels, classes
-
-
-def _keep_existing(paths: list[Path], names: list[str], where: str) -> tuple[list[str], list[str], list[str]]:
-    kept, kept_names, missing = [], [], []
-    for path, name in zip(paths, names):
-        if path.is_file():
-            kept.append(str(path))
-            kept_names.append(name)
-        else:
-            missing.append(str(path))
-    if missing:
-        logger.warning(
-            "%s: %d of %d listed videos are missing, skipped (e.g. %s)",
-            where,
-            len(missing),
-            len(paths),
-            missing[0],
-        )
-    if not kept:
-        raise FileNotFoundError(
-            f"{where}: none of the {len(paths)} listed videos exists (e.g. {missing[0]}); check data.*.root"
-        )
-    return kept, kept_names, missing
+    return VideoList(kept, labels, classes, missing)
 
 
 def read_path_list(path: str | Path, root: str = "", classes_file: str = "") -> VideoList:
@@ -183,9 +151,7 @@ def read_path_list(path: str | Path, root: str = "", classes_file: str = "") -> 
         files.append(base / parts[0].strip())
         names.append(parts[1].strip())
         numbers.append(number)
-    kept, kept_names, missing = _keep_existing(files, names, str(path))
-    labels, classes = _label_indices(kept_names, classes_file, str(path), names, numbers)
-    return VideoList(kept, labels, classes, missing)
+    return _video_list(files, names, numbers, classes_file, str(path))
 
 
 def _kinetics_file(root: Path, row: dict[str, str]) -> Path:
@@ -213,11 +179,8 @@ def read_kinetics_csv(path: str | Path, root: str, classes_file: str = "") -> Vi
             f"{path}: a Kinetics CSV needs a header with {sorted(needed)}; use type=list for path,label"
         )
     files = [_kinetics_file(Path(root), row) for row in rows]
-    listed = [row["label"] for row in rows]
-    kept, kept_names, missing = _keep_existing(files, listed, str(path))
     lines = list(range(2, len(rows) + 2))  # after the header (a quoted newline shifts it: rare)
-    labels, classes = _label_indices(kept_names, classes_file, str(path), listed, lines)
-    return VideoList(kept, labels, classes, missing)
+    return _video_list(files, [row["label"] for row in rows], lines, classes_file, str(path))
 
 
 def read_folder(root: str | Path, classes_file: str = "") -> VideoList:
@@ -250,9 +213,7 @@ def write_shapeworld_clips(
     start: int = 0,
 ) -> Path:
     """ShapeWorld clips as H.264 files, `list.csv` (path,label) and `classes.txt`; the motion is the class.
-
-    Written once: an existing complete list is reused. Returns the list file.
-    """
+    An existing complete list is reused. Returns the list file."""
     from flyeva.data.video.decode import write_video
 
     out_dir = Path(out_dir)

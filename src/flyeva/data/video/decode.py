@@ -1,20 +1,10 @@
-"""Decoding the frames a sampler asks for: PyAV (FFmpeg bundled in its wheels) or torchcodec.
+"""Decoding the frames a sampler asks for: PyAV (FFmpeg bundled in its wheels) or torchcodec (docs/video.md).
 
 A decoder's `read(path, choose, short_side)` counts the video's frames, lets `choose(num_frames)`
-pick frame indices (repeats allowed), and returns those frames as uint8 [T, H, W, 3], resized so the
-short side is `short_side` (0 = native). Frame i is the i-th frame in presentation order, located by
-its own timestamp, so variable-frame-rate videos give the right frames (never i / fps).
-
-- PyAV: the packets are demuxed once (cheap, no decoding) for their timestamps; then the decoder
-  seeks to the keyframe before the first wanted frame and decodes forward to the last one. A stream
-  without timestamps (a raw `.h264`/`.hevc` elementary stream) is decoded whole, from a fresh open,
-  and its frames counted in decode order.
-- torchcodec (`seek_mode="exact"`: it scans the file for the same frame index). It needs FFmpeg's
-  shared libraries on the system (`apt-get install ffmpeg`, or libavcodec/libavformat/libavutil/
-  libswscale/libswresample); flyeva never requires it. `data.decoder=auto` uses it when it imports.
-
-Any failure (missing stream, corrupt or truncated data, zero frames) raises `VideoReadError`
-naming the file; the batch stream skips that video and counts it.
+pick frame indices (repeats allowed), and returns those frames as uint8 [T, H, W, 3] with the short
+side at `short_side` (0 = native). Frame i is the i-th frame in presentation order, found by its
+own timestamp, so variable-frame-rate videos give the right frames (never i / fps). Any failure
+raises `VideoReadError` naming the file; the batch stream skips that video and counts it.
 """
 
 from __future__ import annotations
@@ -72,8 +62,13 @@ class PyAVDecoder:
                     return self._read_sequential(path, choose, short_side)
                 timestamps.sort()
                 indices = _check_indices(choose(len(timestamps)), len(timestamps), path)
-                wanted = {timestamps[i] for i in indices}
-                frames = self._decode_wanted(container, stream, wanted, min(wanted), short_side)
+                wanted, frames = {timestamps[i] for i in indices}, {}
+                container.seek(min(wanted), stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.pts in wanted and frame.pts not in frames:
+                        frames[frame.pts] = _to_rgb(frame, short_side)
+                    if frame.pts is not None and frame.pts >= max(wanted) and len(frames) == len(wanted):
+                        break
         except (av.error.FFmpegError, OSError, EOFError) as error:
             raise VideoReadError(f"{path}: {type(error).__name__}: {error}") from error
         missing = wanted - frames.keys()
@@ -82,20 +77,6 @@ class PyAVDecoder:
                 f"{path}: truncated, {len(missing)} of {len(wanted)} wanted frames never decoded"
             )
         return np.stack([frames[timestamps[i]] for i in indices])
-
-    @staticmethod
-    def _decode_wanted(
-        container, stream, wanted: set[int], first: int, short_side: int
-    ) -> dict[int, np.ndarray]:
-        container.seek(first, stream=stream, backward=True, any_frame=False)
-        frames: dict[int, np.ndarray] = {}
-        last = max(wanted)
-        for frame in container.decode(stream):
-            if frame.pts in wanted and frame.pts not in frames:
-                frames[frame.pts] = _to_rgb(frame, short_side)
-            if frame.pts is not None and frame.pts >= last and len(frames) == len(wanted):
-                break
-        return frames
 
     @staticmethod
     def _read_sequential(path: str, choose: Chooser, short_side: int) -> np.ndarray:

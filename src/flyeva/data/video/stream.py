@@ -1,11 +1,8 @@
 """Batches of decoded clips, with `ImageBatchStream`'s sharding, order and exact resume.
 
-`ClipBatchStream` is `ImageBatchStream` whose samples are videos: decoding runs inside the
-per-sample seeded section, so the TSN offsets and the augmentation of a clip depend only on its
-place in the epoch (resume and any number of workers give the same clips). Batches are
-`{"clips": [b, T, 3, S, S] (eval: [b, views x crops, T, 3, S, S]), "labels", "num_skipped",
-"worker", "index"}`; an unreadable video is skipped, counted in `num_skipped` and named once in
-the log.
+Decoding runs inside the per-sample seeded section, so a clip's TSN offsets and augmentation depend
+only on its place in the epoch. Batches are `{"clips": [b, T, 3, S, S] (eval: [b, views x crops, T,
+3, S, S]), "labels", "num_skipped", "worker", "index"}`.
 """
 
 from __future__ import annotations
@@ -24,11 +21,8 @@ from flyeva.data.video.transforms import multi_view_indices, tsn_train_indices
 
 
 class VideoSource:
-    """An indexable source of sampled clips: `load(i)` decodes the frames the sampler picks for video i.
-
-    Training draws the TSN offsets from torch's global RNG (seeded per sample by the stream);
-    evaluation decodes every view's frames at once (views x num_frames, view-major).
-    """
+    """An indexable source of sampled clips: `load(i)` decodes the frames the sampler picks for video i
+    (training: TSN offsets from torch's RNG; evaluation: every view's frames at once, view-major)."""
 
     target_type = int
 

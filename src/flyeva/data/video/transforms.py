@@ -1,19 +1,9 @@
 """Which frames a clip uses (TSN sampling) and how its pixels are augmented (release `EVA-01/video`).
 
-Sampling (TSN, one frame per segment; mmaction's `SampleFrames(clip_len=1, num_clips=T)`):
-- training: the first n - n % T frames are cut into T equal segments of n // T frames and one
-  frame is drawn uniformly from each (the release's rule);
-- testing: view v of V takes the frame at fraction (v + 0.5) / V of every segment of n / T
-  frames, so 1 view = the segment centres (mmaction's test clips) and 4 views spread evenly.
-  The release draws test views with the random training sampler; here evaluation is deterministic;
-- a video with fewer than T frames uses the test rule (floor((i + 0.5) n / T)), which repeats frames
-  and always stays in range (the release's rounding can index frame n).
-
-Pixels: frames arrive with the short side at 256; training takes one multi-scale crop (the crop
-side is the short side x one of (1, .875, .75, .66) per axis, the two scales at most one apart, at
-one of 5 fixed positions), resizes it to 224, flips with p 0.5, colour-jitters with p 0.8
-(brightness/contrast/saturation 0.4, hue 0.1) and greys with p 0.2, the same for every frame of
-the clip; testing takes 3 crops of 224 along the long side (1 = the centre). ImageNet mean/std.
+The rules are docs/video.md's "Sampling" and "Augmentation". Deviations from the release: test
+views are deterministic (the release draws them with the random training sampler), and a video
+with fewer than T frames takes floor((i + 0.5) n / T), always in range (the release's rounding can
+index frame n).
 """
 
 from __future__ import annotations
@@ -74,11 +64,8 @@ class ClipTrainTransform:
         hflip: float = 0.5,
         color_jitter: float = 0.8,
         grayscale: float = 0.2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ):
         self.image_size, self.scales, self.hflip = image_size, tuple(scales), hflip
-        self.mean, self.std = tuple(mean), tuple(std)
         # v2 transforms draw their parameters once per call: one jitter for all frames of a clip.
         self.photometric = v2.Compose(
             [
@@ -111,7 +98,7 @@ class ClipTrainTransform:
         clip = v2.functional.resize(clip, [self.image_size, self.image_size], antialias=True)
         if float(torch.rand(())) < self.hflip:
             clip = clip.flip(-1)
-        return _to_float(self.photometric(clip), self.mean, self.std)
+        return _to_float(self.photometric(clip), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def three_crop_boxes(height: int, width: int, size: int, crops: int) -> list[tuple[int, int]]:
