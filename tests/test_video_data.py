@@ -247,3 +247,10 @@ def test_integer_labels_are_classes_0_to_max_each_labelling_a_video_of_the_list(
     (tmp_path / "negative.txt").write_text("a.mp4 0\na.mp4 -1\n")
     with pytest.raises(ValueError, match="label -1 is negative"):
         read_path_list(tmp_path / "negative.txt")
+
+
+@pytest.mark.parametrize("text", ["", "path,label\n"])
+def test_a_list_naming_no_videos_is_one_clear_error(tmp_path, text):
+    (tmp_path / "empty.csv").write_text(text)
+    with pytest.raises(ValueError, match=r"empty.csv.*the list names no videos"):
+        read_path_list(tmp_path / "empty.csv")

@@ -102,6 +102,8 @@ def _video_list(
 ) -> VideoList:
     """The listed videos that exist (the others named once in the log) with their class indices; the
     classes of integer labels come from the whole list as written (on `lines`), found on disk or not."""
+    if not files:
+        raise ValueError(f"{where}: the list names no videos; write one `path,label` line per video")
     found = [file.is_file() for file in files]
     kept = [str(file) for file, ok in zip(files, found) if ok]
     missing = [str(file) for file, ok in zip(files, found) if not ok]
