@@ -1,12 +1,11 @@
 """Image classification transfer (docs/recipes.md §4): `flyeva classify finetune|linprobe|knn|eval`.
 
-Import-light on purpose: the CLI imports this package to register its commands; torch and timm are
-imported when a verb runs.
-"""
+Import-light: the CLI imports it to register the commands; torch and timm load when a verb runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from flyeva.engine.stage import Stage, Verb, verb_output, weights_options
 
@@ -71,13 +70,20 @@ STAGES = (FINETUNE, LINPROBE)
 
 
 def eval_verb(cfg, args: argparse.Namespace) -> None:
-    from flyeva.tasks.classify.evaluate import eval_verb as run
+    """`flyeva classify eval`: one JSON line of the numbers; OUTPUT/eval.json holds the record."""
+    from flyeva.engine import distributed as D
+    from flyeva.engine.run import RunLock
+    from flyeva.tasks.classify.evaluate import run_classify_eval
 
     cfg.model.checkpoint = args.weights or cfg.model.checkpoint
     cfg.model.num_heads = args.num_heads or cfg.model.num_heads
     output = verb_output(args, "classify", "eval", cfg.model.checkpoint, cfg.train.output_dir)
     cfg.train.output_dir = str(output)
-    run(cfg, args)
+    with RunLock.hold(output, enabled=D.is_main()):
+        record = run_classify_eval(cfg)
+    if record:
+        print(json.dumps({**record["metrics"], **record["facts"]}))
+        print(f"written to {output / 'eval.json'}")
 
 
 def predict_verb(cfg, args: argparse.Namespace) -> None:

@@ -18,13 +18,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flyeva.data.sharding import RankShard
-from flyeva.data.sources import (
-    ConcatSource,
-    SourceConfig,
-    UnreadableImageError,
-    build_source,
-    is_indexable,
-)
+from flyeva.data.sources import ConcatSource, SourceConfig, UnreadableImageError, build_source, is_indexable
 from flyeva.data.stream import ImageBatchStream, rank_permutation
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, seeded_host_rngs
 
@@ -60,13 +54,10 @@ class AugSection:
 
 
 class TrainTransform:
-    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random erasing).
+    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random erasing); its
+    Python and NumPy draws are seeded from torch's generator, which `ImageBatchStream` seeds per sample."""
 
-    timm draws from Python's and NumPy's RNGs; both are seeded here from torch's generator, which
-    `ImageBatchStream` seeds per sample, so every crop is reproducible and resume stays exact.
-    """
-
-    def __init__(self, image_size: int, aug: AugSection, mean: Sequence[float] = CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, image_size: int, aug: AugSection):
         from timm.data import create_transform
 
         self.image_size = image_size
@@ -82,8 +73,8 @@ class TrainTransform:
             re_prob=aug.reprob,
             re_mode=aug.remode,
             re_count=aug.recount,
-            mean=tuple(mean),
-            std=tuple(std),
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -142,10 +133,9 @@ def source_classes(source: Any, num_classes: int) -> tuple[int, list[str] | None
                 "remove data.num_classes or fix the data"
             )
         return len(classes), list(classes)
-    targets = getattr(source, "targets", None)
     if num_classes:
         return num_classes, None
-    if targets:
+    if targets := getattr(source, "targets", None):
         return max(targets) + 1, None
     raise ValueError("cannot tell the number of classes of webdataset shards; set data.num_classes")
 
@@ -171,10 +161,8 @@ def eval_stream(source: Any, image_size: int, crop_pct: float, batch_size: int, 
 
 
 class FeatureBatchStream(IterableDataset):
-    """Cached features and labels, batched in exactly the order `ImageBatchStream` batches images:
-    its `rank_permutation`, cut into batches. Whole batches are sliced from the tensors (no
-    per-sample work), in one process: use it with num_workers=0.
-    """
+    """Cached features and labels in `ImageBatchStream`'s batch order (its `rank_permutation`), whole
+    batches sliced from the tensors with no per-sample work, in one process (num_workers=0)."""
 
     def __init__(
         self,
@@ -213,13 +201,8 @@ class FeatureBatchStream(IterableDataset):
         order = rank_permutation(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
         for index in range(self.skip, self.num_batches()):
             chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
-            yield {
-                "images": self.features[chosen],
-                "labels": self.labels[chosen],
-                "num_skipped": 0,
-                "worker": 0,
-                "index": index,
-            }
+            batch = {"images": self.features[chosen], "labels": self.labels[chosen]}
+            yield batch | {"num_skipped": 0, "worker": 0, "index": index}
 
 
 @dataclass
@@ -233,10 +216,8 @@ class LabeledData:
 
 
 def check_every_class_readable(source: Any) -> None:
-    """Refuse to train when a class has no image that decodes (it would train with exit 0, unlearnable).
-
-    One successful decode per class suffices, so a healthy data set costs one image per class.
-    """
+    """Refuse to train when a class has no image that decodes (it would train with exit 0, unlearnable);
+    one successful decode per class suffices, so a healthy data set costs one image per class."""
     targets, classes = getattr(source, "targets", None), getattr(source, "classes", None)
     if not targets or not classes:
         return  # streamed or generated sources: their unreadable samples are counted per epoch

@@ -1,12 +1,8 @@
-"""`flyeva classify eval`: top-1 / top-5 of a classifier without training it.
-
-The weights (`--weights`) are a flyeva classifier folder (`flyeva classify finetune`'s `final`) or a release
-fine-tuned checkpoint (its head decides the number of classes); `OUTPUT/eval.json` holds the result.
-"""
+"""`flyeva classify eval`: top-1 / top-5 of a classifier folder (`flyeva classify finetune`'s `final`) or
+a release fine-tuned checkpoint (its head decides the number of classes), written to OUTPUT/eval.json."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,6 @@ from flyeva.config import ConfigError
 from flyeva.data.sources import SourceConfig
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import PRECISIONS, StepContext
-from flyeva.engine.run import RunLock
 from flyeva.engine.stage import write_evaluation
 from flyeva.eval.classification import Evaluator
 from flyeva.models.weights import is_weights_folder
@@ -98,12 +93,3 @@ def run_classify_eval(cfg: ClassifyEvalConfig) -> dict[str, Any]:
     return write_evaluation(
         out, "classify", metrics, weights=cfg.model.checkpoint, facts=facts, details=evaluator.details()
     )
-
-
-def eval_verb(cfg: ClassifyEvalConfig, args: Any) -> None:
-    """`flyeva classify eval`: one JSON line of the numbers; OUTPUT/eval.json holds the record."""
-    with RunLock.hold(Path(cfg.train.output_dir), enabled=D.is_main()):
-        record = run_classify_eval(cfg)
-    if record:
-        print(json.dumps({**record["metrics"], **record["facts"]}))
-        print(f"written to {Path(cfg.train.output_dir) / 'eval.json'}")

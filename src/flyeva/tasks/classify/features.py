@@ -85,50 +85,29 @@ def extract_features(
         # RankShard numbers its samples 0..n-1; map them back to the source's own indices.
         ids.append(batch["ids"] * world + rank if is_indexable(source) else torch.full_like(batch["ids"], -1))
     if not features:
-        return (
-            torch.empty(0, encoder.embed_dim),
-            torch.empty(0, dtype=torch.long),
-            torch.empty(0, dtype=torch.long),
-        )
+        no_ids = torch.empty(0, dtype=torch.long)
+        return torch.empty(0, encoder.embed_dim), no_ids, no_ids.clone()
     return torch.cat(features), torch.cat(labels).long(), torch.cat(ids).long()
 
 
 def frozen_feature_settings(
     model_cfg: Any, data_cfg: Any, run_cfg: Any, image_size: int, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`cached_features`' extraction arguments and cache key for one probe or kNN run.
-
-    The key names everything the features depend on, so a changed encoder, pooling, resolution,
-    crop, precision or seed recomputes them.
-    """
-    extract = dict(
-        pool=model_cfg.pool,
-        image_size=image_size,
-        crop_pct=data_cfg.crop_pct,
-        batch_size=batch_size,
-        device=device,
-        precision=run_cfg.precision,
-        num_workers=run_cfg.num_workers,
+    """`cached_features`' extraction arguments and cache key for one probe or kNN run; the key names
+    everything the features depend on (encoder, pooling, resolution, crop, precision, seed)."""
+    shared = dict(
+        pool=model_cfg.pool, image_size=image_size, crop_pct=data_cfg.crop_pct, precision=run_cfg.precision
     )
-    key = dict(
-        encoder=model_cfg.init or f"random {model_cfg.size}",
-        pool=model_cfg.pool,
-        image_size=image_size,
-        crop_pct=data_cfg.crop_pct,
-        precision=run_cfg.precision,
-        seed=run_cfg.seed,
-    )
+    extract = dict(shared, batch_size=batch_size, device=device, num_workers=run_cfg.num_workers)
+    key = dict(encoder=model_cfg.init or f"random {model_cfg.size}", **shared, seed=run_cfg.seed)
     return extract, key
 
 
 def cached_features(
     encoder: nn.Module, source: Any, split: str, cache_dir: str | Path, key: dict[str, Any], **extract: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every readable sample, in source order, computed once per `key`.
-
-    Every rank extracts its share; the shares meet on disk (`cache_dir`), so each rank ends with
-    the whole set. A later run with the same `key` (encoder, pooling, resolution, data) reuses them.
-    """
+    """Features and labels of every readable sample, in source order, computed once per `key`: every
+    rank extracts its share and the shares meet on disk (`cache_dir`), so each ends with the whole set."""
     cache_dir = Path(cache_dir)
     merged, key_file = cache_dir / f"{split}.safetensors", cache_dir / f"{split}.json"
     key = {**key, "split": split, "samples": len(source) if is_indexable(source) else None}

@@ -106,11 +106,8 @@ def build_model(cfg: ModelSection, num_classes: int, seed: int = 0) -> Eva:
 
 
 def from_scratch_warning(cfg: FinetuneConfig) -> str:
-    """The line a run without `model.init` logs, naming the settings on that are made for pretrained encoders.
-
-    The release's head scale, layer decay and EMA protect pretrained weights; from random weights each
-    cost top-1 in the recipe's budget (docs/classify.md), so the `miniature` recipe turns them off.
-    """
+    """The line a run without `model.init` logs, naming the settings on that are made for pretrained encoders
+    (head scale, layer decay, EMA: each costs top-1 from random weights, docs/classify.md)."""
     made_for_pretrained = {
         "model.head_init_scale": (cfg.model.head_init_scale, cfg.model.head_init_scale < 1),
         "optim.layer_decay": (cfg.optim.layer_decay, cfg.optim.layer_decay < 1),
@@ -136,14 +133,10 @@ def build_finetune(cfg: FinetuneConfig) -> Built:
     model = build_model(cfg.model, data.num_classes, cfg.train.seed)
     image_size = model.patch_embed.img_size[0]
     rank, world = D.rank(), D.world_size()
+    transform = TrainTransform(image_size, cfg.aug)
+    # drop_last: whole batches, as the release's loader (and Mixup pairs) want
     stream = ImageBatchStream(
-        data.train,
-        TrainTransform(image_size, cfg.aug),
-        batch_size=cfg.train.batch_size,
-        rank=rank,
-        world_size=world,
-        seed=cfg.train.seed,
-        drop_last=True,  # whole batches, as the release's loader (and Mixup pairs) want
+        data.train, transform, cfg.train.batch_size, rank, world, cfg.train.seed, drop_last=True
     )
     mixup = dict(
         mixup_alpha=cfg.aug.mixup,

@@ -1,8 +1,5 @@
-"""`flyeva classify knn`: weighted k-nearest-neighbour classification on frozen features (DINO's eval_knn).
-
-Cosine similarity between L2-normalised features; each of the k nearest training samples votes for
-its class with weight exp(similarity / T); defaults k = 20, T = 0.07.
-"""
+"""`flyeva classify knn`: weighted k-nearest-neighbour classification on frozen features (DINO's eval_knn):
+each of the k most cosine-similar training samples votes for its class with weight exp(similarity / T)."""
 
 from __future__ import annotations
 
@@ -93,7 +90,7 @@ def knn_verb(cfg: KnnConfig, args: Any = None) -> dict[str, Any]:
 
 
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
-    """Extract (or reuse) train and val features, classify val by weighted kNN, write result.json."""
+    """`knn_verb`'s work: the result record, written on rank 0 (empty on other ranks)."""
     device = D.init_distributed(cfg.train.device)
     data = prepare_data(cfg.data, need_val=True)
     encoder = load_frozen_encoder(cfg.model, cfg.train.seed).to(device)
@@ -105,14 +102,9 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     cache_dir = cfg.knn.cache_dir or out / "features"
     train_features, train_labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
     val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)
+    tensors = [t.to(device) for t in (train_features, train_labels, val_features, val_labels)]
     metrics = knn_classify(
-        train_features.to(device),
-        train_labels.to(device),
-        val_features.to(device),
-        val_labels.to(device),
-        k=cfg.knn.k,
-        temperature=cfg.knn.temperature,
-        num_classes=data.num_classes,
+        *tensors, k=cfg.knn.k, temperature=cfg.knn.temperature, num_classes=data.num_classes
     )
     facts = {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "num_classes": data.num_classes}
     facts.update(train_samples=len(train_features), val_samples=len(val_features))

@@ -8,10 +8,8 @@ import torch
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose step for each matrix is rescaled to trust * |w| / |g + wd * w|.
-
-    Parameters with at most one dimension (biases, norms) get neither weight decay nor the rescaling.
-    """
+    """SGD with momentum whose step for each matrix is rescaled to trust * |w| / |g + wd * w|; parameters
+    with at most one dimension (biases, norms) get neither weight decay nor the rescaling."""
 
     def __init__(
         self,
@@ -40,13 +38,9 @@ class LARS(torch.optim.Optimizer):
                 if param.ndim > 1:
                     update = update.add(param, alpha=group["weight_decay"])
                     param_norm, update_norm = torch.norm(param), torch.norm(update)
-                    one = torch.ones_like(param_norm)
+                    ratio = group["trust_coefficient"] * param_norm / update_norm
                     trust = torch.where(
-                        param_norm > 0,
-                        torch.where(
-                            update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one
-                        ),
-                        one,
+                        (param_norm > 0) & (update_norm > 0), ratio, torch.ones_like(param_norm)
                     )
                     update = update.mul(trust)
                 state = self.state[param]

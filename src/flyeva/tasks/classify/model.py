@@ -1,17 +1,9 @@
 """The image classifier: timm's `Eva` with a pooled head, initialised from pretrained encoder weights.
 
-Pooling (docs/recipes.md §4): `avg` = mean of the patch tokens (CLS excluded) -> `fc_norm` -> head,
-the release's fine-tuning head; `cls` = the CLS token -> head.
-
-What happens to the checkpoint's final `norm` (docs/recipes.md §9), `final_norm`:
-- `fc_norm` (default): the model has no per-token norm; the pooled vector goes through `fc_norm`,
-  initialised from the checkpoint's `norm` (timm's `checkpoint_filter_fn`). No pretrained weight is
-  thrown away, and the release's own IN-21K -> IN-1K stage does the same (its 21K checkpoint carries
-  the trained `fc_norm` over).
-- `drop`: as `fc_norm`, but `fc_norm` starts fresh (ones/zeros); the checkpoint's `norm` is discarded.
-  This is what the release does when it fine-tunes a MIM checkpoint.
-- `keep`: the checkpoint's `norm` stays on every token (the encoder exactly as pretrained, as the
-  linear probe sees it), then pooling, no `fc_norm`.
+Pooling: `avg` = mean of the patch tokens (CLS excluded) -> `fc_norm` -> head, the release's
+fine-tuning head; `cls` = the CLS token -> head. `final_norm` says where the checkpoint's final
+`norm` goes: into `fc_norm` (default, as timm's `checkpoint_filter_fn`), nowhere (`drop`, the
+release on a MIM checkpoint), or it stays on every token (`keep`); docs/classify.md.
 """
 
 from __future__ import annotations
@@ -50,18 +42,6 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def classifier_kwargs(num_classes: int, pool: str = "avg", final_norm: str = "fc_norm") -> dict[str, Any]:
-    """timm `Eva` keyword arguments for the head layout that `pool` and `final_norm` describe."""
-    check_choice("model.pool", pool, POOLS)
-    check_choice("model.final_norm", final_norm, FINAL_NORMS)
-    # use_fc_norm=True turns timm's per-token `norm` off (Identity); keep uses the per-token norm only.
-    return dict(
-        num_classes=num_classes,
-        global_pool="avg" if pool == "avg" else "token",
-        use_fc_norm=final_norm != "keep",
-    )
-
-
 @torch.no_grad()
 def init_head(head: nn.Linear, scale: float = HEAD_INIT_SCALE) -> None:
     """The release's head init: trunc_normal(std 0.02) times `scale`, zero bias (docs/recipes.md §4)."""
@@ -84,12 +64,16 @@ def build_classifier(
     """A timm `Eva` classifier of a named size with a freshly initialised head."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    check_choice("model.pool", pool, POOLS)
+    check_choice("model.final_norm", final_norm, FINAL_NORMS)
     model = build_encoder(
         size,
         drop_path_rate=drop_path_rate,
         grad_checkpointing=grad_checkpointing,
         release_init=release_init,
-        **classifier_kwargs(num_classes, pool, final_norm),
+        num_classes=num_classes,
+        global_pool="avg" if pool == "avg" else "token",
+        use_fc_norm=final_norm != "keep",  # True turns timm's per-token `norm` off (Identity)
     )
     init_head(model.head, head_init_scale)  # release_init re-initialised every Linear, the head too
     return model
@@ -107,10 +91,8 @@ class PretrainedWeights:
 
 
 def load_pretrained(path: str | Path, num_heads: int = 0) -> PretrainedWeights:
-    """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint.
-
-    `num_heads` is needed only for a release checkpoint of a size `flyeva models` does not name.
-    """
+    """Weights to start from: a flyeva folder (MIM, encoder or classifier) or a release checkpoint
+    (`num_heads` only for a release checkpoint of a size `flyeva models` does not name)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
@@ -198,16 +180,9 @@ def freeze_patch_embed(model: Eva) -> None:
 def timm_kwargs(model: Eva) -> dict[str, Any]:
     """Everything `timm.models.eva.Eva(**kwargs)` needs to rebuild `model`'s architecture."""
     size = size_arch(model)["size"]
-    kwargs: dict[str, Any] = dict(
-        img_size=size["img_size"],
-        patch_size=size["patch_size"],
-        embed_dim=size["embed_dim"],
-        depth=size["depth"],
-        num_heads=size["num_heads"],
-        mlp_ratio=size["mlp_dim"] / size["embed_dim"],
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-    )
+    kwargs: dict[str, Any] = {k: size[k] for k in ("img_size", "patch_size", "embed_dim", "depth")}
+    kwargs.update(num_heads=size["num_heads"], mlp_ratio=size["mlp_dim"] / size["embed_dim"])
+    kwargs.update(num_classes=model.num_classes, global_pool=model.global_pool)
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     if has_fc_norm != (model.global_pool == "avg"):  # timm's default: fc_norm exactly when pooling avg
         kwargs["use_fc_norm"] = has_fc_norm

@@ -1,11 +1,5 @@
-"""Classification in a few lines, and `flyeva classify predict IMAGES --weights FOLDER`.
-
-from flyeva.models.weights import load
-from flyeva.tasks.classify.predict import classify_image
-
-model = load("runs/miniature_classify/final")
-classify_image(model, image)  # a PIL image or uint8 [3, H, W] -> [("circle", 0.91), ...]
-"""
+"""`flyeva classify predict IMAGES --weights FOLDER`, and `classify_image`: classification in a few
+lines (docs/classify.md)."""
 
 from __future__ import annotations
 
@@ -18,13 +12,7 @@ from torch import nn
 
 from flyeva.data.sources import UnreadableImageError, decode_rgb, input_images
 from flyeva.data.transforms import EvalTransform
-
-
-def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
-    """A PIL image or a uint8 [3, H, W] tensor (0-255 RGB) as an RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+from flyeva.tasks.classify.model import load_classifier
 
 
 @torch.no_grad()
@@ -36,7 +24,9 @@ def classify_image(
     classes = getattr(model, "weights_config", {}).get("classes") or [
         str(k) for k in range(model.num_classes)
     ]
-    pixels = EvalTransform(model.patch_embed.img_size[0])(as_pil(image))[None]
+    if isinstance(image, torch.Tensor):  # uint8 [3, H, W], 0-255 RGB
+        image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    pixels = EvalTransform(model.patch_embed.img_size[0])(image.convert("RGB"))[None]
     device = next(model.parameters()).device
     probabilities = model.eval()(pixels.to(device)).float().softmax(-1)[0]
     values, indices = probabilities.topk(min(top_k, len(classes)))
@@ -45,8 +35,6 @@ def classify_image(
 
 def run_predict(weights: str, images: list[str], out: Path, top_k: int = 5) -> Path:
     """Print the top-k table of every image and write OUTPUT/predictions.json; returns its path."""
-    from flyeva.tasks.classify.model import load_classifier
-
     files = [file for name in images for file in input_images([name])]  # one JSON: equal stems may meet
     model, _ = load_classifier(weights)
     rows = []

@@ -1,10 +1,9 @@
 """`flyeva classify linprobe`: a linear classifier on a frozen encoder, as the release probes EVA-CLIP.
 
-Head: BatchNorm1d without affine + Linear (MAE's `main_linprobe`), on the CLS token or the mean of the
-patch tokens; LARS (or SGD/AdamW); lr 1.0 at batch 16000, no weight decay, 90 epochs with 10 warmup
-(docs/recipes.md §4). By default the encoder's features are computed once and cached, and the probe
-trains on the cache through the same engine and the same batch order it would see with live
-images; `probe.cache=false` runs the encoder on every batch instead (needed for augmentation).
+Head: BatchNorm1d without affine + Linear (MAE's `main_linprobe`); LARS (or SGD/AdamW); lr 1.0 at
+batch 16000, no weight decay, 90 epochs with 10 warmup (docs/recipes.md §4). By default the features
+are computed once and cached, and the probe trains on the cache in the batch order live images would
+have; `probe.cache=false` runs the encoder on every batch instead (needed for augmentation).
 """
 
 from __future__ import annotations
@@ -158,17 +157,15 @@ def build_linprobe(cfg: LinprobeConfig) -> Built:
     torch.manual_seed(cfg.train.seed)  # the same head on every rank, cached or not
     head = LinearProbeHead(encoder.embed_dim, data.num_classes)
     out = Path(cfg.train.output_dir)
-    rank, world, batch_size = D.rank(), D.world_size(), cfg.train.batch_size
+    rank, world, batch_size, seed = D.rank(), D.world_size(), cfg.train.batch_size, cfg.train.seed
+    val_stream = None
     if cfg.probe.cache:
         extract, key = frozen_feature_settings(cfg.model, cfg.data, cfg.train, image_size, batch_size, device)
         cache_dir = cfg.probe.cache_dir or out / "features"
         features, labels = cached_features(encoder, data.train, "train", cache_dir, key, **extract)
         model: nn.Module = head
-        stream: Any = FeatureBatchStream(
-            features, labels, batch_size, rank, world, cfg.train.seed, drop_last=True
-        )
+        stream: Any = FeatureBatchStream(features, labels, batch_size, rank, world, seed, drop_last=True)
         cfg.train.num_workers = 0  # whole batches sliced from memory: no workers
-        val_stream = None
         if data.val is not None:
             val_features, val_labels = cached_features(encoder, data.val, "val", cache_dir, key, **extract)
             # Every world-th sample from this rank's offset: each counted exactly once over all ranks.
@@ -176,16 +173,11 @@ def build_linprobe(cfg: LinprobeConfig) -> Built:
         del encoder  # the cache replaces it
     else:
         model = FrozenEncoderProbe(encoder, head, cfg.model.pool)
-        aug = AugSection(auto_augment="", reprob=0.0, smoothing=0.0)  # RandomResizedCrop(0.08, 1) + flip
-        transform = (
-            TrainTransform(image_size, aug)
-            if cfg.probe.augment
-            else EvalTransform(image_size, cfg.data.crop_pct)
-        )
-        stream = ImageBatchStream(
-            data.train, transform, batch_size, rank, world, cfg.train.seed, drop_last=True
-        )
-        val_stream = None
+        if cfg.probe.augment:  # RandomResizedCrop(0.08, 1) + flip
+            transform = TrainTransform(image_size, AugSection(auto_augment="", reprob=0.0, smoothing=0.0))
+        else:
+            transform = EvalTransform(image_size, cfg.data.crop_pct)
+        stream = ImageBatchStream(data.train, transform, batch_size, rank, world, seed, drop_last=True)
         if data.val is not None:
             val_stream = eval_stream(data.val, image_size, cfg.data.crop_pct, batch_size, rank, world)
     evaluator = None
@@ -198,7 +190,8 @@ def build_linprobe(cfg: LinprobeConfig) -> Built:
 
     def save_final(state: dict[str, torch.Tensor], folder: Path) -> None:
         final = LinearProbeHead(head.linear.in_features, head.linear.out_features)
-        final.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if not _encoder_key(k)})
+        kept = {k.removeprefix("head."): v for k, v in state.items() if not k.startswith("encoder.")}
+        final.load_state_dict(kept)
         arch = {"dim": head.linear.in_features, "num_classes": head.linear.out_features}
         save_weights(final, folder, kind="probe", arch=arch, extra=meta)
 
@@ -213,7 +206,3 @@ def build_linprobe(cfg: LinprobeConfig) -> Built:
         optimizer_fn=None if optimizer[0] == "adamw" else probe_optimizer_fn(*optimizer),
         facts={"num_classes": data.num_classes},
     )
-
-
-def _encoder_key(key: str) -> bool:
-    return key.startswith("encoder.")

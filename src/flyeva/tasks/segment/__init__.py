@@ -1,8 +1,6 @@
 """Semantic segmentation transfer (paper section 4.2): `flyeva segment train|eval|predict`.
 
-Import-light on purpose: the CLI imports this package to register its commands; torch, timm and
-transformers are imported when a verb runs.
-"""
+Import-light: the CLI imports it to register the commands; torch, timm, transformers load when a verb runs."""
 
 from __future__ import annotations
 
@@ -46,9 +44,8 @@ def _weights(cfg, args: argparse.Namespace) -> str:
 def eval_verb(cfg, args: argparse.Namespace) -> None:
     from flyeva.tasks.segment.run import run_eval
 
-    cfg.train.output_dir = str(
-        verb_output(args, "segment", "eval", _weights(cfg, args), cfg.train.output_dir)
-    )
+    output = verb_output(args, "segment", "eval", _weights(cfg, args), cfg.train.output_dir)
+    cfg.train.output_dir = str(output)
     record = run_eval(cfg)
     if record:
         numbers = ", ".join(f"{k} {record['metrics'][k]:.4f}" for k in ("mIoU", "mAcc", "aAcc"))

@@ -1,10 +1,8 @@
 """The EVA encoder as a dense backbone: block outputs at `out_indices` -> a 4-level feature pyramid.
 
 The neck is BEiT's and EVA-02's mmseg backbone head (paper section 4.2, release `EVA-01/seg` for
-the crop and the patch-16 resize): from the stride-16 token map, two stride-2 deconvolutions with
-BatchNorm + GELU between them (stride 4), one deconvolution (stride 8), the map itself (stride 16)
-and a 2x2 max-pool (stride 32). Strides are relative to the input for patch 16; with patch p they
-are p/4, p/2, p, 2p.
+the crop and the patch-16 resize). Strides are relative to the input for patch 16; with patch p
+they are p/4, p/2, p, 2p.
 """
 
 from __future__ import annotations
@@ -18,24 +16,28 @@ from timm.models.eva import Eva
 from torch import nn
 
 from flyeva.engine.optim import layer_id_for_vit
+from flyeva.models.checkpoint import load_any
 from flyeva.models.eva import EvaSize, eva_kwargs, resize_patch_embed, set_image_size
+from flyeva.models.weights import is_weights_folder, load, read_config
 
 ENCODER_PREFIX = "backbone.encoder."
 
 
-class BackboneLayers:
-    """Layer ids of a segmenter for layer decay (`engine.optim.layer_decay_groups`): encoder embeddings
-    0, block i -> i + 1; the neck and the whole decoder num_layers + 1 (full lr).
+class EvaSegmenter(nn.Module):
+    """A segmenter's shared parts: backbone, class count, decoder section, and the layer ids for layer
+    decay (`engine.optim.layer_decay_groups`): encoder embeddings 0, block i -> i + 1, the neck and
+    the whole decoder num_layers + 1 (full lr; the release puts Mask2Former's query and level
+    embeddings at layer 0, docs/segment.md)."""
 
-    The release's builder puts Mask2Former's query and level embeddings at layer 0 (lr x 0.95^41);
-    here every decoder parameter gets the full lr (docs/segment.md).
-    """
+    decoder = ""  # the `arch` name of the subclass's decoder, also its section's key
 
-    backbone: EvaBackbone
+    def __init__(self, backbone: EvaBackbone, num_classes: int, cfg: Any) -> None:
+        super().__init__()
+        self.num_classes, self.cfg, self.backbone = num_classes, cfg, backbone
 
     @property
     def num_layers(self) -> int:
-        return self.backbone.num_layers
+        return len(self.backbone.encoder.blocks)
 
     @staticmethod
     def layer_id(name: str, num_layers: int) -> int:
@@ -43,9 +45,22 @@ class BackboneLayers:
             return layer_id_for_vit(name.removeprefix(ENCODER_PREFIX), num_layers)
         return num_layers + 1
 
+    def no_weight_decay(self) -> set[str]:
+        return {f"{ENCODER_PREFIX}{name}" for name in self.backbone.encoder.no_weight_decay()}
+
+    def arch(self) -> dict[str, Any]:
+        """The `arch` of a `segmenter` weights folder (see flyeva.models.weights)."""
+        arch = {"encoder": asdict(self.backbone.size), "out_indices": self.backbone.out_indices}
+        return arch | {
+            "num_classes": self.num_classes,
+            "decoder": self.decoder,
+            self.decoder: asdict(self.cfg),
+        }
+
 
 class FeaturePyramidNeck(nn.Module):
-    """Token map at stride p -> maps at strides p/4, p/2, p, 2p, all with the encoder's width."""
+    """Token map at stride p -> maps at strides p/4 (two stride-2 deconvolutions, BatchNorm + GELU
+    between), p/2 (one deconvolution), p (the map) and 2p (2x2 max-pool), all of the encoder's width."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -62,17 +77,6 @@ class FeaturePyramidNeck(nn.Module):
         if len(maps) != 4:
             raise ValueError(f"the neck takes 4 block outputs (out_indices), got {len(maps)}")
         return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
-
-
-def dense_encoder(size: EvaSize, drop_path_rate: float = 0.0) -> Eva:
-    """A timm `Eva` that accepts any input size: position embeddings are resampled to each grid.
-
-    The final norm is unused by dense tasks (features are raw block outputs, as in BEiT's mmseg
-    backbone); it is replaced by Identity so DDP sees no parameter without a gradient.
-    """
-    encoder = Eva(**eva_kwargs(size, drop_path_rate=drop_path_rate, dynamic_img_size=True))
-    encoder.norm = nn.Identity()
-    return encoder
 
 
 class EvaBackbone(nn.Module):
@@ -93,14 +97,11 @@ class EvaBackbone(nn.Module):
             )
         self.size = size
         self.out_indices = list(out_indices)
-        self.encoder = dense_encoder(size, drop_path_rate)
+        self.encoder = Eva(**eva_kwargs(size, drop_path_rate=drop_path_rate, dynamic_img_size=True))
+        self.encoder.norm = nn.Identity()  # dense features are raw block outputs; DDP wants no unused weight
         self.encoder.set_grad_checkpointing(grad_checkpointing)
         self.neck = FeaturePyramidNeck(size.embed_dim)
         self.channels = [size.embed_dim] * 4
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder.blocks)
 
     @property
     def size_divisor(self) -> int:
@@ -115,9 +116,6 @@ class EvaBackbone(nn.Module):
         by_block = dict(zip(taken, maps))
         return self.neck([by_block[index] for index in self.out_indices])
 
-    def arch(self) -> dict[str, Any]:
-        return {"size": asdict(self.size), "out_indices": self.out_indices}
-
 
 # Weights kinds that hold no image encoder a segmenter could start from, and what they are instead
 # (a segmenter folder is a start of its own: `model.build_segmenter`).
@@ -131,8 +129,6 @@ NOT_IMAGE_ENCODERS = {
 
 def check_init_kind(path: str) -> None:
     """ValueError (before any work) when `path` is a flyeva folder of a kind that holds no image encoder."""
-    from flyeva.models.weights import is_weights_folder, read_config
-
     if not path or not is_weights_folder(path):
         return
     kind = read_config(path)["kind"]
@@ -144,28 +140,18 @@ def check_init_kind(path: str) -> None:
         )
 
 
-def _read_encoder(path: str) -> Eva:
-    """A timm `Eva` from a flyeva weights folder (any kind holding an encoder) or a release checkpoint."""
-    from flyeva.models.checkpoint import load_any
-    from flyeva.models.weights import is_weights_folder, load, read_config
-
+def load_pretrained_encoder(path: str, patch_size: int, crop: int) -> tuple[EvaSize, dict[str, torch.Tensor]]:
+    """A pretrained encoder's (flyeva folder or release checkpoint) size and weights for a dense backbone at
+    `crop` px: patch kernel (14 -> 16) and position table resized bicubically (`EVA-01/seg`)."""
     check_init_kind(path)
     if is_weights_folder(path) and "arch" in read_config(path):
-        return load(path, kind="encoder")
-    if not Path(path).exists():
+        pretrained = load(path, kind="encoder")
+    elif not Path(path).exists():
         raise FileNotFoundError(
             f"model.init={path} does not exist; give a flyeva weights folder or a release file"
         )
-    return load_any(path, kind="encoder")
-
-
-def load_pretrained_encoder(path: str, patch_size: int, crop: int) -> tuple[EvaSize, dict[str, torch.Tensor]]:
-    """A pretrained encoder's size and weights for a dense backbone at `crop` px and `patch_size`.
-
-    The patch kernel is resized (14 -> 16) and the position table resized to the crop's grid, both
-    bicubic, as the release does (`EVA-01/seg`). Reads a flyeva folder or a release checkpoint.
-    """
-    pretrained = _read_encoder(path)
+    else:
+        pretrained = load_any(path, kind="encoder")
     if pretrained.patch_embed.patch_size[0] != patch_size:
         resize_patch_embed(pretrained, patch_size, img_size=crop)
     elif pretrained.patch_embed.img_size[0] != crop:

@@ -16,10 +16,7 @@ from flyeva.engine.optim import OptimConfig, check_schedule
 from flyeva.tasks.segment.backbone import check_init_kind
 from flyeva.tasks.segment.data import DataSection, check_data_section
 from flyeva.tasks.segment.evaluate import EvalSection, check_eval_section
-from flyeva.tasks.segment.model import (
-    ModelSection,
-    check_model_section,
-)
+from flyeva.tasks.segment.model import ModelSection, check_model_section
 from flyeva.tasks.segment.transforms import AugSection, TrainTransform
 
 

@@ -3,10 +3,12 @@ and ShapeWorld's semantic export for the miniature.
 
 Layouts (`data.format`):
 - ade20k:    ROOT/images/{training,validation}/*.jpg, ROOT/annotations/{training,validation}/*.png;
-             150 classes, reduce_zero_label (annotation 0 -> ignore 255, v -> v - 1).
+             150 classes, reduce_zero_label (annotation 0 -> ignore 255, v -> v - 1), mmseg's
+             `ADE20KDataset`.
 - cocostuff: ROOT/images/{train2017,val2017}/*.jpg, ROOT/annotations/{train2017,val2017}/
              *_labelTrainIds.png (0..170, 255 ignore; mmseg's conversion), or with raw_ids=true the raw
-             stuffthingmaps *.png (category id - 1), mapped to 0..170 here.
+             stuffthingmaps *.png (category id - 1), mapped to 0..170 here; 171 classes, 80 things then
+             91 stuff, mmseg's `COCOStuffDataset`.
 - folder:    TRAIN and VAL folders, each with images/ and labels/ (same file stem, label .png);
              class names from `classes` or ROOT/classes.txt.
 - shapeworld: generated into OUTPUT/data when no root is given (`flyeva shapeworld export` layout).
@@ -17,19 +19,31 @@ A label value outside the class list (and not 255) is mapped to 255 and reported
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from flyeva.data.sources import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableTargetError, decode_rgb
-from flyeva.tasks.segment.classes import ADE20K_CLASSES, COCO_STUFF_CLASSES, COCO_STUFF_UNUSED_RAW
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 FORMATS = ("ade20k", "cocostuff", "folder", "shapeworld")
 SHAPEWORLD_CLASSES = ["background", "circle", "square", "triangle", "star", "cross"]
+
+
+def _names(file: str) -> list[str]:
+    """Class names (package data, one per line), index = training label."""
+    return (files(__package__) / "class_names" / file).read_text(encoding="utf-8").splitlines()
+
+
+ADE20K_CLASSES = _names("ade20k.txt")
+COCO_STUFF_CLASSES = _names("coco_stuff.txt")
+# Raw COCO-Stuff PNGs (stuffthingmaps) store category id - 1; these 11 ids are unused in 2017, so the
+# other 171 values map in order to 0..170 (mmseg's tools/convert_datasets/coco_stuff164k.py).
+COCO_STUFF_UNUSED_RAW = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 
 
 @dataclass
@@ -73,9 +87,7 @@ class SegmentationPairs:
         lookup: np.ndarray,
         zero_is_ignore: bool = False,
     ) -> None:
-        self.pairs = pairs
-        self.classes = list(classes)
-        self.lookup = lookup
+        self.pairs, self.classes, self.lookup = pairs, list(classes), lookup
         # Stored values that are a class or a deliberate ignore; any other value is reported.
         self.stored_valid = lookup != IGNORE_INDEX
         self.stored_valid[IGNORE_INDEX] = True
@@ -126,9 +138,11 @@ class SegmentationPairs:
             )
         return self.lookup[stored]
 
-    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray]:
+    def load_pair(self, index: int, max_pixels: int | None = None) -> tuple[Image.Image, np.ndarray]:
         image = decode_rgb(self.pairs[index][0])
         return image, self.load_label(index, image.size)
+
+    load = load_pair  # a stream source's reader (flyeva.data.stream); the image keeps decode_rgb's cap
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -151,15 +165,9 @@ def _folder_classes(cfg: DataSection) -> list[str]:
         return list(cfg.classes)
     listing = Path(cfg.root) / "classes.txt"
     if cfg.root and listing.is_file():
-        data = listing.read_bytes()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            line = data[: error.start].count(b"\n") + 1
-            raise ValueError(
-                f"{listing} line {line} is not valid UTF-8; save the class list as UTF-8"
-            ) from None
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        from flyeva.data.video.datasets import read_utf8
+
+        return [line.strip() for line in read_utf8(listing, "class list").splitlines() if line.strip()]
     raise ValueError("data.format=folder needs class names: set data.classes=[...] or write ROOT/classes.txt")
 
 
@@ -188,13 +196,9 @@ def open_split(cfg: DataSection, split: str) -> SegmentationPairs:
 def check_data_section(cfg: DataSection) -> None:
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format={cfg.format!r} is not one of {list(FORMATS)}")
-    if (
-        len(cfg.shapeworld_objects) != 2
-        or not 1 <= cfg.shapeworld_objects[0] <= cfg.shapeworld_objects[1] <= 8
-    ):
-        raise ValueError(
-            f"data.shapeworld_objects must be [min, max], 1 <= min <= max <= 8; got {cfg.shapeworld_objects}"
-        )
+    objects = cfg.shapeworld_objects
+    if len(objects) != 2 or not 1 <= objects[0] <= objects[1] <= 8:
+        raise ValueError(f"data.shapeworld_objects must be [min, max], 1 <= min <= max <= 8; got {objects}")
     if cfg.format in ("ade20k", "cocostuff") and not cfg.root:
         raise ValueError(f"data.format={cfg.format} needs data.root=/path/to/the/dataset")
     if cfg.format == "folder" and not (cfg.root or (cfg.train and cfg.val)):
@@ -207,8 +211,6 @@ def ensure_shapeworld(cfg: DataSection, output_dir: Path) -> DataSection:
     """With format shapeworld and no root: export train/val semantic maps under OUTPUT/data once."""
     if cfg.format != "shapeworld" or cfg.root:
         return cfg
-    from dataclasses import replace
-
     from flyeva.data.export import export_split
     from flyeva.data.synthetic import ShapeWorld
     from flyeva.engine import distributed as D

@@ -1,15 +1,12 @@
 """Semantic-segmentation inference and metrics, as mmseg computes them.
 
-Inference: the image is resized (keep ratio) to the test scale times each ratio, run whole (padded
-to the backbone's size divisor) or by sliding windows (crop, stride; overlapping outputs averaged),
-optionally also flipped; outputs are resized back to the original image, turned into probabilities
-(softmax for logits) and averaged over scales and flips.
+Inference: the image resized (keep ratio) to the test scale times each ratio, run whole (padded to
+the size divisor) or by sliding windows (overlaps averaged), optionally flipped too; the outputs,
+resized back and turned into probabilities, are averaged over scales and flips.
 
-Metrics: one confusion matrix accumulated over the whole dataset (ignore 255), then per class
-IoU = TP / (TP + FP + FN) and accuracy = TP / (TP + FN); mIoU and mAcc average the classes that
-occur in the labels or the predictions (NaN classes skipped, mmseg's nanmean); aAcc = all TP / all
-labelled pixels. This is torchmetrics' MulticlassJaccardIndex(average='macro', ignore_index=255),
-not its per-image MeanIoU.
+Metrics: one confusion matrix over the dataset (ignore 255); mIoU and mAcc average the classes that
+occur in the labels or the predictions (mmseg's nanmean), aAcc = all TP / all labelled pixels. This
+is torchmetrics' MulticlassJaccardIndex(average='macro', ignore_index=255), not its per-image MeanIoU.
 """
 
 from __future__ import annotations
@@ -22,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flyeva.tasks.segment.transforms import rescale_size
+from flyeva.data.sources import UnreadableImageError, UnreadableTargetError
+from flyeva.engine import distributed as D
+from flyeva.tasks.segment.transforms import IGNORE_INDEX, normalize, rescale_size
 
-IGNORE_INDEX = 255
 MODES = ("whole", "slide")
 
 
@@ -67,11 +65,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 
 def segmentation_metrics(confusion: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """mIoU, mAcc, aAcc and per-class IoU / accuracy (None where undefined) from a confusion matrix.
-
-    `confusion` is `confusion_matrix`'s [C + 1, C + 1] (or a plain [C, C]): as mmseg, a class's
-    labelled area counts every prediction, its predicted area every label, inside [0, C) or not.
-    """
+    """mIoU, mAcc, aAcc and per-class IoU / accuracy (None where undefined) from `confusion_matrix`'s
+    [C + 1, C + 1] (or a plain [C, C]): as mmseg, a class's labelled area counts every prediction, its
+    predicted area every label, inside [0, C) or not."""
     num_classes = len(classes)
     confusion = confusion.double()
     true_positive = confusion[:num_classes, :num_classes].diag()
@@ -115,12 +111,8 @@ def _pad_to(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def whole_inference(model: nn.Module, images: torch.Tensor, size_divisor: int) -> torch.Tensor:
     """Outputs for whole images, padded (zeros, after normalisation) to the divisor and cut back."""
     height, width = images.shape[-2:]
-    padded = _pad_to(
-        images,
-        math.ceil(height / size_divisor) * size_divisor,
-        math.ceil(width / size_divisor) * size_divisor,
-    )
-    return model(padded)[..., :height, :width].float()
+    padded = [math.ceil(side / size_divisor) * size_divisor for side in (height, width)]
+    return model(_pad_to(images, *padded))[..., :height, :width].float()
 
 
 def slide_inference(
@@ -150,10 +142,8 @@ def predict_probabilities(
     size_divisor: int,
     outputs_are_probabilities: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities [1, C, H, W] at the image's own size, averaged over cfg.ratios and flips.
-
-    `cfg.scale` and `cfg.crop_size` must be resolved (non-empty); logits go through softmax first.
-    """
+    """Class probabilities [1, C, H, W] at the image's own size, averaged over cfg.ratios and flips
+    (`cfg.scale` and `cfg.crop_size` resolved); logits go through softmax first."""
     height, width = image.shape[-2:]
     total = image.new_zeros(1, num_classes, height, width, dtype=torch.float32)
     for ratio in cfg.ratios:
@@ -174,18 +164,14 @@ def predict_probabilities(
 
 
 class Evaluator:
-    """Dataset-level metrics of a segmenter on validation pairs; `evaluate(model, ctx)` for the engine.
-
-    Each rank takes every world_size-th image and the confusion matrices are summed over ranks; with
-    `shard=False` (FSDP, whose forward is collective) every rank runs every image and counts once.
-    """
+    """Dataset-level metrics of a segmenter on validation pairs: each rank takes every world_size-th image
+    and the confusion matrices are summed; with `shard=False` (FSDP, whose forward is collective) every
+    rank runs every image and counts once."""
 
     def __init__(
         self, pairs: Any, cfg: EvalSection, rank: int = 0, world_size: int = 1, shard: bool = True
     ) -> None:
-        self.pairs = pairs
-        self.cfg = cfg
-        self.rank, self.world_size, self.shard = rank, world_size, shard
+        self.pairs, self.cfg, self.rank, self.world_size, self.shard = pairs, cfg, rank, world_size, shard
         self.num_classes = len(pairs.classes)
         self.last: dict[str, Any] = {}
 
@@ -196,10 +182,6 @@ class Evaluator:
     @torch.no_grad()
     def run(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         """Full metrics (per class too) and the skipped files; also kept in `self.last`."""
-        from flyeva.data.sources import UnreadableImageError, UnreadableTargetError
-        from flyeva.engine import distributed as D
-        from flyeva.tasks.segment.transforms import normalize
-
         base = D.unwrap(model)
         probabilities = getattr(base, "scores_are_probabilities", False)
         divisor = base.backbone.size_divisor

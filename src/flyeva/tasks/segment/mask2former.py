@@ -11,11 +11,9 @@ The paper's ViT-Adapter between encoder and decoder is not built (docs/segment.m
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
@@ -25,34 +23,27 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
-from flyeva.tasks.segment.backbone import BackboneLayers, EvaBackbone
+from flyeva.tasks.segment.backbone import EvaBackbone, EvaSegmenter
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
-from flyeva.tasks.segment.upernet import loss_of_no_images
-
-IGNORE_INDEX = 255
+from flyeva.tasks.segment.upernet import IGNORE_INDEX, loss_of_no_images, upsample
 
 
 def transformers_config(cfg: Mask2FormerSection, num_classes: int) -> Mask2FormerConfig:
+    # The section's other fields (queries, widths, loss weights, point sampling) are transformers' names.
+    alike = {
+        k: v for k, v in asdict(cfg).items() if k not in ("num_heads", "dim_feedforward", "decoder_layers")
+    }
     return Mask2FormerConfig(
         num_labels=num_classes,
-        num_queries=cfg.num_queries,
         feature_size=cfg.hidden_dim,
         mask_feature_size=cfg.hidden_dim,
-        hidden_dim=cfg.hidden_dim,
         num_attention_heads=cfg.num_heads,
         dim_feedforward=cfg.dim_feedforward,
         encoder_feedforward_dim=cfg.dim_feedforward,
-        encoder_layers=cfg.encoder_layers,
         decoder_layers=cfg.decoder_layers + 1,
-        class_weight=cfg.class_weight,
-        mask_weight=cfg.mask_weight,
-        dice_weight=cfg.dice_weight,
-        no_object_weight=cfg.no_object_weight,
-        train_num_points=cfg.train_num_points,
-        oversample_ratio=cfg.oversample_ratio,
-        importance_sample_ratio=cfg.importance_sample_ratio,
         feature_strides=[4, 8, 16, 32],  # only their ratios matter: the neck's levels are 2x apart
         ignore_value=IGNORE_INDEX,
+        **alike,
     )
 
 
@@ -111,26 +102,23 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> to
     return torch.einsum("bqc,bqhw->bchw", probabilities, mask_logits.float().sigmoid())
 
 
-class EvaMask2Former(BackboneLayers, nn.Module):
+class EvaMask2Former(EvaSegmenter):
     """EVA backbone + neck + Mask2Former; `forward(images)` gives semantic scores at input resolution,
     `forward(images, labels)` gives (loss, metrics) summed over every decoder layer's predictions."""
 
+    decoder = "mask2former"
     scores_are_probabilities = True
 
     def __init__(self, backbone: EvaBackbone, num_classes: int, cfg: Mask2FormerSection) -> None:
-        super().__init__()
         if cfg.hidden_dim % 32 or cfg.hidden_dim % cfg.num_heads:
             raise ValueError(
                 f"mask2former.hidden_dim={cfg.hidden_dim} must be a multiple of 32 (GroupNorm groups) "
                 f"and of num_heads={cfg.num_heads}"
             )
-        self.num_classes = num_classes
-        self.cfg = cfg
-        self.backbone = backbone
+        super().__init__(backbone, num_classes, cfg)
         self.decode_head = Mask2FormerDecodeHead(transformers_config(cfg, num_classes), backbone.channels)
 
     def no_weight_decay(self) -> set[str]:
-        encoder = {f"backbone.encoder.{name}" for name in self.backbone.encoder.no_weight_decay()}
         # Query and level embeddings carry no weight decay (the Mask2Former configs' decay_mult 0).
         embeddings = {
             name
@@ -138,7 +126,7 @@ class EvaMask2Former(BackboneLayers, nn.Module):
             if name.startswith("decode_head.")
             and any(part in name for part in ("queries_embedder", "queries_features", "level_embed"))
         }
-        return encoder | embeddings
+        return super().no_weight_decay() | embeddings
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
@@ -147,10 +135,7 @@ class EvaMask2Former(BackboneLayers, nn.Module):
             return loss_of_no_images(self, images, labels)
         class_logits, mask_logits = self.decode_head(self.backbone(images))
         if labels is None:
-            masks = F.interpolate(
-                mask_logits[-1], size=images.shape[-2:], mode="bilinear", align_corners=False
-            )
-            return semantic_scores(class_logits[-1], masks)
+            return semantic_scores(class_logits[-1], upsample(mask_logits[-1], images.shape[-2:]))
         target_masks, target_classes = semantic_targets(labels, self.num_classes)
         auxiliary = [
             {"masks_queries_logits": m.float(), "class_queries_logits": c.float()}
@@ -170,6 +155,3 @@ class EvaMask2Former(BackboneLayers, nn.Module):
         }
         metrics = {name: weighted[name].detach() for name in head.weight_dict}  # the last layer's terms
         return sum(weighted.values()), metrics
-
-    def arch(self) -> dict[str, Any]:
-        return {"decoder": "mask2former", "mask2former": asdict(self.cfg)}

@@ -14,9 +14,7 @@ class Mask2FormerSection:
     num_heads: int = 32
     dim_feedforward: int = 4096
     encoder_layers: int = 6  # deformable pixel decoder
-    decoder_layers: int = (
-        8  # masked-attention layers (transformers counts one more: the query-only prediction)
-    )
+    decoder_layers: int = 8  # masked-attention layers (transformers adds one: the query-only prediction)
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0

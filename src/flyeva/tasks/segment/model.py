@@ -1,33 +1,26 @@
-"""Segmenters: build from a recipe (fresh or from pretrained EVA weights) or from a weights folder's
-`arch`, and the layer-decay parameter groups shared by both decoders."""
+"""Segmenters, built from a recipe (fresh or from pretrained EVA weights) or a weights folder's `arch`."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from flyeva.models.eva import EvaSize, get_size, init_finetune_weights, size_with
-from flyeva.tasks.segment.backbone import EvaBackbone, load_pretrained_encoder
+from flyeva.models.weights import is_weights_folder, load, read_config
+from flyeva.tasks.segment.backbone import EvaBackbone, EvaSegmenter, load_pretrained_encoder
 from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.upernet import EvaUperNet, UperNetSection
-
-if TYPE_CHECKING:
-    from flyeva.tasks.segment.mask2former import EvaMask2Former
 
 logger = logging.getLogger(__name__)
 DECODERS = ("upernet", "mask2former")
 # Default `out_indices` by encoder depth (BEiT/EVA-02 mmseg configs; EVA-g: the release's adapter
 # interaction ends [9, 19, 29, 39]).
-OUT_INDICES_BY_DEPTH: dict[int, list[int]] = {
-    4: [0, 1, 2, 3],
-    12: [3, 5, 7, 11],
-    24: [7, 11, 15, 23],
-    40: [9, 19, 29, 39],
-}
+OUT_INDICES_BY_DEPTH = {4: [0, 1, 2, 3], 12: [3, 5, 7, 11], 24: [7, 11, 15, 23], 40: [9, 19, 29, 39]}
 
 
 @dataclass
@@ -59,29 +52,21 @@ def default_out_indices(depth: int) -> list[int]:
     return [max(0, (level + 1) * depth // 4 - 1) for level in range(4)]  # evenly spaced, ending at the last
 
 
-def _assemble(
-    size: EvaSize,
-    out_indices: list[int],
-    num_classes: int,
-    decoder: str,
-    sections: dict[str, Any],
-    **backbone_kw,
-) -> EvaUperNet | EvaMask2Former:
-    backbone = EvaBackbone(size, out_indices or default_out_indices(size.depth), **backbone_kw)
-    if decoder == "upernet":
-        return EvaUperNet(backbone, num_classes, sections["upernet"])
+def _assemble(cfg: ModelSection, size: EvaSize, num_classes: int, out_indices: list[int]) -> EvaSegmenter:
+    indices = list(out_indices) or default_out_indices(size.depth)
+    backbone = EvaBackbone(size, indices, cfg.drop_path_rate, cfg.grad_checkpointing)
+    if cfg.decoder == "upernet":
+        return EvaUperNet(backbone, num_classes, cfg.upernet)
     from flyeva.tasks.segment.mask2former import EvaMask2Former  # transformers' Mask2Former: a slow import
 
-    return EvaMask2Former(backbone, num_classes, sections["mask2former"])
+    return EvaMask2Former(backbone, num_classes, cfg.mask2former)
 
 
-def build_segmenter(
-    cfg: ModelSection, num_classes: int, crop_size: int, seed: int = 0
-) -> EvaUperNet | EvaMask2Former:
+def build_segmenter(cfg: ModelSection, num_classes: int, crop_size: int, seed: int = 0) -> EvaSegmenter:
     """A segmenter for `crop_size` inputs: EVA weights from `cfg.init` when given, else the release's init."""
     check_model_section(cfg)
     torch.manual_seed(seed)  # the same fresh decoder on every rank and every run
-    if cfg.init and _is_segmenter_folder(cfg.init):
+    if cfg.init and is_weights_folder(cfg.init) and read_config(cfg.init).get("kind") == "segmenter":
         return _from_segmenter(cfg, num_classes, crop_size)
     state = None
     if cfg.init:
@@ -89,16 +74,7 @@ def build_segmenter(
     else:
         base = get_size(cfg.size)
         size = size_with(base, img_size=crop_size, patch_size=cfg.patch_size or base.patch_size)
-    sections = {"upernet": cfg.upernet, "mask2former": cfg.mask2former}
-    model = _assemble(
-        size,
-        list(cfg.out_indices),
-        num_classes,
-        cfg.decoder,
-        sections,
-        drop_path_rate=cfg.drop_path_rate,
-        grad_checkpointing=cfg.grad_checkpointing,
-    )
+    model = _assemble(cfg, size, num_classes, cfg.out_indices)
     encoder = model.backbone.encoder
     if state is None:  # from scratch: the fine-tuning init, as build_encoder (docs/recipes.md §2)
         init_finetune_weights(encoder)
@@ -115,40 +91,20 @@ def build_segmenter(
     return model
 
 
-def _is_segmenter_folder(path: str) -> bool:
-    from flyeva.models.weights import is_weights_folder, read_config
-
-    return is_weights_folder(path) and read_config(path).get("kind") == "segmenter"
-
-
-def _from_segmenter(cfg: ModelSection, num_classes: int, crop_size: int) -> EvaUperNet | EvaMask2Former:
+def _from_segmenter(cfg: ModelSection, num_classes: int, crop_size: int) -> EvaSegmenter:
     """Start from a trained segmenter (the release's ADE20K stage starts from its COCO-Stuff model):
     every weight whose shape fits is kept; the class-dependent ones (class predictor, no-object
     weight, classifiers) start fresh when the class count differs."""
-    from flyeva.models.weights import load, read_config
-
     arch = read_config(cfg.init)["arch"]
     if arch["decoder"] != cfg.decoder:
         raise ValueError(
             f"model.init={cfg.init} is a {arch['decoder']} segmenter but model.decoder={cfg.decoder}"
         )
-    trained = load(cfg.init)
+    state = load(cfg.init).state_dict()
     size = size_with(EvaSize(**arch["encoder"]), img_size=crop_size)
-    sections = {"upernet": cfg.upernet, "mask2former": cfg.mask2former}
-    model = _assemble(
-        size,
-        list(cfg.out_indices) or list(arch["out_indices"]),
-        num_classes,
-        cfg.decoder,
-        sections,
-        drop_path_rate=cfg.drop_path_rate,
-        grad_checkpointing=cfg.grad_checkpointing,
-    )
+    model = _assemble(cfg, size, num_classes, cfg.out_indices or arch["out_indices"])
     target = model.state_dict()
-    state = trained.state_dict()
     if "backbone.encoder.pos_embed" in state:  # the table follows the new crop (bicubic, as timm resizes)
-        from timm.layers import resample_abs_pos_embed
-
         grid = crop_size // size.patch_size
         state["backbone.encoder.pos_embed"] = resample_abs_pos_embed(
             state["backbone.encoder.pos_embed"], (grid, grid)
@@ -162,23 +118,17 @@ def _from_segmenter(cfg: ModelSection, num_classes: int, crop_size: int) -> EvaU
     return model
 
 
-def segmenter_arch(model: EvaUperNet | EvaMask2Former) -> dict[str, Any]:
+def segmenter_arch(model: EvaSegmenter) -> dict[str, Any]:
     """The `arch` of a `segmenter` weights folder (see flyeva.models.weights)."""
-    backbone = model.backbone
-    return {
-        "encoder": asdict(backbone.size),
-        "out_indices": backbone.out_indices,
-        "num_classes": model.num_classes,
-        **model.arch(),
-    }
+    return model.arch()
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     """The un-initialised segmenter a weights folder describes (the `segmenter` builder)."""
-    sections = {
-        "upernet": UperNetSection(**arch.get("upernet", {})),
-        "mask2former": Mask2FormerSection(**arch.get("mask2former", {})),
-    }
-    return _assemble(
-        EvaSize(**arch["encoder"]), list(arch["out_indices"]), arch["num_classes"], arch["decoder"], sections
+    cfg = ModelSection(
+        drop_path_rate=0.0,
+        decoder=arch["decoder"],
+        upernet=UperNetSection(**arch.get("upernet", {})),
+        mask2former=Mask2FormerSection(**arch.get("mask2former", {})),
     )
+    return _assemble(cfg, EvaSize(**arch["encoder"]), arch["num_classes"], arch["out_indices"])

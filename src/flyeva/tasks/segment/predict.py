@@ -1,15 +1,8 @@
-"""Segmentation in a few lines, and `flyeva segment predict IMAGES --weights DIR`: pictures to look at.
+"""`flyeva segment predict IMAGES --weights DIR`: overlays to look at, and `segment_image` (docs/segment.md).
 
-    from flyeva.models.weights import load
-    from flyeva.tasks.segment.predict import segment_image
-
-    model = load("runs/miniature_segment/final")
-    labels = segment_image(model, image)  # a PIL image or uint8 [3, H, W] -> [H, W] class indices
-
-Per image the verb writes `<stem>.png`: the prediction over the image (beside the ground truth when
-a label file exists), scaled up for small images, with a legend of the classes shown; and
-`<stem>_labels.png`, the class indices as a paletted PNG (mode "P"). The colours are PASCAL VOC's
-fixed colour map, as mmseg and the VOC label files use it, the same for every run.
+Per image: `<stem>.png`, the prediction over the image (beside the ground truth when a label file
+exists), scaled up for small images, with a legend; `<stem>_labels.png`, the class indices as a
+paletted PNG in PASCAL VOC's fixed colour map, as mmseg and the VOC label files use it.
 """
 
 from __future__ import annotations
@@ -24,7 +17,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from flyeva.data.sources import UnreadableImageError, UnreadableTargetError, decode_rgb, input_images
+from flyeva.tasks.segment.config import resolve
+from flyeva.tasks.segment.data import SegmentationPairs, label_lookup
 from flyeva.tasks.segment.evaluate import EvalSection, predict_probabilities
+from flyeva.tasks.segment.run import load_segmenter
 from flyeva.tasks.segment.transforms import normalize
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in the overlay
@@ -43,16 +39,6 @@ def voc_palette() -> np.ndarray:
 
 
 PALETTE = voc_palette()
-
-
-def upscale_factor(size: tuple[int, int]) -> int:
-    """The whole factor that brings the long side of (width, height) to at least MIN_SIDE."""
-    return max(1, math.ceil(MIN_SIDE / max(size)))
-
-
-def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
-    blended = (1 - OVERLAY_ALPHA) * np.asarray(image, dtype=np.float32) + OVERLAY_ALPHA * PALETTE[labels]
-    return Image.fromarray(blended.round().astype(np.uint8))
 
 
 def paletted(labels: np.ndarray) -> Image.Image:
@@ -77,7 +63,7 @@ def legend(width: int, entries: list[tuple[int, str]], font: ImageFont.ImageFont
 
 def picture(image: Image.Image, prediction: np.ndarray, classes: list[str], truth: np.ndarray | None = None):
     """The prediction over the image (and the ground truth to its right), scaled up, legend below."""
-    factor = upscale_factor(image.size)
+    factor = max(1, math.ceil(MIN_SIDE / max(image.size)))
     size = (image.width * factor, image.height * factor)
     shown = [("prediction", prediction), *([("ground truth", truth)] if truth is not None else [])]
     font = ImageFont.load_default(size=14)
@@ -85,7 +71,8 @@ def picture(image: Image.Image, prediction: np.ndarray, classes: list[str], trut
     strip = legend(size[0] * len(shown), [(k, classes[k]) for k in present], font)
     canvas = Image.new("RGB", (size[0] * len(shown), size[1] + strip.height), "white")
     for n, (title, labels) in enumerate(shown):
-        panel = overlay(image, labels).resize(size, Image.Resampling.NEAREST)
+        blended = (1 - OVERLAY_ALPHA) * np.asarray(image, dtype=np.float32) + OVERLAY_ALPHA * PALETTE[labels]
+        panel = Image.fromarray(blended.round().astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
         ImageDraw.Draw(panel).text(
             (4, 2), title, fill="white", font=font, stroke_width=2, stroke_fill="black"
         )
@@ -113,8 +100,6 @@ def segment_image(model: torch.nn.Module, image: Image.Image | torch.Tensor, cfg
 
 def ground_truth(file: Path, image: Image.Image, cfg: Any, classes: list[str]) -> np.ndarray | None:
     """The label of `file` when its dataset layout has one (images/ -> labels/ or annotations/), else None."""
-    from flyeva.tasks.segment.data import SegmentationPairs, label_lookup
-
     parts = file.parts
     if "images" not in parts:
         return None
@@ -133,9 +118,6 @@ def ground_truth(file: Path, image: Image.Image, cfg: Any, classes: list[str]) -
 
 def run_predict(cfg: Any, weights: str, images: list[str], out_dir: str) -> list[Path]:
     """Predict every image; write <stem>.png (the picture), <stem>_labels.png (paletted) and legend.json."""
-    from flyeva.tasks.segment.config import resolve
-    from flyeva.tasks.segment.run import load_segmenter
-
     cfg = resolve(cfg)
     files = input_images(images)
     model = load_segmenter(weights).eval()
@@ -150,11 +132,9 @@ def run_predict(cfg: Any, weights: str, images: list[str], out_dir: str) -> list
             print(f"skipping {file}: {error}")
             continue
         prediction = segment_image(model, image, cfg.eval).numpy().astype(np.uint8)
-        picture(image, prediction, classes, ground_truth(file, image, cfg, classes)).save(
-            out / f"{file.stem}.png"
-        )
-        paletted(prediction).save(out / f"{file.stem}_labels.png")
         written.append(out / f"{file.stem}.png")
+        picture(image, prediction, classes, ground_truth(file, image, cfg, classes)).save(written[-1])
+        paletted(prediction).save(out / f"{file.stem}_labels.png")
     legend_colours = {name: PALETTE[k].tolist() for k, name in enumerate(classes)}
     (out / "legend.json").write_text(json.dumps(legend_colours, indent=1) + "\n")
     return written

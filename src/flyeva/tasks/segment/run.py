@@ -12,25 +12,17 @@ from flyeva.engine import distributed as D
 from flyeva.engine.loop import StepContext
 from flyeva.engine.run import RunLock
 from flyeva.engine.stage import Built, write_evaluation
-from flyeva.tasks.segment.config import (
-    SegmentConfig,
-    resolve,
-)
+from flyeva.models.weights import load, read_config, save_weights
+from flyeva.tasks.segment.config import SegmentConfig, resolve
 from flyeva.tasks.segment.data import ensure_shapeworld, open_split
 from flyeva.tasks.segment.evaluate import Evaluator
-from flyeva.tasks.segment.model import (
-    build_from_arch,
-    build_segmenter,
-    segmenter_arch,
-)
+from flyeva.tasks.segment.model import build_from_arch, build_segmenter, segmenter_arch
 from flyeva.tasks.segment.objective import SegmentationObjective
 from flyeva.tasks.segment.stream import SegmentationBatchStream
 from flyeva.tasks.segment.transforms import TrainTransform
 
 
 def save_segmenter(model: torch.nn.Module, folder: Path, classes: list[str], source: dict[str, Any]) -> Path:
-    from flyeva.models.weights import save_weights
-
     return save_weights(
         model, folder, kind="segmenter", arch=segmenter_arch(model), source=source, extra={"classes": classes}
     )
@@ -47,14 +39,9 @@ def build_segment(cfg: SegmentConfig) -> Built:
     if D.world_size() > 1 and device.type == "cuda" and cfg.train.strategy != "fsdp":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg trains with SyncBN (CUDA only)
     rank, world = D.rank(), D.world_size()
+    batches = cfg.train.steps_per_epoch * cfg.train.accum_steps
     stream = SegmentationBatchStream(
-        train_pairs,
-        TrainTransform(cfg.aug),
-        cfg.train.batch_size,
-        rank,
-        world,
-        cfg.train.seed,
-        batches_per_epoch=cfg.train.steps_per_epoch * cfg.train.accum_steps,
+        train_pairs, TrainTransform(cfg.aug), cfg.train.batch_size, rank, world, cfg.train.seed, batches
     )
     source = {"init": cfg.model.init, "recipe": "segment train"}
 
@@ -75,8 +62,6 @@ def build_segment(cfg: SegmentConfig) -> Built:
 
 def load_segmenter(path: str) -> torch.nn.Module:
     """A trained segmenter from its weights folder, with `classes` from its config."""
-    from flyeva.models.weights import load, read_config
-
     if not path:
         raise ConfigError("set weights=PATH to a segmenter folder (OUTPUT/final of `flyeva segment train`)")
     if not Path(path).exists():

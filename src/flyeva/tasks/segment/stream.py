@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from flyeva.data.sources import UnreadableImageError, UnreadableTargetError
 from flyeva.data.stream import ImageBatchStream, PendingSample, mix_seed, rank_permutation
@@ -24,22 +23,6 @@ from flyeva.tasks.segment.data import SegmentationPairs
 from flyeva.tasks.segment.transforms import TrainTransform
 
 _TAG_SEGMENT = 11  # keeps these seeds apart from the image stream's
-
-
-class _PairSource:
-    """`SegmentationPairs` as an indexable stream source: `load(i)` gives the (image, label map) pair."""
-
-    def __init__(self, pairs: SegmentationPairs) -> None:
-        self.pairs, self.classes = pairs, pairs.classes
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def key(self, index: int) -> str:
-        return self.pairs.key(index)
-
-    def load(self, index: int, max_pixels: int | None = None) -> tuple[Image.Image, np.ndarray]:
-        return self.pairs.load_pair(index)
 
 
 class SegmentationBatchStream(ImageBatchStream):
@@ -56,7 +39,7 @@ class SegmentationBatchStream(ImageBatchStream):
         batches_per_epoch: int = 0,
     ) -> None:
         self.batches_per_epoch = batches_per_epoch
-        super().__init__(_PairSource(source), transform, batch_size, rank, world_size, seed, drop_last=True)
+        super().__init__(source, transform, batch_size, rank, world_size, seed, drop_last=True)
 
     def check_epoch_size(self) -> None:
         pairs, world = len(self.source), self.world_size

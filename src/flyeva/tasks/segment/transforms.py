@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -43,13 +44,6 @@ def rescale_size(width: int, height: int, long_side: float, short_side: float) -
     """mmcv's keep-ratio rescale: the largest size with long <= long_side and short <= short_side."""
     factor = min(long_side / max(width, height), short_side / min(width, height))
     return int(width * factor + 0.5), int(height * factor + 0.5)
-
-
-def resize_pair(
-    image: Image.Image, label: np.ndarray, size: tuple[int, int]
-) -> tuple[Image.Image, np.ndarray]:
-    resized = Image.fromarray(label).resize(size, Image.NEAREST)
-    return image.resize(size, Image.BILINEAR), np.asarray(resized)
 
 
 def crop_box(height: int, width: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -120,7 +114,8 @@ class TrainTransform:
         cfg = self.cfg
         ratio = float(rng.uniform(*cfg.ratio_range))
         size = rescale_size(*image.size, cfg.scale[0] * ratio, cfg.scale[1] * ratio)
-        image, label = resize_pair(image, label, size)
+        image = image.resize(size, Image.BILINEAR)
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
         top, bottom, left, right = cat_max_crop(label, cfg.crop_size, cfg.cat_max_ratio, rng)
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)[top:bottom, left:right]).permute(2, 0, 1)
         labels = torch.from_numpy(label[top:bottom, left:right].astype(np.int64))
@@ -133,9 +128,5 @@ class TrainTransform:
 
 def pad_pair(image: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bottom/right to size x size: image with 0 (after normalisation), labels with ignore."""
-    pad_h, pad_w = size - image.shape[-2], size - image.shape[-1]
-    if pad_h <= 0 and pad_w <= 0:
-        return image, labels
-    padded_image = torch.nn.functional.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=0.0)
-    padded_labels = torch.nn.functional.pad(labels, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=IGNORE_INDEX)
-    return padded_image, padded_labels
+    pad = (0, max(size - image.shape[-1], 0), 0, max(size - image.shape[-2], 0))
+    return F.pad(image, pad, value=0.0), F.pad(labels, pad, value=IGNORE_INDEX)

@@ -1,15 +1,12 @@
 """EVA + UperNet: the light semantic-segmentation recipe (BEiT and EVA-02 mmseg configs).
 
-The heads are transformers' ports of mmseg's `UPerHead` (PPM 1, 2, 3, 6 + FPN) and `FCNHead`
-(one 3x3 conv on level 2, the auxiliary head, loss weight 0.4). transformers'
-`UperNetForSemanticSegmentation` itself is not used: it builds its backbone from an AutoBackbone
-config, so EVA would have to be swapped in after construction (docs/segment.md).
+The heads are transformers' ports of mmseg's `UPerHead` (PPM 1, 2, 3, 6 + FPN) and `FCNHead` (one 3x3
+conv on level 2, loss weight 0.4); not `UperNetForSemanticSegmentation`, which builds its own backbone.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +14,7 @@ from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
-from flyeva.tasks.segment.backbone import BackboneLayers, EvaBackbone
+from flyeva.tasks.segment.backbone import EvaBackbone, EvaSegmenter
 
 IGNORE_INDEX = 255
 
@@ -32,17 +29,15 @@ class UperNetSection:
     aux_weight: float = 0.4  # mmseg FCNHead loss_weight
 
 
-class EvaUperNet(BackboneLayers, nn.Module):
-    """EVA backbone + neck + UperNet head + FCN auxiliary head.
+class EvaUperNet(EvaSegmenter):
+    """EVA backbone + neck + UperNet head + FCN auxiliary head: `forward(images)` gives per-class logits at
+    the input resolution, `forward(images, labels)` (loss, metrics): cross-entropy, ignore 255, both heads."""
 
-    `forward(images)` gives per-class logits at the input resolution; `forward(images, labels)`
-    gives (loss, metrics) with cross-entropy (ignore 255) on both heads, logits upsampled to the labels.
-    """
-
+    decoder = "upernet"
     scores_are_probabilities = False  # logits: multi-scale averaging applies softmax first
 
     def __init__(self, backbone: EvaBackbone, num_classes: int, cfg: UperNetSection) -> None:
-        super().__init__()
+        super().__init__(backbone, num_classes, cfg)
         head_config = UperNetConfig(
             num_labels=num_classes,
             hidden_size=cfg.channels,
@@ -52,17 +47,11 @@ class EvaUperNet(BackboneLayers, nn.Module):
             auxiliary_concat_input=False,
             backbone_config={"model_type": "resnet"},  # never built; only the head reads this config
         )
-        self.num_classes = num_classes
-        self.cfg = cfg
-        self.backbone = backbone
         self.decode_head = UperNetHead(head_config, in_channels=backbone.channels)
         self.auxiliary_head = UperNetFCNHead(head_config, in_channels=backbone.channels, in_index=2)
         for classifier in (self.decode_head.classifier, self.auxiliary_head.classifier):
             nn.init.normal_(classifier.weight, std=0.01)  # mmseg BaseDecodeHead.init_weights
             nn.init.zeros_(classifier.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.encoder.{name}" for name in self.backbone.encoder.no_weight_decay()}
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
@@ -72,24 +61,20 @@ class EvaUperNet(BackboneLayers, nn.Module):
         if self.training and len(images) == 1:
             return loss_of_one_image(self, images, labels)
         features = self.backbone(images)
-        logits = _upsample(self.decode_head(features), images.shape[-2:])
+        logits = upsample(self.decode_head(features), images.shape[-2:])
         if labels is None:
             return logits
-        aux_logits = _upsample(self.auxiliary_head(features), images.shape[-2:])
+        aux_logits = upsample(self.auxiliary_head(features), images.shape[-2:])
         decode_loss = pixel_cross_entropy(logits, labels)
         aux_loss = pixel_cross_entropy(aux_logits, labels)
         loss = decode_loss + self.cfg.aux_weight * aux_loss
         return loss, {"loss_decode": decode_loss.detach(), "loss_aux": aux_loss.detach()}
 
-    def arch(self) -> dict[str, Any]:
-        return {"decoder": "upernet", "upernet": asdict(self.cfg)}
-
 
 def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over every pixel, ignored ones counting 0, as the release's mmseg 0.x
     (`avg_non_ignore` did not exist yet): an image whose pixels are all ignored gives 0, not NaN."""
-    losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.mean()
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
 def loss_of_no_images(
@@ -129,5 +114,6 @@ def loss_of_one_image(
     return loss * 2, {name: value * 2 for name, value in metrics.items()}
 
 
-def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+def upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Bilinear resize of [B, C, h, w] maps to `size`, as mmseg's `resize`."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
