@@ -1,15 +1,5 @@
-"""EVA-CLIP (docs/recipes.md section 5): contrastive training from an EVA encoder, zero-shot evaluation,
-and weights in and out (the release's EVA-CLIP checkpoints, open_clip).
+"""EVA-CLIP (docs/recipes.md section 5, docs/clip.md): `flyeva clip train|zeroshot|convert|export-open-clip`.
 
-    flyeva clip train [--config NAME|FILE] [key=value ...]         # default recipe: miniature
-    flyeva clip zeroshot --weights RUN/final|RELEASE.pt|OPEN_CLIP.bin --dataset imagenet:/data/in1k/val
-    flyeva clip convert EVA_CLIP_RELEASE.pt --out DIR [--text-act gelu|quickgelu]
-    flyeva clip export-open-clip RUN/final --out eva_clip.safetensors
-
-Modules: `model` (EvaClip, optimiser groups, save/load), `init_weights` (towers from EVA / open_clip
-files), `loss` (all-gathered ClipLoss and the cached-feature accumulation objective), `datasets`
-(local evaluation sets), `zeroshot` (classifier, accuracy, robustness gap, retrieval), `recipe`
-(config schema and runs), `convert` (release / open_clip checkpoints -> EvaClip), `open_clip_export`.
 This file stays import-light: the CLI imports it on every call.
 """
 
@@ -46,11 +36,8 @@ def zeroshot_verb(cfg, args: argparse.Namespace) -> None:
     output = verb_output(args, "clip", "zeroshot", cfg.zeroshot.checkpoint, cfg.train.output_dir)
     cfg.zeroshot.output = args.json or cfg.zeroshot.output or str(output / "zeroshot.json")
     weights = Path(cfg.zeroshot.checkpoint)
-    if (
-        cfg.zeroshot.checkpoint
-        and weights.is_dir()
-        and weights.resolve() in Path(cfg.zeroshot.output).resolve().parents
-    ):
+    inside = weights.resolve() in Path(cfg.zeroshot.output).resolve().parents
+    if cfg.zeroshot.checkpoint and weights.is_dir() and inside:
         raise ConfigError(f"{cfg.zeroshot.output} is inside the weights folder {weights}; use --output DIR")
     if args.dataset:
         cfg.zeroshot.datasets = [EvalDatasetSection(**parse_dataset(text)) for text in args.dataset]
@@ -95,14 +82,9 @@ def export_verb(cfg, args: argparse.Namespace) -> None:
     print(export.recipe)
 
 
+TEXT_ACT_HELP = "text activation when the file cannot tell (EVA-CLIP: gelu; OpenAI CLIP-L text: quickgelu)"
 READING_OPTIONS = (  # how to read a checkpoint whose weights cannot say everything (docs/clip.md)
-    (
-        ("--text-act",),
-        dict(
-            choices=["gelu", "quickgelu"],
-            help="text activation when the file cannot tell (EVA-CLIP: gelu; OpenAI CLIP-L text: quickgelu)",
-        ),
-    ),
+    (("--text-act",), dict(choices=["gelu", "quickgelu"], help=TEXT_ACT_HELP)),
     (("--num-heads",), dict(type=int, help="vision heads, for a tower of no named size")),
     (("--text-heads",), dict(type=int, help="text heads (default: width / 64, as every CLIP)")),
 )

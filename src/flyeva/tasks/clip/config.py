@@ -28,8 +28,7 @@ class ClipDataSection:
 
 @dataclass
 class LossSection:
-    # Micro-batch for the feature-caching accumulation (0 = the whole per-rank batch in one pass).
-    micro_batch_size: int = 0
+    micro_batch_size: int = 0  # of the feature-caching accumulation (0 = the per-rank batch in one pass)
 
 
 @dataclass

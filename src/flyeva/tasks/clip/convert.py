@@ -1,11 +1,8 @@
-"""Foreign EVA-CLIP checkpoints -> flyeva's EvaClip: the release's files and open_clip's EVA01 files.
+"""Foreign EVA-CLIP checkpoints (the release's, open_clip's EVA01) -> flyeva's EvaClip.
 
-The layouts (the EVA-CLIP release, open_clip's EVA01-g-14) and their key maps are
-`flyeva.models.convert.split_clip_state`'s; this module builds the EvaClip that holds them.
-Shapes give every size except the numbers of heads: vision heads come from a named size (or
-`num_heads`), text heads from width / 64 (every OpenAI and open_clip text tower; or `text_heads`).
-The text activation cannot be read off the weights, so it comes from a flag or from provenance;
-see `resolve_text_activation`.
+Key maps are `flyeva.models.convert.split_clip_state`'s. Shapes give every size but the numbers of
+heads: vision heads from a named size (or `num_heads`), text heads width / 64 (or `text_heads`).
+The text activation cannot be read off the weights: see `resolve_text_activation`.
 """
 
 from __future__ import annotations
@@ -44,12 +41,9 @@ TEXT_ACTIVATIONS = {"gelu": False, "quickgelu": True}  # --text-act value -> Tex
 def resolve_text_activation(
     text_act: str | None, layout: str, sidecar: dict[str, Any] | None
 ) -> tuple[bool, str]:
-    """(quick_gelu, why). A flag wins; otherwise what the file's provenance says; otherwise an error.
-
-    - the open_clip model config next to the file (`flyeva clip export-open-clip` writes it): `quick_gelu`;
-    - the EVA-CLIP release layout: GELU, the release builds every EVA-CLIP text tower with nn.GELU;
-    - an open_clip file without its config: unknown (OpenAI-initialised towers may use QuickGELU).
-    """
+    """(quick_gelu, why): a flag wins; else the open_clip model config next to the file; else GELU for
+    the release layout (it builds every text tower with nn.GELU); else an error (OpenAI-initialised
+    open_clip towers may use QuickGELU)."""
     told = None if sidecar is None else bool(sidecar.get("quick_gelu", False))
     if text_act is not None:
         if text_act not in TEXT_ACTIVATIONS:
@@ -67,12 +61,6 @@ def resolve_text_activation(
     )
 
 
-def vision_arch(visual: dict[str, torch.Tensor], num_heads: int | None) -> VisionSection:
-    size = infer_size(visual, num_heads)
-    named = next((name for name, known in EVA_SIZES.items() if known == size), None)
-    return VisionSection(size=named) if named else VisionSection(size=asdict(size), img_size=size.img_size)
-
-
 def clip_from_state_dict(
     state: dict[str, torch.Tensor],
     *,
@@ -82,14 +70,15 @@ def clip_from_state_dict(
     text_heads: int | None = None,
     sidecar: dict[str, Any] | None = None,
 ) -> tuple[EvaClip, ClipModelSection, dict[str, Any]]:
-    """An EvaClip holding a foreign CLIP state dict exactly; returns (model, its section, provenance)."""
+    """An EvaClip holding a foreign CLIP state dict exactly; returns (model, its section, provenance).
+
+    `sidecar`: the open_clip model config next to the file (text activation, numbers of heads)."""
+    if sidecar is not None:  # the numbers of heads the shapes cannot give
+        vision_heads, sidecar_text_heads = heads_from_sidecar(sidecar)
+        num_heads, text_heads = num_heads or vision_heads, text_heads or sidecar_text_heads
     parts = split_clip_state(state, source)
-    head = {
-        k.removeprefix("head."): parts.visual.pop(k)
-        for k in ("head.weight", "head.bias")
-        if k in parts.visual
-    }
-    if "weight" not in head:
+    head = {k: parts.visual.pop(k) for k in ("head.weight", "head.bias") if k in parts.visual}
+    if "head.weight" not in head:
         raise ValueError(
             f"{source}: the vision tower has no head (visual.head.weight), the CLIP image projection"
         )
@@ -97,16 +86,15 @@ def clip_from_state_dict(
     if notes.dropped:  # e.g. fc_norm of a mean-pooled tower: EvaClip pools the CLS token
         raise ValueError(f"{source}: vision weights EvaClip has no place for: {', '.join(notes.dropped[:5])}")
     quick_gelu, why = resolve_text_activation(text_act, parts.layout, sidecar)
-    section = ClipModelSection(
-        embed_dim=head["weight"].shape[0],
-        vision=vision_arch(encoder, num_heads),
-        text=TextSection(**clip_text_arch(parts.text, text_heads), quick_gelu=quick_gelu),
-    )
+    size = infer_size(encoder, num_heads)
+    named = next((name for name, known in EVA_SIZES.items() if known == size), None)
+    vision = VisionSection(size=named) if named else VisionSection(size=asdict(size), img_size=size.img_size)
+    text = TextSection(**clip_text_arch(parts.text, text_heads), quick_gelu=quick_gelu)
+    section = ClipModelSection(embed_dim=head["head.weight"].shape[0], vision=vision, text=text)
     model = build_clip(section, release_init=False)
-    if "bias" not in head:
-        head["bias"] = torch.zeros(section.embed_dim)  # open_clip-style bias-free projection
-    visual_state = {**encoder, **{f"head.{k}": v for k, v in head.items()}}
-    load_weights(model.visual, visual_state)
+    if "head.bias" not in head:
+        head["head.bias"] = torch.zeros(section.embed_dim)  # open_clip-style bias-free projection
+    load_weights(model.visual, {**encoder, **head})
     load_weights(model.text, parts.text)
     if parts.logit_scale is None:
         logger.warning(
@@ -156,24 +144,5 @@ def load_any_clip(
             f"CLIP checkpoint {path} does not exist; pass a flyeva folder or a checkpoint file"
         )
     state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle))
-    sidecar = read_sidecar(path)
-    if sidecar is not None:  # the numbers of heads the shapes cannot give
-        sidecar_vision_heads, sidecar_text_heads = heads_from_sidecar(sidecar)
-        num_heads = num_heads or sidecar_vision_heads
-        text_heads = text_heads or sidecar_text_heads
-    model, section, provenance = clip_from_state_dict(
-        state,
-        source=str(path),
-        text_act=text_act,
-        num_heads=num_heads,
-        text_heads=text_heads,
-        sidecar=sidecar,
-    )
-    logger.debug(  # the clip commands print it (flyeva.tasks.clip._read): once, not twice
-        "%s: %s layout, text activation %s (%s)",
-        path,
-        provenance["layout"],
-        provenance["text_activation"],
-        provenance["text_activation_from"],
-    )
-    return model, section, provenance
+    reading = dict(text_act=text_act, num_heads=num_heads, text_heads=text_heads)
+    return clip_from_state_dict(state, source=str(path), sidecar=read_sidecar(path), **reading)

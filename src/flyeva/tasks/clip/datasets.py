@@ -1,9 +1,7 @@
 """Evaluation sets for zero-shot classification and retrieval (docs/recipes.md section 5, "Zero-shot").
 
-Every set is a data source of `flyeva.data.sources` (docs/data.md), read by index: a classification
-set is a labelled source (`folder`, `imagenet`, `cifar10`, `cifar100`, `list`, `shapeworld`) plus
-class names for the prompts; a retrieval set a captioned one (`captions`, `caption_folder`), whose
-images with several captions (table rows) are grouped. ImageNet sets restrict the logits to the
+Every set is a `flyeva.data.sources` source read by index (docs/data.md): a labelled one plus class
+names for the prompts, or a captioned one for retrieval. ImageNet sets restrict the logits to the
 classes they cover (`subset`).
 """
 
@@ -25,11 +23,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalSet:
-    """A labelled source with labels in the column space of the restricted logits.
-
-    `classnames` are the classifier's classes (all 1000 for ImageNet sets); `subset` lists the
-    columns kept (None = all), and labels index into `subset` (or `classnames`).
-    """
+    """A labelled source; labels index `subset` (the logit columns kept, None = all) or `classnames`."""
 
     name: str
     source: Any  # an indexable source (flyeva.data.sources)
@@ -48,8 +42,8 @@ def _indexable(source: Any, what: str) -> Any:
 
 
 def eval_set(section: SourceConfig, name: str, classnames_file: str = "", role: str = "") -> EvalSet:
-    """The labelled source `section` describes, with class names from `classnames_file` (one per
-    class, in class order), open_clip's (ImageNet) or the source's (folder names, CIFAR's meta)."""
+    """The labelled source `section` describes, with class names from `classnames_file` (one per line,
+    in class order), open_clip's (ImageNet) or the source's (folder names, CIFAR's meta)."""
     try:
         source = build_source(section, target="label", allow_empty_classes=True)
     except ValueError as error:
@@ -81,11 +75,8 @@ def eval_set(section: SourceConfig, name: str, classnames_file: str = "", role: 
 def caption_groups(section: SourceConfig) -> tuple[Any, list[int], list[str], list[int]]:
     """(source, source index of each distinct image, captions, image of each caption) of a retrieval set.
 
-    The caption convention of docs/data.md: a caption file holds one caption (its whole text); an
-    image with several captions has several table rows. Type "" means a caption folder for a
-    folder, a table otherwise. A pair whose caption is missing, empty or not valid UTF-8 is
-    skipped, named in the log and counted.
-    """
+    Type "" means a caption folder for a folder, a table otherwise; a pair whose caption is missing,
+    empty or not valid UTF-8 is skipped, named in the log and counted (docs/data.md)."""
     if not section.type:
         section = replace(section, type="caption_folder" if Path(section.path).is_dir() else "captions")
     source = _indexable(build_source(section, target="caption"), f"retrieval set {section.path}")
@@ -113,12 +104,9 @@ def caption_groups(section: SourceConfig) -> tuple[Any, list[int], list[str], li
     return source, images, captions, owners
 
 
-def captioned_set(
-    path: str | Path, path_column: str = "", caption_column: str = ""
-) -> tuple[list[Path], list[str], list[int]]:
+def captioned_set(path: str | Path) -> tuple[list[Path], list[str], list[int]]:
     """(image paths, captions, image of each caption) of a caption table or folder (`caption_groups`)."""
-    config = SourceConfig(type="", path=str(path), path_column=path_column, caption_column=caption_column)
-    source, images, captions, owners = caption_groups(config)
+    source, images, captions, owners = caption_groups(SourceConfig(type="", path=str(path)))
     return [Path(source.key(index)) for index in images], captions, owners
 
 

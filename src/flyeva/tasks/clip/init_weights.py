@@ -6,17 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from flyeva.models.checkpoint import (
-    FLYEVA_CONFIG,
-    FLYEVA_WEIGHTS,
-    CheckpointError,
-    extract_state_dict,
-    load_weights,
-    read_checkpoint,
-)
+from flyeva.models.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from flyeva.models.convert import MIM_ONLY_KEYS, TOP_LEVEL_TEXT_KEYS, release_to_flyeva
+from flyeva.models.weights import WEIGHTS_FILE, is_weights_folder
 from flyeva.tasks.clip.model import ClipModelSection, EvaClip, build_clip
 
 logger = logging.getLogger(__name__)
@@ -37,15 +32,10 @@ def build_clip_from_config(cfg: ClipModelSection) -> EvaClip:
     return model
 
 
-# ---------------------------------------------------------------------------------------------------
-# Initial weights.
-
-
 def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     """Encoder-named tensors of a flyeva folder or a release checkpoint (as `load_any` reads them)."""
-    folder = path if path.is_dir() else path.parent
-    if (folder / FLYEVA_CONFIG).is_file() and (path.is_dir() or path.name == FLYEVA_WEIGHTS):
-        return read_checkpoint(folder / FLYEVA_WEIGHTS)
+    if is_weights_folder(path):
+        return read_checkpoint(path / WEIGHTS_FILE if path.is_dir() else path)
     state, notes = release_to_flyeva(extract_state_dict(read_checkpoint(path)))
     if notes.dropped:
         logger.info("vision init %s: not used from the release file: %s", path, ", ".join(notes.dropped[:8]))
@@ -53,31 +43,20 @@ def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_vision_init(visual: nn.Module, path: str | Path) -> None:
-    """Copy a pretrained EVA encoder into the vision tower; only `head` (the CLIP projection) stays fresh.
-
-    Accepts what `flyeva.models.checkpoint.load_any` accepts (a flyeva folder written by `flyeva
-    pretrain`, or a release checkpoint). MIM-only weights (`mask_token`, `lm_head`) are dropped with
-    a logged note; a position embedding for another grid is resized bicubically.
-    """
+    """Copy a pretrained EVA encoder (a `flyeva pretrain` folder or a release checkpoint) into the vision
+    tower: MIM-only weights are dropped, another grid's position embedding is resized bicubically, and
+    only `head` (the CLIP projection) stays fresh."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"vision init {path} does not exist; set model.vision.init to a flyeva folder"
         )
     state = _read_encoder_state(path)
-    dropped = sorted(k for k in state if k in MIM_ONLY_KEYS)
-    if dropped:
-        logger.info(
-            "vision init %s: dropped the MIM-only weights %s (a CLIP vision tower has no [MASK] token "
-            "or lm_head)",
-            path,
-            ", ".join(dropped),
-        )
+    if dropped := sorted(k for k in state if k in MIM_ONLY_KEYS):
+        why = "a CLIP vision tower has no [MASK] token or lm_head"
+        logger.info("vision init %s: dropped the MIM-only weights %s (%s)", path, ", ".join(dropped), why)
     state = {k: v for k, v in state.items() if k not in MIM_ONLY_KEYS}
-    expected = visual.pos_embed.shape
-    if "pos_embed" in state and state["pos_embed"].shape != expected:
-        from timm.layers import resample_abs_pos_embed
-
+    if "pos_embed" in state and state["pos_embed"].shape != visual.pos_embed.shape:
         old_grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
         new_grid = tuple(visual.patch_embed.grid_size)
         logger.info(
@@ -106,11 +85,8 @@ def text_state_from_clip(state: dict[str, torch.Tensor], source: str) -> dict[st
 def load_text_init(text: nn.Module, path: str | Path) -> None:
     """Copy the text tower of a local open_clip CLIP state dict (e.g. OpenAI CLIP-L's) into `text`.
 
-    `text_projection` is kept only when its shape fits (CLIP-L projects 768 -> 768, EVA-CLIP-g
-    needs 768 -> 1024: then it starts fresh, with a logged note); a longer position table is cut to
-    the context length. A release EVA-CLIP file's `text.logit_scale` is not taken (the temperature
-    is the model's, logged). Everything else must match exactly.
-    """
+    A `text_projection` of another shape starts fresh (CLIP-L projects 768 -> 768, EVA-CLIP-g 768 ->
+    1024) and a longer position table is cut to the context; everything else must match exactly."""
     path = Path(path)
     try:
         raw = extract_state_dict(read_checkpoint(path))
@@ -123,37 +99,23 @@ def load_text_init(text: nn.Module, path: str | Path) -> None:
             f"pretrained='{path}'); torch.save(m.state_dict(), 'ViT-L-14-openai.pt')`"
         ) from error
     state = text_state_from_clip(raw, str(path))
-    # The release keeps its temperature in the text tower (`text.logit_scale`); a tower init leaves
-    # the model's own (model.init_logit_scale), as for an OpenAI-layout file's top-level one.
-    scale = state.pop("logit_scale", None)
-    if scale is not None:
-        logger.info(
-            "text init %s: text.logit_scale (exp = %.4g) not used; the temperature starts at "
-            "model.init_logit_scale",
-            path,
-            float(scale.float().exp()),
-        )
+    # A tower init leaves the model's own temperature, also for the release's `text.logit_scale`.
+    if (scale := state.pop("logit_scale", None)) is not None:
+        message = "text init %s: text.logit_scale (exp = %.4g) not used; the temperature starts at %s"
+        logger.info(message, path, float(scale.float().exp()), "model.init_logit_scale")
     state.pop("attn_mask", None)  # a causal-mask buffer older open_clip files hold; rebuilt from the context
     expected = text.state_dict()
-    fresh = []
-    projection = state.get("text_projection")
-    if projection is not None and projection.shape != expected["text_projection"].shape:
-        fresh.append("text_projection")
+    fresh = ()
+    projection, wanted = state.get("text_projection"), tuple(expected["text_projection"].shape)
+    if projection is not None and tuple(projection.shape) != wanted:
+        fresh = ("text_projection",)
+        message = "text init %s: text_projection %s does not fit %s (embed_dim differs); it starts fresh"
+        logger.info(message, path, tuple(state.pop("text_projection").shape), wanted)
+    positions, context = state.get("positional_embedding"), expected["positional_embedding"].shape[0]
+    if positions is not None and positions.shape[0] > context:
         logger.info(
-            "text init %s: text_projection %s does not fit %s (embed_dim differs); it starts fresh",
-            path,
-            tuple(projection.shape),
-            tuple(expected["text_projection"].shape),
+            "text init %s: position table cut from %d to the context length %d", path, len(positions), context
         )
-        del state["text_projection"]
-    positions = state.get("positional_embedding")
-    if positions is not None and positions.shape[0] > expected["positional_embedding"].shape[0]:
-        logger.info(
-            "text init %s: position table cut from %d to the context length %d",
-            path,
-            positions.shape[0],
-            expected["positional_embedding"].shape[0],
-        )
-        state["positional_embedding"] = positions[: expected["positional_embedding"].shape[0]]
-    load_weights(text, state, ignore_missing=tuple(fresh))
+        state["positional_embedding"] = positions[:context]
+    load_weights(text, state, ignore_missing=fresh)
     logger.info("text tower: %d tensors from %s", len(state), path)

@@ -1,16 +1,13 @@
 """EVA-CLIP: an EVA vision tower and open_clip's text tower (docs/recipes.md section 5, "EVA-CLIP").
 
-The vision tower is timm's `Eva` (the flyeva encoder) with `num_classes=embed_dim`, so its CLS
-token after the final norm goes through `head` (Linear D -> embed_dim) and its keys are exactly
-the release's `visual.*` / `visual.head.*`. The text tower is `open_clip.transformer.TextTransformer`
-(CLIP-L's: 12 layers, width 768, 12 heads, context 77, vocab 49408). The learnable temperature is
-CLIP's: log(1/0.07) at init, exp() clamped at 100.
+The vision tower is timm's `Eva` with `num_classes=embed_dim`: its final-norm CLS token goes through
+`head` (Linear D -> embed_dim) and its keys are exactly the release's `visual.*` / `visual.head.*`.
+The text tower is `open_clip.transformer.TextTransformer`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,22 +19,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flyeva.engine.optim import param_groups
-from flyeva.models.checkpoint import (
-    CheckpointError,
-    load_weights,
-)
+from flyeva.models.checkpoint import CheckpointError, load_weights
 from flyeva.models.eva import EvaSize, build_encoder, get_size, size_with
 from flyeva.models.weights import load, save_weights
-from flyeva.teachers.eva_tower import is_eva_clip_folder
+from flyeva.teachers.eva_tower import LEGACY_CLIP_CONFIG, LEGACY_CLIP_WEIGHTS, is_eva_clip_folder
 
-logger = logging.getLogger(__name__)
-
-# The two-file CLIP layout (`clip.json` + `clip.safetensors`, weights format 1): `load_clip` reads it.
-LEGACY_CLIP_WEIGHTS = "clip.safetensors"
-LEGACY_CLIP_CONFIG = "clip.json"
-LEGACY_CLIP_FORMAT = "flyeva-clip-v1"
+LEGACY_CLIP_FORMAT = "flyeva-clip-v1"  # the two-file layout's `format`: `load_clip` reads it
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
+TEXT_SHAPE = ("width", "heads", "layers", "context_length", "vocab_size", "mlp_ratio")  # TextSection's arch
 
 
 @dataclass
@@ -82,19 +72,10 @@ class ClipModelSection:
 
 
 class EvaClip(nn.Module):
-    """CLIP with an EVA vision tower (`visual`, timm Eva) and an open_clip text tower (`text`).
+    """CLIP with an EVA vision tower (`visual`, timm Eva) and an open_clip text tower (`text`); `forward`
+    returns the L2-normalised image and text features and exp(logit_scale), as open_clip's `CLIP`."""
 
-    `forward(images, tokens)` returns L2-normalised image and text features and exp(logit_scale),
-    like open_clip's `CLIP`; `encode_image` / `encode_text(normalize=...)` serve zero-shot code.
-    """
-
-    def __init__(
-        self,
-        visual: nn.Module,
-        text: nn.Module,
-        init_logit_scale: float = INIT_LOGIT_SCALE,
-        max_logit_scale: float = MAX_LOGIT_SCALE,
-    ):
+    def __init__(self, visual: nn.Module, text: nn.Module, init_logit_scale: float, max_logit_scale: float):
         super().__init__()
         self.visual = visual
         self.text = text
@@ -116,11 +97,8 @@ class EvaClip(nn.Module):
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            self.encode_image(images, normalize=True),
-            self.encode_text(tokens, normalize=True),
-            self.logit_scale.exp(),
-        )
+        image, text = self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True)
+        return image, text, self.logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -134,16 +112,8 @@ def build_text_tower(cfg: TextSection, embed_dim: int) -> nn.Module:
 
     if cfg.width % cfg.heads:
         raise ValueError(f"text width {cfg.width} is not divisible by text heads {cfg.heads}")
-    text = TextTransformer(
-        context_length=cfg.context_length,
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        heads=cfg.heads,
-        layers=cfg.layers,
-        mlp_ratio=cfg.mlp_ratio,
-        output_dim=embed_dim,
-        act_layer=QuickGELU if cfg.quick_gelu else nn.GELU,
-    )
+    shape = {k: getattr(cfg, k) for k in TEXT_SHAPE}
+    text = TextTransformer(**shape, output_dim=embed_dim, act_layer=QuickGELU if cfg.quick_gelu else nn.GELU)
     text.set_grad_checkpointing(cfg.grad_checkpointing)
     return text
 
@@ -155,8 +125,8 @@ def vision_size(vision: VisionSection) -> EvaSize:
 
 
 def build_clip(cfg: ClipModelSection, *, release_init: bool = True) -> EvaClip:
-    """A randomly initialised EvaClip (vision: EVA's release init, or timm's, which is much faster, when
-    `release_init=False` because weights are loaded next; text: open_clip's init)."""
+    """A randomly initialised EvaClip (EVA's release init; `release_init=False`: timm's, faster, for weights
+    loaded next)."""
     visual = build_encoder(
         vision_size(cfg.vision),
         drop_path_rate=cfg.vision.drop_path_rate,
@@ -164,13 +134,8 @@ def build_clip(cfg: ClipModelSection, *, release_init: bool = True) -> EvaClip:
         release_init=release_init,
         num_classes=cfg.embed_dim,  # `head`: CLS token -> embed_dim (docs/recipes.md section 5)
     )
-    return EvaClip(
-        visual, build_text_tower(cfg.text, cfg.embed_dim), cfg.init_logit_scale, cfg.max_logit_scale
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimiser groups: one set per tower, each with its own lr, weight decay and layer decay.
+    text = build_text_tower(cfg.text, cfg.embed_dim)
+    return EvaClip(visual, text, cfg.init_logit_scale, cfg.max_logit_scale)
 
 
 def text_layer_id(name: str, num_layers: int) -> int:
@@ -185,52 +150,26 @@ def text_layer_id(name: str, num_layers: int) -> int:
 def clip_param_groups(
     model: EvaClip, vision: VisionSection, text: TextSection, lr: float, weight_decay: float
 ) -> list[dict]:
-    """AdamW groups: vision and text towers with their own lr (as lr_scale relative to `lr`), weight
-    decay and layer decay, and logit_scale at the base lr without weight decay."""
-
-    def tower(section: VisionSection | TextSection) -> tuple[float, float]:
-        tower_lr = lr if section.lr is None else section.lr
+    """AdamW groups: per tower its lr (as lr_scale), weight and layer decay; logit_scale at `lr`, no decay."""
+    text_layers = {"num_layers": len(model.text.transformer.resblocks), "layer_id_fn": text_layer_id}
+    groups = []
+    for prefix, section, layers in (("visual", vision, {}), ("text", text, text_layers)):
         decay = weight_decay if section.weight_decay is None else section.weight_decay
-        return tower_lr / lr, decay
-
-    vision_scale, vision_decay = tower(vision)
-    text_scale, text_decay = tower(text)
-    groups = param_groups(
-        model.visual, vision_decay, layer_decay=vision.layer_decay, lr_scale=vision_scale, prefix="visual."
-    )
-    groups += param_groups(
-        model.text,
-        text_decay,
-        layer_decay=text.layer_decay,
-        num_layers=len(model.text.transformer.resblocks),
-        layer_id_fn=text_layer_id,
-        lr_scale=text_scale,
-        prefix="text.",
-    )
-    if model.logit_scale.requires_grad:
-        groups.append(
-            {
-                "params": [model.logit_scale],
-                "param_names": ["logit_scale"],
-                "weight_decay": 0.0,
-                "lr_scale": 1.0,
-                "layer_id": 0,
-            }
+        scale = (lr if section.lr is None else section.lr) / lr
+        tower = getattr(model, prefix)
+        groups += param_groups(
+            tower, decay, layer_decay=section.layer_decay, lr_scale=scale, prefix=f"{prefix}.", **layers
         )
+    if model.logit_scale.requires_grad:
+        logit_scale = {"params": [model.logit_scale], "param_names": ["logit_scale"]}
+        groups.append({**logit_scale, "weight_decay": 0.0, "lr_scale": 1.0, "layer_id": 0})
     return groups
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving and loading a trained EvaClip: one flyeva weights folder of kind "clip".
 
 
 def arch_dict(cfg: ClipModelSection) -> dict[str, Any]:
     """What rebuilds the architecture (init paths and optimiser settings left out)."""
     vision = {k: getattr(cfg.vision, k) for k in ("size", "img_size")}
-    text = {
-        k: getattr(cfg.text, k)
-        for k in ("width", "heads", "layers", "context_length", "vocab_size", "mlp_ratio", "quick_gelu")
-    }
+    text = {k: getattr(cfg.text, k) for k in (*TEXT_SHAPE, "quick_gelu")}
     return {
         "embed_dim": cfg.embed_dim,
         "vision": vision,
@@ -240,8 +179,7 @@ def arch_dict(cfg: ClipModelSection) -> dict[str, Any]:
 
 
 def section_from_arch(arch: dict[str, Any]) -> ClipModelSection:
-    """The model section an `arch` dict describes; a converted tower of no named size keeps its
-    `size` as a dict of `EvaSize` fields, and `img_size` is then always set."""
+    """The model section of an `arch` dict (a tower of no named size: `size` is a dict of `EvaSize`)."""
     vision = dict(arch["vision"])
     if isinstance(vision["size"], dict) and not vision.get("img_size"):
         vision["img_size"] = vision["size"]["img_size"]
@@ -294,8 +232,3 @@ def load_clip(path: str | Path) -> tuple[EvaClip, ClipModelSection]:
         )
     model = load(folder, kind="clip")
     return model, section_from_arch(model.weights_config["arch"])
-
-
-def vision_encoder_state(model: EvaClip) -> dict[str, torch.Tensor]:
-    """The vision tower without its CLIP head: loads into `build_encoder` (for linear probes)."""
-    return {k: v for k, v in model.visual.state_dict().items() if not k.startswith("head.")}

@@ -1,19 +1,11 @@
-"""The contrastive objective over the global batch, with exact micro-batch accumulation.
+"""The contrastive objective over the global batch (open_clip's `ClipLoss(local_loss=True,
+gather_with_grad=True)`, docs/recipes.md section 5), with exact micro-batch accumulation.
 
-Loss: open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`: each rank scores its own
-rows against the features of every rank (docs/recipes.md section 5: "all-gathered features"), so the
-effective contrastive batch is the global one and DDP's gradient average is the global loss's.
-
-Accumulation (open_clip's train.py): a no-grad pass over all micro-batches caches their features;
-then, per micro-batch, a forward with grad replaces its cached slot, the loss over the whole
-batch is computed and backpropagated. Two things open_clip's version gets wrong are fixed here:
-the RNG state of each micro-batch's cached pass is replayed in its grad pass (so drop path draws
-the same paths and the cached features are exactly the ones differentiated), and logit_scale
-takes its gradient from one pass only (open_clip's gets it from every pass: accum_freq x too big).
-
-Ranks whose batch lost unreadable pairs are padded to the largest rank's batch (all-gathers need
-equal shapes); padded rows and columns are masked out, and each rank's loss is rescaled so that
-the mean over ranks equals the loss over every valid pair of the global batch.
+Accumulation (open_clip's train.py) caches every micro-batch's features in a no-grad pass, then per
+micro-batch recomputes its slot with grad and backpropagates the whole batch's loss. Unlike open_clip,
+each grad pass replays its cached pass's RNG state (the same drop paths, so the cached features are
+the ones differentiated) and logit_scale takes its gradient from one pass only. Ranks that lost
+unreadable pairs are padded to the largest rank's batch and the padding is masked out of the loss.
 """
 
 from __future__ import annotations
@@ -31,11 +23,7 @@ from flyeva.engine import distributed as D
 
 
 class GatheredClipLoss(ClipLoss):
-    """open_clip's ClipLoss over all ranks' features; `valid_counts` handles padded rows.
-
-    `forward(image_features, text_features, logit_scale, valid_counts=None)`: features are this
-    rank's [rows, dim] (L2-normalised); `valid_counts[r]` = real rows of rank r (the first ones).
-    """
+    """open_clip's ClipLoss over all ranks' features; `valid_counts[r]` = real (first) rows of rank r."""
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         super().__init__(
@@ -67,8 +55,7 @@ class GatheredClipLoss(ClipLoss):
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
@@ -78,12 +65,8 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 class ClipObjective:
-    """Engine objective: `(model, batch, ctx) -> (loss, metrics)` for batches with "images" and "texts".
-
-    It calls `ctx.backward` itself (`handles_backward = True`), once per micro-batch of
-    `micro_batch_size` rows (0 = the whole per-rank batch in one pass); gradients are all-reduced
-    once, on the last micro-batch.
-    """
+    """Engine objective for batches of "images" and "texts"; it calls `ctx.backward` itself, once per
+    micro-batch of `micro_batch_size` rows (0 = the whole per-rank batch), all-reducing on the last."""
 
     handles_backward = True
     input_key = "images"
@@ -91,8 +74,7 @@ class ClipObjective:
     def __init__(self, tokenize: Callable[[list[str]], torch.Tensor], micro_batch_size: int = 0):
         if micro_batch_size < 0:
             raise ValueError(f"micro_batch_size must be >= 0 (0 = no accumulation), got {micro_batch_size}")
-        self.tokenize = tokenize
-        self.micro_batch_size = micro_batch_size
+        self.tokenize, self.micro_batch_size = tokenize, micro_batch_size
         self._loss: GatheredClipLoss | None = None
 
     @property

@@ -1,9 +1,8 @@
-"""`flyeva clip train` / `flyeva clip zeroshot`: the stage on the shared engine (model, data stream,
-objective, optimiser groups, final weights) and the zero-shot suite's run.
-"""
+"""`flyeva clip train` / `flyeva clip zeroshot`: the stage on the shared engine and the zero-shot run."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,29 +10,30 @@ from typing import Any
 import torch
 
 from flyeva.config import ConfigError
+from flyeva.data.stream import ImageBatchStream
+from flyeva.data.transforms import PretrainTransform
+from flyeva.engine import distributed as D
 from flyeva.engine.stage import Built, as_evaluator
-from flyeva.tasks.clip.config import (
-    ClipConfig,
-    _source,
-)
+from flyeva.models.eva import build_encoder, size_arch
+from flyeva.models.weights import save_weights
+from flyeva.tasks.clip.config import ClipConfig, _source
+from flyeva.tasks.clip.convert import load_any_clip
 from flyeva.tasks.clip.init_weights import build_clip_from_config
-from flyeva.tasks.clip.model import build_clip
+from flyeva.tasks.clip.model import build_clip, clip_param_groups, save_clip
+from flyeva.tasks.clip.objective import ClipObjective
+from flyeva.tasks.clip.zeroshot import ZeroShotSuite, format_table, resolve_device, tokenizer_for
 
 logger = logging.getLogger(__name__)
 
 
 def _save_final(cfg: ClipConfig, state: dict[str, torch.Tensor], folder: Path, image_size: int) -> dict:
     """`folder` (the CLIP) and `folder`/visual (its vision encoder, an EVA encoder folder)."""
-    from flyeva.models.eva import build_encoder, size_arch
-    from flyeva.models.weights import save_weights
-    from flyeva.tasks.clip.model import save_clip, vision_encoder_state
-
     final = build_clip(cfg.model, release_init=False)  # a plain copy: the trained one may be sharded
     final.load_state_dict(state)
     final.clamp_logit_scale()
     save_clip(final, cfg.model, folder)
     encoder = build_encoder(cfg.model.vision.size, release_init=False, img_size=image_size)
-    encoder.load_state_dict(vision_encoder_state(final))
+    encoder.load_state_dict({k: v for k, v in final.visual.state_dict().items() if not k.startswith("head.")})
     source = {"from": "OUTPUT/final (EVA-CLIP vision tower)"}
     save_weights(encoder, folder / "visual", kind="encoder", arch=size_arch(encoder), source=source)
     logger.info("wrote %s (CLIP) and %s (vision encoder)", folder, folder / "visual")
@@ -42,13 +42,6 @@ def _save_final(cfg: ClipConfig, state: dict[str, torch.Tensor], folder: Path, i
 
 def build_clip_train(cfg: ClipConfig) -> Built:
     """The CLIP model, its contrastive objective and the image-caption stream on the shared engine."""
-    from flyeva.data.stream import ImageBatchStream
-    from flyeva.data.transforms import PretrainTransform
-    from flyeva.engine import distributed as D
-    from flyeva.tasks.clip.model import clip_param_groups
-    from flyeva.tasks.clip.objective import ClipObjective
-    from flyeva.tasks.clip.zeroshot import ZeroShotSuite, resolve_device, tokenizer_for
-
     D.init_distributed(cfg.train.device)  # rank and world size are needed before the engine runs
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_clip_from_config(cfg.model)
@@ -93,14 +86,8 @@ def build_clip_train(cfg: ClipConfig) -> Built:
 
 
 def run_zeroshot(cfg: ClipConfig, **reading: Any) -> dict[str, Any]:
-    """Evaluate `zeroshot.checkpoint` (or the recipe's initial model) on the configured sets.
-
-    The checkpoint is a flyeva CLIP folder or a file `load_any_clip` reads; `reading` holds its
-    options (text_act, num_heads, text_heads) for files that cannot say everything.
-    """
-    from flyeva.tasks.clip.convert import load_any_clip
-    from flyeva.tasks.clip.zeroshot import ZeroShotSuite, format_table, resolve_device, write_results
-
+    """Evaluate `zeroshot.checkpoint` (or the recipe's initial model) on the configured sets; `reading`:
+    `load_any_clip`'s options for files that cannot say everything."""
     zs = cfg.zeroshot
     if not zs.datasets and not zs.retrieval:
         raise ConfigError(
@@ -112,11 +99,12 @@ def run_zeroshot(cfg: ClipConfig, **reading: Any) -> dict[str, Any]:
     else:
         logger.info("no zeroshot.checkpoint: evaluating the recipe's initial model (vision/text init)")
         model = build_clip_from_config(cfg.model)
-    default_output = Path(cfg.train.output_dir) / "zeroshot.json"  # never inside a weights folder
     model.to(device)
     suite = ZeroShotSuite(zs, model.visual.patch_embed.img_size[0])
     results = suite.run(model, device)
     print(format_table(results))
-    path = write_results(results, zs.output or default_output)
+    path = Path(zs.output or Path(cfg.train.output_dir) / "zeroshot.json")  # never inside a weights folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {path}")
     return results

@@ -1,8 +1,5 @@
-"""The miniature world's CLIP teacher: `flyeva clip train` once from ShapeWorld captions, then reused.
-
-`flyeva pretrain` (when its recipe names `teacher.train_recipe`) and `flyeva demo` both come here,
-so the teacher is bootstrapped in one place.
-"""
+"""The miniature world's CLIP teacher, trained once from ShapeWorld captions for `flyeva pretrain` (when
+its recipe names `teacher.train_recipe`) and `flyeva demo`, then reused."""
 
 from __future__ import annotations
 
@@ -12,6 +9,9 @@ from typing import Any
 
 from flyeva.config import ConfigError, load_config, recipe_path
 from flyeva.engine import distributed as D
+from flyeva.engine.stage import run_stage
+from flyeva.tasks.clip import CLIP_TRAIN
+from flyeva.tasks.clip.config import ClipConfig
 
 
 def ensure_recipe_teacher(cfg: Any) -> None:
@@ -23,15 +23,8 @@ def ensure_recipe_teacher(cfg: Any) -> None:
 def ensure_teacher(
     final: Path, recipe: str = "miniature", overrides: Sequence[str] = ()
 ) -> dict[str, Any] | None:
-    """Train the teacher of `flyeva clip train --config recipe` into `final`'s parent unless `final` exists.
-
-    Returns the training result record, or None when the teacher was already there. Under torchrun rank 0
-    writes it and every rank waits for it.
-    """
-    from flyeva.engine.stage import run_stage
-    from flyeva.tasks.clip import CLIP_TRAIN
-    from flyeva.tasks.clip.config import ClipConfig
-
+    """Train the teacher of `flyeva clip train --config recipe` into `final`'s parent unless `final` exists;
+    the training result record, or None when the teacher was already there."""
     if final.name != "final":
         raise ConfigError(f"teacher.path {final} must be the `final` folder that `flyeva clip train` writes")
     if final.exists():

@@ -1,20 +1,16 @@
 """`flyeva clip zeroshot`: zero-shot classification and image-text retrieval (docs/recipes.md section 5).
 
-Classifier: for every class, the prompts of every template (OpenAI's 80 ImageNet templates by
-default) go through the text tower; the per-class mean of the L2-normalised embeddings,
-renormalised, is that class's weight (open_clip's `build_zero_shot_classifier`). Reported per
-dataset: top-1/top-5; overall: the average top-1 and the robustness gap = average top-1 of the
+Classifier: open_clip's `build_zero_shot_classifier` over OpenAI's 80 ImageNet templates by default.
+Reported: top-1/top-5 per dataset, the average top-1 and the robustness gap = average top-1 of the
 distribution-shift sets (ImageNet-V2/-A/-R/-Sketch, ObjectNet) minus ImageNet-1K's.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,29 +20,19 @@ from flyeva.data.sources import SOURCE_KEYS, SourceConfig, SourceSubset, read_li
 from flyeva.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
 from flyeva.tasks.clip.datasets import EvalSet, caption_groups, eval_batches, eval_set
 
-logger = logging.getLogger(__name__)
-
 ROLES = ("in1k", "shift", "other")
 # Default roles by dataset name: docs/recipes.md section 5 lists these as ImageNet and its shifted variants.
 DEFAULT_ROLES = {
-    "imagenet": "in1k",
-    "imagenet_1k": "in1k",
-    "in1k": "in1k",
-    "imagenet_v2": "shift",
-    "imagenet_a": "shift",
-    "imagenet_r": "shift",
-    "imagenet_sketch": "shift",
-    "objectnet": "shift",
+    **dict.fromkeys(("imagenet", "imagenet_1k", "in1k"), "in1k"),
+    **dict.fromkeys(("imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "objectnet"), "shift"),
 }
-# Video sets (docs/video.md): "path label" lists such as UCF-101's, Kinetics CSVs, class folders of
-# videos; each clip is scored by the mean of its frames' embeddings (flyeva.tasks.clip.video_zeroshot).
+# Video sets (docs/video.md), scored by flyeva.tasks.clip.video_zeroshot: type -> video list type.
 VIDEO_TYPES = {"video_list": "list", "kinetics": "kinetics", "video_folder": "folder"}
 
 
 @dataclass
 class EvalDatasetSection(SourceConfig):
-    """One zero-shot classification set: a labelled data source (docs/data.md) and how to score it; the
-    video types (VIDEO_TYPES) go to the video evaluation, which reads path, root and classnames."""
+    """A zero-shot classification set: a labelled data source (docs/data.md) or a video list (VIDEO_TYPES)."""
 
     name: str = ""
     classnames: str = ""  # file of class names in class order ("" = the folder / meta names)
@@ -84,10 +70,6 @@ class ZeroShotSection:
     during_training: bool = False  # also evaluate the classification sets at every epoch end
     output: str = ""  # JSON path; `flyeva clip zeroshot` sets OUTPUT/zeroshot.json (docs/architecture.md)
     device: str = "auto"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompts and the classifier.
 
 
 def default_templates() -> list[Callable[[str], str]]:
@@ -130,8 +112,8 @@ def build_classifier(
     device: torch.device | str = "cpu",
     classes_per_batch: int = 10,
 ) -> torch.Tensor:
-    """[embed_dim, num_classes] zero-shot weights: per class, the renormalised mean of the normalised
-    text embeddings of its prompts (open_clip's `build_zero_shot_classifier`)."""
+    """[embed_dim, num_classes] zero-shot weights: per class, the renormalised mean of its prompts'
+    normalised text embeddings."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     return build_zero_shot_classifier(
@@ -142,10 +124,6 @@ def build_classifier(
         num_classes_per_batch=classes_per_batch,
         device=device,
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# One image in a few lines (docs/clip.md, "Inference in a few lines").
 
 
 def _pixels(model: torch.nn.Module, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
@@ -212,25 +190,18 @@ def evaluate_classification(
     count = min(total, max_images) if max_images else total
     keep = [index * total // count for index in range(count)]  # evenly spread: folders are class-sorted
     images = SourceSubset(dataset.source, keep, [dataset.labels[i] for i in keep])
-    correct, seen, skipped = {1: 0, 5: 0}, 0, 0
+    correct, seen, skipped = Counter(), 0, 0
     for batch in eval_batches(images, transform, batch_size, num_workers):
         skipped += batch["num_skipped"]
         if len(batch["labels"]) == 0:
             continue
         features = model.encode_image(batch["images"].to(device), normalize=True)
-        logits = features.float() @ weights.float()
-        for k, hits in topk_correct(logits, batch["labels"].to(device)).items():
-            correct[k] += hits
+        correct.update(topk_correct(features.float() @ weights.float(), batch["labels"].to(device)))
         seen += len(batch["labels"])
     if seen == 0:
         raise ValueError(f"dataset {dataset.name!r}: no readable images")
-    return {
-        "top1": 100.0 * correct[1] / seen,
-        "top5": 100.0 * correct[5] / seen,
-        "images": seen,
-        "skipped": skipped,
-        "classes": weights.shape[1],
-    }
+    accuracy = {f"top{k}": 100.0 * hits / seen for k, hits in correct.items()}
+    return {**accuracy, "images": seen, "skipped": skipped, "classes": weights.shape[1]}
 
 
 def role_of(section: EvalDatasetSection) -> str:
@@ -255,19 +226,11 @@ def summarize(top1: dict[str, float], roles: dict[str, str]) -> dict[str, float]
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------
-# Retrieval.
-
-
 def retrieval_recall(
     similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
     """Recall@k (%) both ways from an [images, texts] similarity; `text_to_image[t]` = the image of text t.
-
-    Image->text: an image is a hit at k when any of its captions ranks in its top k texts.
-    Text->image: a text is a hit when its image ranks in its top k images. Rank = number of
-    candidates scoring strictly higher than the best true match.
-    """
+    An image's rank is that of its best caption; a rank counts the candidates scoring strictly higher."""
     num_images = similarity.shape[0]
     owns = text_to_image[None, :] == torch.arange(num_images, device=similarity.device)[:, None]
     best_true_text = similarity.masked_fill(~owns, float("-inf")).max(dim=1).values
@@ -304,21 +267,13 @@ def evaluate_retrieval(
     # An unreadable image drops out together with its captions.
     position = {image: row for row, image in enumerate(readable)}
     texts = [(caption, position[owner]) for caption, owner in zip(captions, owners) if owner in position]
-    text_features = [
-        model.encode_text(
-            tokenize([c for c, _ in texts[start : start + batch_size]]).to(device), normalize=True
-        )
-        for start in range(0, len(texts), batch_size)
+    batches = [
+        [c for c, _ in texts[start : start + batch_size]] for start in range(0, len(texts), batch_size)
     ]
+    text_features = [model.encode_text(tokenize(batch).to(device), normalize=True) for batch in batches]
     similarity = torch.cat(image_features) @ torch.cat(text_features).float().T
-    owner_tensor = torch.tensor([owner for _, owner in texts], device=similarity.device)
-    result = retrieval_recall(similarity, owner_tensor)
-    result.update(images=len(readable), captions=len(texts))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running a suite.
+    text_image = torch.tensor([owner for _, owner in texts], device=similarity.device)
+    return {**retrieval_recall(similarity, text_image), "images": len(readable), "captions": len(texts)}
 
 
 def load_eval_set(section: EvalDatasetSection) -> Any:
@@ -370,14 +325,6 @@ class ZeroShotSuite:
 
         return list(VIDEO_TEMPLATES)
 
-    def _run_video(self, model: torch.nn.Module, section: EvalDatasetSection, videos: Any, device) -> dict:
-        from flyeva.tasks.clip.video_zeroshot import evaluate_video_zeroshot
-
-        return evaluate_video_zeroshot(
-            model, videos, self.templates[section.name], image_size=self.image_size,
-            num_frames=section.num_frames, views=section.views, batch_size=self.cfg.batch_size, device=device,
-        )  # fmt: skip
-
     @torch.no_grad()
     def run(self, model: torch.nn.Module, device: torch.device, retrieval: bool = True) -> dict[str, Any]:
         cfg = self.cfg
@@ -385,39 +332,30 @@ class ZeroShotSuite:
         model.eval()
         classifiers: dict[tuple, torch.Tensor] = {}
         results: dict[str, Any] = {"datasets": {}, "retrieval": {}}
+        loading = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": device}
         for section, dataset in zip(cfg.datasets, self.sets):
+            templates = self.templates[section.name]
             if section.type in VIDEO_TYPES:
-                scores = self._run_video(model, section, dataset, device)
+                from flyeva.tasks.clip.video_zeroshot import evaluate_video_zeroshot
+
+                scores = evaluate_video_zeroshot(
+                    model, dataset, templates, image_size=self.image_size, num_frames=section.num_frames,
+                    views=section.views, batch_size=cfg.batch_size, device=device,
+                )  # fmt: skip
                 results["datasets"][section.name] = {"role": role_of(section), **scores}
                 continue
-            templates = self.templates[dataset.name]
             key = (tuple(dataset.classnames), tuple(templates))
             if key not in classifiers:  # ImageNet and its variants share one 1000-class classifier
                 classifiers[key] = build_classifier(model, dataset.classnames, templates, device)
             scores = evaluate_classification(
-                model,
-                dataset,
-                classifiers[key],
-                self.transform,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                max_images=cfg.max_images,
-                device=device,
+                model, dataset, classifiers[key], self.transform, max_images=cfg.max_images, **loading
             )
             results["datasets"][dataset.name] = {"role": dataset.role, **scores}
         top1 = {name: scores["top1"] for name, scores in results["datasets"].items()}
         results.update(summarize(top1, {name: s["role"] for name, s in results["datasets"].items()}))
-        if retrieval:
-            for index, section in enumerate(cfg.retrieval):
-                name = section.name or f"retrieval_{index}"
-                results["retrieval"][name] = evaluate_retrieval(
-                    model,
-                    section,
-                    self.transform,
-                    batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers,
-                    device=device,
-                )
+        for index, section in enumerate(cfg.retrieval if retrieval else []):
+            name = section.name or f"retrieval_{index}"
+            results["retrieval"][name] = evaluate_retrieval(model, section, self.transform, **loading)
         model.train(was_training)
         return results
 
@@ -443,10 +381,3 @@ def format_table(results: dict[str, Any]) -> str:
             values = "  ".join(f"R@{k} {recall[f'{direction}_R@{k}']:6.2f}" for k in (1, 5, 10))
             lines.append(f"  {direction.replace('_', ' '):<14} {values}")
     return "\n".join(lines)
-
-
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path

@@ -1,9 +1,7 @@
 """Video action recognition (paper section 4.2; docs/video.md): `flyeva video train|eval`.
 
-Zero-shot video recognition with EVA-CLIP is `flyeva clip zeroshot` with a video set (docs/video.md).
-
-Import-light on purpose: the CLI imports this package to register its commands; torch, timm and
-PyAV are imported when a verb runs.
+Import-light on purpose: the CLI imports this package on every call (zero-shot video recognition
+with EVA-CLIP is `flyeva clip zeroshot` with a video set).
 """
 
 from __future__ import annotations

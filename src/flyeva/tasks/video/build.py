@@ -1,21 +1,18 @@
 """The video model a recipe asks for: from scratch, inflated from an image EVA, or from a video model.
 
-From a video model (a `flyeva video train` folder, or a release checkpoint) the classifier comes
-along: unchanged when the label sets agree, its rows picked by class name when the data's classes
-are a subset of the checkpoint's (K722 -> K400/600/700, release `EVA-01/video` configs
-`K722_CLASS_MAPPING`), new with `model.reset_head=true`. A model trained with 8 frames used with 16
-has its position table resized trilinearly (release `EVA-01/video`, 8 -> 16 frames).
+A video model's classifier comes along: unchanged when the label sets agree, its rows picked by class
+name for a subset (K722 -> K400/600/700, release `EVA-01/video` `K722_CLASS_MAPPING`), new with
+`model.reset_head=true`; its position table is resized trilinearly for other frame counts (8 -> 16).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from flyeva.data.video.datasets import read_class_names
+from flyeva.data.video.datasets import read_class_names, read_index_rows
 from flyeva.models.checkpoint import load_weights
 from flyeva.models.eva import EvaSize, get_size, size_with
 from flyeva.tasks.video.convert import load_init, map_classifier_rows
@@ -26,6 +23,7 @@ from flyeva.tasks.video.model import (
     add_temporal_pos,
     add_tubelet_motion,
     build_video_model,
+    inflate_image_state,
     init_head,
 )
 
@@ -36,13 +34,11 @@ logger = logging.getLogger(__name__)
 class ModelSection:
     """The video model; defaults are the release's K400 stage of EVA-g (paper section 4.2)."""
 
-    # "" = from scratch; an image encoder (MIM/encoder folder, release image checkpoint) is inflated;
-    # a video model (`flyeva video train` OUTPUT/final, release video checkpoint) continues.
-    init: str = ""
+    init: str = ""  # "" = from scratch; an image encoder is inflated, a video model continues
     init_classes: str = ""  # class names of a release video checkpoint's head (flyeva folders carry theirs)
     reset_head: bool = False  # a new head even when the init has one
-    # Rows of the init's head for each data class: a .npy index array (the release's
-    # k722_to_k400_mapping.npy) or one index per line; "" = by class name when the label sets differ.
+    # The init's head row of each data class: a .npy index array (the release's k722_to_k400_mapping.npy)
+    # or one index per line; "" = by class name when the label sets differ.
     class_mapping: str = ""
     size: str = "eva_giant"  # only without init
     num_heads: int = 0  # a release video checkpoint of a size `flyeva models` does not name (0 = by size)
@@ -50,12 +46,8 @@ class ModelSection:
     num_frames: int = 16
     tubelet_size: int = 1  # the release's EVA video models use 1
     final_norm: str = "fc_norm"  # image inits: fc_norm (the encoder's final norm) | drop (fresh fc_norm)
-    # Image inits: one N(0, std) vector per time slot added to the tiled position table, so the model
-    # tells frame order at initialisation (0 = the release: tiled only; docs/video.md).
-    temporal_pos_std: float = 0.0
-    # Image inits with tubelets > 1: a zero-sum random term over each tubelet's frames added to the
-    # inflated kernel, at this times nn.Conv3d's init scale (0 = the release's inflation; docs/video.md).
-    tubelet_motion: float = 0.0
+    temporal_pos_std: float = 0.0  # image inits: std of a per-time-slot position term (docs/video.md)
+    tubelet_motion: float = 0.0  # image inits: scale of a zero-sum tubelet kernel term (docs/video.md)
     drop_path_rate: float = 0.2
     head_init_scale: float = HEAD_INIT_SCALE
     grad_checkpointing: bool = True  # the release trains EVA-g video models with it
@@ -81,24 +73,18 @@ def check_model_section(cfg: ModelSection) -> None:
         get_size(cfg.size)
 
 
-def read_row_mapping(path: str, num_classes: int) -> list[int]:
-    """Head rows per data class from a .npy index array (never unpickled) or one index per line."""
-    from flyeva.data.video.datasets import read_index_rows
-
-    rows = read_index_rows(path, "model.class_mapping")
-    if len(rows) != num_classes:
-        raise ValueError(f"model.class_mapping {path} has {len(rows)} rows for {num_classes} data classes")
-    return rows
-
-
 def _head_for(
     init_state: dict, init_classes: list[str] | None, classes: list[str], cfg: ModelSection
 ) -> dict | None:
     head = {k: init_state.pop(k) for k in ("head.weight", "head.bias") if k in init_state}
     if not head:
         return None
-    if cfg.class_mapping:
-        rows = torch.tensor(read_row_mapping(cfg.class_mapping, len(classes)))
+    if cfg.class_mapping:  # a .npy index array (never unpickled) or one index per line
+        rows = read_index_rows(cfg.class_mapping, "model.class_mapping")
+        if len(rows) != len(classes):
+            mapping = f"model.class_mapping {cfg.class_mapping}"
+            raise ValueError(f"{mapping} has {len(rows)} rows for {len(classes)} data classes")
+        rows = torch.tensor(rows)
         if int(rows.max()) >= head["head.weight"].shape[0] or int(rows.min()) < 0:
             raise ValueError(f"model.class_mapping {cfg.class_mapping} indexes rows outside the init's head")
         return {k: v[rows] for k, v in head.items()}
@@ -118,12 +104,8 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     """The model of `cfg` for `classes`, loaded from `cfg.init` when given."""
     check_model_section(cfg)
     torch.manual_seed(seed)  # the same fresh head (and drop path) on every rank and every run
-    options: dict[str, Any] = dict(
-        tubelet_size=cfg.tubelet_size,
-        drop_path_rate=cfg.drop_path_rate,
-        head_init_scale=cfg.head_init_scale,
-        grad_checkpointing=cfg.grad_checkpointing,
-    )
+    shared = ("tubelet_size", "drop_path_rate", "head_init_scale", "grad_checkpointing")
+    options = {k: getattr(cfg, k) for k in shared}
     if not cfg.init:
         size = size_with(get_size(cfg.size), img_size=cfg.img_size)
         model = build_video_model(size, len(classes), num_frames=cfg.num_frames, **options)
@@ -132,8 +114,6 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     state, arch, kind = load_init(cfg.init, cfg.img_size, cfg.num_heads or None)
     size = EvaSize(**arch["size"])
     if kind == "image":
-        from flyeva.tasks.video.model import inflate_image_state
-
         state = inflate_image_state(state, cfg.num_frames, cfg.tubelet_size, cfg.final_norm)
         frames = cfg.num_frames
     else:
@@ -159,12 +139,7 @@ def build_model(cfg: ModelSection, classes: list[str], seed: int = 0) -> VideoEv
     new = [k for k in model.state_dict() if k not in loaded]
     logger.info("model.init=%s: %d tensors loaded, %d start fresh %s", cfg.init, len(loaded), len(new), new)
     if (frames, size.img_size) != (cfg.num_frames, cfg.img_size):
-        logger.info(
-            "resizing the position table from %d x %d to %d x %d",
-            frames,
-            size.img_size,
-            cfg.num_frames,
-            cfg.img_size,
-        )
+        message = "resizing the position table from %d x %d to %d x %d"
+        logger.info(message, frames, size.img_size, cfg.num_frames, cfg.img_size)
         model.resize(cfg.num_frames, cfg.img_size)
     return model

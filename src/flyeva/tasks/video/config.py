@@ -1,9 +1,7 @@
 """`flyeva video` configs (paper section 4.2; docs/video.md).
 
-Schema defaults are the release's K400 stage of EVA-g (`EVA-01/video` configs/kinetics400_ft.yaml):
-16 frames from the K722 model, 1 epoch at a constant lr 1e-6, layer decay 0.95, drop path 0.2, no
-Mixup, label smoothing 0.1, AdamW (0.9, 0.98) eps 1e-6 wd 0.05, batch 256 in total; test 4 clips x
-3 crops. Recipes in configs/video/ change only what differs.
+Schema defaults are the release's K400 stage of EVA-g (`EVA-01/video` configs/kinetics400_ft.yaml);
+recipes in configs/video/ change only what differs.
 """
 
 from __future__ import annotations

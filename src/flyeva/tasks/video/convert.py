@@ -1,10 +1,8 @@
 """Where a video model's weights come from: an image encoder, a video folder, or a release video checkpoint.
 
-The release's video checkpoints (`EVA-01/video`, saved as {"model": state_dict}) use the image
-model's names plus `patch_embed.proj.weight` [D, 3, t, p, p], `pos_embed` [1, 1 + T/t * N, D],
-`fc_norm.*` and `head.*`; wrappers may prefix `module.`. `release_video_state`
-maps them onto `VideoEva` (an MAE-style fused `qkv.bias` is split into q/v biases) and reads the
-architecture off the shapes. Classifier rows move between label sets by class name (K722 -> K400/600/700).
+The release's video checkpoints (`EVA-01/video`, {"model": state_dict}) use the image model's names
+plus `patch_embed.proj.weight` [D, 3, t, p, p], `pos_embed` [1, 1 + T/t * N, D], `fc_norm.*` and
+`head.*`; the architecture is read off the shapes.
 """
 
 from __future__ import annotations
@@ -16,10 +14,11 @@ from typing import Any
 
 import torch
 
-from flyeva.models.checkpoint import extract_state_dict, load_any, read_checkpoint
+from flyeva.models.checkpoint import extract_state_dict, load_any, load_weights, read_checkpoint
 from flyeva.models.convert import block_count, named_heads, split_qkv_bias, strip_wrappers
 from flyeva.models.eva import EvaSize, size_arch
-from flyeva.models.weights import WeightsError, is_weights_folder, read_config
+from flyeva.models.weights import WeightsError, is_weights_folder, load, read_config, save_weights
+from flyeva.tasks.video.model import build_from_arch
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +76,8 @@ def normalise_class_name(name: str) -> str:
 def map_classifier_rows(
     head: dict[str, torch.Tensor], source_classes: list[str], target_classes: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Rows of `head.weight`/`head.bias` picked by class name: the K722 head becomes a K400 head.
-
-    The release initialises K400/600/700 from the K722 model this way; every target class must be
-    one of the source classes.
-    """
+    """Rows of `head.weight`/`head.bias` picked by class name, as the release makes K400/600/700 heads of
+    the K722 model's."""
     if head["head.weight"].shape[0] != len(source_classes):
         raise ValueError(
             f"the checkpoint head has {head['head.weight'].shape[0]} rows but {len(source_classes)} class "
@@ -103,10 +99,6 @@ def convert_release_video(
 ) -> Path | None:
     """A release video checkpoint (Conv3d patch kernel) -> a `video` weights folder; None when `src`
     holds image weights (the caller converts those)."""
-    from flyeva.models.checkpoint import load_weights
-    from flyeva.models.weights import save_weights
-    from flyeva.tasks.video.model import build_from_arch
-
     raw = extract_state_dict(read_checkpoint(src, trust_pickle=trust_pickle))
     kernel = strip_wrappers(raw).get("patch_embed.proj.weight")
     if kernel is None or kernel.ndim != 5:
@@ -130,16 +122,11 @@ def load_init(
     if is_weights_folder(path):
         config = read_config(path)
         if config["kind"] == "video":
-            from flyeva.models.weights import load
-
-            model = load(path)
-            arch = {**config["arch"], "classes": config.get("classes")}
-            return model.state_dict(), arch, "video"
+            return load(path).state_dict(), {**config["arch"], "classes": config.get("classes")}, "video"
     else:
         raw = extract_state_dict(read_checkpoint(path))
         kernel = strip_wrappers(raw).get("patch_embed.proj.weight")
         if kernel is not None and kernel.ndim == 5:
-            state, arch = release_video_state(raw, img_size, num_heads)
-            return state, arch, "video"
+            return (*release_video_state(raw, img_size, num_heads), "video")
     encoder = load_any(path, kind="encoder")
     return encoder.state_dict(), {"size": size_arch(encoder)["size"]}, "image"

@@ -1,8 +1,7 @@
 """The video stage of `flyeva demo`: the miniature video recipe from a pretrained encoder or from random init.
 
-Every run reads the same ShapeWorld clips, written once (`write_demo_clips`), with the same recipe
-(configs/video/miniature.yaml) at the demo's budget; only the init and the from-pretrained settings
-differ (docs/demo.md, the recipe rule). Reported, not tuned to agree: top-1 and mean class accuracy.
+Every run reads the same clips with the same recipe at the demo's budget; only the init and the
+from-pretrained settings differ (docs/demo.md, the recipe rule).
 """
 
 from __future__ import annotations
@@ -11,14 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flyeva.config import load_config, recipe_path
+from flyeva.data.video.datasets import read_class_names, write_shapeworld_clips
+from flyeva.engine.stage import run_stage
+from flyeva.tasks.video import VIDEO
+from flyeva.tasks.video.config import VideoConfig
 
 QUICK_OVERRIDES = ["data.train.num_samples=128", "data.val.num_samples=64", "train.epochs=1"]
 # Half the recipe's 8 epochs, evaluated once at the end: 3 seeds x 2 arms fit the demo's 30 minutes.
 BUDGET_OVERRIDES = ["train.epochs=4", "train.eval_every_epochs=4"]
-# The release's stage that starts from the MIM encoder (K722, docs/recipes.md §8): no layer decay,
-# drop path 0.3 over 40 blocks, scaled to the miniature's 4; the temporal position term (std 0.02,
-# the random arm's position init), and the tubelet motion term at nn.Conv3d's init scale: the
-# miniature's tubelets of 2 inflate to a kernel blind to motion (docs/demo.md, video).
+# The release's K722 stage from the MIM encoder (docs/recipes.md §8): drop path 0.3 over 40 blocks,
+# scaled to the miniature's 4; the temporal position and tubelet motion terms (docs/demo.md, video).
 PRETRAINED_OVERRIDES = [
     "model.drop_path_rate=0.03",
     "model.temporal_pos_std=0.02",
@@ -28,23 +29,13 @@ PRETRAINED_OVERRIDES = [
 
 def write_demo_clips(out_dir: Path, quick: bool = False) -> dict[str, str | float]:
     """The recipe's training and held-out clips under `out_dir` (once); their paths and chance top-1 (%)."""
-    from flyeva.data.video.datasets import write_shapeworld_clips
-    from flyeva.tasks.video.config import VideoConfig
-
     recipe = load_config(VideoConfig, recipe_path("video", "miniature"), QUICK_OVERRIDES if quick else [])
     data: dict[str, str | float] = {}
     for role, split in (("train", recipe.data.train), ("val", recipe.data.val)):
-        folder = write_shapeworld_clips(
-            Path(out_dir) / role,
-            split.num_samples,
-            seed=split.seed,
-            image_size=split.image_size,
-            num_frames=16,
-        )
-        data[role] = str(folder)
+        clips = dict(seed=split.seed, image_size=split.image_size, num_frames=16)
+        data[role] = str(write_shapeworld_clips(Path(out_dir) / role, split.num_samples, **clips))
     data["classes"] = str(Path(out_dir) / "train" / "classes.txt")
-    names = [line for line in Path(str(data["classes"])).read_text().splitlines() if line.strip()]
-    data["chance_top1"] = 100.0 / len(names)
+    data["chance_top1"] = 100.0 / len(read_class_names(data["classes"]))
     return data
 
 
@@ -60,10 +51,6 @@ def run_demo_stage(
     """Train the miniature video model on `data` (`write_demo_clips`) from `init` (a miniature MIM or
     encoder folder, inflated, with the from-pretrained settings) or from random init (None); returns
     `top1` and `mean_class_top1` (percent, on the held-out clips). `extra`: overrides applied last."""
-    from flyeva.engine.stage import run_stage
-    from flyeva.tasks.video import VIDEO
-    from flyeva.tasks.video.config import VideoConfig
-
     settings = [
         f"train.output_dir={out_dir}",
         f"train.seed={seed}",

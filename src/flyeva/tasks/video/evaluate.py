@@ -1,9 +1,5 @@
-"""Multi-view evaluation of video classification.
-
-Test (paper section 4.2; release `EVA-01/video` main.py `validate`): every video gives views x crops
-clips (4 x 3 for the recipes); the softmax of each is averaged and the average is ranked. Reported:
-top-1, top-5, mean class accuracy (the mean over classes of per-class top-1), and the NLL of the
-averaged probabilities.
+"""Multi-view evaluation of video classification (paper section 4.2; release `EVA-01/video` main.py
+`validate`): the softmax of every view x crop clip of a video is averaged and the average is ranked.
 """
 
 from __future__ import annotations
@@ -15,10 +11,7 @@ from torch import nn
 
 from flyeva.engine import distributed as D
 from flyeva.engine.loop import StepContext
-from flyeva.eval.classification import (
-    CONFUSION_MAX_CLASSES,
-    Evaluator,
-)
+from flyeva.eval.classification import CONFUSION_MAX_CLASSES, Evaluator
 
 
 def average_views(logits: torch.Tensor) -> torch.Tensor:
@@ -56,14 +49,10 @@ class VideoEvaluator(Evaluator):
             probs = average_views(logits)
             top = probs.topk(min(5, classes), dim=-1).indices
             hits = top == labels[:, None]
-            counts += torch.stack(
-                [
-                    hits[:, 0].sum().double(),
-                    hits.any(-1).sum().double(),
-                    -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double(),
-                    torch.tensor(float(len(labels)), dtype=torch.float64, device=device),
-                ]
-            )
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(-1).sum()
+            counts[2] -= probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
+            counts[3] += len(labels)
             per_class[0].index_add_(0, labels, hits[:, 0].double())
             per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
             confusion.index_put_(
@@ -78,13 +67,7 @@ class VideoEvaluator(Evaluator):
         mean_class = float((per_class[0][seen] / per_class[1][seen]).mean()) * 100
         if classes <= CONFUSION_MAX_CLASSES:
             self.confusion = D.all_reduce_sum(confusion).cpu()
-        self.last = {
-            "videos": int(videos),
-            "skipped_videos": int(D.all_reduce_sum(torch.tensor([float(skipped)], device=device)).item()),
-        }
-        return {
-            "top1": 100 * top1 / videos,
-            "top5": 100 * top5 / videos,
-            "mean_class_top1": mean_class,
-            "loss": nll / videos,
-        }
+        skipped = int(D.all_reduce_sum(torch.tensor([float(skipped)], device=device)).item())
+        self.last = {"videos": int(videos), "skipped_videos": skipped}
+        accuracy = {"top1": 100 * top1 / videos, "top5": 100 * top5 / videos}
+        return {**accuracy, "mean_class_top1": mean_class, "loss": nll / videos}

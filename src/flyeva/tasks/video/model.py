@@ -1,23 +1,15 @@
 """The video model: the image EVA inflated to clips (paper section 4.2; release `EVA-01/video`).
 
-- Patch embedding: the Conv2d kernel becomes a Conv3d kernel by unsqueezing time; with a tubelet of
-  t > 1 frames it is repeated t times and divided by t, so a static clip embeds as the image does.
-- Position embedding: [CLS, the spatial table tiled over the T / t tubelet slots], no temporal table.
-  Changing T (8 -> 16) resizes the table trilinearly over (T, H, W) with CLS kept. A tiled table
-  leaves the model blind to frame order at initialisation; `add_temporal_pos` (flyeva's option,
-  `model.temporal_pos_std`) adds one random vector per time slot (docs/video.md). An inflated
-  tubelet kernel is blind to motion inside a tubelet; `add_tubelet_motion` (`model.tubelet_motion`)
-  adds a zero-sum random term over its frames.
-- Joint space-time attention over 1 + (T / t) x N tokens, frame-major (t, h, w), through timm's
-  blocks (SDPA); mean of the patch tokens (CLS excluded) -> fc_norm -> head.
-
-Clips enter as [B, T, C, H, W], the release's layout (a batch of frames per clip).
+Tubelet embedding (a Conv3d of kernel (t, p, p)); position table [CLS, the spatial table tiled over
+the T / t slots], resized trilinearly when T changes; joint space-time attention over frame-major
+tokens through timm's blocks; mean of the patch tokens -> fc_norm -> head. An inflated model is blind
+to frame order and to motion inside a tubelet: `add_temporal_pos` / `add_tubelet_motion` are
+flyeva's options against that (docs/video.md). Clips enter as [B, T, C, H, W], the release's layout.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -26,7 +18,7 @@ from timm.models.eva import Eva
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flyeva.models.eva import EvaSize, eva_kwargs, init_finetune_weights
+from flyeva.models.eva import EvaSize, eva_kwargs, init_finetune_weights, size_arch
 
 HEAD_INIT_SCALE = 0.001  # release `EVA-01/video` models/beit.py: head weights x init_scale 0.001
 FINAL_NORMS = ("fc_norm", "drop")
@@ -43,12 +35,8 @@ class TubeletEmbed(nn.Module):
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_frames, self.tubelet_size = num_frames, tubelet_size
-        self.proj = nn.Conv3d(
-            3,
-            embed_dim,
-            kernel_size=(tubelet_size, patch_size, patch_size),
-            stride=(tubelet_size, patch_size, patch_size),
-        )
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(3, embed_dim, kernel_size=kernel, stride=kernel)
 
     @property
     def time_slots(self) -> int:
@@ -75,20 +63,14 @@ class TubeletEmbed(nn.Module):
 
 
 class VideoEva(Eva):
-    """timm's `Eva` with a tubelet embedding and a [CLS, tiled spatial] position table.
-
-    Parameter names are the image model's and the release's video model's (`patch_embed.proj`,
-    `pos_embed`, `blocks.*`, `fc_norm`, `head`), so layer decay and checkpoints work unchanged.
-    """
+    """timm's `Eva` with a tubelet embedding and a [CLS, tiled spatial] position table, under the image
+    model's and the release's parameter names (layer decay and checkpoints work unchanged)."""
 
     def __init__(self, num_frames: int = 16, tubelet_size: int = 1, **timm_kwargs: Any):
         super().__init__(**timm_kwargs)
+        image = self.patch_embed
         self.patch_embed = TubeletEmbed(
-            self.patch_embed.img_size[0],
-            self.patch_embed.patch_size[0],
-            num_frames,
-            tubelet_size,
-            self.embed_dim,
+            image.img_size[0], image.patch_size[0], num_frames, tubelet_size, self.embed_dim
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, self.embed_dim))
 
@@ -135,10 +117,8 @@ class VideoEva(Eva):
 def resize_pos_embed(
     pos_embed: torch.Tensor, old_shape: tuple[int, int, int], new_shape: tuple[int, int, int]
 ) -> torch.Tensor:
-    """[1, 1 + T*H*W, D] -> [1, 1 + T'*H'*W', D]: trilinear (align_corners=False), CLS row unchanged.
-
-    The release resizes its 8-frame table to 16 frames this way when loading (`EVA-01/video`).
-    """
+    """[1, 1 + T*H*W, D] -> [1, 1 + T'*H'*W', D]: trilinear (align_corners=False), CLS row unchanged, as
+    the release resizes its 8-frame table to 16 frames (`EVA-01/video`)."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     if patches.shape[1] != math.prod(old_shape):
         raise ValueError(f"position table of {patches.shape[1]} patches does not match the grid {old_shape}")
@@ -151,9 +131,8 @@ def resize_pos_embed(
 
 @torch.no_grad()
 def add_temporal_pos(model: VideoEva, std: float) -> None:
-    """Add one vector per time slot, drawn N(0, std) as a from-scratch position table is, to every patch
-    row of that slot (CLS untouched): an inflated model with a tiled table sees a clip and its frames in
-    another order alike (joint attention and mean pooling ignore token order)."""
+    """Add one N(0, std) vector per time slot to that slot's patch rows (CLS untouched): with a tiled table
+    alone, joint attention and mean pooling see a clip and its frames in another order alike."""
     embed = model.patch_embed
     slots = nn.init.trunc_normal_(torch.empty(embed.time_slots, 1, model.embed_dim), std=std)
     per_token = slots.expand(-1, embed.grid_size[0] * embed.grid_size[1], -1).reshape(1, -1, model.embed_dim)
@@ -162,9 +141,8 @@ def add_temporal_pos(model: VideoEva, std: float) -> None:
 
 @torch.no_grad()
 def add_tubelet_motion(model: VideoEva, scale: float) -> None:
-    """Add to an inflated tubelet kernel (equal over its t frames, so blind to motion inside a tubelet)
-    a term drawn as PyTorch's Conv3d init draws a from-scratch kernel, times `scale`, minus its mean
-    over the t frames: a static clip still embeds exactly as the image, a moving one does not."""
+    """Add to an inflated tubelet kernel (blind to motion inside a tubelet) `scale` x a Conv3d-init draw
+    minus its mean over the t frames: a static clip embeds exactly as the image, a moving one differs."""
     kernel = model.patch_embed.proj.weight
     if kernel.shape[2] == 1:
         return
@@ -205,31 +183,14 @@ def build_video_model(
 def video_arch(model: VideoEva) -> dict[str, Any]:
     """The json `arch` of a video weights folder (models/weights.py)."""
     embed = model.patch_embed
-    size = EvaSize(
-        img_size=embed.img_size[0],
-        patch_size=embed.patch_size[0],
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=model.blocks[0].attn.num_heads,
-        mlp_dim=model.blocks[0].mlp.fc1.out_features,
-    )
-    return {
-        "size": asdict(size),
-        "num_classes": model.num_classes,
-        "num_frames": embed.num_frames,
-        "tubelet_size": embed.tubelet_size,
-    }
+    frames = {"num_frames": embed.num_frames, "tubelet_size": embed.tubelet_size}
+    return {**size_arch(model), "num_classes": model.num_classes, **frames}
 
 
 def build_from_arch(arch: dict[str, Any]) -> VideoEva:
     """The `video` weights kind's builder: the architecture only, no initialisation."""
-    return build_video_model(
-        EvaSize(**arch["size"]),
-        arch["num_classes"],
-        num_frames=arch["num_frames"],
-        tubelet_size=arch.get("tubelet_size", 1),
-        release_init=False,
-    )
+    frames = {"num_frames": arch["num_frames"], "tubelet_size": arch.get("tubelet_size", 1)}
+    return build_video_model(EvaSize(**arch["size"]), arch["num_classes"], **frames, release_init=False)
 
 
 def inflate_image_state(
@@ -238,13 +199,10 @@ def inflate_image_state(
     tubelet_size: int = 1,
     final_norm: str = "fc_norm",
 ) -> dict[str, torch.Tensor]:
-    """An image encoder's weights (`norm.*` = final norm) as `VideoEva` weights, without the head.
-
-    What the release's 2D -> 3D loading intends (it fails as written): the kernel unsqueezed over
-    time (repeated and divided by t for tubelets), the spatial table tiled over T / t slots, CLS once.
-    `final_norm`: fc_norm = the checkpoint's final norm becomes fc_norm (timm's choice, as
-    `flyeva classify`); drop = fc_norm starts fresh.
-    """
+    """An image encoder's weights as `VideoEva` weights without the head: what the release's 2D -> 3D
+    loading intends (it fails as written). The kernel is repeated over t and divided by t (a static clip
+    embeds as the image), the spatial table tiled over T / t slots; `final_norm`: fc_norm = the encoder's
+    final norm becomes fc_norm (timm's choice, as `flyeva classify`), drop = a fresh fc_norm."""
     if final_norm not in FINAL_NORMS:
         raise ValueError(f"model.final_norm must be one of {', '.join(FINAL_NORMS)}, got {final_norm!r}")
     if num_frames % tubelet_size:
@@ -253,10 +211,8 @@ def inflate_image_state(
     kernel = state["patch_embed.proj.weight"]
     if kernel.ndim == 4:
         state["patch_embed.proj.weight"] = kernel.unsqueeze(2).repeat(1, 1, tubelet_size, 1, 1) / tubelet_size
-    table = state["pos_embed"]
-    state["pos_embed"] = torch.cat(
-        [table[:, :1], table[:, 1:].repeat(1, num_frames // tubelet_size, 1)], dim=1
-    )
+    table, slots = state["pos_embed"], num_frames // tubelet_size
+    state["pos_embed"] = torch.cat([table[:, :1], table[:, 1:].repeat(1, slots, 1)], dim=1)
     if final_norm == "fc_norm":
         state.update({f"fc_{k}": v for k, v in encoder_state.items() if k.startswith("norm.")})
     return state

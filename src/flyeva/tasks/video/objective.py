@@ -9,12 +9,9 @@ from flyeva.eval.classification import ClassificationObjective
 
 
 class VideoObjective(ClassificationObjective):
-    """`ClassificationObjective` on clips [B, T, C, H, W].
-
-    timm's Mixup/CutMix work on [B, C, H, W]; frames are folded into channels for the mix, so a clip
-    is blended with one weight and CutMix cuts the same box out of every frame (the release's
-    `CutmixMixupBlending` on videos).
-    """
+    """`ClassificationObjective` on clips [B, T, C, H, W]: frames are folded into channels for timm's
+    Mixup/CutMix, so a clip is blended with one weight and CutMix cuts the same box out of every frame
+    (the release's `CutmixMixupBlending` on videos)."""
 
     input_key = "clips"
 

@@ -17,11 +17,7 @@ from flyeva.engine.run import RunLock
 from flyeva.engine.stage import Built, write_evaluation
 from flyeva.models.weights import save_weights
 from flyeva.tasks.video.build import build_model
-from flyeva.tasks.video.config import (
-    SplitSection,
-    VideoConfig,
-    check_config,
-)
+from flyeva.tasks.video.config import SplitSection, VideoConfig, check_config
 from flyeva.tasks.video.evaluate import VideoEvaluator
 from flyeva.tasks.video.model import VideoEva, video_arch
 from flyeva.tasks.video.objective import VideoObjective
@@ -98,10 +94,10 @@ def build_video(cfg: VideoConfig) -> Built:
 
 
 def run_eval(cfg: VideoConfig) -> dict[str, Any]:
-    """Multi-view evaluation of `model.init` (default OUTPUT/final); writes OUTPUT/eval.json."""
+    """Multi-view evaluation of `model.init` (`eval_verb` defaults it to OUTPUT/final) -> OUTPUT/eval.json."""
     check_config(cfg)
     device = D.init_distributed(cfg.train.device)
-    init = cfg.model.init or str(Path(cfg.train.output_dir) / "final")
+    init = cfg.model.init
     if not Path(init).exists():
         raise FileNotFoundError(
             f"no model to evaluate at {init}; set model.init or run `flyeva video train` first"
@@ -111,7 +107,6 @@ def run_eval(cfg: VideoConfig) -> dict[str, Any]:
         videos = resolve_split(cfg.data.val, "val", cfg)
         if videos is None:
             raise ValueError("data.val.type=none: give a validation list to evaluate on")
-        cfg.model.init = init
         model = build_model(cfg.model, videos.classes, cfg.train.seed).to(device).eval()
         evaluator = make_evaluator(cfg, videos, model)
         metrics = evaluator(model, StepContext(0, 0, 0, D.rank(), cfg.train.seed, device))
