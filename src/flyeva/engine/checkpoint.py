@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,48 +93,6 @@ def assert_finite(model: nn.Module) -> None:
             raise FloatingPointError(f"parameter {name} is not finite; refusing to write a checkpoint")
 
 
-def save_checkpoint(
-    folder: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write checkpoint-<step>: one `.pt` file (DDP/ZeRO-1), or a DCP folder (FSDP2). Collective."""
-    assert_finite(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    extra = {**extra, "rng": D.all_gather_objects(rng_state()), "world_size": D.world_size()}
-    name = f"checkpoint-{step:09d}"
-    if _is_sharded(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer)
-        target, tmp = folder / name, folder / (name + ".tmp")
-        if D.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        D.barrier()
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-        if D.is_main():
-            torch.save(extra, tmp / "meta.pt")
-            os.replace(tmp, target)
-        path = target
-    else:
-        if hasattr(optimizer, "consolidate_state_dict"):
-            optimizer.consolidate_state_dict(to=0)  # ZeRO-1: gather the sharded optimizer state
-        path = folder / f"{name}.pt"
-        if D.is_main():
-            state = {"model": D.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **extra}
-            _atomic_torch_save(state, path)
-    D.barrier()
-    if D.is_main():
-        for old in list_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    D.barrier()
-    return path
-
-
 class CheckpointReadError(ValueError):
     """A checkpoint cannot be read (truncated, corrupt, or pickled objects); the message names it."""
 
@@ -155,72 +114,91 @@ def read_training_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointReadError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]})") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore model (and optimizer) in place; returns the rest (step, scaler, data position, rng)."""
-    if path.is_dir():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    state = read_training_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
-        raise CheckpointReadError(f"{path} is not a flyeva training checkpoint (no model/optimizer)")
-    try:
-        D.unwrap(model).load_state_dict(state.pop("model"))
-    except RuntimeError as error:
-        raise CheckpointMismatchError(
-            f"{path} does not fit this model ({str(error).splitlines()[0]}); it was written by a run with "
-            "another model: resume with that run's config or start a new train.output_dir"
-        ) from None
-    optim_state = state.pop("optimizer")
-    if optimizer is not None:
-        optimizer.load_state_dict(optim_state)
-    return state
-
-
-def restore_rng(extra: dict[str, Any]) -> None:
-    """This rank's RNG states from a checkpoint (only when the world size is unchanged)."""
-    states = extra.get("rng", [])
-    if len(states) == D.world_size():
-        set_rng_state(states[D.rank()])
-
-
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
+@dataclass
 class Checkpointer:
     """Writes and reads a run's training state: the model and optimizer, then each named stateful part
     under its name (as torchtitan's CheckpointManager keeps its `states`)."""
 
-    def __init__(
-        self,
-        folder: Path,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        parts: dict[str, Stateful],
-        keep_last: int,
-    ) -> None:
-        self.folder, self.model, self.optimizer = folder, model, optimizer
-        self.parts, self.keep_last = parts, keep_last
+    folder: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    parts: dict[str, Stateful]
+    keep_last: int
 
     def list(self) -> list[Path]:
         return list_checkpoints(self.folder)
 
     def save(self, step: int) -> Path:
-        """checkpoint-<step> with every part; collective."""
-        parts = {name: part.state_dict() for name, part in self.parts.items()}
-        return save_checkpoint(self.folder, step, self.model, self.optimizer, parts, self.keep_last)
+        """checkpoint-<step> with every part: one `.pt` (DDP/ZeRO-1) or a DCP folder (FSDP2); collective."""
+        folder, model, optimizer = self.folder, self.model, self.optimizer
+        extra = {name: part.state_dict() for name, part in self.parts.items()}
+        assert_finite(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        extra |= {"rng": D.all_gather_objects(rng_state()), "world_size": D.world_size()}
+        name = f"checkpoint-{step:09d}"
+        if _is_sharded(model):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            path, tmp = folder / name, folder / (name + ".tmp")
+            if D.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            D.barrier()
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+            if D.is_main():
+                torch.save(extra, tmp / "meta.pt")
+                os.replace(tmp, path)
+        else:
+            if hasattr(optimizer, "consolidate_state_dict"):
+                optimizer.consolidate_state_dict(to=0)  # ZeRO-1: gather the sharded optimizer state
+            path = folder / f"{name}.pt"
+            if D.is_main():
+                state = {"model": D.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **extra}
+                _atomic_torch_save(state, path)
+        D.barrier()
+        if D.is_main():
+            for old in self.list()[: -self.keep_last]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        D.barrier()
+        return path
+
+    def _restore(self, path: Path) -> dict[str, Any]:
+        """Restore model and optimizer in place; returns the rest (step, scaler, data position, rng)."""
+        model, optimizer = self.model, self.optimizer
+        if path.is_dir():
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            )
+            return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        state = read_training_checkpoint(path)
+        if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+            raise CheckpointReadError(f"{path} is not a flyeva training checkpoint (no model/optimizer)")
+        try:
+            D.unwrap(model).load_state_dict(state.pop("model"))
+        except RuntimeError as error:
+            raise CheckpointMismatchError(
+                f"{path} does not fit this model ({str(error).splitlines()[0]}); it was written by a run "
+                "with another model: resume with that run's config or start a new train.output_dir"
+            ) from None
+        optimizer.load_state_dict(state.pop("optimizer"))
+        return state
 
     def load(self, path: Path, only: tuple[str, ...] | None = None) -> None:
         """Restore the model, the optimizer and the parts named in `only` (all, and the RNG, if None)."""
-        saved = load_checkpoint(path, self.model, self.optimizer)
+        saved = self._restore(path)
         missing = [name for name in only or self.parts if name not in saved]
         if missing:
             raise CheckpointMismatchError(
@@ -229,8 +207,9 @@ class Checkpointer:
             )
         for name in only or self.parts:
             self.parts[name].load_state_dict(saved[name])
-        if only is None:
-            restore_rng(saved)
+        rng = saved.get("rng", [])
+        if only is None and len(rng) == D.world_size():  # the RNG only when the world size is unchanged
+            set_rng_state(rng[D.rank()])
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

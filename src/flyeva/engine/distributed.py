@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -61,11 +62,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """FSDP's shard units: every block of every ModuleList named `*blocks`, wherever it sits.
-
-    The encoder's `blocks`, a detector's `backbone.net.blocks`, a segmenter's encoder blocks and a
-    CLIP text tower's `transformer.resblocks` alike; the root is wrapped last, around the rest.
-    """
+    """FSDP's shard units: every block of every ModuleList named `*blocks` (an encoder's `blocks`, a
+    detector's `backbone.net.blocks`, a CLIP text tower's `resblocks`); the root is wrapped last."""
     return [
         block
         for name, module in model.named_modules()
@@ -76,8 +74,6 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     """DDP for `ddp`/`zero1` (ZeRO-1 shards only the optimizer), FSDP2 `fully_shard` for `fsdp`."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     model.to(device)
     if not dist.is_initialized():
         return model
@@ -101,6 +97,4 @@ def grad_sync_context(model: nn.Module, sync: bool) -> Any:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)  # FSDP2
-    from contextlib import nullcontext
-
     return nullcontext()

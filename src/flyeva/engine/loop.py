@@ -1,11 +1,8 @@
-"""The one training loop every stage uses. It knows models, objectives and batch streams, not EVA.
+"""The one training loop every stage uses (the protocols of `flyeva.engine.stage`); it knows nothing of EVA.
 
 Read it top to bottom: `train` = `setup_run` -> `resume_run` -> `train_one_epoch` (micro-steps,
 then `optimizer_step`) and `run_evaluation` per epoch -> `finish_run`, in the spirit of MAE's
 `train_one_epoch` and dinov2's `do_train`.
-
-The objective, stream and evaluator are the typed protocols of `flyeva.engine.stage`; a stage
-normally reaches this loop through `run_stage`, which also saves the final weights and the result.
 """
 
 from __future__ import annotations
@@ -51,16 +48,6 @@ from flyeva.engine.stage import Evaluator, Objective, as_evaluator, as_objective
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-__all__ = [
-    "PRECISIONS",
-    "StepContext",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingDiverged",
-    "keep_freed_memory",
-    "train",
-]
 
 
 @dataclass
@@ -189,10 +176,6 @@ class RunState:
     interval_losses: list[float] = field(default_factory=list)  # since the last metrics record
     checkpointer: Checkpointer | None = None
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.folder / "checkpoints"
-
     def state_dict(self) -> dict[str, Any]:
         """The run's position, its stateful part of a checkpoint: the step and each data worker's place."""
         return {
@@ -218,38 +201,37 @@ class RunState:
 # Setup: model placement, optimizer, scaler, EMA, schedule lengths, folder ownership.
 
 
-def _build_optimizer(groups: list[dict], cfg: OptimConfig, strategy: str) -> torch.optim.Optimizer:
-    if strategy == "zero1" and D.world_size() > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+def _zero1_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with its state sharded over the ranks (ZeRO stage 1)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        first, *rest = without_names(groups)
-        zero = ZeroRedundancyOptimizer(
-            first["params"],
-            optimizer_class=torch.optim.AdamW,
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-            weight_decay=first["weight_decay"],
-            **adamw_flags(cfg.implementation),
-        )
-        zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
-        for group in rest:
-            zero.add_param_group(group)
-        return zero
-    return build_adamw(groups, cfg)
+    first, *rest = without_names(groups)
+    zero = ZeroRedundancyOptimizer(
+        first["params"],
+        optimizer_class=torch.optim.AdamW,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=first["weight_decay"],
+        **adamw_flags(cfg.implementation),
+    )
+    zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
+    for group in rest:
+        zero.add_param_group(group)
+    return zero
 
 
-def _make_scaler(precision: str, device: torch.device, cfg: TrainConfig, sharded: bool) -> Any:
-    kwargs = dict(
+def _make_scaler(cfg: TrainConfig, device: torch.device, sharded: bool) -> Any:
+    fp16 = cfg.precision == "fp16"
+    scaler = ShardedHysteresisGradScaler if sharded and fp16 else HysteresisGradScaler
+    return scaler(
+        device.type,
         init_scale=cfg.fp16_init_scale,
         growth_interval=cfg.fp16_growth_interval,
         hysteresis=cfg.fp16_hysteresis,
         min_scale=cfg.fp16_min_scale,
-        enabled=precision == "fp16",
+        enabled=fp16,
     )
-    if sharded and precision == "fp16":
-        return ShardedHysteresisGradScaler(device.type, **kwargs)
-    return HysteresisGradScaler(device.type, **kwargs)
 
 
 def _schedule_lengths(stream: Any, cfg: TrainConfig, optim_cfg: OptimConfig) -> tuple[int, int, int]:
@@ -270,23 +252,20 @@ def _schedule_lengths(stream: Any, cfg: TrainConfig, optim_cfg: OptimConfig) -> 
     return micro_per_epoch, total, warmup_length(optim_cfg, steps_per_epoch)
 
 
-def _derived(cfg: TrainConfig, optim_cfg: OptimConfig, micro_per_epoch: int, total: int) -> dict[str, int]:
-    """What the run computes beyond its config: a data set that changed size changes the run."""
-    derived = {"micro_per_epoch": micro_per_epoch, "world_size": D.world_size()}
-    # A step-counted run may be extended by raising max_steps unless its lr curve spans the whole run.
-    if not cfg.epochs and optim_cfg.schedule in ("cosine", "poly"):
-        derived["schedule_steps"] = total
-    return derived
-
-
-def _claim(folder: Path, cfg: TrainConfig, run_config: dict[str, Any], derived: dict[str, int]) -> str:
+def _claim(
+    folder: Path, cfg: TrainConfig, optim_cfg: OptimConfig, run_config: dict[str, Any], micro: int, total: int
+) -> str:
     """This run's id; rank 0 takes the folder, the other ranks learn the id from it."""
     manifest = None
     if D.is_main():
-        config = {**run_config, "derived": derived}
+        # What the run computes beyond its config: a data set that changed size changes the run.
+        derived = {"micro_per_epoch": micro, "world_size": D.world_size()}
+        # A step-counted run may be extended by raising max_steps unless its lr curve spans the whole run.
+        if not cfg.epochs and optim_cfg.schedule in ("cosine", "poly"):
+            derived["schedule_steps"] = total
         manifest = claim_folder(
             folder,
-            config,
+            {**run_config, "derived": derived},
             resume=cfg.resume,
             overwrite=cfg.overwrite,
             has_checkpoints=bool(list_checkpoints(folder / "checkpoints")),
@@ -306,13 +285,12 @@ def setup_run(
     run_config: dict[str, Any],
 ) -> RunState:
     """Place the model, build optimizer/scaler/EMA, and take the output folder for this run."""
-    cfg.check()
     check_schedule(optim_cfg)
     device = D.init_distributed(cfg.device)
     torch.manual_seed(cfg.seed + D.rank())  # drop path differs per rank, reproducibly
     folder = Path(cfg.output_dir)
     micro_per_epoch, total_steps, warmup_steps = _schedule_lengths(stream, cfg, optim_cfg)
-    run_id = _claim(folder, cfg, run_config, _derived(cfg, optim_cfg, micro_per_epoch, total_steps))
+    run_id = _claim(folder, cfg, optim_cfg, run_config, micro_per_epoch, total_steps)
 
     if device.type == "cpu" and cfg.cpu_malloc_tuning and keep_freed_memory():
         logger.info("train.cpu_malloc_tuning: glibc keeps freed memory for reuse (docs/performance.md)")
@@ -324,12 +302,10 @@ def setup_run(
     base = D.unwrap(wrapped)
     groups = groups_fn(base) if groups_fn else layer_decay_groups(base, optim_cfg)
     world = D.world_size()
-    if optimizer_fn is None:
-        optimizer = _build_optimizer(groups, optim_cfg, cfg.strategy)
-    elif cfg.strategy == "zero1" and world > 1:
+    zero1 = cfg.strategy == "zero1" and world > 1
+    if zero1 and optimizer_fn is not None:
         raise ConfigError("a custom optimizer cannot be sharded by ZeRO-1 here; use train.strategy=ddp")
-    else:
-        optimizer = optimizer_fn(groups, optim_cfg)
+    optimizer = _zero1_adamw(groups, optim_cfg) if zero1 else (optimizer_fn or build_adamw)(groups, optim_cfg)
     ema = None
     if cfg.ema_decay > 0:
         if cfg.strategy == "fsdp" and world > 1:
@@ -337,27 +313,26 @@ def setup_run(
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(base, decay=cfg.ema_decay)
-    total = total_steps
     state = RunState(
         cfg=cfg,
         optim_cfg=optim_cfg,
         model=wrapped,
         base=base,
         optimizer=optimizer,
-        scaler=_make_scaler(cfg.precision, device, cfg, cfg.strategy == "fsdp" and world > 1),
+        scaler=_make_scaler(cfg, device, cfg.strategy == "fsdp" and world > 1),
         ema=ema,
         device=device,
         folder=folder,
         run_id=run_id,
         micro_per_epoch=micro_per_epoch,
-        total_steps=total,
+        total_steps=total_steps,
         warmup_steps=warmup_steps,
-        stop_at=min(total, cfg.max_steps) if cfg.max_steps else total,
+        stop_at=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
         guard=NonFiniteGuard(cfg.max_consecutive_nonfinite, cfg.max_rollbacks),
         skip=[0] * max(1, cfg.num_workers),
     )
     parts = {"run": state, "scaler": state.scaler} | ({"ema": ema.module} if ema is not None else {})
-    state.checkpointer = Checkpointer(state.checkpoints, wrapped, optimizer, parts, cfg.keep_last)
+    state.checkpointer = Checkpointer(folder / "checkpoints", wrapped, optimizer, parts, cfg.keep_last)
     return state
 
 
@@ -374,14 +349,9 @@ def resume_run(state: RunState) -> None:
     cfg = state.cfg
     if cfg.resume == "never":
         return
-    if cfg.resume == "auto":
-        candidates = state.checkpointer.list()[::-1]
-    else:
-        candidates = [Path(cfg.resume)]
-        if not candidates[0].exists():
-            raise ConfigError(
-                f"train.resume={cfg.resume} does not exist; use resume=auto or a checkpoint path"
-            )
+    if cfg.resume != "auto" and not Path(cfg.resume).exists():
+        raise ConfigError(f"train.resume={cfg.resume} does not exist; use resume=auto or a checkpoint path")
+    candidates = state.checkpointer.list()[::-1] if cfg.resume == "auto" else [Path(cfg.resume)]
     unreadable = []
     for path in candidates:
         try:
@@ -397,8 +367,8 @@ def resume_run(state: RunState) -> None:
     else:
         if unreadable:
             raise ConfigError(
-                f"no checkpoint in {state.checkpoints} is readable ({', '.join(unreadable)}); move them away "
-                "to start over, or train.resume=never train.overwrite=true to replace the run"
+                f"no checkpoint in {state.checkpointer.folder} is readable ({', '.join(unreadable)}); move "
+                "them away to start over, or train.resume=never train.overwrite=true to replace the run"
             )
         return  # no checkpoint yet: a fresh start
     logger.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
@@ -411,7 +381,7 @@ def roll_back(state: RunState) -> None:
     the weights that produced the first non-finite step: it is set aside as `*.nonfinite`, never restored.
     """
     guard = state.guard
-    guard.start_rollback(str(state.checkpoints))
+    guard.start_rollback(str(state.checkpointer.folder))
     for suspect in state.checkpointer.list():
         if _step_of(suspect) >= guard.streak_start:  # its weights produced the first non-finite step
             suspect.rename(suspect.with_name(suspect.name + ".nonfinite"))
@@ -443,8 +413,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _sample_key(objective: Objective, batch: dict[str, Any]) -> str:
-    """The batch entry with one row per sample: the objective's `input_key` (videos: "clips"), else
-    the first tensor."""
+    """The batch entry with one row per sample: the objective's `input_key`, else the first tensor."""
     key = objective.input_key
     return key if key in batch else next(k for k, v in batch.items() if torch.is_tensor(v))
 
@@ -543,7 +512,7 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
     images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
     # loss sum, non-finite micro-batches, stop, samples
     accumulated = torch.zeros(4, dtype=torch.float64, device=state.device)
-    handles_backward = objective.handles_backward
+    autocast = PRECISIONS[cfg.precision]
 
     def backward(loss: torch.Tensor) -> None:
         state.scaler.scale(loss / cfg.accum_steps).backward()
@@ -557,10 +526,9 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
         ctx = StepContext(state.epoch, state.step, micro, D.rank(), cfg.seed, state.device, backward)
         last_micro = micro == cfg.accum_steps - 1
         with D.grad_sync_context(state.model, last_micro):
-            autocast = PRECISIONS[cfg.precision]
             with torch.autocast(state.device.type, dtype=autocast, enabled=autocast is not None):
                 loss, metrics = objective(state.model, batch, ctx)
-            if not handles_backward:
+            if not objective.handles_backward:
                 backward(loss)
         # Kept on the device: no host sync per micro-step, one all-reduce per optimizer step.
         detached = loss.detach().double()

@@ -6,11 +6,9 @@ from __future__ import annotations
 def keep_freed_memory() -> bool:
     """Let glibc keep freed tensors for reuse instead of returning them to the kernel (CPU training).
 
-    A training step frees and reallocates the same activation sizes every step. By default glibc
-    maps every block over its mmap threshold (at most 32 MiB) afresh and trims the heap top on
-    free, so each step page-faults its activations in again (docs/performance.md: 69% -> 78% of
-    the matmul ceiling for an eva_base step). Here every block comes from the heap and the heap is
-    never trimmed, so the process keeps its peak memory. Returns False where libc is not glibc.
+    By default glibc maps every block over its mmap threshold afresh and trims the heap top on free,
+    so each step page-faults its activations in again (docs/performance.md). Here every block comes
+    from the heap, which is never trimmed: the process keeps its peak memory. False where not glibc.
     """
     import ctypes
     import ctypes.util

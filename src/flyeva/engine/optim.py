@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,18 +85,12 @@ def param_groups(
     layer_decay: float = 1.0,
     num_layers: int | None = None,
     layer_id_fn: Callable[[str, int], int] = layer_id_for_vit,
-    no_weight_decay: Iterable[str] = (),
     lr_scale: float = 1.0,
     prefix: str = "",
 ) -> list[dict]:
-    """Groups keyed by (layer, decay): no decay on 1-D params, biases and `no_weight_decay` names.
-
-    Each group carries `lr_scale` = lr_scale * layer_decay ** (num_layers + 1 - layer), which
-    `apply_lr` multiplies in at every step (docs/recipes.md §4, layer decay).
-    """
-    skip = set(no_weight_decay)
-    if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
+    """Groups keyed by (layer, decay): no decay on 1-D params, biases and the model's `no_weight_decay()`;
+    each group's `lr_scale` = lr_scale * layer_decay ** (num_layers + 1 - layer) (docs/recipes.md §4)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     if num_layers is None:
         num_layers = len(getattr(model, "blocks", []))
     groups: dict[tuple[int, bool], dict] = {}
@@ -174,9 +168,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> f
     """
     if step < warmup_steps:
         return _warmup_lr(step, warmup_steps, total_steps, cfg)
-    if cfg.warmup == "factor":  # detectron2 and mmseg: the schedule runs over all steps
-        return _main_lr(step, 0, total_steps, cfg)
-    return _main_lr(step, warmup_steps, total_steps, cfg)
+    # detectron2 and mmseg (factor warmup): the schedule runs over all steps
+    return _main_lr(step, 0 if cfg.warmup == "factor" else warmup_steps, total_steps, cfg)
 
 
 def warmup_length(cfg: OptimConfig, steps_per_epoch: int) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flyeva.config import ConfigError
+from flyeva.engine.stage import write_result
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,12 @@ class RunLock:
 _HELD: dict[Path, RunLock] = {}  # folders this process holds, by resolved path
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """Nested sections as dotted keys; `keep_empty` keeps an empty section as a value of its own."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and (value or not keep_empty):
+            flat.update(flatten(value, f"{prefix}{key}.", keep_empty))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -134,12 +136,6 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path} is corrupt ({error}); delete it or use another train.output_dir") from None
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / MANIFEST)
-
-
 def claim_folder(
     folder: Path, config: dict[str, Any], *, resume: str, overwrite: bool, has_checkpoints: bool
 ) -> dict[str, Any]:
@@ -159,7 +155,7 @@ def claim_folder(
         elif has_checkpoints:
             logger.warning("%s has checkpoints but no %s: continuing them", folder, MANIFEST)
         manifest = {"run_id": uuid.uuid4().hex[:12], "config": config}
-        write_manifest(folder, manifest)
+        write_result(folder, manifest, MANIFEST)
         return manifest
     defining, allowed = config_differences(manifest.get("config", {}), config)
     if defining and has_checkpoints:
@@ -171,5 +167,5 @@ def claim_folder(
     for line in allowed:
         logger.info("changed on resume: %s", line)
     manifest["config"] = config
-    write_manifest(folder, manifest)
+    write_result(folder, manifest, MANIFEST)
     return manifest

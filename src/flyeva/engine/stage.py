@@ -1,13 +1,10 @@
 """The stage contract: what a task hands the engine, and the one `run_stage` every training stage runs.
 
-A task describes each of its stages with a `Stage`: its config dataclass (with `train` and `optim`
-sections), a `check` that rejects bad values before any work, and `build(cfg) -> Built` (model,
-objective, stream, evaluator, and how its final weights are saved). `run_stage` does the rest, the
-same way for every stage, in the spirit of torchtitan's `TrainSpec`: it takes the output folder,
-trains with the whole resolved config recorded (a resume that changes a run-defining key is
-refused), evaluates at the last step, writes `final/` (and `final_ema/`), and writes `result.json`
-in the one schema `flyeva report` reads. The CLI registers the verbs of every `Stage` it finds
-(`flyeva/cli.py`), so a task adds a stage without editing the engine or the CLI.
+A task describes each stage with a `Stage` (config class with `train` and `optim` sections, `check`,
+`build(cfg) -> Built`); `run_stage` does the rest the same way for every stage, in the spirit of
+torchtitan's `TrainSpec`: it takes the output folder, trains with the resolved config recorded, and
+writes `final/` (and `final_ema/`) and `result.json` in the one schema `flyeva report` reads. The CLI
+registers the verbs of every `Stage` it finds, so a task adds a stage without editing either.
 """
 
 from __future__ import annotations
@@ -139,9 +136,7 @@ OUTPUT_HELP = "folder for the results (default runs/TASK_VERB/WEIGHTS_NAME; neve
 
 
 def weights_options(weights_help: str) -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
-    """`--weights` and `--output`: the two options of every eval, predict and zeroshot verb.
-
-    `--checkpoint` and `--out` are kept as hidden spellings of the same two options."""
+    """`--weights` and `--output` of every eval, predict and zeroshot verb; `--checkpoint`, `--out` hidden."""
     return (
         (("--weights",), dict(help=weights_help)),
         (("--checkpoint",), dict(dest="weights", help=argparse.SUPPRESS)),
@@ -242,8 +237,6 @@ def result_record(
     """The one result schema of every stage and verb (result.json of a training run, eval.json of an
     evaluation): docs/architecture.md lists its keys."""
     final = evaluations[-1] if evaluations else None
-    best = _best(evaluations, primary) if primary else None
-    ema_best = _best(evaluations, f"ema_{primary}") if primary else None
     return {
         "stage": stage,
         "verb": verb,
@@ -251,8 +244,8 @@ def result_record(
         "step": step,
         "metrics": {k: v for k, v in (final or {}).items() if k not in ("step", "epoch")},
         "final": final,
-        "best": best,
-        "best_ema": ema_best,
+        "best": _best(evaluations, primary),  # None without a primary metric
+        "best_ema": _best(evaluations, f"ema_{primary}"),
         "evaluations": evaluations,
         "weights": weights,
         "counts": counts or {},

@@ -19,12 +19,8 @@ CONFUSION_MAX_CLASSES = 50  # a confusion summary is readable (and cheap) up to 
 
 
 class ClassificationObjective:
-    """Cross-entropy on logits; with Mixup/CutMix, soft-target cross-entropy (timm's losses).
-
-    `mixup` holds timm `Mixup` keyword arguments (mixup_alpha, cutmix_alpha, prob, switch_prob,
-    mode) or is None. Mixing is seeded by (seed, rank, step, micro-step), so a resumed run mixes
-    the same way.
-    """
+    """Cross-entropy on logits; with Mixup/CutMix (`mixup`: timm `Mixup` keyword arguments), soft-target
+    cross-entropy. Mixing is seeded by (seed, rank, step, micro-step): a resumed run mixes the same way."""
 
     def __init__(self, num_classes: int, smoothing: float = 0.0, mixup: dict[str, Any] | None = None):
         from timm.data import Mixup
@@ -72,12 +68,8 @@ class ClassificationObjective:
 
 
 class Evaluator:
-    """Top-1/top-5 (percent) and mean cross-entropy of a model on a labelled stream, over all ranks.
-
-    Each rank evaluates its own share of the stream; counts are summed over ranks. With at most 50
-    classes it also keeps the confusion matrix of the last evaluation of the trained model
-    (`confusion`) and of its EMA (`ema_confusion`).
-    """
+    """Top-1/top-5 (percent) and mean cross-entropy on a labelled stream, each rank on its share; up to
+    50 classes also the confusion matrix of the trained model (`confusion`) and its EMA (`ema_confusion`)."""
 
     def __init__(
         self,
@@ -96,12 +88,8 @@ class Evaluator:
 
     def details(self) -> dict[str, Any]:
         """Per-class top-1 and the most-confused pairs of the last evaluation (and of the EMA model)."""
-        found = {}
-        if self.confusion is not None:
-            found["confusion"] = confusion_summary(self.confusion, self.classes)
-        if self.ema_confusion is not None:
-            found["ema_confusion"] = confusion_summary(self.ema_confusion, self.classes)
-        return found
+        found = {"confusion": self.confusion, "ema_confusion": self.ema_confusion}
+        return {k: confusion_summary(v, self.classes) for k, v in found.items() if v is not None}
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         self.stream.set_epoch(0)
@@ -113,9 +101,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         device = ctx.device
-        counts = torch.zeros(
-            4, dtype=torch.float64, device=device
-        )  # top-1 hits, top-5 hits, loss sum, images
+        counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss, images
         tracked = self.num_classes <= CONFUSION_MAX_CLASSES
         confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
         forwards, last_images = 0, None
@@ -161,7 +147,7 @@ class Evaluator:
     def _match_forward_count(
         self, model: nn.Module, forwards: int, sample: Any, device: torch.device
     ) -> None:
-        # Sharded models (FSDP) gather weights in every forward: all ranks must run as many.
+        """Sharded models (FSDP) gather weights in every forward: all ranks must run as many."""
         if D.world_size() == 1:
             return
         most = max(D.all_gather_objects(forwards))

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from flyeva.config import ConfigError
 from flyeva.data.sources import DEFAULT_MAX_PIXELS, SourceConfig, check_source
 from flyeva.engine.loop import TrainConfig
 from flyeva.engine.optim import OptimConfig, check_schedule
-from flyeva.teachers import (
-    precision_name,
-    resolve_teacher_dtype,
-)
 
 
 @dataclass
@@ -79,19 +73,6 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def with_resolved_teacher_precision(
-    cfg: PretrainConfig, device: torch.device | None = None
-) -> PretrainConfig:
-    """`cfg` with `teacher.precision: auto` replaced by what runs on `device` (default: train.device)."""
-    if device is None:
-        use_cuda = cfg.train.device.startswith("cuda") or (
-            cfg.train.device == "auto" and torch.cuda.is_available()
-        )
-        device = torch.device("cuda" if use_cuda else "cpu")
-    dtype = resolve_teacher_dtype(cfg.teacher.precision, cfg.train.precision, device)
-    return replace(cfg, teacher=replace(cfg.teacher, precision=precision_name(dtype)))
 
 
 MASK_TARGETS = ("clip", "pixels", "distill")

@@ -55,18 +55,14 @@ class MIMObjective(nn.Module):
         # Counted on the host copy: `.item()` on a device tensor would stall the GPU every step.
         masked_fraction = mask.float().mean().item()
         mask = mask.to(images.device, non_blocking=True)
-        predicted = model(images, mask)
-        target = self.targets(images)[mask]
-        loss = mim_loss(predicted, target)
-        return loss, {"masked_fraction": masked_fraction}
+        return mim_loss(model(images, mask), self.targets(images)[mask]), {"masked_fraction": masked_fraction}
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Loss with the release's fixed validation mask (every other token); none for distillation."""
         if self.mask_generator is None:
             return self._distillation_loss(model, images)
-        mask = fixed_validation_mask(self.mask_generator.grid).to(images.device)
-        mask = mask.expand(images.shape[0], -1)
+        mask = fixed_validation_mask(self.mask_generator.grid).to(images.device).expand(images.shape[0], -1)
         return mim_loss(model(images, mask), self.targets(images)[mask])
 
     def _distillation_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,15 @@ from flyeva.engine.stage import Built
 from flyeva.models.checkpoint import load_weights, read_encoder_state, save_flyeva
 from flyeva.models.convert import MIM_ONLY_KEYS
 from flyeva.models.eva import EvaForMIM, build_mim_model, get_size, size_with
-from flyeva.pretrain.config import (
-    MaskSection,
-    PretrainConfig,
-    TeacherSection,
-    with_resolved_teacher_precision,
-)
+from flyeva.pretrain.config import MaskSection, PretrainConfig, TeacherSection
 from flyeva.pretrain.objective import MIMObjective
 from flyeva.teachers import (
     TEACHER_PRECISIONS,
     build_clip_teacher,
     check_token_grid,
     load_clip_teacher,
+    precision_name,
+    resolve_teacher_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,7 +105,8 @@ def build_pretrain(cfg: PretrainConfig) -> Built:
     if teacher is not None:
         check_token_grid(teacher, (size.grid_size, size.grid_size), size.img_size)
         teacher_dim = teacher.embed_dim
-        cfg.teacher = with_resolved_teacher_precision(cfg, device).teacher  # config.yaml records what ran
+        dtype = resolve_teacher_dtype(cfg.teacher.precision, cfg.train.precision, device)
+        cfg.teacher = replace(cfg.teacher, precision=precision_name(dtype))  # config.yaml records what ran
         teacher.to(TEACHER_PRECISIONS[cfg.teacher.precision])
         logger.info("teacher %s runs in %s", teacher.name, cfg.teacher.precision)
     else:

@@ -1,11 +1,9 @@
 """`flyeva demo --stages ablation`: the paper's pilot study (its Table 2) in the miniature world.
 
-EVA chose masked CLIP-feature regression after comparing it with feature distillation: the student
-sees the whole image and regresses the teacher's features at every patch (`mask.target=distill`),
-with the same loss. The paper reports that distillation's gain does not hold as pretraining gets
-longer. Each arm pretrains at two lengths from the demo's teacher (`OUT/teacher`, shared with the
-core); each pretraining is then linear-probed and fine-tuned with the demo's own stages, once per
-seed. As in the core, each pretraining runs once and the seeds vary the probes and fine-tunes.
+EVA chose masked CLIP-feature regression over feature distillation (`mask.target=distill`: the whole
+image, the teacher's features at every patch, the same loss), whose gain the paper reports does not
+hold as pretraining gets longer. Each arm pretrains once at two lengths from the demo's teacher
+(`OUT/teacher`); the seeds vary the linear probes and fine-tunes, run with the demo's own stages.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from flyeva.tasks.demo.pipeline import (
     pretrain,
     train_teacher,
 )
-from flyeva.tasks.demo.report import mean_and_spread, read_losses, verdict
+from flyeva.tasks.demo.report import cell, mean_and_spread, read_losses, verdict
 
 ARMS = {"CLIP-feature MIM": "clip", "feature distillation": "distill"}  # name -> mask.target
 METRICS = ("linear probe", "fine-tune")
@@ -70,11 +68,6 @@ def _transfer(root: Path, init: str, seed: int, budget: DemoBudget) -> dict[str,
     return {"linear probe": probe["top1"] / 100, "fine-tune": tune["top1"] / 100}  # fractions, as the report
 
 
-def _final_loss(losses: str) -> float:
-    _, values = read_losses(Path(losses))
-    return values[-1]
-
-
 def run_ablation(out: Path, seeds: tuple[int, ...], steps: tuple[int, int], quick: bool) -> dict:
     """Pretrain each arm at both lengths, then probe and fine-tune each pretraining once per seed.
 
@@ -100,8 +93,8 @@ def run_ablation(out: Path, seeds: tuple[int, ...], steps: tuple[int, int], quic
         for job in as_completed(jobs):
             arm, length = jobs[job]
             pretrained = job.result()
-            loss = _final_loss(pretrained["losses"])
-            arms[arm][str(length)] = {"final": pretrained["final"], "pretrain loss": loss}
+            _, losses = read_losses(Path(pretrained["losses"]))
+            arms[arm][str(length)] = {"final": pretrained["final"], "pretrain loss": losses[-1]}
             root = out / "ablation" / f"{ARMS[arm]}_{length}"
             for seed in seeds:
                 transfers[arm, length, seed] = pool.submit(
@@ -134,7 +127,7 @@ def ablation_section(results: dict) -> str:
     for length in steps:
         for arm in ARMS:
             row = arms[arm][str(length)]
-            cells = [_cell(row[metric]) for metric in METRICS]
+            cells = [cell(row[metric]) for metric in METRICS]
             per_seed = ", ".join(f"{100 * v:.1f}" for v in row["fine-tune"])
             lines.append(
                 f"| {arm} | {length} | {row['pretrain loss']:.3f} | {' | '.join(cells)} | {per_seed} |"
@@ -169,8 +162,3 @@ def _reading(arms: dict[str, dict[str, Any]], steps: list[int], metric: str) -> 
         f"{reading} (distillation minus MIM: {gaps[short]:+.1f} points at {short} steps, spread "
         f"{spreads[short]:.1f}; {gaps[long]:+.1f} at {long}, spread {spreads[long]:.1f})."
     )
-
-
-def _cell(values: list[float]) -> str:
-    mean, spread = mean_and_spread([100 * v for v in values])
-    return f"{mean:.1f} ± {spread:.1f} ({len(values)})"

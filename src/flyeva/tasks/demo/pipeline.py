@@ -1,18 +1,12 @@
 """`flyeva demo`: EVA's whole pipeline in the miniature world (ShapeWorld, 2 CPU cores).
 
-1. a tiny CLIP teacher trained from scratch on ShapeWorld captions (`flyeva clip train`);
-2. a miniature EVA MIM-pretrained from that teacher (`flyeva pretrain`), once, for every seed;
-3. baselines at the same budget: random init, and MIM with normalised-pixel targets (once);
-4. transfer on ShapeWorld's 20-class task: linear probe and fine-tuning for EVA, random init,
-   pixel-MIM and the teacher's own vision tower (`flyeva classify`);
-5. EVA-CLIP in miniature: a CLIP whose vision tower starts from EVA vs one from scratch, same
-   samples, zero-shot accuracy with class prompts;
-6. `report.md` with PNG plots and a table over seeds (mean ± spread) and the wall time.
-
-Every stage writes `demo.json` when it finishes and is skipped when that exists; a stage that
-was interrupted resumes from its own training checkpoints. The detection, segmentation and video
-stages (`--stages`) start from the EVA pretraining and from random init (segmentation also from
-pixel MIM), over the budget's seeds, each arm with its recipe (docs/demo.md, the recipe rule).
+A tiny CLIP teacher trained from scratch (`flyeva clip train`); EVA MIM-pretrained from it and a
+pixel-MIM baseline, once each (`flyeva pretrain`); linear probes and fine-tunes on ShapeWorld's 20
+classes from EVA, pixel MIM, random init and the teacher's tower (`flyeva classify`); EVA-CLIP vs a
+from-scratch CLIP at equal samples; `report.md` over seeds. `--stages` adds detection, segmentation
+and video from EVA and random init (segmentation also from pixel MIM), each arm with its recipe.
+Every stage writes `demo.json` when it finishes and is skipped when that exists; an interrupted one
+resumes from its own checkpoints (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -104,84 +98,57 @@ def train_teacher(out: Path, budget: DemoBudget) -> dict[str, Any]:
     return {"final": str(out / "final"), "zeroshot": result["metrics"] if result else {}}
 
 
-def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[str, Any]:
-    from flyeva.engine.stage import run_stage
-    from flyeva.pretrain import PRETRAIN
-    from flyeva.pretrain.config import PretrainConfig
+def _train(stage: Any, recipe: str, out: Path, epochs: int, seed: int, *overrides: str) -> dict[str, Any]:
+    """Train `stage` from its shipped `recipe` (COMMAND/NAME) with the demo's settings; its result record."""
+    from flyeva.engine.stage import resolve, run_stage
 
-    overrides = [
-        *COMMON,
-        f"train.output_dir={out}",
-        f"train.epochs={budget.pretrain_epochs}",
-        "train.seed=0",
-        f"data.sources=[{_world(budget.pretrain_samples, 10)}]",
-        "data.val=[]",
-        f"mask.target={target}",
-        f"teacher.path='{teacher}'",
-    ]
-    cfg = load_config(PretrainConfig, recipe_path("pretrain", "miniature"), overrides)
-    run_stage(PRETRAIN, cfg)
+    common = [*COMMON, f"train.output_dir={out}", f"train.epochs={epochs}", f"train.seed={seed}"]
+    cfg = load_config(resolve(stage.config), recipe_path(*recipe.split("/")), [*common, *overrides])
+    return run_stage(stage, cfg)
+
+
+def pretrain(out: Path, teacher: str, budget: DemoBudget, target: str) -> dict[str, Any]:
+    from flyeva.pretrain import PRETRAIN
+
+    sources = f"data.sources=[{_world(budget.pretrain_samples, 10)}]"
+    overrides = (sources, "data.val=[]", f"mask.target={target}", f"teacher.path='{teacher}'")
+    _train(PRETRAIN, "pretrain/miniature", out, budget.pretrain_epochs, 0, *overrides)
     return {"final": str(out / "final"), "losses": str(out / "metrics.jsonl")}
 
 
-def linear_probe(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.engine.stage import run_stage
-    from flyeva.tasks.classify import LINPROBE
-    from flyeva.tasks.classify.probe import LinprobeConfig
+def _classify(out: Path, init: str, seed: int, budget: DemoBudget, tune: bool) -> dict[str, Any]:
+    """A linear probe, or with `tune` a fine-tune, of `init` on ShapeWorld's 20 classes."""
+    from flyeva.tasks.classify import FINETUNE, LINPROBE
 
+    stage, recipe = (FINETUNE, "classify/miniature") if tune else (LINPROBE, "classify/miniature_linprobe")
+    samples = budget.finetune_samples if tune else budget.probe_train
     overrides = [
-        *COMMON,
-        f"train.output_dir={out}",
-        f"train.epochs={budget.probe_epochs}",
-        f"train.seed={seed}",
         f"model.init='{init}'",
         "model.size=miniature",
-        f"data.train=[{_world(budget.probe_train, 20 + seed)}]",
+        *(["model.img_size=32"] if tune else []),
+        f"data.train=[{_world(samples, 20 + seed)}]",
         f"data.val=[{_world(budget.val_samples, 999)}]",
     ]
-    summary = run_stage(
-        LINPROBE, load_config(LinprobeConfig, recipe_path("classify", "miniature_linprobe"), overrides)
+    summary = _train(
+        stage, recipe, out, budget.finetune_epochs if tune else budget.probe_epochs, seed, *overrides
     )
     return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"]}
+
+
+def linear_probe(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
+    return _classify(out, init, seed, budget, tune=False)
 
 
 def finetune(out: Path, init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.engine.stage import run_stage
-    from flyeva.tasks.classify import FINETUNE
-    from flyeva.tasks.classify.finetune import FinetuneConfig
-
-    overrides = [
-        *COMMON,
-        f"train.output_dir={out}",
-        f"train.epochs={budget.finetune_epochs}",
-        f"train.seed={seed}",
-        f"model.init='{init}'",
-        "model.size=miniature",
-        "model.img_size=32",
-        f"data.train=[{_world(budget.finetune_samples, 20 + seed)}]",
-        f"data.val=[{_world(budget.val_samples, 999)}]",
-    ]
-    summary = run_stage(
-        FINETUNE, load_config(FinetuneConfig, recipe_path("classify", "miniature"), overrides)
-    )
-    return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"]}
+    return _classify(out, init, seed, budget, tune=True)
 
 
 def eva_clip(out: Path, vision_init: str, seed: int, budget: DemoBudget) -> dict[str, Any]:
-    from flyeva.engine.stage import run_stage
     from flyeva.tasks.clip import CLIP_TRAIN
-    from flyeva.tasks.clip.config import ClipConfig
 
-    overrides = [
-        *COMMON,
-        f"train.output_dir={out}",
-        f"train.epochs={budget.clip_epochs}",
-        f"train.seed={seed}",
-        f"data.sources=[{_world(budget.clip_samples, 30 + seed)}]",
-        f"model.vision.init='{vision_init}'",
-        "zeroshot.during_training=true",
-    ]
-    result = run_stage(CLIP_TRAIN, load_config(ClipConfig, recipe_path("clip", "miniature"), overrides))
+    sources = f"data.sources=[{_world(budget.clip_samples, 30 + seed)}]"
+    overrides = (sources, f"model.vision.init='{vision_init}'", "zeroshot.during_training=true")
+    result = _train(CLIP_TRAIN, "clip/miniature", out, budget.clip_epochs, seed, *overrides)
     return {"zeroshot": result["metrics"], "losses": str(out / "metrics.jsonl")}
 
 
@@ -346,24 +313,21 @@ def run_demo(
             }
             for name, arms in task_jobs.items()
         }
-    ablation = None
+    sections = []
+    if tasks:
+        (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
+        sections.append(task_section(tasks))
     if "ablation" in stages:  # its own pool of workers, once the core's has finished: never 4 on 2 cores
-        from flyeva.tasks.demo.ablation import QUICK_STEPS, STEPS, run_ablation
+        from flyeva.tasks.demo.ablation import QUICK_STEPS, STEPS, ablation_section, run_ablation
 
         ablation = run_ablation(out, budget.seeds, QUICK_STEPS if quick else STEPS, quick)
         (out / "ablation.json").write_text(json.dumps(ablation, indent=2))
+        sections.append(ablation_section(ablation))
     report = out / "report.md"
-    if "core" in stages:
+    if core:
         write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
     else:
         report.write_text(f"# flyeva miniature world: {', '.join(stages)}\n\n")
-    if tasks:
-        (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
-        with open(report, "a") as handle:
-            handle.write("\n" + task_section(tasks))
-    if ablation is not None:
-        from flyeva.tasks.demo.ablation import ablation_section
-
-        with open(report, "a") as handle:
-            handle.write("\n" + ablation_section(ablation))
+    with open(report, "a") as handle:
+        handle.writelines("\n" + section for section in sections)
     return report

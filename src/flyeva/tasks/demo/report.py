@@ -9,16 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def read_losses(metrics_file: Path, key: str = "loss") -> tuple[list[int], list[float]]:
+def read_losses(metrics_file: Path) -> tuple[list[int], list[float]]:
     """Training loss per logged step from a run's metrics.jsonl."""
-    steps, values = [], []
-    if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "train" and key in record:
-                steps.append(record["step"])
-                values.append(record[key])
-    return steps, values
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    records = [r for r in map(json.loads, lines) if r.get("kind") == "train" and "loss" in r]
+    return [r["step"] for r in records], [r["loss"] for r in records]
 
 
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -31,54 +26,53 @@ Rows = Mapping[str, Mapping[str, Sequence[float]]]  # method -> metric -> one va
 CLASSES = 20  # ShapeWorld's class task: shape of the largest object x its quadrant
 
 
+def cell(values: Sequence[float], percent: bool = True) -> str:
+    """ "mean ± std (n seeds)" of fractions, shown in percent or with 4 digits."""
+    mean, spread = mean_and_spread([v * (100.0 if percent else 1.0) for v in values])
+    digits = 1 if percent else 4
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({len(values)})"
+
+
 def markdown_table(title: str, rows: Rows, percent: bool = True) -> str:
     """rows: method -> metric -> one value per seed; cells read "mean ± std (n seeds)"."""
     metrics = list(dict.fromkeys(m for by_metric in rows.values() for m in by_metric))
     header = "| method | " + " | ".join(metrics) + " |"
     lines = [f"### {title}", "", header, "|---" * (len(metrics) + 1) + "|"]
-    scale = 100.0 if percent else 1.0
     for method, by_metric in rows.items():
-        cells = []
-        for metric in metrics:
-            values = by_metric.get(metric)
-            if not values:
-                cells.append("not run")
-                continue
-            mean, spread = mean_and_spread([v * scale for v in values])
-            digits = 1 if percent else 4
-            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f} ({len(values)})")
+        cells = [cell(by_metric[m], percent) if by_metric.get(m) else "not run" for m in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _axes():
+    """A 6 x 3.5 inch figure on the Agg canvas (no display on servers and CI) and its axes."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5))
+    return figure, figure.subplots()
+
+
+def _save(figure, axis, path: Path) -> Path:
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def plot_losses(curves: Mapping[str, tuple[list[int], list[float]]], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _axes()
     for label, (steps, values) in curves.items():
         if steps:
             axis.plot(steps, values, label=label, linewidth=1.2)
     axis.set(title=title, xlabel="step", ylabel="loss")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path)
 
 
 def plot_bars(rows: Rows, title: str, path: Path, chance: float | None = None) -> Path:
     """Grouped bars of mean accuracy (%) with the spread over seeds as error bars, and the chance line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = list(dict.fromkeys(m for by_metric in rows.values() for m in by_metric))
     width = 0.8 / max(1, len(rows))
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _axes()
     for offset, (method, by_metric) in enumerate(rows.items()):
         # A metric a method did not run is NaN, which matplotlib leaves undrawn (not a bar at 0).
         stats = [mean_and_spread([100 * v for v in by_metric.get(m) or [math.nan]]) for m in metrics]
@@ -88,11 +82,7 @@ def plot_bars(rows: Rows, title: str, path: Path, chance: float | None = None) -
         axis.axhline(100 * chance, color="black", linestyle="--", linewidth=1, label="chance")
     axis.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(metrics))], metrics)
     axis.set(title=title, ylabel="accuracy (%)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path)
 
 
 def _zeroshot_top1(metrics: Mapping[str, float]) -> float | None:
@@ -142,13 +132,8 @@ def _verdicts(transfer: Rows, clip: Rows) -> list[str]:
         if eva.get(metric) and transfer[other].get(metric)
     ]
     if all(clip_top1.values()):
-        verdicts.append(
-            verdict(
-                "EVA-initialised CLIP beats from-scratch CLIP at equal samples",
-                clip_top1["EVA-initialised CLIP"],
-                clip_top1["from-scratch CLIP"],
-            )
-        )
+        claim = "EVA-initialised CLIP beats from-scratch CLIP at equal samples"
+        verdicts.append(verdict(claim, clip_top1["EVA-initialised CLIP"], clip_top1["from-scratch CLIP"]))
     return verdicts
 
 
@@ -192,14 +177,13 @@ def write_report(
     stage_seconds = sum(run.get("seconds", 0.0) for run in first["pretrain"].values()) + sum(
         run.get("seconds", 0.0) for by_seed in results.values() for run in by_seed["clip"].values()
     )
-    verdicts = _verdicts(transfer, clip)
     teacher_top1 = _zeroshot_top1(teacher.get("zeroshot", {}))
     lines = [
         "# flyeva miniature world: EVA's pipeline on ShapeWorld" + (" (quick smoke run)" if quick else ""),
         "",
         "## Summary: what the paper predicts, and what this world shows",
         "",
-        *verdicts,
+        *_verdicts(transfer, clip),
         "",
         f"Chance level is {100 / CLASSES:.1f}% ({CLASSES} classes); {len(results)} seed(s). The teacher "
         f"(a tiny CLIP trained from scratch on ShapeWorld captions) reaches "

@@ -3,9 +3,8 @@
     flyeva report runs/miniature_clip                       # -> runs/miniature_clip/report/
     flyeva report runs/a runs/b --out compare/ --recipe clip/miniature
 
-Reads what the engine writes (OUTPUT/metrics.jsonl, config.yaml, result.json); modules: `runs`
-(reading a run folder), `plots` (matplotlib Agg PNGs, runs overlaid), `summary` (the markdown).
-This file stays import-light: the CLI imports it on every call.
+Reads what the engine writes (metrics.jsonl, config.yaml, result.json); import-light: the CLI imports
+it on every call.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ def _report(args: argparse.Namespace) -> None:
     from flyeva.tasks.report.summary import make_report
 
     report = make_report(args.run_dirs, args.out, recipe=args.recipe)
-    print(
-        f"wrote {report.markdown} and {len(report.plots)} plots ({', '.join(p.name for p in report.plots)})"
-    )
+    names = ", ".join(p.name for p in report.plots)
+    print(f"wrote {report.markdown} and {len(report.plots)} plots ({names})")
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -35,13 +35,8 @@ class RunLog:
         return [s for s, _ in points], [v for _, v in points]
 
     def eval_keys(self) -> list[str]:
-        keys = {
-            k
-            for r in self.evals
-            for k, v in r.items()
-            if isinstance(v, (int, float)) and k not in ("step", "time")
-        }
-        return sorted(keys)
+        numeric = {k for r in self.evals for k, v in r.items() if isinstance(v, (int, float))}
+        return sorted(numeric - {"step", "time"})
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

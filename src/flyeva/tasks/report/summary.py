@@ -6,16 +6,19 @@ result.json (the run's result record, the same schema for every stage) and confi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from flyeva.engine import run as engine_run
 from flyeva.tasks.report.plots import Plot, plot_runs
 from flyeva.tasks.report.runs import RunLog, read_run, unique_names
 
 REPORT_FILE = "report.md"
+flatten = functools.partial(engine_run.flatten, keep_empty=True)  # a `{}` section is a value to compare
 
 
 @dataclass
@@ -72,16 +75,6 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_recipe(recipe: str | Path) -> tuple[str, dict[str, Any]]:
