@@ -104,7 +104,7 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
         step_seconds.append(time.perf_counter() - start)
     seconds = statistics.median(step_seconds)  # robust to another process stealing a step or two
     if args.profile:
-        profile_step(train_step, decoder, args.profile)
+        profile_step(train_step, model, decoder, args.profile)
     return dict(
         decoder=decoder,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -123,14 +123,60 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::co
               "aten::_efficient_attention_forward", "aten::_efficient_attention_backward")  # fmt: skip
 
 
-def profile_step(train_step, decoder: str, top: int) -> None:
-    """One more step under torch.profiler: the `top` operators by self time, on stderr, and the share of
-    the step that is not matmul, convolution or attention kernels."""
+# The model's parts whose forward (and, through autograd's sequence numbers, backward) a profile names.
+PARTS = {
+    "backbone": "backbone",
+    "pixel decoder": "decode_head.pixel_decoder",
+    "transformer decoder": "decode_head.transformer_module",
+    "loss + matcher": "decode_head.criterion",
+    "head": "decode_head",
+}
+
+
+def mark_parts(model: torch.nn.Module) -> list:
+    """Forward hooks that open a profiler range named after each part in `PARTS` the model has."""
+    from torch.profiler import record_function
+
+    handles, modules = [], dict(model.named_modules())
+    for part, path in PARTS.items():
+        if path not in modules:
+            continue
+        opened = []
+
+        def open_range(*_, name=f"part: {part}", opened=opened) -> None:
+            opened.append(record_function(name).__enter__())
+
+        def close_range(*_, opened=opened) -> None:
+            opened.pop().__exit__(None, None, None)
+
+        handles.append(modules[path].register_forward_pre_hook(open_range))
+        handles.append(modules[path].register_forward_hook(close_range))
+    return handles
+
+
+def part_of(event, forward_parts: dict[int, str]) -> str:
+    """The innermost part range around a forward op, or the part whose forward made a backward op."""
+    node = event
+    while node is not None:
+        if node.name.startswith("part: "):
+            return node.name[6:]
+        if node.name.startswith("autograd::engine::evaluate_function"):
+            return forward_parts.get(node.sequence_nr, "other") + " (backward)"
+        node = node.cpu_parent
+    return "optimizer, other"
+
+
+def profile_step(train_step, model: torch.nn.Module, decoder: str, top: int) -> None:
+    """One more step under torch.profiler, on stderr: the `top` operators by self time, the share that is
+    not matmul, convolution or attention kernels, and the same split per part of the model."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    handles = mark_parts(model)
     with profile(activities=activities) as prof:
         train_step()
+    for handle in handles:
+        handle.remove()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
@@ -140,6 +186,32 @@ def profile_step(train_step, decoder: str, top: int) -> None:
     for event in events[:top]:
         share, seconds = 100 * event.self_cpu_time_total / total, event.self_cpu_time_total / 1e6
         print(f"  {share:5.1f}%  {seconds:7.3f} s  {event.count:6d} calls  {event.key}", file=sys.stderr)
+    print_parts(prof.events(), total)
+
+
+def print_parts(events, total: float) -> None:
+    """Self time per part: its share of the step, of it in matmul kernels, and its three largest other ops."""
+    forward_parts = {}
+    for event in events:
+        if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
+            part = part_of(event, {})
+            if part != "optimizer, other" and not part.endswith("(backward)"):
+                forward_parts.setdefault(event.sequence_nr, part)
+    per_part: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event.name.startswith(("part: ", "autograd::engine::evaluate_function")):
+            continue
+        ops = per_part.setdefault(part_of(event, forward_parts), {})
+        ops[event.name] = ops.get(event.name, 0.0) + event.self_cpu_time_total
+    print("  part                             share  matmul  largest other operators (share of the step)",
+          file=sys.stderr)  # fmt: skip
+    for part, ops in sorted(per_part.items(), key=lambda item: -sum(item[1].values())):
+        spent = sum(ops.values())
+        matmul = sum(t for name, t in ops.items() if name in MATMUL_OPS)
+        others = sorted(((t, name) for name, t in ops.items() if name not in MATMUL_OPS), reverse=True)[:3]
+        listed = ", ".join(f"{name.removeprefix('aten::')} {100 * t / total:.1f}%" for t, name in others)
+        print(f"  {part:<32} {100 * spent / total:5.1f}% {100 * matmul / max(spent, 1):6.0f}%  {listed}",
+              file=sys.stderr)  # fmt: skip
 
 
 OPTIONS = ("size", "crop", "batch", "steps", "warmup", "device", "precision", "threads", "num_classes")
