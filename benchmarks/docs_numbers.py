@@ -4,8 +4,9 @@ and compare the metric with the number the doc states.
     python benchmarks/docs_numbers.py [--only NAME ...] [--reuse DIR] [--workdir DIR]
 
 Each claim names a doc, a sentence template with the number's place (`{metric:format}`), and the
-command that produced it. The runs are deterministic on one machine (same seed, same threads), so a
-documented number either appears exactly as the run prints it or the doc is stale. `--reuse DIR`
+command that produced it. The runs are deterministic on one CPU model (same seed, same threads), so
+there a documented number either appears exactly as the run prints it or the doc is stale; another
+CPU model rounds differently (the docs name the machine of each number). `--reuse DIR`
 reads `DIR/<name>/result.json` of earlier runs instead of training again. Prints a table (claim, doc,
 run, match) and exits 1 when a number differs. A full run trains every miniature recipe once: about
 15 minutes on 2 idle cores.
