@@ -357,3 +357,26 @@ def _walk(child: Any, stream: Any, child_id: int, worker: int, num_workers: int)
         load = functools.partial(child.load, index, stream.max_pixels)
         load_target = functools.partial(child.target, index) if stream.target_type is not None else None
         yield PendingSample(child.key(index), index, 0, 0, load, load_target)
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `path`; a byte that is not UTF-8 is a ValueError naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} line {line} is not valid UTF-8 (byte {data[error.start]:#04x}); save the {what} as UTF-8"
+        ) from None
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one per line, or a Kinetics labels CSV (`id,name` rows after a header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
+    lines = [line.strip() for line in read_utf8(path, "class list").splitlines() if line.strip()]
+    if lines and "," in lines[0] and lines[0].lower().replace(" ", "") in ("id,name", "label,name"):
+        return [line.split(",", 1)[1].strip() for line in lines[1:]]
+    return lines

@@ -15,34 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flyeva.data.sources.base import read_class_names, read_utf8
 from flyeva.data.synthetic import ShapeWorld
 
 logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 LIST_TYPES = ("list", "kinetics", "folder", "shapeworld")
-
-
-def read_utf8(path: Path, what: str) -> str:
-    """The text of `path`; a byte that is not UTF-8 is a ValueError naming the file and the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path} line {line} is not valid UTF-8 (byte {data[error.start]:#04x}); save the {what} as UTF-8"
-        ) from None
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names, one per line, or a Kinetics labels CSV (`id,name` rows after a header)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
-    lines = [line.strip() for line in read_utf8(path, "class list").splitlines() if line.strip()]
-    if lines and "," in lines[0] and lines[0].lower().replace(" ", "") in ("id,name", "label,name"):
-        return [line.split(",", 1)[1].strip() for line in lines[1:]]
-    return lines
 
 
 def read_index_rows(path: str | Path, what: str = "model.class_mapping") -> list[int]:

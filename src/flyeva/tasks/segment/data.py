@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from flyeva.data.sources import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableTargetError, decode_rgb
+from flyeva.data.sources.base import read_class_names
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
@@ -165,9 +166,7 @@ def _folder_classes(cfg: DataSection) -> list[str]:
         return list(cfg.classes)
     listing = Path(cfg.root) / "classes.txt"
     if cfg.root and listing.is_file():
-        from flyeva.data.video.datasets import read_utf8
-
-        return [line.strip() for line in read_utf8(listing, "class list").splitlines() if line.strip()]
+        return read_class_names(listing)
     raise ValueError("data.format=folder needs class names: set data.classes=[...] or write ROOT/classes.txt")
 
 
