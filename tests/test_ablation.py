@@ -104,7 +104,7 @@ def test_the_demo_runs_the_ablation_stage_after_its_pool_and_appends_its_section
     monkeypatch.setattr("flyeva.tasks.demo.ablation.run_ablation", fake_run_ablation)
     report = pipeline.run_demo(tmp_path, quick=True, stages=("ablation",))
     assert calls == [(tmp_path, pipeline.QUICK.seeds, QUICK_STEPS, True)]
-    assert (tmp_path / "ablation.json").is_file()
+    assert (tmp_path / "ablation.json").is_file() and report == tmp_path / "report_ablation.md"
     assert report.read_text().count("| CLIP-feature MIM |") == 2
     with pytest.raises(ValueError, match="unknown demo stage"):
         pipeline.run_demo(tmp_path, quick=True, stages=("ablations",))

@@ -90,10 +90,13 @@ def test_demo_stages_run_a_subset_and_report_each_task_from_each_arm(tmp_path, c
     assert set(tasks) == {"segment"} and set(tasks["segment"]) == {"EVA init", "pixel MIM", "random init"}
     for by_seed in tasks["segment"].values():
         assert set(by_seed) == {"0"} and 0.0 <= by_seed["0"]["mIoU"] <= 1.0  # the quick budget's one seed
-    report = (out / "report.md").read_text()
+    report = (out / "report_segment.md").read_text()
     assert "### segment" in report and "| EVA init |" in report and "| pixel MIM |" in report
     assert "EVA init beats random init on segment (mIoU): inconclusive (one seed" in report
     assert (out / "eva" / "result.json").is_file() and (out / "pixel" / "result.json").is_file()
     assert not (out / "seed0").exists()  # core's comparisons did not run
+    (out / "tasks.json").write_text(json.dumps({"video": {"EVA init": {}}} | tasks))
+    assert cli(["demo", "--quick", "--stages", "segment", "--out", str(out)]) == 0  # cached: reports only
+    assert set(json.loads((out / "tasks.json").read_text())) == {"video", "segment"}  # earlier tasks kept
     assert cli(["demo", "--stages", "nope", "--out", str(out)]) == 2
     assert "unknown demo stage(s) ['nope']" in capsys.readouterr().err

@@ -61,7 +61,13 @@ def config(out: Path, **changes) -> TrainConfig:
 
 
 def run(
-    out: Path, steps: int = 4, seed: int = 0, optim: OptimConfig | None = None, objective=None, **changes
+    out: Path,
+    steps: int = 4,
+    seed: int = 0,
+    optim: OptimConfig | None = None,
+    objective=None,
+    evaluate=None,
+    **changes,
 ):
     torch.manual_seed(seed)
     model = build_mim_model("miniature", drop_path_rate=0.0)
@@ -71,6 +77,7 @@ def run(
         ListStream(make_batches(steps, seed=seed)),
         config(out, seed=seed, **changes),
         optim or OptimConfig(lr=1e-3, warmup_epochs=0),
+        evaluate=evaluate,
     )
 
 
@@ -115,6 +122,23 @@ def test_a_second_run_on_a_locked_folder_names_the_holder_and_kill_9_frees_it(tm
         holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left
         holder.wait()
     assert run(out).step == 4
+
+
+def test_a_start_that_fails_removes_the_folder_it_created_and_keeps_one_it_found(tmp_path):
+    from flyeva.engine.run import RunLock
+
+    created = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError), RunLock.hold(created):
+        raise ConfigError("bad data")
+    assert not (tmp_path / "new").exists()  # both folders the lock made are gone, no stale .lock
+    found = tmp_path / "found"
+    found.mkdir()
+    with pytest.raises(ConfigError), RunLock.hold(found):
+        raise ConfigError("bad data")
+    assert found.is_dir()
+    with RunLock.hold(created):
+        (created / "config.yaml").write_text("written")
+    assert (created / "config.yaml").is_file()  # a folder a run wrote to stays
 
 
 # ----- C. non-finite steps are never applied ----------------------------------------------------
@@ -226,6 +250,26 @@ def test_resume_refuses_a_changed_lr_listing_both_values_and_allows_log_every(tm
     assert result.step == 6
     assert "changed on resume: train.log_every: 1 -> 3" in caplog.text
     assert "resumed from" in caplog.text
+
+
+def test_a_resumed_run_keeps_its_earlier_evaluations_and_counts_the_whole_epoch(tmp_path):
+    def evaluate(model, ctx):
+        return {"score": float(ctx.step)}
+
+    def records(out, kind):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+    out = tmp_path / "run"
+    run(out, steps=3, epochs=2, max_steps=4, checkpoint_every=1, evaluate=evaluate)
+    with open(out / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"kind": "train", "st')  # a line torn by a kill
+    result = run(out, steps=3, epochs=2, checkpoint_every=1, evaluate=evaluate)
+    evaluations = [(h["step"], h["eval"]["score"]) for h in result.history if "eval" in h]
+    assert evaluations == [(3, 3.0), (4, 4.0), (6, 6.0)]  # the first part's two, then the resumed one
+    assert result.eval_epochs == [0, 1, 1]
+    assert [(r["step"], r["images"]) for r in records(out, "epoch")] == [(3, 12), (6, 12)]  # 3 steps x 4
+    assert [(r["step"], r["epoch"]) for r in records(out, "eval")] == [(3, 0), (4, 1), (6, 1)]
 
 
 def test_a_run_counted_in_steps_is_extended_by_raising_max_steps_unless_its_lr_curve_spans_it(tmp_path):

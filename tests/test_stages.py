@@ -248,7 +248,8 @@ def test_a_signal_during_an_evaluation_writes_the_checkpoint_of_that_step(tmp_pa
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-000000004.pt"]
     assert "checkpoint-000000004.pt written" in str(stopped.value)
     result = _toy_run(tmp_path, lambda model, ctx: {"neg_loss": 0.0})  # the same command resumes
-    assert result.step == 8 and [h["step"] for h in result.history if "eval" in h] == [8]
+    # The evaluation that finished before the stop stays in the run's record.
+    assert result.step == 8 and [h["step"] for h in result.history if "eval" in h] == [4, 8]
 
 
 def test_a_checkpoint_of_another_model_is_an_error_never_a_fresh_start(tmp_path, capsys):
@@ -277,8 +278,8 @@ def test_an_evaluation_verb_takes_the_folder_of_a_running_training(tmp_path, cap
     folder = tmp_path / "busy"
     with RunLock.hold(folder):
         code = subprocess_main(["segment", "eval", f"train.output_dir={folder}", "weights=missing"], tmp_path)
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # the refused verb wrote nothing
     assert code.returncode == 2 and "in use by another flyeva run" in code.stderr, code.stderr
-    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
 
 
 def subprocess_main(argv, cwd):

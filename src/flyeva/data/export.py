@@ -7,7 +7,7 @@
 - wds/shard-000000.tar ...             webdataset shards, members <index>.jpg / .txt (caption) / .cls
 - coco/instances.json + coco/images/   COCO instances with compressed-RLE segmentations, ids from 1
 - semantic/images, semantic/labels     PNG pairs; labels are uint8 (0 = background, c = category)
-- video/<index>/frame_XX.png + video/list.txt   one clip folder per sample, "folder action" lines
+- video/clips/<index>.mp4 + video/list.csv   H.264 clips, `path,label` lines and video/classes.txt
 
 Image ids in COCO are index + 1 (COCO ids start at 1); all other names use the 8-digit index.
 """
@@ -131,18 +131,23 @@ def _write_scenes(
     return outputs
 
 
-def _write_video(world: ShapeWorld, root: Path, names: dict[int, str]) -> Path:
-    folder = root / "video"
-    lines = []
+def write_video_split(world: ShapeWorld, folder: Path, names: dict[int, str]) -> Path:
+    """Clips `names` of `world` as H.264 files under `folder`/clips, with `list.csv` (path,label) and
+    `classes.txt`, the files `flyeva video` and `clip zeroshot` read. The list is written last, so a
+    folder with a list holds every clip. Returns the list file."""
+    from flyeva.data.video.decode import write_video
+
+    lines = ["path,label"]
     for index, name in names.items():
         clip = world.clip(index)
-        clip_dir = folder / name
-        clip_dir.mkdir(parents=True, exist_ok=True)
-        for step, frame in enumerate(clip.frames):
-            frame.save(clip_dir / f"frame_{step:02d}.png")
-        lines.append(f"{name} {clip.action}")
-    (folder / "list.txt").write_text("\n".join(lines) + "\n")
-    return folder / "list.txt"
+        write_video(folder / "clips" / f"{name}.mp4", [np.asarray(frame) for frame in clip.frames])
+        lines.append(f"clips/{name}.mp4,{clip.action}")
+    (folder / "classes.txt").write_text("\n".join(world.action_names) + "\n")
+    list_file = folder / "list.csv"
+    tmp = list_file.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(list_file)
+    return list_file
 
 
 def export_split(
@@ -176,5 +181,5 @@ def export_split(
     if "coco" in formats or "semantic" in formats:
         outputs.update(_write_scenes(world, root, names, "coco" in formats, "semantic" in formats))
     if "video" in formats:
-        outputs["video"] = _write_video(world, root, names)
+        outputs["video"] = write_video_split(world, root / "video", names)
     return outputs

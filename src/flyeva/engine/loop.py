@@ -174,6 +174,7 @@ class RunState:
     last_time: float = field(default_factory=time.time)
     last_step: int = 0
     interval_losses: list[float] = field(default_factory=list)  # since the last metrics record
+    epoch_images: list[int] = field(default_factory=lambda: [0, 0])  # (seen, unreadable) on every rank
     checkpointer: Checkpointer | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -184,6 +185,7 @@ class RunState:
             "micro_in_epoch": self.micro_in_epoch,
             "skip": list(self.skip),
             "run_id": self.run_id,
+            "epoch_images": list(self.epoch_images),
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -195,6 +197,7 @@ class RunState:
             )
         self.step, self.epoch, self.micro_in_epoch = saved["step"], saved["epoch"], saved["micro_in_epoch"]
         self.skip = list(saved["skip"]) if workers == len(self.skip) else [0] * len(self.skip)
+        self.epoch_images = list(saved.get("epoch_images", [0, 0]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,8 +456,9 @@ def optimizer_step(state: RunState, nonfinite: float, samples: float) -> tuple[f
 def end_step(state: RunState, accumulated: torch.Tensor, metrics: dict[str, Any]) -> None:
     """One optimizer step and its bookkeeping: the non-finite guard, the log, a stop, the checkpoint."""
     cfg, log = state.cfg, state.log
-    loss_sum, nonfinite, stop, samples = D.all_reduce_sum(accumulated).tolist()
+    loss_sum, nonfinite, stop, samples, unreadable = D.all_reduce_sum(accumulated).tolist()
     accumulated.zero_()
+    state.epoch_images = [state.epoch_images[0] + int(samples), state.epoch_images[1] + int(unreadable)]
     if not samples:
         log.line(f"step {state.step}: every sample of the step was unreadable, update skipped")
         nonfinite = 0.0  # no data is not a non-finite step
@@ -503,15 +507,14 @@ def _log_step(state: RunState, loss_sum: float, grad_norm, metrics, skipped: boo
     state.log.progress(step, values)
 
 
-def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch.Tensor:
-    """Micro-steps until the epoch ends, the run ends, or a stop is requested; (seen, skipped) images."""
+def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> None:
+    """Micro-steps until the epoch ends, the run ends, or a stop is requested."""
     cfg = state.cfg
     stream.set_epoch(state.epoch, state.skip)
     # A private generator: DataLoader would otherwise draw from the global RNG (drop path's) per epoch.
     loader = build_loader(stream, cfg.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
-    images = torch.zeros(2, dtype=torch.float64)  # (seen, skipped)
-    # loss sum, non-finite micro-batches, stop, samples
-    accumulated = torch.zeros(4, dtype=torch.float64, device=state.device)
+    # loss sum, non-finite micro-batches, stop, samples, unreadable samples
+    accumulated = torch.zeros(5, dtype=torch.float64, device=state.device)
     autocast = PRECISIONS[cfg.precision]
 
     def backward(loss: torch.Tensor) -> None:
@@ -520,7 +523,7 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
     for batch in loader:
         state.skip[batch["worker"]] = batch["index"] + 1
         samples = len(batch[_sample_key(objective, batch)])
-        images += torch.tensor([samples, batch.get("num_skipped", 0)])
+        unreadable = batch.get("num_skipped", 0)
         batch = _to_device(batch, state.device)
         micro = state.micro_in_epoch % cfg.accum_steps
         ctx = StepContext(state.epoch, state.step, micro, D.rank(), cfg.seed, state.device, backward)
@@ -534,7 +537,9 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
         detached = loss.detach().double()
         finite = torch.isfinite(detached)
         zero = detached.new_zeros(())
-        accumulated += torch.stack([detached.where(finite, 0.0), (~finite).double(), zero, zero + samples])
+        accumulated += torch.stack(
+            [detached.where(finite, 0.0), (~finite).double(), zero, zero + samples, zero + unreadable]
+        )
         state.micro_in_epoch += 1
         if not last_micro:
             continue
@@ -547,7 +552,6 @@ def train_one_epoch(state: RunState, objective: Objective, stream: Any) -> torch
         ):
             break
     del loader  # shuts the workers down now, not at garbage collection
-    return images
 
 
 def run_evaluation(state: RunState, evaluate: Evaluator) -> None:
@@ -558,17 +562,28 @@ def run_evaluation(state: RunState, evaluate: Evaluator) -> None:
         if state.ema is not None:
             metrics.update({f"ema_{k}": v for k, v in evaluate(state.ema.module, ctx).items()})
     state.model.train()
-    state.log.log(state.step, metrics, kind="eval")
+    state.log.log(state.step, metrics, kind="eval", epoch=state.epoch)
     state.log.line(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     state.result.history.append({"step": state.step, "eval": metrics})
     state.result.eval_epochs.append(state.epoch)
+
+
+def _restore_history(result: TrainResult, records: list[dict[str, Any]]) -> None:
+    """A resumed run's result keeps what it logged before the checkpoint: evaluations, unreadable counts."""
+    for record in records:
+        if record.get("kind") == "eval":
+            metrics = {k: v for k, v in record.items() if k not in ("kind", "step", "epoch", "time")}
+            result.history.append({"step": record["step"], "eval": metrics})
+            result.eval_epochs.append(record.get("epoch"))
+        elif record.get("kind") == "epoch":
+            result.skipped_images += int(record.get("skipped_images", 0))
 
 
 def _evaluated_at(state: RunState) -> int | None:
     return next((h["step"] for h in reversed(state.result.history) if "eval" in h), None)
 
 
-def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evaluate: Evaluator | None):
+def _end_epoch(state: RunState, micro_at_start: int, evaluate: Evaluator | None):
     cfg = state.cfg
     if state.micro_in_epoch == micro_at_start:
         raise ConfigError(
@@ -582,7 +597,7 @@ def _end_epoch(state: RunState, images: torch.Tensor, micro_at_start: int, evalu
         state.micro_in_epoch = (
             state.micro_per_epoch
         )  # a short stream ends the epoch; the schedule keeps its length
-    seen, skipped = D.all_reduce_sum(images).tolist()
+    seen, skipped = state.epoch_images
     state.result.skipped_images += int(skipped)
     if skipped > cfg.max_skipped_fraction * (seen + skipped):
         raise ConfigError(
@@ -663,17 +678,19 @@ def train(
         state.result = TrainResult(
             model=state.model, step=state.step, ema_model=state.ema and state.ema.module, run_id=state.run_id
         )
+        _restore_history(state.result, state.log.earlier)
         state.last_step = state.step
         state.model.train()
         with state.stop:
             while state.step < state.stop_at and not state.stop.requested:
                 if state.micro_in_epoch >= state.micro_per_epoch:
                     state.epoch, state.micro_in_epoch, state.skip = state.epoch + 1, 0, [0] * len(state.skip)
+                    state.epoch_images = [0, 0]
                 micro_at_start = state.micro_in_epoch
-                images = train_one_epoch(state, objective, stream)
+                train_one_epoch(state, objective, stream)
                 if state.stop.requested:
                     break
-                _end_epoch(state, images, micro_at_start, evaluate)
+                _end_epoch(state, micro_at_start, evaluate)
             if evaluate is not None and not state.stop.requested and _evaluated_at(state) != state.step:
                 run_evaluation(state, evaluate)  # every run ends with an evaluation of its last step
         state.log.close()

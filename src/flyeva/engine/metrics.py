@@ -34,10 +34,11 @@ class MetricsLogger:
         self.plain = False
         self.total_steps, self.log_every, self.images_per_step = total_steps, log_every, images_per_step
         self.start_step, self.start_time = start_step, time.time()
+        self.earlier: list[dict[str, Any]] = []  # a resumed run's records up to its checkpoint
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        _drop_records_after(folder / "metrics.jsonl", start_step)
+        self.earlier = _records_up_to(folder / "metrics.jsonl", start_step)
         self.jsonl = open(folder / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (lives as long as the run)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -50,10 +51,11 @@ class MetricsLogger:
         # Off a terminal (CI, nohup, SLURM logs): one plain line every log_every steps, no carriage returns.
         self.plain = progress and self.bar is None
 
-    def log(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
+    def log(self, step: int, values: dict[str, Any], kind: str = "train", **fields: Any) -> None:
+        """One record of `values` (also TensorBoard scalars); `fields` (the epoch) go to the record only."""
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        record = {"kind": kind, "step": step, **fields, "time": round(time.time(), 3), **values}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in values.items():
@@ -95,11 +97,21 @@ class MetricsLogger:
         self.jsonl.close()
 
 
-def _drop_records_after(path: Path, step: int) -> None:
-    """On resume, forget what was logged after the checkpoint: those steps run again."""
+def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """On resume, forget what was logged after the checkpoint (those steps run again) and a line torn by a
+    kill; returns the records kept."""
     if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+        return []
+    lines = path.read_text().splitlines()
+    kept, records = [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+            records.append(record)
+    if len(kept) != len(lines) or not path.read_text().endswith("\n"):
         path.write_text("".join(kept))
+    return records

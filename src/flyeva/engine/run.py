@@ -51,6 +51,8 @@ class RunLock:
     """An exclusive lock on OUTPUT/.lock holding the owner's PID; released on close or death."""
 
     def __init__(self, folder: Path):
+        self.folder = folder
+        self.created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a file of that name, a file above it, no permission
@@ -80,9 +82,19 @@ class RunLock:
         self.handle.flush()
 
     def release(self) -> None:
-        if not self.handle.closed:
-            fcntl.lockf(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+        """Unlock; a folder this lock created and nothing else wrote to (a start that failed) is removed."""
+        if self.handle.closed:
+            return
+        empty = self.created and all(p.name == LOCK for p in self.folder.iterdir())
+        if empty:
+            self.path.unlink()  # while still held, so no other run has locked it
+        fcntl.lockf(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        for folder in self.created if empty else ():
+            try:
+                folder.rmdir()
+            except OSError:  # another writer came: keep it
+                break
 
     @classmethod
     @contextmanager

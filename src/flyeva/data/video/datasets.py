@@ -194,23 +194,15 @@ def write_shapeworld_clips(
 ) -> Path:
     """ShapeWorld clips as H.264 files, `list.csv` (path,label) and `classes.txt`; the motion is the class.
     An existing complete list is reused. Returns the list file."""
-    from flyeva.data.video.decode import write_video
+    from flyeva.data.export import write_video_split
 
     out_dir = Path(out_dir)
     list_file = out_dir / "list.csv"
     if list_file.is_file() and len(list_file.read_text().splitlines()) == num_clips + 1:
         return list_file
     world = ShapeWorld(image_size=image_size, seed=seed, num_frames=num_frames)
-    lines = ["path,label"]
-    for index in range(start, start + num_clips):
-        clip = world.clip(index)
-        write_video(out_dir / "clips" / f"{index:08d}.mp4", [np.asarray(frame) for frame in clip.frames])
-        lines.append(f"clips/{index:08d}.mp4,{clip.action}")
-    (out_dir / "classes.txt").write_text("\n".join(world.action_names) + "\n")
-    tmp = list_file.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(list_file)  # the list appears only when every clip is written
-    return list_file
+    names = {index: f"{index:08d}" for index in range(start, start + num_clips)}
+    return write_video_split(world, out_dir, names)
 
 
 def load_video_list(kind: str, path: str, root: str = "", classes_file: str = "") -> VideoList:

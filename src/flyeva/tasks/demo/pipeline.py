@@ -259,7 +259,8 @@ def _seed_results(chains: dict[str, list[dict[str, Any]]], pretrained: dict[str,
 def run_demo(
     out: str | Path = "runs/demo", quick: bool = False, stages: tuple[str, ...] = ("core",), workers: int = 2
 ) -> Path:
-    """Run (or resume) the miniature pipeline's `stages` and write `out/report.md`; returns its path.
+    """Run (or resume) the miniature pipeline's `stages` and write `out/report.md` (with the core) or
+    `out/report_<stages>.md` (without it); returns its path.
 
     Independent chains of stages run in `workers` single-threaded processes: the teacher, for
     example, trains while the pixel-MIM pretraining (which does not need it) runs beside it. Each
@@ -315,7 +316,9 @@ def run_demo(
         }
     sections = []
     if tasks:
-        (out / "tasks.json").write_text(json.dumps(tasks, indent=2))
+        tasks_file = out / "tasks.json"  # the tasks of earlier runs into this folder stay
+        earlier = json.loads(tasks_file.read_text()) if tasks_file.is_file() else {}
+        tasks_file.write_text(json.dumps(earlier | tasks, indent=2))
         sections.append(task_section(tasks))
     if "ablation" in stages:  # its own pool of workers, once the core's has finished: never 4 on 2 cores
         from flyeva.tasks.demo.ablation import QUICK_STEPS, STEPS, ablation_section, run_ablation
@@ -323,7 +326,8 @@ def run_demo(
         ablation = run_ablation(out, budget.seeds, QUICK_STEPS if quick else STEPS, quick)
         (out / "ablation.json").write_text(json.dumps(ablation, indent=2))
         sections.append(ablation_section(ablation))
-    report = out / "report.md"
+    # A run without the core never replaces the core's report: its own file is named after its stages.
+    report = out / ("report.md" if core else f"report_{'_'.join(stages)}.md")
     if core:
         write_report(out, teacher, results, budget, wall_seconds=time.time() - started, quick=quick)
     else:

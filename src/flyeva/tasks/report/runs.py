@@ -36,7 +36,7 @@ class RunLog:
 
     def eval_keys(self) -> list[str]:
         numeric = {k for r in self.evals for k, v in r.items() if isinstance(v, (int, float))}
-        return sorted(numeric - {"step", "time"})
+        return sorted(numeric - {"step", "epoch", "time"})
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
