@@ -8,6 +8,7 @@ machine's matmul ceiling, measured in the same run.
     python benchmarks/segment_step.py                                   # eva_base @512, both decoders, CPU
     python benchmarks/segment_step.py --threads 2 --batch 2
     python benchmarks/segment_step.py --decoders mask2former --profile   # + where one step's time goes
+    python benchmarks/segment_step.py --decoders mask2former_hf_loss,mask2former --profile 15
     python benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former \
         --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing
 
@@ -16,6 +17,8 @@ convolutions, attention; the deformable sampling and the matcher are not matmuls
 counted). Each decoder runs in a fresh process so peak memory (CPU: `ru_maxrss`; CUDA:
 `max_memory_allocated`) belongs to it alone. CPU defaults use Mask2Former's standard width (256,
 8 heads, FFN 2048, 9 layers, 100 queries); the EVA-g recipe's 1024-wide decoder is a GPU setting.
+`mask2former_hf_loss` is the same model with transformers' own loss, which grid-samples full-resolution
+binary target masks (padded and indexed in every decoder layer) where flyeva reads the label map.
 """
 
 from __future__ import annotations
@@ -42,6 +45,30 @@ from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.model import ModelSection, build_segmenter
 from flyeva.tasks.segment.upernet import UperNetSection
 
+REFERENCE_LOSS = "mask2former_hf_loss"
+
+
+def use_transformers_loss(model: torch.nn.Module) -> None:
+    """Swap in transformers' Mask2FormerLoss as shipped, fed one binary mask per present class."""
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    class FullMaskLoss(Mask2FormerLoss):
+        def forward(
+            self,
+            masks_queries_logits,
+            class_queries_logits,
+            mask_labels,
+            class_labels,
+            auxiliary_predictions=None,
+        ):
+            if mask_labels and isinstance(mask_labels[0], tuple):  # (label map, classes) from the model
+                mask_labels = [(label[None] == kept[:, None, None]).float() for label, kept in mask_labels]
+            predictions = (masks_queries_logits, class_queries_logits)
+            return super().forward(*predictions, mask_labels, class_labels, auxiliary_predictions)
+
+    head = model.decode_head
+    head.criterion = FullMaskLoss(head.config, head.weight_dict).to(head.criterion.empty_weight.device)
+
 
 def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
     mask2former = Mask2FormerSection(
@@ -54,7 +81,7 @@ def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
     cfg = ModelSection(
         size=args.size,
         patch_size=16,
-        decoder=decoder,
+        decoder="mask2former" if decoder == REFERENCE_LOSS else decoder,
         drop_path_rate=0.1,
         grad_checkpointing=args.grad_checkpointing,
         upernet=UperNetSection(channels=args.upernet_channels),
@@ -68,6 +95,8 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(decoder, args).to(device)
+    if decoder == REFERENCE_LOSS:
+        use_transformers_loss(model)
     optim_cfg = OptimConfig(lr=4e-5, layer_decay=0.9, betas=[0.9, 0.999], eps=1e-8, clip_grad=0.0)
     optimizer = build_adamw(layer_decay_groups(model, replace(optim_cfg, weight_decay=0.05)), optim_cfg)
     autocast_dtype = DTYPES[args.precision] if args.precision != "fp32" else None
@@ -295,12 +324,12 @@ def main() -> None:
     )
     print(f"matmul ceiling ({label}): {ceiling:.1f} GFLOP/s")
     print(
-        f"{'decoder':>11} {'params M':>8} {'s/step':>7} {'best':>6} {'img/s':>6} {'GFLOP/img':>9} "
+        f"{'decoder':>19} {'params M':>8} {'s/step':>7} {'best':>6} {'img/s':>6} {'GFLOP/img':>9} "
         f"{'GFLOP/s':>8} {'%ceil':>5} {'peak MiB':>8}"
     )
     for row in rows:
         print(
-            f"{row['decoder']:>11} {row['params_m']:>8.1f} {row['step_s']:>7.2f} {row['best_step_s']:>6.2f} "
+            f"{row['decoder']:>19} {row['params_m']:>8.1f} {row['step_s']:>7.2f} {row['best_step_s']:>6.2f} "
             f"{row['images_per_s']:>6.2f} {row['gflops_per_image']:>9.1f} {row['achieved_gflops']:>8.1f} "
             f"{100 * row['achieved_gflops'] / ceiling:>4.0f}% {row['peak_mib']:>8.0f}"
         )

@@ -13,9 +13,12 @@ from flyeva.models.weights import load, save_weights
 from flyeva.tasks.segment.backbone import EvaBackbone, FeaturePyramidNeck
 from flyeva.tasks.segment.mask2former import (
     EvaMask2Former,
+    LabelMapMask2FormerLoss,
     Mask2FormerSection,
+    present_classes,
+    sample_label_masks,
     semantic_scores,
-    semantic_targets,
+    transformers_config,
 )
 from flyeva.tasks.segment.model import (
     ModelSection,
@@ -146,11 +149,58 @@ def test_upernet_logits_at_input_resolution_and_its_loss():
     torch.testing.assert_close(metrics["loss_aux"], aux_nll.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_semantic_targets_one_mask_per_present_class_ignoring_255():
+def test_present_classes_ignore_255_and_labels_past_the_class_count():
     labels = torch.tensor([[[0, 2, 255], [2, 2, 7]]])  # 7 is outside 3 classes: in no mask
-    masks, classes = semantic_targets(labels, num_classes=3)
-    assert classes[0].tolist() == [0, 2]
-    assert masks[0].tolist() == [[[1, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 0]]]
+    assert [c.tolist() for c in present_classes(labels, num_classes=3)] == [[0, 2]]
+
+
+def _binary_masks(label, classes):
+    return (label[None] == classes[:, None, None]).float()
+
+
+def test_label_map_points_equal_grid_sample_of_the_binary_masks_out_of_bounds_included():
+    label = torch.randint(0, 4, (37, 23))
+    label[5:9, :] = 255
+    classes = torch.tensor([0, 1, 3, 2, 3])
+    points = torch.rand(5, 300, 2) * 1.2 - 0.1  # some beyond the image: zero padding
+    points[:, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5 / 23, 0.5 / 37], [1.0, 0.0]])
+    expected = F.grid_sample(
+        _binary_masks(label, classes)[:, None], 2 * points[:, :, None] - 1, align_corners=False
+    )
+    # Equal to the rounding of the pixel coordinate (grid_sample's CPU kernel fuses its multiply-add):
+    # a few float32 ulps of 37.
+    torch.testing.assert_close(
+        sample_label_masks(label, classes, points), expected[:, 0, :, 0], atol=1e-5, rtol=0
+    )
+
+
+def test_label_map_loss_equals_transformers_loss_on_full_resolution_masks():
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    config = transformers_config(SMALL_M2F, num_classes=5)
+    weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    labels = torch.randint(0, 5, (2, 64, 48))
+    labels[0, :20] = 3
+    labels[1, 10:30] = 255
+    classes = present_classes(labels, 5)
+    logits = [torch.randn(2, 6, 16, 12, requires_grad=True) for _ in range(2)]
+    scores = [torch.randn(2, 6, 6, requires_grad=True) for _ in range(2)]
+    results = []
+    for loss, targets in (
+        (Mask2FormerLoss(config, weights), [_binary_masks(label, c) for label, c in zip(labels, classes)]),
+        (LabelMapMask2FormerLoss(config, weights), list(zip(labels, classes))),
+    ):
+        torch.manual_seed(3)  # the same random points in both
+        terms = loss(logits[1], scores[1], targets, classes, [{"masks_queries_logits": logits[0],
+                     "class_queries_logits": scores[0]}])  # fmt: skip
+        total = sum(terms.values())
+        results.append((terms, torch.autograd.grad(total, logits + scores)))
+    (reference, reference_grads), (ours, our_grads) = results
+    assert sorted(ours) == sorted(reference) and len(ours) == 6
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=1e-5)
+    for mine, theirs in zip(our_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, atol=1e-7, rtol=1e-5)
 
 
 def test_semantic_scores_are_softmax_classes_times_sigmoid_masks():

@@ -5,6 +5,9 @@ three coarsest levels, masked-attention transformer decoder, Hungarian matcher a
 the release's weights: class 2 with no-object 0.1, mask BCE 5, dice 5, 12,544 points with
 oversample 3 and importance 0.75), assembled here around the EVA backbone + neck instead of
 `Mask2FormerForUniversalSegmentation`, whose constructor builds its own backbone from a config.
+The matcher and the mask loss read their target points from the label map (`sample_label_masks`)
+instead of grid-sampling full-resolution binary masks: the same numbers (tests/test_segment_model.py)
+without building, padding and indexing a [classes, H, W] float mask per image and decoder layer.
 The paper's ViT-Adapter between encoder and decoder is not built (docs/segment.md).
 """
 
@@ -14,13 +17,20 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
     Mask2FormerPixelDecoder,
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
+    dice_loss,
+    pair_wise_dice_loss,
+    pair_wise_sigmoid_cross_entropy_loss,
+    sample_point,
+    sigmoid_cross_entropy_loss,
 )
 
 from flyeva.tasks.segment.backbone import EvaBackbone, EvaSegmenter
@@ -47,9 +57,90 @@ def transformers_config(cfg: Mask2FormerSection, num_classes: int) -> Mask2Forme
     )
 
 
-class DistributedMask2FormerLoss(Mask2FormerLoss):
-    """transformers' loss, with the target-mask count averaged over ranks by torch.distributed (as the
-    original Mask2Former does); transformers only does this under accelerate."""
+def sample_label_masks(label: torch.Tensor, classes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """What grid_sample (bilinear, align_corners=False, zero padding) reads from the binary mask of
+    `classes[n]` at `points[n]`, computed from the label map: [H, W], [N], [N or 1, P, 2] in [0, 1]
+    -> [N, P]. A pixel of another class, ignore (255) included, counts 0."""
+    height, width = label.shape
+    x = ((2 * points[..., 0] - 1 + 1) * width - 1) / 2  # grid_sample's unnormalisation, step by step
+    y = ((2 * points[..., 1] - 1 + 1) * height - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0  # grid_sample's arithmetic: its weights are (1 - f, f) per axis
+    flat, wanted = label.flatten(), classes[:, None]
+    sampled = torch.zeros(len(classes), points.shape[-2], dtype=points.dtype, device=points.device)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):  # nw, ne, sw, se: its order of summation
+        cx, cy = x0 + dx, y0 + dy
+        weight = (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
+        inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long()
+        sampled += weight * ((flat[index] == wanted) & inside)
+    return sampled
+
+
+class LabelMapMatcher(Mask2FormerHungarianMatcher):
+    """transformers' matcher (same random points, costs and assignment) on (label map, classes) targets."""
+
+    @torch.no_grad()
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
+        indices = []
+        for pred_masks, pred_logits, (label, classes) in zip(
+            masks_queries_logits, class_queries_logits, mask_labels
+        ):
+            cost_class = -pred_logits.softmax(-1)[:, classes]
+            points = torch.rand(1, self.num_points, 2, device=pred_masks.device)
+            target = sample_label_masks(label, classes, points).to(pred_masks)
+            pred = sample_point(
+                pred_masks[:, None], points.repeat(len(pred_masks), 1, 1), align_corners=False
+            )
+            pred = pred.squeeze(1)
+            cost = (
+                self.cost_mask * pair_wise_sigmoid_cross_entropy_loss(pred, target)
+                + self.cost_class * cost_class
+                + self.cost_dice * pair_wise_dice_loss(pred, target)
+            )
+            top = torch.finfo(cost.dtype).max  # as transformers: invalid costs are matched last
+            rows, cols = linear_sum_assignment(torch.nan_to_num(cost, nan=top, posinf=top, neginf=top).cpu())
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
+        return indices
+
+
+class LabelMapMask2FormerLoss(Mask2FormerLoss):
+    """transformers' loss on targets given as one (label map [H, W], present classes [K]) per image, with
+    the target-mask count averaged over ranks by torch.distributed (as the original Mask2Former does;
+    transformers only does this under accelerate)."""
+
+    def __init__(self, config: Mask2FormerConfig, weight_dict: dict[str, float]) -> None:
+        super().__init__(config, weight_dict)
+        self.matcher = LabelMapMatcher(
+            cost_class=config.class_weight,
+            cost_dice=config.dice_weight,
+            cost_mask=config.mask_weight,
+            num_points=self.num_points,
+        )
+
+    def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks):
+        pred_masks = masks_queries_logits[self._get_predictions_permutation_indices(indices)][:, None]
+        with torch.no_grad():
+            points = self.sample_points_using_uncertainty(
+                pred_masks,
+                self.calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
+            counts = [len(rows) for rows, _ in indices]
+            targets = [
+                sample_label_masks(label, classes[cols], chunk)
+                for (label, classes), (_, cols), chunk in zip(mask_labels, indices, points.split(counts))
+            ]
+            point_labels = torch.cat(targets).to(pred_masks.dtype)
+        point_logits = sample_point(pred_masks, points, align_corners=False).squeeze(1)
+        return {
+            "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
 
     def get_num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         num_masks = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
@@ -69,7 +160,7 @@ class Mask2FormerDecodeHead(Mask2FormerPreTrainedModel):
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
         weights = {"loss_cross_entropy": config.class_weight, "loss_mask": config.mask_weight}
         self.weight_dict = weights | {"loss_dice": config.dice_weight}
-        self.criterion = DistributedMask2FormerLoss(config=config, weight_dict=self.weight_dict)
+        self.criterion = LabelMapMask2FormerLoss(config=config, weight_dict=self.weight_dict)
         self.post_init()
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -84,15 +175,10 @@ class Mask2FormerDecodeHead(Mask2FormerPreTrainedModel):
         return class_logits, list(decoded.masks_queries_logits)
 
 
-def semantic_targets(labels: torch.Tensor, num_classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per image: one binary mask per class present (ignore 255 belongs to none) and its class index."""
-    masks, classes = [], []
-    for label in labels:
-        present = torch.unique(label)
-        present = present[(present != IGNORE_INDEX) & (present < num_classes)]
-        masks.append((label[None] == present[:, None, None]).float())
-        classes.append(present.long())
-    return masks, classes
+def present_classes(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """Per image, the classes its label map holds (ignore 255 and labels >= num_classes are none)."""
+    present = [torch.unique(label) for label in labels]
+    return [p[(p != IGNORE_INDEX) & (p < num_classes)].long() for p in present]
 
 
 def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -136,7 +222,7 @@ class EvaMask2Former(EvaSegmenter):
         class_logits, mask_logits = self.decode_head(self.backbone(images))
         if labels is None:
             return semantic_scores(class_logits[-1], upsample(mask_logits[-1], images.shape[-2:]))
-        target_masks, target_classes = semantic_targets(labels, self.num_classes)
+        target_classes = present_classes(labels, self.num_classes)
         auxiliary = [
             {"masks_queries_logits": m.float(), "class_queries_logits": c.float()}
             for m, c in zip(mask_logits[:-1], class_logits[:-1])
@@ -145,7 +231,7 @@ class EvaMask2Former(EvaSegmenter):
         losses = head.criterion(
             masks_queries_logits=mask_logits[-1].float(),
             class_queries_logits=class_logits[-1].float(),
-            mask_labels=target_masks,
+            mask_labels=list(zip(labels, target_classes)),
             class_labels=target_classes,
             auxiliary_predictions=auxiliary,
         )
