@@ -15,6 +15,6 @@ run python3 benchmarks/pretrain_step.py --device cuda --precision bf16 --sizes e
 run python3 benchmarks/pretrain_step.py --device cuda --precision bf16 --sizes eva_giant --teacher ViT-L-14-quickgelu --batch 32 --steps 5
 run python3 benchmarks/pretrain_step.py --device cuda --precision bf16 --sizes eva_base --batch 64 --steps 10 --compile student
 # Dense tasks on the GPU: global attention's rel-pos as a mask vs as channels, and Mask2Former's loss
-# from the label map vs transformers' binary masks, each pair measured in one run (docs/detect.md, docs/segment.md).
+# and attention vs transformers' own, each pair measured in one run (docs/detect.md, docs/segment.md).
 run timeout 300 python3 benchmarks/detect_step.py --device cuda --configs eva_giant@1280,eva_giant@1536 --grad-checkpointing --backbone-only --rel-pos mask,channels --steps 2
-run timeout 300 python3 benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former_hf_loss,mask2former --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing --steps 3
+run timeout 300 python3 benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former_hf,mask2former --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing --steps 3

@@ -8,7 +8,7 @@ machine's matmul ceiling, measured in the same run.
     python benchmarks/segment_step.py                                   # eva_base @512, both decoders, CPU
     python benchmarks/segment_step.py --threads 2 --batch 2
     python benchmarks/segment_step.py --decoders mask2former --profile   # + where one step's time goes
-    python benchmarks/segment_step.py --decoders mask2former_hf_loss,mask2former --profile 15
+    python benchmarks/segment_step.py --decoders mask2former_hf,mask2former --profile 15
     python benchmarks/segment_step.py --device cuda --size eva_giant --crop 896 --decoders mask2former \
         --m2f-hidden 1024 --m2f-heads 32 --m2f-ffn 4096 --m2f-layers 8 --queries 200 --grad-checkpointing
 
@@ -17,8 +17,9 @@ convolutions, attention; the deformable sampling and the matcher are not matmuls
 counted). Each decoder runs in a fresh process so peak memory (CPU: `ru_maxrss`; CUDA:
 `max_memory_allocated`) belongs to it alone. CPU defaults use Mask2Former's standard width (256,
 8 heads, FFN 2048, 9 layers, 100 queries); the EVA-g recipe's 1024-wide decoder is a GPU setting.
-`mask2former_hf_loss` is the same model with transformers' own loss, which grid-samples full-resolution
-binary target masks (padded and indexed in every decoder layer) where flyeva reads the label map.
+`mask2former_hf` is the same model with transformers' own loss, which grid-samples full-resolution
+binary target masks (padded and indexed in every decoder layer) where flyeva reads the label map, and
+transformers' own deformable attention, which stacks every level's samples before weighting them.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ from flyeva.tasks.segment.mask2former_config import Mask2FormerSection
 from flyeva.tasks.segment.model import ModelSection, build_segmenter
 from flyeva.tasks.segment.upernet import UperNetSection
 
-REFERENCE_LOSS = "mask2former_hf_loss"
+TRANSFORMERS_PARTS = "mask2former_hf"
 
 
-def use_transformers_loss(model: torch.nn.Module) -> None:
-    """Swap in transformers' Mask2FormerLoss as shipped, fed one binary mask per present class."""
-    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+def use_transformers_parts(model: torch.nn.Module) -> None:
+    """Swap in transformers' Mask2FormerLoss (fed one binary mask per present class) and its pixel
+    decoder attention, as shipped."""
+    from transformers.models.mask2former.modeling_mask2former import (
+        Mask2FormerLoss,
+        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    )
 
     class FullMaskLoss(Mask2FormerLoss):
         def forward(
@@ -67,6 +72,8 @@ def use_transformers_loss(model: torch.nn.Module) -> None:
             return super().forward(*predictions, mask_labels, class_labels, auxiliary_predictions)
 
     head = model.decode_head
+    for layer in head.pixel_decoder.encoder.layers:
+        layer.self_attn.__class__ = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention
     head.criterion = FullMaskLoss(head.config, head.weight_dict).to(head.criterion.empty_weight.device)
 
 
@@ -81,7 +88,7 @@ def build(decoder: str, args: argparse.Namespace) -> torch.nn.Module:
     cfg = ModelSection(
         size=args.size,
         patch_size=16,
-        decoder="mask2former" if decoder == REFERENCE_LOSS else decoder,
+        decoder="mask2former" if decoder == TRANSFORMERS_PARTS else decoder,
         drop_path_rate=0.1,
         grad_checkpointing=args.grad_checkpointing,
         upernet=UperNetSection(channels=args.upernet_channels),
@@ -95,8 +102,8 @@ def measure(decoder: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(decoder, args).to(device)
-    if decoder == REFERENCE_LOSS:
-        use_transformers_loss(model)
+    if decoder == TRANSFORMERS_PARTS:
+        use_transformers_parts(model)
     optim_cfg = OptimConfig(lr=4e-5, layer_decay=0.9, betas=[0.9, 0.999], eps=1e-8, clip_grad=0.0)
     optimizer = build_adamw(layer_decay_groups(model, replace(optim_cfg, weight_decay=0.05)), optim_cfg)
     autocast_dtype = DTYPES[args.precision] if args.precision != "fp32" else None
@@ -324,12 +331,12 @@ def main() -> None:
     )
     print(f"matmul ceiling ({label}): {ceiling:.1f} GFLOP/s")
     print(
-        f"{'decoder':>19} {'params M':>8} {'s/step':>7} {'best':>6} {'img/s':>6} {'GFLOP/img':>9} "
+        f"{'decoder':>15} {'params M':>8} {'s/step':>7} {'best':>6} {'img/s':>6} {'GFLOP/img':>9} "
         f"{'GFLOP/s':>8} {'%ceil':>5} {'peak MiB':>8}"
     )
     for row in rows:
         print(
-            f"{row['decoder']:>19} {row['params_m']:>8.1f} {row['step_s']:>7.2f} {row['best_step_s']:>6.2f} "
+            f"{row['decoder']:>15} {row['params_m']:>8.1f} {row['step_s']:>7.2f} {row['best_step_s']:>6.2f} "
             f"{row['images_per_s']:>6.2f} {row['gflops_per_image']:>9.1f} {row['achieved_gflops']:>8.1f} "
             f"{100 * row['achieved_gflops'] / ceiling:>4.0f}% {row['peak_mib']:>8.0f}"
         )

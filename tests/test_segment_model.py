@@ -14,6 +14,7 @@ from flyeva.tasks.segment.backbone import EvaBackbone, FeaturePyramidNeck
 from flyeva.tasks.segment.mask2former import (
     EvaMask2Former,
     LabelMapMask2FormerLoss,
+    LevelwiseDeformableAttention,
     Mask2FormerSection,
     present_classes,
     sample_label_masks,
@@ -201,6 +202,44 @@ def test_label_map_loss_equals_transformers_loss_on_full_resolution_masks():
         torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=1e-5)
     for mine, theirs in zip(our_grads, reference_grads):
         torch.testing.assert_close(mine, theirs, atol=1e-7, rtol=1e-5)
+
+
+def test_levelwise_deformable_attention_equals_transformers_with_gradients():
+    from transformers.models.mask2former.modeling_mask2former import (
+        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention as Reference,
+    )
+
+    reference = Reference(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    ours = LevelwiseDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    ours.load_state_dict(reference.state_dict())
+    for module in (reference, ours):  # offsets of a few pixels, some beyond the border: zero padding
+        torch.nn.init.normal_(module.sampling_offsets.weight, std=2.0)
+    ours.sampling_offsets.load_state_dict(reference.sampling_offsets.state_dict())
+    shapes = [(8, 6), (4, 3), (2, 2)]
+    tokens = sum(h * w for h, w in shapes)
+    hidden = torch.randn(2, tokens, 32, requires_grad=True)
+    position = torch.randn(2, tokens, 32)
+    reference_points = torch.rand(2, tokens, 3, 2)
+    mask = torch.zeros(2, tokens, dtype=torch.bool)
+    mask[1, -3:] = True
+    results = []
+    for module in (reference, ours):
+        out, weights = module(hidden, attention_mask=mask, encoder_hidden_states=hidden,
+                              position_embeddings=position, reference_points=reference_points,
+                              spatial_shapes_list=shapes)  # fmt: skip
+        grads = torch.autograd.grad(out.square().sum(), [hidden, *module.parameters()])
+        results.append((out, weights, grads))
+    (out_a, weights_a, grads_a), (out_b, weights_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights_b, weights_a)
+    for mine, theirs in zip(grads_b, grads_a):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mask2former_pixel_decoder_uses_the_levelwise_attention():
+    model = EvaMask2Former(EvaBackbone(TINY, [0, 1, 1, 1]), 4, SMALL_M2F)
+    layers = model.decode_head.pixel_decoder.encoder.layers
+    assert len(layers) == 1 and all(type(layer.self_attn) is LevelwiseDeformableAttention for layer in layers)
 
 
 def test_semantic_scores_are_softmax_classes_times_sigmoid_masks():

@@ -6,8 +6,8 @@ the release's weights: class 2 with no-object 0.1, mask BCE 5, dice 5, 12,544 po
 oversample 3 and importance 0.75), assembled here around the EVA backbone + neck instead of
 `Mask2FormerForUniversalSegmentation`, whose constructor builds its own backbone from a config.
 The matcher and the mask loss read their target points from the label map (`sample_label_masks`)
-instead of grid-sampling full-resolution binary masks: the same numbers (tests/test_segment_model.py)
-without building, padding and indexing a [classes, H, W] float mask per image and decoder layer.
+instead of grid-sampling full-resolution binary masks, and the pixel decoder's deformable attention
+weights one level at a time: the same numbers (tests/test_segment_model.py), less time outside matmuls.
 The paper's ViT-Adapter between encoder and decoder is not built (docs/segment.md).
 """
 
@@ -24,6 +24,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
     Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
     dice_loss,
@@ -150,12 +151,58 @@ class LabelMapMask2FormerLoss(Mask2FormerLoss):
         return num_masks.clamp(min=1)
 
 
+class LevelwiseDeformableAttention(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+    """transformers' pixel-decoder deformable attention (same parameters, same outputs to rounding) that
+    weights each level's samples as it takes them, instead of stacking every level's samples first
+    (the step's time with and without it: docs/segment.md)."""
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        position_embeddings=None,
+        reference_points=None,
+        spatial_shapes_list=None,
+        level_start_index=None,
+        output_attentions=False,
+    ):
+        queries = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        batch, num_queries, _ = queries.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(attention_mask[..., None], 0.0)
+        value = value.view(batch, -1, heads, self.d_model // heads)
+        offsets = self.sampling_offsets(queries).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(queries).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # The pixel decoder's reference points are (x, y) per level; offsets are in that level's pixels.
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], device=value.device)
+        grids = 2 * (reference_points[:, :, None, :, None, :] + offsets / normalizer[:, None, :]) - 1
+        output = 0
+        values = value.split([h * w for h, w in spatial_shapes_list], dim=1)
+        for level, (level_value, (height, width)) in enumerate(zip(values, spatial_shapes_list)):
+            level_value = level_value.flatten(2).transpose(1, 2).reshape(batch * heads, -1, height, width)
+            grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [batch * heads, queries, points, 2]
+            sampled = nn.functional.grid_sample(level_value, grid, padding_mode="zeros", align_corners=False)
+            level_weights = (
+                weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, 1, num_queries, points)
+            )
+            output = output + (sampled * level_weights).sum(-1)
+        output = output.view(batch, self.d_model, num_queries).transpose(1, 2)
+        return self.output_proj(output), weights
+
+
 class Mask2FormerDecodeHead(Mask2FormerPreTrainedModel):
     """Pixel decoder + transformer decoder + class predictor + loss, initialised as transformers does."""
 
     def __init__(self, config: Mask2FormerConfig, in_channels: list[int]) -> None:
         super().__init__(config)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=in_channels)
+        for layer in self.pixel_decoder.encoder.layers:  # the same module, its levels summed one by one
+            layer.self_attn.__class__ = LevelwiseDeformableAttention
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
         weights = {"loss_cross_entropy": config.class_weight, "loss_mask": config.mask_weight}
