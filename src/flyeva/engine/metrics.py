@@ -102,7 +102,8 @@ def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
     kill; returns the records kept."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     kept, records = [], []
     for line in lines:
         try:
@@ -112,6 +113,6 @@ def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
             records.append(record)
-    if len(kept) != len(lines) or not path.read_text().endswith("\n"):
+    if len(kept) != len(lines) or not text.endswith("\n"):
         path.write_text("".join(kept))
     return records
